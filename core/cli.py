@@ -1,0 +1,54 @@
+"""``python -m core ...``: every job the dashboard can start, from the command line.
+
+Each command lives in ``core/commands/<name>.py`` with ``add_parser(subparsers)`` (which sets
+``func``) so that commands are added without touching each other. Errors a user can act on
+(`DefectPruneError`) print one line and exit 2; bad arguments exit 2 through argparse.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from typing import Any
+
+from core.errors import DefectPruneError
+
+COMMAND_MODULES = ["data", "train", "evaluate", "profile", "export_onnx"]
+
+
+def print_json(payload: Any) -> None:
+    print(json.dumps(payload, indent=2, default=str))
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu",
+                        help="where to compute (auto: CUDA when present)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m core", description="DefectPrune engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"core.commands.{name}")
+        except ModuleNotFoundError as exc:  # a command whose module is not written yet
+            if exc.name != f"core.commands.{name}":
+                raise
+            continue
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except DefectPruneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

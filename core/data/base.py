@@ -1,0 +1,343 @@
+"""What every dataset format shares: the sample index, named errors, image and mask reading,
+validation, and the seeded split.
+
+A format module builds a list of `SampleRecord`s (image path, mask path or none, and the
+label a binary mask stands for) plus a mask reader, and hands them to `build_index`, which
+reads every image and mask once, validates them, and returns a `DatasetIndex` whose
+``samples`` DataFrame has the columns
+
+    image, mask, label, group, split, height, width, classes, pixel_counts
+
+``classes`` is the tuple of class ids present in the mask (background 0 included when
+present); ``pixel_counts`` is a tuple with one pixel count per class of the class map.
+Nothing in the dataset folder is ever written.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from core.errors import DefectPruneError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+SPLITS = ("train", "val", "test")
+SAMPLE_COLUMNS = [
+    "image", "mask", "label", "group", "split", "height", "width", "classes", "pixel_counts",
+]
+
+
+# ---------------------------------------------------------------- named errors
+class DatasetError(DefectPruneError):
+    """Base of every problem with a dataset on disk."""
+
+
+class DatasetRootMissingError(DatasetError):
+    pass
+
+
+class NoImagesFoundError(DatasetError):
+    pass
+
+
+class MissingMaskError(DatasetError):
+    pass
+
+
+class MaskSizeMismatchError(DatasetError):
+    pass
+
+
+class MaskValueError(DatasetError):
+    pass
+
+
+class CorruptImageError(DatasetError):
+    """One or more images or masks could not be decoded; lists every one of them at once."""
+
+    def __init__(self, failures: Sequence[tuple[str, str]]):
+        self.failures = list(failures)
+        lines = "; ".join(f"{path}: {reason}" for path, reason in self.failures[:20])
+        more = f" (and {len(self.failures) - 20} more)" if len(self.failures) > 20 else ""
+        super().__init__(
+            f"{len(self.failures)} file(s) could not be read: {lines}{more}. "
+            "Re-export or remove them, then load the dataset again."
+        )
+
+
+class UnknownFormatError(DatasetError):
+    pass
+
+
+class InvalidSizeError(DefectPruneError):
+    pass
+
+
+# ---------------------------------------------------------------- records and index
+@dataclass(frozen=True)
+class SampleRecord:
+    """One image of a dataset as a format module finds it on disk.
+
+    ``label`` is the class a binary mask stands for (magnetic tile: the folder's class), or
+    -1 where the mask file holds class ids itself. ``group`` keeps dependent images in one
+    split (KolektorSDD: the ``kosNN`` folder)."""
+
+    image: str
+    mask: str | None
+    label: int = -1
+    group: str = ""
+    split: str = ""  # official split where the format has one
+
+
+MaskReader = Callable[[str | None, int, tuple[int, int]], np.ndarray]
+"""(mask path or None, label, (height, width) of the image) -> uint8 class-id array."""
+
+
+@dataclass
+class DatasetIndex:
+    format: str
+    root: Path
+    classes: list[str]  # background first
+    samples: pd.DataFrame
+    read_mask: MaskReader
+    default_size: tuple[int, int]
+    native_channels: int = 1
+    skipped: list[dict] = field(default_factory=list)  # {"file": ..., "reason": ...}
+    warnings: list[str] = field(default_factory=list)
+    seed: int = 0
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def split(self, name: str) -> pd.DataFrame:
+        return self.samples[self.samples["split"] == name].reset_index(drop=True)
+
+    def mask_of(self, row: pd.Series) -> np.ndarray:
+        return self.read_mask(row["mask"], int(row["label"]), (int(row["height"]), int(row["width"])))
+
+    def image_of(self, row: pd.Series, channels: int | None = None) -> np.ndarray:
+        return read_image(row["image"], channels or self.native_channels)
+
+    def split_counts(self) -> dict[str, int]:
+        counts = self.samples["split"].value_counts()
+        return {s: int(counts.get(s, 0)) for s in SPLITS}
+
+    def images_per_class(self) -> dict[str, int]:
+        """Images in which each class appears (background counts every image with background)."""
+        out = {name: 0 for name in self.classes}
+        for present in self.samples["classes"]:
+            for c in present:
+                out[self.classes[c]] += 1
+        return out
+
+
+# ---------------------------------------------------------------- reading
+def read_image(path: str | Path, channels: int = 1) -> np.ndarray:
+    """Decode an image to uint8, HxW (channels=1) or HxWx3 RGB (channels=3).
+
+    Decodes from bytes, so paths with any characters work, and a file that is not a
+    decodable image raises `CorruptImageError` instead of returning None."""
+    try:
+        data = np.fromfile(str(path), dtype=np.uint8)
+    except OSError as exc:
+        raise CorruptImageError([(str(path), f"cannot open ({exc.strerror})")]) from exc
+    flag = cv2.IMREAD_GRAYSCALE if channels == 1 else cv2.IMREAD_COLOR
+    image = cv2.imdecode(data, flag) if data.size else None
+    if image is None:
+        raise CorruptImageError([(str(path), "not a decodable image")])
+    if channels == 3:
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    return image
+
+
+def read_label_image(path: str | Path) -> np.ndarray:
+    """A mask file as stored (grayscale uint8, no colour conversion, no rescaling)."""
+    data = np.fromfile(str(path), dtype=np.uint8)
+    mask = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    if mask is None:
+        raise CorruptImageError([(str(path), "mask is not a decodable image")])
+    if mask.ndim == 3:  # an RGB(A) mask of grey levels: take one channel
+        mask = mask[..., 0]
+    return mask
+
+
+def index_mask_reader(path: str | None, label: int, shape: tuple[int, int]) -> np.ndarray:
+    """Masks whose pixel values are the class ids (NEU-Seg, synthetic, folder by values)."""
+    if path is None:
+        return np.zeros(shape, np.uint8)
+    return read_label_image(path)
+
+
+def binary_mask_reader(threshold: int) -> MaskReader:
+    """Masks that mark one class: pixels >= threshold belong to the record's label."""
+
+    def read(path: str | None, label: int, shape: tuple[int, int]) -> np.ndarray:
+        if path is None:
+            return np.zeros(shape, np.uint8)
+        raw = read_label_image(path)
+        return np.where(raw >= threshold, max(label, 0), 0).astype(np.uint8)
+
+    return read
+
+
+def list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def require_root(root: str | Path, what: str) -> Path:
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DatasetRootMissingError(
+            f"dataset folder {root} does not exist; point --root at the folder that holds {what}"
+        )
+    return root
+
+
+# ---------------------------------------------------------------- sizes
+def parse_size(text: str | int | Sequence[int] | None, default: tuple[int, int]) -> tuple[int, int]:
+    """'128' -> (128, 128); '320x128' -> (320, 128) as height x width; None -> default."""
+    if text is None or text == "":
+        return default
+    if isinstance(text, int):
+        size = (text, text)
+    elif isinstance(text, (tuple, list)):
+        size = (int(text[0]), int(text[1]))
+    else:
+        parts = str(text).lower().replace(" ", "").split("x")
+        try:
+            values = [int(p) for p in parts]
+        except ValueError:
+            raise InvalidSizeError(f"size {text!r} is not N or HxW (e.g. 128 or 320x128)") from None
+        if len(values) == 1:
+            size = (values[0], values[0])
+        elif len(values) == 2:
+            size = (values[0], values[1])
+        else:
+            raise InvalidSizeError(f"size {text!r} is not N or HxW (e.g. 128 or 320x128)")
+    if min(size) < 32 or size[0] % 32 or size[1] % 32:
+        raise InvalidSizeError(f"size {size[0]}x{size[1]} must be multiples of 32 (at least 32)")
+    return size
+
+
+def size_keeping_aspect(height: float, width: float, short_side: int = 128) -> tuple[int, int]:
+    """A default input size with the images' aspect ratio, both sides multiples of 32."""
+    scale = short_side / min(height, width)
+    return (max(32, round(height * scale / 32) * 32), max(32, round(width * scale / 32) * 32))
+
+
+# ---------------------------------------------------------------- validation
+def build_index(
+    format_name: str,
+    root: Path,
+    classes: Sequence[str],
+    records: Sequence[SampleRecord],
+    read_mask: MaskReader,
+    default_size: tuple[int, int],
+    native_channels: int = 1,
+    seed: int = 0,
+    ratios: tuple[float, float, float] = (0.7, 0.15, 0.15),
+    skipped: Sequence[dict] = (),
+    require_masks: bool = False,
+) -> DatasetIndex:
+    """Read every image and mask once, validate, compute per-class pixels, assign splits.
+
+    Corrupt files are collected and reported together in one `CorruptImageError`; the first
+    structural problem (missing mask, size mismatch, values outside the class map) raises
+    its own named error naming the file."""
+    if not records:
+        raise NoImagesFoundError(
+            f"no images found under {root} for format {format_name}; check the folder layout "
+            "(see the README's dataset formats)"
+        )
+    n_classes = len(classes)
+    rows, corrupt = [], []
+    for rec in records:
+        if require_masks and rec.mask is None:
+            raise MissingMaskError(
+                f"image {rec.image} has no mask; add the mask file or remove the image"
+            )
+        try:
+            image = read_image(rec.image, 1)
+        except CorruptImageError as exc:
+            corrupt.extend(exc.failures)
+            continue
+        shape = image.shape[:2]
+        try:
+            mask = read_mask(rec.mask, rec.label, shape)
+        except CorruptImageError as exc:
+            corrupt.extend(exc.failures)
+            continue
+        if mask.shape[:2] != shape:
+            raise MaskSizeMismatchError(
+                f"mask {rec.mask} is {mask.shape[1]}x{mask.shape[0]} but its image {rec.image} "
+                f"is {shape[1]}x{shape[0]}; masks must have their image's size"
+            )
+        counts = np.bincount(mask.ravel(), minlength=n_classes)
+        if counts.size > n_classes and counts[n_classes:].any():
+            bad = int(np.flatnonzero(counts[n_classes:])[0]) + n_classes
+            raise MaskValueError(
+                f"mask {rec.mask} holds value {bad}, outside the class map 0..{n_classes - 1} "
+                f"({', '.join(classes)}); fix the mask or the class map"
+            )
+        counts = counts[:n_classes]
+        rows.append({
+            "image": rec.image, "mask": rec.mask, "label": rec.label, "group": rec.group,
+            "split": rec.split, "height": shape[0], "width": shape[1],
+            "classes": tuple(int(c) for c in np.flatnonzero(counts)),
+            "pixel_counts": tuple(int(c) for c in counts),
+        })
+    if corrupt:
+        raise CorruptImageError(corrupt)
+    samples = pd.DataFrame(rows, columns=SAMPLE_COLUMNS)
+    if (samples["split"] == "").any():
+        samples["split"] = seeded_split(samples, seed=seed, ratios=ratios)
+    return DatasetIndex(
+        format=format_name, root=Path(root), classes=list(classes), samples=samples,
+        read_mask=read_mask, default_size=default_size, native_channels=native_channels,
+        skipped=list(skipped), seed=seed,
+    )
+
+
+def warn_skipped(path: Path | str, reason: str, skipped: list[dict]) -> None:
+    skipped.append({"file": str(path), "reason": reason})
+    warnings.warn(f"skipped {path}: {reason}", stacklevel=2)
+
+
+# ---------------------------------------------------------------- splits
+def primary_class(classes: Sequence[int]) -> int:
+    """The stratum of an image: its first defect class, 0 for a defect-free image."""
+    defects = [c for c in classes if c != 0]
+    return defects[0] if defects else 0
+
+
+def seeded_split(
+    samples: pd.DataFrame, seed: int = 0, ratios: tuple[float, float, float] = (0.7, 0.15, 0.15)
+) -> list[str]:
+    """A split stratified by primary defect class, grouped by ``group`` where it is set.
+
+    Units (groups, or single images when no group is set) are shuffled with a seeded RNG
+    within each stratum and dealt out by cumulative ratio, so every stratum is spread over
+    the splits and the same seed always gives the same split."""
+    strata = samples["classes"].map(primary_class)
+    units = samples["group"].where(samples["group"] != "", samples["image"])
+    unit_stratum = strata.groupby(units).agg(lambda s: int(s.mode().iloc[0]))
+    rng = np.random.default_rng(seed)
+    assignment: dict[str, str] = {}
+    bounds = np.cumsum(ratios) / sum(ratios)
+    for stratum in sorted(unit_stratum.unique()):
+        members = sorted(unit_stratum.index[unit_stratum == stratum])
+        order = rng.permutation(len(members))
+        n = len(members)
+        for position, i in enumerate(order):
+            # centre of the position's slot, so small strata still reach val and test
+            frac = (position + 0.5) / n
+            split = SPLITS[int(np.searchsorted(bounds, frac, side="right"))] if frac < 1 else "test"
+            assignment[members[i]] = split
+    return [assignment[u] for u in units]
