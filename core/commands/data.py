@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
+import warnings
 
 from core.cli import print_json
-from core.data.base import parse_size
+from core.data.base import InvalidOptionError, parse_size
 from core.data.registry import format_names, load_index
 
 
@@ -17,12 +19,33 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     info.add_argument("--root", default=None, help="dataset folder (synthetic: generation cache)")
     info.add_argument("--size", default=None, help="input size N or HxW (default: the format's)")
     info.add_argument("--seed", type=int, default=0, help="split seed")
+    info.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                      help="a format option, VALUE as JSON where it parses (repeatable), e.g. "
+                           "category=bottle, class_names='[\"background\",\"scratch\"]', "
+                           "colours='[[0,0,0],[255,0,0]]', threshold=128")
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=run_info)
 
 
+def parse_options(items: list[str]) -> dict:
+    """``KEY=VALUE`` strings -> options; VALUE is JSON where it parses, else the text."""
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise InvalidOptionError(f"--option {item!r} is not KEY=VALUE, e.g. --option category=bottle")
+        try:
+            options[key.strip()] = json.loads(value)
+        except ValueError:
+            options[key.strip()] = value
+    return options
+
+
 def run_info(args: argparse.Namespace) -> int:
-    index = load_index(args.format, args.root, seed=args.seed)
+    options = parse_options(getattr(args, "option", []) or [])
+    with warnings.catch_warnings():  # skipped files are listed in the output itself
+        warnings.simplefilter("ignore")
+        index = load_index(args.format, args.root, seed=args.seed, **options)
     size = parse_size(args.size, index.default_size)
     payload = {
         "format": index.format,

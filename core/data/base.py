@@ -15,8 +15,10 @@ Nothing in the dataset folder is ever written.
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,6 +77,10 @@ class UnknownFormatError(DatasetError):
     pass
 
 
+class InvalidOptionError(DatasetError):
+    """A format option (class map, colours, category, folders) that cannot work."""
+
+
 class InvalidSizeError(DefectPruneError):
     pass
 
@@ -120,7 +126,9 @@ class DatasetIndex:
         return self.samples[self.samples["split"] == name].reset_index(drop=True)
 
     def mask_of(self, row: pd.Series) -> np.ndarray:
-        return self.read_mask(row["mask"], int(row["label"]), (int(row["height"]), int(row["width"])))
+        mask = row["mask"]
+        mask = mask if isinstance(mask, str) and mask else None  # no mask: all background
+        return self.read_mask(mask, int(row["label"]), (int(row["height"]), int(row["width"])))
 
     def image_of(self, row: pd.Series, channels: int | None = None) -> np.ndarray:
         return read_image(row["image"], channels or self.native_channels)
@@ -187,8 +195,31 @@ def binary_mask_reader(threshold: int) -> MaskReader:
     return read
 
 
+def probe_image(path: str | Path) -> tuple[int, int, int]:
+    """(height, width, channels) of one image; channels is 1 for grey stored as RGB, since the
+    colour carries nothing. Used to pick a format's default size and native channels."""
+    data = np.fromfile(str(path), dtype=np.uint8)
+    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    if image is None:
+        raise CorruptImageError([(str(path), "not a decodable image")])
+    if image.ndim == 2:
+        return image.shape[0], image.shape[1], 1
+    colour = image[..., :3]
+    grey = bool((colour == colour[..., :1]).all())
+    return image.shape[0], image.shape[1], 1 if grey else 3
+
+
 def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def reject_options(format_name: str, options: dict, allowed: Sequence[str] = ()) -> None:
+    """A misspelt option must not be silently ignored: name it and the ones that exist."""
+    if options:
+        known = ", ".join(allowed) if allowed else "none"
+        raise InvalidOptionError(
+            f"format {format_name} has no option {', '.join(sorted(options))}; its options: {known}"
+        )
 
 
 def require_root(root: str | Path, what: str) -> Path:
@@ -233,6 +264,58 @@ def size_keeping_aspect(height: float, width: float, short_side: int = 128) -> t
 
 
 # ---------------------------------------------------------------- validation
+def _index_workers() -> int:
+    """Threads for reading files: decoding (OpenCV, zlib, libjpeg) releases the GIL, and the
+    disk waits overlap, so a few threads per core pay off without using much memory."""
+    return max(2, min(16, (os.cpu_count() or 2) * 2))
+
+
+def _inspect(
+    rec: SampleRecord, read_mask: MaskReader, classes: Sequence[str]
+) -> dict | list[tuple[str, str]]:
+    """Read one record: its row of the index, or the list of files that could not be decoded.
+    Structural problems (size, values) raise their named error."""
+    n_classes = len(classes)
+    try:
+        image = read_image(rec.image, 1)
+    except CorruptImageError as exc:
+        failures = list(exc.failures)
+        try:  # report a broken mask of the same sample in the same error
+            if rec.mask is not None:
+                read_mask(rec.mask, rec.label, (1, 1))
+        except CorruptImageError as mask_exc:
+            failures.extend(mask_exc.failures)
+        except DatasetError:
+            pass
+        return failures
+    shape = image.shape[:2]
+    del image
+    try:
+        mask = read_mask(rec.mask, rec.label, shape)
+    except CorruptImageError as exc:
+        return list(exc.failures)
+    if mask.shape[:2] != shape:
+        raise MaskSizeMismatchError(
+            f"mask {rec.mask} is {mask.shape[1]}x{mask.shape[0]} but its image {rec.image} "
+            f"is {shape[1]}x{shape[0]} (width x height); masks must have their image's size: "
+            "re-export the mask at the image's size"
+        )
+    counts = np.bincount(mask.ravel(), minlength=n_classes)
+    if counts.size > n_classes and counts[n_classes:].any():
+        bad = int(np.flatnonzero(counts[n_classes:])[0]) + n_classes
+        raise MaskValueError(
+            f"mask {rec.mask} holds value {bad}, outside the class map 0..{n_classes - 1} "
+            f"({', '.join(classes)}); fix the mask or the class map"
+        )
+    counts = counts[:n_classes]
+    return {
+        "image": rec.image, "mask": rec.mask, "label": rec.label, "group": rec.group,
+        "split": rec.split, "height": int(shape[0]), "width": int(shape[1]),
+        "classes": tuple(int(c) for c in np.flatnonzero(counts)),
+        "pixel_counts": tuple(int(c) for c in counts),
+    }
+
+
 def build_index(
     format_name: str,
     root: Path,
@@ -248,54 +331,37 @@ def build_index(
 ) -> DatasetIndex:
     """Read every image and mask once, validate, compute per-class pixels, assign splits.
 
-    Corrupt files are collected and reported together in one `CorruptImageError`; the first
-    structural problem (missing mask, size mismatch, values outside the class map) raises
-    its own named error naming the file."""
+    Files are read by a small thread pool (results keep the records' order, so the index and
+    the error reported do not depend on timing). Corrupt files are collected and reported
+    together in one `CorruptImageError`; the first structural problem in record order
+    (missing mask, size mismatch, values outside the class map) raises its own named error
+    naming the file."""
     if not records:
         raise NoImagesFoundError(
             f"no images found under {root} for format {format_name}; check the folder layout "
             "(see the README's dataset formats)"
         )
-    n_classes = len(classes)
+    if require_masks:
+        for rec in records:
+            if rec.mask is None:
+                raise MissingMaskError(
+                    f"image {rec.image} has no mask; add the mask file or remove the image"
+                )
     rows, corrupt = [], []
-    for rec in records:
-        if require_masks and rec.mask is None:
-            raise MissingMaskError(
-                f"image {rec.image} has no mask; add the mask file or remove the image"
-            )
-        try:
-            image = read_image(rec.image, 1)
-        except CorruptImageError as exc:
-            corrupt.extend(exc.failures)
-            continue
-        shape = image.shape[:2]
-        try:
-            mask = read_mask(rec.mask, rec.label, shape)
-        except CorruptImageError as exc:
-            corrupt.extend(exc.failures)
-            continue
-        if mask.shape[:2] != shape:
-            raise MaskSizeMismatchError(
-                f"mask {rec.mask} is {mask.shape[1]}x{mask.shape[0]} but its image {rec.image} "
-                f"is {shape[1]}x{shape[0]}; masks must have their image's size"
-            )
-        counts = np.bincount(mask.ravel(), minlength=n_classes)
-        if counts.size > n_classes and counts[n_classes:].any():
-            bad = int(np.flatnonzero(counts[n_classes:])[0]) + n_classes
-            raise MaskValueError(
-                f"mask {rec.mask} holds value {bad}, outside the class map 0..{n_classes - 1} "
-                f"({', '.join(classes)}); fix the mask or the class map"
-            )
-        counts = counts[:n_classes]
-        rows.append({
-            "image": rec.image, "mask": rec.mask, "label": rec.label, "group": rec.group,
-            "split": rec.split, "height": shape[0], "width": shape[1],
-            "classes": tuple(int(c) for c in np.flatnonzero(counts)),
-            "pixel_counts": tuple(int(c) for c in counts),
-        })
+    pool = ThreadPoolExecutor(max_workers=_index_workers(), thread_name_prefix="index")
+    try:
+        for result in pool.map(lambda rec: _inspect(rec, read_mask, classes), records):
+            if isinstance(result, list):
+                corrupt.extend(result)
+            else:
+                rows.append(result)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     if corrupt:
         raise CorruptImageError(corrupt)
     samples = pd.DataFrame(rows, columns=SAMPLE_COLUMNS)
+    # keep "no mask" as None: a string column would turn it into NaN, a float
+    samples["mask"] = pd.Series([row["mask"] for row in rows], index=samples.index, dtype=object)
     if (samples["split"] == "").any():
         samples["split"] = seeded_split(samples, seed=seed, ratios=ratios)
     return DatasetIndex(
@@ -317,6 +383,13 @@ def primary_class(classes: Sequence[int]) -> int:
     return defects[0] if defects else 0
 
 
+def _group_stratum(strata: pd.Series) -> int:
+    """A group's stratum: its most common defect class, 0 only when no image has a defect
+    (one cracked part makes a KolektorSDD commutator a defect unit)."""
+    defects = strata[strata != 0]
+    return int((defects if len(defects) else strata).mode().iloc[0])
+
+
 def seeded_split(
     samples: pd.DataFrame, seed: int = 0, ratios: tuple[float, float, float] = (0.7, 0.15, 0.15)
 ) -> list[str]:
@@ -327,7 +400,7 @@ def seeded_split(
     the splits and the same seed always gives the same split."""
     strata = samples["classes"].map(primary_class)
     units = samples["group"].where(samples["group"] != "", samples["image"])
-    unit_stratum = strata.groupby(units).agg(lambda s: int(s.mode().iloc[0]))
+    unit_stratum = strata.groupby(units).agg(_group_stratum)
     rng = np.random.default_rng(seed)
     assignment: dict[str, str] = {}
     bounds = np.cumsum(ratios) / sum(ratios)

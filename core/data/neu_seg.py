@@ -15,8 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from core.data.base import (
-    SPLITS, DatasetIndex, MissingMaskError, SampleRecord, build_index, index_mask_reader,
-    list_images, require_root, warn_skipped,
+    IMAGE_SUFFIXES, SPLITS, DatasetIndex, MissingMaskError, SampleRecord, build_index,
+    index_mask_reader, list_images, reject_options, require_root, warn_skipped,
 )
 
 FORMAT = "neu-seg"
@@ -24,7 +24,8 @@ CLASSES = ["background", "inclusion", "patches", "scratches"]
 DEFAULT_SIZE = (128, 128)
 
 
-def build(root: Path, seed: int = 0, **_options) -> DatasetIndex:
+def build(root: Path, seed: int = 0, **options) -> DatasetIndex:
+    reject_options(FORMAT, options)
     root = require_root(root, "img_dir/ and ann_dir/")
     records, skipped = [], []
     for split in SPLITS:
@@ -35,11 +36,12 @@ def build(root: Path, seed: int = 0, **_options) -> DatasetIndex:
             mask = mask_dir / f"{image.stem}.png"
             if not mask.is_file():
                 raise MissingMaskError(
-                    f"image {image} has no mask {mask}; NEU-Seg needs ann_dir/{split}/{image.stem}.png"
+                    f"image {image} has no mask {mask}; NEU-Seg needs ann_dir/{split}/{image.stem}.png: "
+                    "restore the mask or remove the image"
                 )
             records.append(SampleRecord(str(image), str(mask), split=split))
         for other in sorted(image_dir.iterdir()):
-            if other.is_file() and other.suffix.lower() not in (".jpg", ".jpeg", ".png", ".bmp"):
+            if other.is_file() and other.suffix.lower() not in IMAGE_SUFFIXES:
                 warn_skipped(other, "not an image", skipped)
     return build_index(
         FORMAT, root, CLASSES, records, index_mask_reader, DEFAULT_SIZE,

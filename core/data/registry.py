@@ -7,7 +7,7 @@ import importlib
 from pathlib import Path
 from types import ModuleType
 
-from core.data.base import DatasetIndex, UnknownFormatError
+from core.data.base import DatasetIndex, DatasetRootMissingError, UnknownFormatError
 
 FORMAT_MODULES: dict[str, str] = {
     "neu-seg": "core.data.neu_seg",
@@ -49,5 +49,5 @@ def load_index(format_name: str, root: str | Path | None = None, seed: int = 0, 
     if is_synthetic(format_name):
         return module.build(root, seed=seed, family=format_name.removeprefix("synthetic-"), **options)
     if root is None:
-        raise UnknownFormatError(f"format {format_name} needs --root, the dataset folder")
+        raise DatasetRootMissingError(f"format {format_name} needs a dataset folder: pass --root PATH")
     return module.build(Path(root), seed=seed, **options)
