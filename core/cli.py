@@ -23,7 +23,7 @@ def print_json(payload: Any) -> None:
 
 
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu",
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="where to compute (auto: CUDA when present)")
 
 

@@ -1,0 +1,88 @@
+"""``python -m core evaluate --checkpoint DIR [--format F --root P] [--split test] [--json]``:
+metrics of a checkpoint on a dataset split. Format, root and split seed default to those in
+the checkpoint's spec, and the input size to the size the model was trained at (the
+format's default size when another format is given)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from core.cli import add_device_argument, print_json
+from core.commands.train import add_data_arguments, format_metrics
+from core.data.base import SPLITS, parse_size
+from core.data.dataset import SegmentationDataset
+from core.data.registry import load_index
+from core.errors import DefectPruneError
+from core.train import EmptySplitError, ProgressBar, _Threads, evaluate, resolve_device
+
+
+class CheckpointDatasetMismatchError(DefectPruneError):
+    pass
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("evaluate", help="metrics of a checkpoint on a dataset split")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint folder")
+    add_data_arguments(parser, required=False)
+    parser.add_argument("--split", default="test", choices=list(SPLITS))
+    parser.add_argument("--split-seed", type=int, default=None,
+                        help="split seed (default: the checkpoint's)")
+    parser.add_argument("--per-image", default=None, metavar="CSV",
+                        help="also write the per-image table to this CSV file")
+    add_device_argument(parser)
+    parser.add_argument("--json", action="store_true")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from core.models.checkpoint import load_checkpoint
+
+    device = resolve_device(args.device)
+    loaded = load_checkpoint(args.checkpoint, device="cpu")
+    spec, model = loaded.spec, loaded.model
+    format_name = args.format or spec.dataset_format
+    if not format_name:
+        raise DefectPruneError(
+            f"checkpoint {args.checkpoint} does not say which dataset it was trained on; give --format and --root"
+        )
+    same_format = format_name == spec.dataset_format
+    root = args.root if args.root is not None else ((spec.dataset_root or None) if same_format else None)
+    split_seed = args.split_seed if args.split_seed is not None else spec.split_seed
+    index = load_index(format_name, root, seed=split_seed)
+    if list(index.classes) != list(spec.classes):
+        raise CheckpointDatasetMismatchError(
+            f"checkpoint {args.checkpoint} predicts classes {', '.join(spec.classes)} but {format_name} at "
+            f"{index.root} has {', '.join(index.classes)}; evaluate on a dataset with the same classes"
+        )
+    size = parse_size(args.size, tuple(spec.input_size) if same_format else index.default_size)
+    dataset = SegmentationDataset(index, args.split, size, spec.in_channels, limit=args.limit)
+    if len(dataset) == 0:
+        raise EmptySplitError(f"the {args.split} split of {format_name} at {index.root} has no images")
+    with _Threads(args.threads), ProgressBar(f"evaluate {args.split}") as bar:
+        result = evaluate(model, dataset, device, args.batch_size, progress=bar, class_names=spec.classes,
+                          num_workers=args.workers)
+    if args.per_image:
+        csv = Path(args.per_image)
+        csv.parent.mkdir(parents=True, exist_ok=True)
+        result.per_image.to_csv(csv, index=False)
+    metrics = result.metrics.to_dict()
+    payload = {
+        "checkpoint": str(Path(args.checkpoint)),
+        "format": format_name,
+        "root": str(index.root),
+        "split": args.split,
+        "size": list(size),
+        "images": result.images,
+        **metrics,
+        "seconds": round(result.seconds, 3),
+        "device": str(device),
+    }
+    if args.json:
+        print_json(payload)
+        return 0
+    print(f"{args.checkpoint} on {format_name} {args.split} ({result.images} images, {size[0]}x{size[1]})")
+    print(format_metrics(args.split, metrics))
+    if args.per_image:
+        print(f"per-image table: {args.per_image}")
+    return 0

@@ -1,0 +1,160 @@
+"""``python -m core train --format F --root P --out DIR [...] [--json]``: train a model from
+scratch and save it as a checkpoint whose spec remembers the dataset and its val metrics."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from core.cli import add_device_argument, print_json
+from core.data.base import parse_size
+from core.data.dataset import SegmentationDataset
+from core.data.registry import format_names, load_index
+from core.errors import DefectPruneError
+from core.models.checkpoint import SPEC_FILE, save_checkpoint
+from core.models.zoo import ARCHITECTURES, DEFAULT_ARCH, DEFAULT_ENCODER, ENCODERS, ModelSpec, build_model
+from core.train import EmptySplitError, ProgressBar, TrainConfig, fit, resolve_device, seed_everything
+
+TRAINING_HISTORY_FILE = "training_history.json"
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
+    return value
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("--format", required=required, default=None, choices=format_names())
+    parser.add_argument("--root", default=None, help="dataset folder (synthetic: generation cache)")
+    parser.add_argument("--size", default=None, help="input size N or HxW (default: the format's)")
+    parser.add_argument("--limit", type=positive_int, default=None,
+                        help="use at most this many images of each split (quick runs)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--workers", type=non_negative_int, default=0, help="data-loading worker processes")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("train", help="train a segmentation model and save a checkpoint")
+    add_data_arguments(parser)
+    parser.add_argument("--split-seed", type=int, default=0,
+                        help="seed of the train/val/test split for formats without an official one")
+    parser.add_argument("--arch", default=DEFAULT_ARCH, choices=list(ARCHITECTURES))
+    parser.add_argument("--encoder", default=DEFAULT_ENCODER, choices=ENCODERS)
+    parser.add_argument("--in-channels", type=int, choices=[1, 3], default=None,
+                        help="model input channels (default: the dataset's native channels)")
+    parser.add_argument("--epochs", type=positive_int, default=30)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--weight-decay", type=float, default=1e-4)
+    parser.add_argument("--schedule", choices=["cosine", "onecycle"], default="cosine")
+    parser.add_argument("--patience", type=positive_int, default=8,
+                        help="stop after this many epochs without a better val defect mIoU")
+    parser.add_argument("--no-early-stop", action="store_true", help="train every epoch")
+    parser.add_argument("--max-steps-per-epoch", type=positive_int, default=None)
+    parser.add_argument("--no-augment", action="store_true", help="train without augmentation")
+    parser.add_argument("--seed", type=int, default=0, help="seed of weights, order and augmentation")
+    parser.add_argument("--out", required=True, help="checkpoint folder to write")
+    add_device_argument(parser)
+    parser.add_argument("--json", action="store_true")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    index = load_index(args.format, args.root, seed=args.split_seed)
+    size = parse_size(args.size, index.default_size)
+    in_channels = args.in_channels or index.native_channels
+    train_ds = SegmentationDataset(index, "train", size, in_channels, augment=not args.no_augment,
+                                   seed=args.seed, limit=args.limit)
+    val_ds = SegmentationDataset(index, "val", size, in_channels, limit=args.limit)
+    for name, dataset in (("train", train_ds), ("val", val_ds)):
+        if len(dataset) == 0:
+            raise EmptySplitError(
+                f"the {name} split of {index.format} at {index.root} has no images; training needs "
+                "images in both train and val (add images, or use a format with a seeded split)"
+            )
+    config = TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        schedule=args.schedule, patience=None if args.no_early_stop else args.patience,
+        seed=args.seed, num_threads=args.threads, device=str(device),
+        max_steps_per_epoch=args.max_steps_per_epoch, num_workers=args.workers,
+    )
+    config.validate()
+    spec = ModelSpec(
+        classes=list(index.classes), arch=args.arch, encoder=args.encoder, in_channels=in_channels,
+        input_size=size, dataset_format=index.format,
+        dataset_root=str(index.root.resolve()) if args.root is not None else "",
+        split_seed=args.split_seed,
+    )
+    out = Path(args.out)
+    # refuse before training rather than after it (save_checkpoint would refuse these too)
+    if out.exists() and not out.is_dir():
+        raise DefectPruneError(f"--out {out} is a file; give a folder for the checkpoint")
+    if out.is_dir() and any(out.iterdir()) and not (out / SPEC_FILE).is_file():
+        raise DefectPruneError(f"--out {out} is a non-empty folder that is not a checkpoint; "
+                               "choose another folder or empty it")
+    seed_everything(args.seed)  # the initial weights follow the seed too
+    model = build_model(spec)
+    with ProgressBar(f"train {args.arch}-{args.encoder}") as bar:
+        result = fit(model, train_ds, val_ds, config, progress=bar, class_names=index.classes)
+    if result.epochs_run == 0:
+        raise DefectPruneError("training was stopped before the first epoch ended; nothing was saved")
+    spec.metrics = {"split": "val", **(result.best_val or {})}
+
+    checkpoint = Path(save_checkpoint(out, model.cpu(), spec))
+    (checkpoint / TRAINING_HISTORY_FILE).write_text(json.dumps({
+        "config": {k: v for k, v in vars(config).items()},
+        "dataset": {"format": index.format, "root": str(index.root), "split_seed": args.split_seed,
+                    "train_images": len(train_ds), "val_images": len(val_ds), "size": list(size)},
+        "torch_threads": args.threads or torch.get_num_threads(),
+        **{k: v for k, v in result.to_dict().items() if k != "val"},
+    }, indent=2, default=str))
+    payload = {
+        "checkpoint": str(checkpoint),
+        "epochs_run": result.epochs_run,
+        "best_epoch": result.best_epoch,
+        "stopped_early": result.stopped_early,
+        "stopped_by_user": result.stopped_by_user,
+        "seconds": round(result.seconds, 3),
+        "seconds_per_epoch": result.seconds_per_epoch,
+        "device": str(device),
+        "train_images": len(train_ds),
+        "val_images": len(val_ds),
+        "val": result.best_val,
+    }
+    if args.json:
+        print_json(payload)
+        return 0
+    val = result.best_val or {}
+    print(f"saved {checkpoint} after {result.epochs_run} epoch(s) (best epoch {result.best_epoch}"
+          f"{', stopped early' if result.stopped_early else ''}{', stopped by user' if result.stopped_by_user else ''})")
+    print(format_metrics("val", val))
+    return 0
+
+
+def format_metrics(split: str, metrics: dict) -> str:
+    def pct(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.2f}"
+
+    per_class = ", ".join(f"{name} {pct(v)}" for name, v in (metrics.get("per_class_iou") or {}).items())
+    return (f"{split}: defect mIoU {pct(metrics.get('defect_miou'))}, background IoU "
+            f"{pct(metrics.get('background_iou'))}, Dice {pct(metrics.get('dice'))}, pixel accuracy "
+            f"{pct(metrics.get('pixel_accuracy'))}; per class IoU: {per_class}")

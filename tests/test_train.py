@@ -1,0 +1,252 @@
+"""The training loop, on a tiny NEU-Seg-layout dataset written by the test itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from core.data.dataset import SegmentationDataset
+from core.data.registry import load_index
+from core.metrics import evaluate as evaluate_from_metrics
+from core.train import (
+    DeviceUnavailableError, InvalidTrainConfigError, Progress, SegmentationLoss, StopRequested,
+    TrainConfig, class_weights_from_counts, evaluate, fit, resolve_device,
+)
+
+CLASSES = ["background", "inclusion", "patches", "scratches"]
+
+
+def write_tiny_neu_seg(root: Path, per_class: dict[str, int] | None = None, size: int = 64, seed: int = 0) -> Path:
+    """NEU-Seg layout with one defect per image: a dark blob (inclusion), a bright blob
+    (patches) or a bright line (scratches) on a noisy grey background, easy to learn."""
+    per_class = per_class or {"train": 3, "val": 1, "test": 1}
+    rng = np.random.default_rng(seed)
+    number = 0
+    for split, count in per_class.items():
+        (root / "img_dir" / split).mkdir(parents=True, exist_ok=True)
+        (root / "ann_dir" / split).mkdir(parents=True, exist_ok=True)
+        for _ in range(count):
+            for cls in (1, 2, 3):
+                image = rng.normal(128, 8, (size, size)).clip(0, 255).astype(np.uint8)
+                mask = np.zeros((size, size), np.uint8)
+                cy, cx = rng.integers(size // 4, 3 * size // 4, 2)
+                if cls == 3:
+                    cv2.line(mask, (int(rng.integers(0, size // 4)), int(cy)),
+                             (int(rng.integers(3 * size // 4, size)), int(cx)), 3, 3)
+                else:
+                    radius = int(rng.integers(size // 10, size // 5))
+                    cv2.circle(mask, (int(cx), int(cy)), radius, cls, -1)
+                image[mask == 1] = 40
+                image[mask == 2] = 215
+                image[mask == 3] = 190
+                name = f"{number:06d}"
+                cv2.imwrite(str(root / "img_dir" / split / f"{name}.jpg"), cv2.cvtColor(image, cv2.COLOR_GRAY2BGR))
+                cv2.imwrite(str(root / "ann_dir" / split / f"{name}.png"), mask)
+                number += 1
+    return root
+
+
+class TinySegNet(nn.Module):
+    """A few convolutions: fast enough to run many epochs in a test."""
+
+    def __init__(self, in_channels: int = 1, classes: int = 4):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, classes, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class OracleModel(nn.Module):
+    """Reads the class map hidden in the image: logits = scale * one-hot(true class). The
+    test sets ``scale`` to make the model perfect (+1) or always wrong (-1)."""
+
+    def __init__(self, classes: int = 4):
+        super().__init__()
+        self.classes = classes
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        labels = x[:, 0].round().long().clamp(0, self.classes - 1)
+        onehot = nn.functional.one_hot(labels, self.classes).permute(0, 3, 1, 2).float()
+        return self.scale * (2 * onehot - 1)
+
+
+class MaskAsImage(torch.utils.data.Dataset):
+    """The mask itself as the image, for the oracle."""
+
+    def __init__(self, inner: SegmentationDataset):
+        self.inner = inner
+        self.index = inner.index
+        self.samples = inner.samples
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, i: int):
+        _, mask = self.inner[i]
+        return mask[None].float(), mask
+
+
+@pytest.fixture(scope="module")
+def tiny_index(tmp_path_factory: pytest.TempPathFactory):
+    root = write_tiny_neu_seg(tmp_path_factory.mktemp("neu"))
+    return load_index("neu-seg", root)
+
+
+def datasets(index, augment: bool = False):
+    train = SegmentationDataset(index, "train", (64, 64), in_channels=1, augment=augment, seed=0)
+    val = SegmentationDataset(index, "val", (64, 64), in_channels=1)
+    return train, val
+
+
+def tiny_config(**overrides) -> TrainConfig:
+    base = dict(epochs=3, batch_size=3, lr=1e-2, patience=None, seed=0, device="cpu", num_threads=1)
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+def test_loss_goes_down_on_unet(tiny_index):
+    from core.models.zoo import ModelSpec, build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(classes=CLASSES, in_channels=1, input_size=(64, 64)))
+    train, val = datasets(tiny_index)
+    result = fit(model, train, val, tiny_config(epochs=6, lr=3e-3))
+    losses = [h["train_loss"] for h in result.history]
+    assert result.epochs_run == 6
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert {"epoch", "train_loss", "seconds", "val_defect_miou", "val_per_class_iou"} <= set(result.history[0])
+    assert set(result.history[0]["val_per_class_iou"]) == set(CLASSES)
+    assert result.best_metrics is not None
+    assert result.best_metrics.defect_miou == max(h["val_defect_miou"] for h in result.history)
+
+
+def test_seeded_runs_repeat_and_seeds_differ(tiny_index):
+    train, val = datasets(tiny_index, augment=True)
+
+    def run(seed: int) -> list[float]:
+        torch.manual_seed(123)  # same initial weights; the fit seed drives order and augmentation
+        return [h["train_loss"] for h in fit(TinySegNet(), train, val, tiny_config(seed=seed)).history]
+
+    first, again, other = run(0), run(0), run(1)
+    assert first == again
+    assert first != other
+
+
+def test_progress_is_reported_and_can_stop_the_loop(tiny_index):
+    train, val = datasets(tiny_index)
+    model = TinySegNet()
+    reports: list[Progress] = []
+    snapshot: dict[str, torch.Tensor] = {}
+
+    def callback(report: Progress) -> bool:
+        reports.append(report)
+        if report.phase == "validate" and report.epoch == 1 and report.step == report.steps:
+            snapshot.update({k: v.clone() for k, v in model.state_dict().items()})
+        return report.phase == "train" and report.epoch == 2 and report.step == 2
+
+    result = fit(model, train, val, tiny_config(epochs=5), progress=callback)
+    assert result.stopped_by_user and not result.stopped_early
+    assert result.epochs_run == 1 and result.best_epoch == 1
+    train_reports = [r for r in reports if r.phase == "train"]
+    assert [(r.epoch, r.step) for r in train_reports] == [(1, 1), (1, 2), (1, 3), (2, 1), (2, 2)]
+    assert all(r.steps == 3 and r.epochs == 5 for r in train_reports)
+    assert train_reports[0].metric is None and train_reports[-1].metric is not None
+    fractions = [r.fraction for r in train_reports]
+    assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(5 / 15)
+    assert all(r.eta_seconds is not None and r.eta_seconds >= 0 for r in train_reports)
+    # the weights are those of the best (only) validated epoch, not the two steps after it
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, snapshot[key])
+
+
+def test_stop_requested_raised_inside_validation_stops(tiny_index):
+    train, val = datasets(tiny_index)
+
+    def callback(report: Progress) -> None:
+        if report.phase == "validate" and report.epoch == 2:
+            raise StopRequested()
+
+    result = fit(TinySegNet(), train, val, tiny_config(epochs=4), progress=callback)
+    assert result.stopped_by_user and result.epochs_run == 1
+
+
+def test_early_stopping_restores_best_weights(tiny_index):
+    index = tiny_index
+    train, val = datasets(index)
+    train, val = MaskAsImage(train), MaskAsImage(val)
+    model = OracleModel()
+
+    def callback(report: Progress) -> None:
+        # last training step of each epoch, just before validation: perfect in epoch 2 only
+        if report.phase == "train" and report.step == report.steps:
+            with torch.no_grad():
+                model.scale.fill_(1.0 if report.epoch == 2 else -1.0)
+
+    result = fit(model, train, val, tiny_config(epochs=10, patience=2, lr=0.0, weight_decay=0.0),
+                 progress=callback)
+    assert result.stopped_early and not result.stopped_by_user
+    assert result.epochs_run == 4  # best at 2, then 2 epochs without gain
+    assert result.best_epoch == 2
+    assert result.best_metrics.defect_miou == pytest.approx(100.0)
+    assert [h["val_defect_miou"] for h in result.history] == pytest.approx([0.0, 100.0, 0.0, 0.0])
+    assert model.scale.item() == 1.0
+
+
+def test_evaluate_perfect_predictor_gives_100(tiny_index):
+    _, val = datasets(tiny_index)
+    result = evaluate_from_metrics(OracleModel(), MaskAsImage(val), "cpu", batch_size=2)
+    assert result.metrics.defect_miou == pytest.approx(100.0)
+    assert result.metrics.background_iou == pytest.approx(100.0)
+    assert result.metrics.dice == pytest.approx(100.0)
+    assert result.metrics.pixel_accuracy == pytest.approx(100.0)
+    assert result.images == 3 and len(result.per_image) == 3
+    assert result.per_image["image"].str.endswith(".jpg").all()
+    assert (result.per_image["defect_miou"] == 100.0).all()
+
+
+def test_evaluate_callback_can_stop(tiny_index):
+    _, val = datasets(tiny_index)
+    with pytest.raises(StopRequested):
+        evaluate(TinySegNet(), val, "cpu", batch_size=1, progress=lambda r: r.step == 2)
+
+
+def test_class_weights_and_loss():
+    weights = class_weights_from_counts([900, 90, 10, 0], max_weight=10.0)
+    # 1 / (4 f): background 1/3.6, a 1/0.36, b 1/0.04 = 25 clipped to 10, absent -> 10
+    np.testing.assert_allclose(weights, [1 / 3.6, 1 / 0.36, 10.0, 10.0])
+    loss = SegmentationLoss([1.0, 1.0, 1.0])
+    target = torch.tensor([[[0, 1], [2, 0]]])
+    perfect = 20 * (2 * nn.functional.one_hot(target, 3).permute(0, 3, 1, 2).float() - 1)
+    assert loss(perfect, target).item() < 1e-3
+    assert loss(-perfect, target).item() > 1.0
+
+
+def test_bad_config_and_device():
+    with pytest.raises(InvalidTrainConfigError, match="epochs"):
+        TrainConfig(epochs=0).validate()
+    with pytest.raises(InvalidTrainConfigError, match="schedule"):
+        TrainConfig(schedule="step").validate()
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceUnavailableError, match="no CUDA"):
+            resolve_device("cuda")
+
+
+def test_onecycle_schedule_runs_and_threads_are_restored(tiny_index):
+    train, val = datasets(tiny_index)
+    before = torch.get_num_threads()
+    result = fit(TinySegNet(), train, None, tiny_config(epochs=2, schedule="onecycle",
+                                                          num_threads=1 if before != 1 else 2))
+    assert torch.get_num_threads() == before
+    assert result.epochs_run == 2 and result.best_epoch == 2 and result.best_metrics is None
