@@ -1,0 +1,401 @@
+"""Checkpoints that can be shared without trust: a folder of JSON and safetensors, no pickle.
+
+A checkpoint folder holds
+
+- ``spec.json``: the `ModelSpec` (architecture, encoder, input channels, class names, input
+  size, dataset format and split seed, metrics), enough to build the unpruned network;
+- ``pruning_history.json``: Torch-Pruning's pruning history, a list of
+  ``[module_name, is_out_channel_pruning, channel_indices]`` (empty for an unpruned model);
+- ``weights.safetensors``: the state dict of the (pruned) model, with a SHA-256 of the tensor
+  bytes in the file's metadata so flipped or truncated bytes are refused.
+
+Loading builds the model from the spec, replays the history on a freshly traced dependency
+graph (so the pruned shapes come from Torch-Pruning, not from the weights file), and only then
+loads the weights strictly. Nothing is unpickled, so a checkpoint from elsewhere cannot run
+code. Saving writes a temporary sibling folder, syncs it, and renames it into place: an
+interrupted save never leaves a partial checkpoint, and an older checkpoint at the same path is
+replaced only once the new one is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from core.errors import DefectPruneError
+from core.models.groups import classifier_layers, eval_mode, example_input, model_in_channels
+from core.models.zoo import ARCHITECTURES, ENCODERS, ModelSpec, build_model
+
+SPEC_FILE = "spec.json"
+HISTORY_FILE = "pruning_history.json"
+WEIGHTS_FILE = "weights.safetensors"
+CHECKPOINT_FILES = (SPEC_FILE, HISTORY_FILE, WEIGHTS_FILE)
+FORMAT_VERSION = 1
+CHECKSUM_KEY = "defectprune_sha256"
+# The dependency graph is traced at this size when a history is replayed: the channel graph of
+# these networks does not depend on the image size, and a small trace is fast.
+REPLAY_SIZE = (64, 64)
+
+History = list[list[Any]]
+
+
+class CheckpointError(DefectPruneError):
+    """A checkpoint cannot be written or read."""
+
+
+class CheckpointMissingFileError(CheckpointError):
+    """The checkpoint folder or one of its files is missing."""
+
+
+class CheckpointSpecError(CheckpointError):
+    """spec.json is malformed or describes a model this version cannot build."""
+
+
+class CheckpointHistoryError(CheckpointError):
+    """pruning_history.json is malformed or does not fit the model built from the spec."""
+
+
+class CheckpointWeightsError(CheckpointError):
+    """weights.safetensors does not match the model (missing keys, wrong shapes)."""
+
+
+class CheckpointCorruptWeightsError(CheckpointWeightsError):
+    """weights.safetensors is not a readable safetensors file or its bytes changed."""
+
+
+@dataclass
+class LoadedCheckpoint:
+    model: nn.Module
+    spec: ModelSpec
+    history: History
+    path: Path
+
+
+# ---------------------------------------------------------------- saving
+
+def save_checkpoint(path: str | Path, model: nn.Module, spec: ModelSpec,
+                    history: History | None = None) -> Path:
+    """Write ``model`` (pruned by ``history``, Torch-Pruning's ``pruning_history()``) with its
+    build ``spec`` as a checkpoint folder at ``path``; returns the folder."""
+    path = Path(path)
+    entries = normalise_history(history or [], source="the history to save")
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{path} is a file, not a checkpoint folder; choose another path")
+    if path.is_dir() and any(path.iterdir()) and not (path / SPEC_FILE).is_file():
+        raise CheckpointError(
+            f"{path} is a non-empty folder that is not a checkpoint; refusing to replace it "
+            "(choose another path or empty the folder)"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = uuid.uuid4().hex[:8]
+    tmp = path.parent / f".{path.name}.tmp-{token}"
+    old = path.parent / f".{path.name}.old-{token}"
+    tmp.mkdir()
+    try:
+        spec_data = spec.to_dict()
+        spec_data["format_version"] = FORMAT_VERSION
+        _write_json(tmp / SPEC_FILE, spec_data)
+        _write_json(tmp / HISTORY_FILE, entries)
+        tensors = _contiguous_state(model)
+        save_file(tensors, str(tmp / WEIGHTS_FILE),
+                  metadata={"format": "pt", CHECKSUM_KEY: tensors_digest(tensors)})
+        _fsync_file(tmp / WEIGHTS_FILE)
+        _fsync_dir(tmp)
+        if path.exists():
+            os.replace(path, old)  # the new checkpoint is complete: only now move the old one
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old, path)
+                raise
+        else:
+            os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes of the tensors, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- loading
+
+def read_spec(path: str | Path) -> ModelSpec:
+    """The checkpoint's spec, validated (cheap: no model is built)."""
+    file = _require(Path(path), SPEC_FILE)
+    data = _read_json(file, CheckpointSpecError)
+    if not isinstance(data, dict):
+        raise CheckpointSpecError(f"{file} must hold a JSON object, not {type(data).__name__}")
+    problems = []
+    classes = data.get("classes")
+    if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) for c in classes):
+        problems.append("'classes' must list at least two class names (background first)")
+    if data.get("arch", "unet") not in ARCHITECTURES:
+        problems.append(f"unknown architecture {data.get('arch')!r} (known: {', '.join(ARCHITECTURES)})")
+    if data.get("encoder", "resnet18") not in ENCODERS:
+        problems.append(f"unknown encoder {data.get('encoder')!r} (known: {', '.join(ENCODERS)})")
+    if data.get("in_channels", 3) not in (1, 3):
+        problems.append(f"'in_channels' must be 1 or 3, not {data.get('in_channels')!r}")
+    size = data.get("input_size", [128, 128])
+    if (not isinstance(size, (list, tuple)) or len(size) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
+        problems.append(f"'input_size' must be [height, width] in pixels, not {size!r}")
+    if "metrics" in data and not isinstance(data["metrics"], dict):
+        problems.append("'metrics' must be an object")
+    if problems:
+        raise CheckpointSpecError(f"{file}: " + "; ".join(problems))
+    try:
+        return ModelSpec.from_dict(data)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointSpecError(f"{file}: cannot read the model spec ({exc})") from None
+
+
+def read_history(path: str | Path) -> History:
+    """The checkpoint's pruning history, validated for form (not yet against a model)."""
+    file = _require(Path(path), HISTORY_FILE)
+    return normalise_history(_read_json(file, CheckpointHistoryError), source=str(file))
+
+
+def normalise_history(history: Any, source: str) -> History:
+    """``[[module_name, is_out_channel_pruning, [int, ...]], ...]`` with plain Python types."""
+    if not isinstance(history, (list, tuple)):
+        raise CheckpointHistoryError(f"{source}: the pruning history must be a list, not {type(history).__name__}")
+    entries: History = []
+    for number, entry in enumerate(history):
+        ok = (isinstance(entry, (list, tuple)) and len(entry) == 3 and isinstance(entry[0], str)
+              and isinstance(entry[1], bool) and isinstance(entry[2], (list, tuple)))
+        if ok:
+            try:
+                idxs = [int(i) for i in entry[2]]
+                ok = all(float(i) == float(j) for i, j in zip(idxs, entry[2])) and all(i >= 0 for i in idxs)
+            except (TypeError, ValueError):
+                ok = False
+        if not ok:
+            raise CheckpointHistoryError(
+                f"{source}: entry {number} is not [module_name, is_out_channel_pruning, "
+                f"[channel indices]]: {str(entry)[:120]}"
+            )
+        entries.append([entry[0], bool(entry[1]), idxs])
+    return entries
+
+
+def replay_history(model: nn.Module, history: History, in_channels: int,
+                   source: str = HISTORY_FILE) -> None:
+    """Prune ``model`` in place by replaying Torch-Pruning's history on a fresh dependency graph.
+
+    Each entry is checked against the model before it is applied (the module must exist and be
+    prunable, the indices must be within its current channels, at least one must remain),
+    because Torch-Pruning would otherwise ignore indices out of range silently."""
+    if not history:
+        return
+    with eval_mode(model), torch.enable_grad():
+        graph = tp.DependencyGraph().build_dependency(
+            model, example_inputs=(example_input(REPLAY_SIZE, in_channels),), verbose=False)
+    modules = dict(model.named_modules())
+    for number, (name, out, idxs) in enumerate(history):
+        module = modules.get(name)
+        where = f"{source}: entry {number} ({name!r})"
+        if module is None or module not in graph.module2node:
+            raise CheckpointHistoryError(f"{where} names a layer this model does not have; "
+                                         "the history belongs to another architecture")
+        try:
+            total = graph.get_out_channels(module) if out else graph.get_in_channels(module)
+        except Exception:  # no pruner for this module type
+            total = None
+        if total is None:
+            raise CheckpointHistoryError(f"{where} names a layer Torch-Pruning cannot prune")
+        bad = [i for i in idxs if i >= total]
+        if bad:
+            raise CheckpointHistoryError(f"{where} removes channel {bad[0]} but the layer has "
+                                         f"only {total} at that point; the history does not fit the spec")
+        if len(set(idxs)) >= total:
+            raise CheckpointHistoryError(f"{where} would remove all {total} channels of the layer")
+        try:
+            graph.load_pruning_history([[name, out, idxs]])
+        except Exception as exc:
+            raise CheckpointHistoryError(f"{where} cannot be replayed: {type(exc).__name__}: {exc}"
+                                         .splitlines()[0]) from None
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedCheckpoint:
+    """Rebuild the model saved at ``path`` (spec, then history, then weights), in eval mode."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointMissingFileError(
+            f"checkpoint folder {path} does not exist (a checkpoint is a folder holding "
+            f"{', '.join(CHECKPOINT_FILES)})"
+        )
+    for name in CHECKPOINT_FILES:
+        _require(path, name)
+    spec = read_spec(path)
+    history = read_history(path)
+    with torch.random.fork_rng(devices=[]):  # building initialises weights: keep the caller's RNG
+        try:
+            model = build_model(spec)
+        except DefectPruneError as exc:
+            raise CheckpointSpecError(f"{path / SPEC_FILE}: {exc}") from None
+    replay_history(model, history, spec.in_channels, source=str(path / HISTORY_FILE))
+    _check_interface(model, spec, path / HISTORY_FILE)
+    state = read_weights(path / WEIGHTS_FILE)
+    _check_state(model, state, path / WEIGHTS_FILE)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointWeightsError(f"{path / WEIGHTS_FILE} does not fit the model: "
+                                     f"{str(exc).splitlines()[0]}") from None
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError("CUDA was asked for but no GPU is available; use --device cpu")
+    model.to(device).eval()
+    return LoadedCheckpoint(model=model, spec=spec, history=history, path=path)
+
+
+def read_weights(file: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file, checked against the checksum in its metadata."""
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        state = load_file(str(file), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointCorruptWeightsError(
+            f"{file} is not a readable safetensors file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+            "it is truncated or damaged: save the checkpoint again"
+        ) from None
+    expected = metadata.get(CHECKSUM_KEY)
+    if expected is not None and tensors_digest(state) != expected:
+        raise CheckpointCorruptWeightsError(
+            f"{file}: the tensor bytes do not match the checksum written with them; the file "
+            "was damaged or edited: save the checkpoint again"
+        )
+    return state
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a folder holding every checkpoint file (contents not checked)."""
+    path = Path(path)
+    return path.is_dir() and all((path / name).is_file() for name in CHECKPOINT_FILES)
+
+
+# ---------------------------------------------------------------- helpers
+
+def _check_state(model: nn.Module, state: dict[str, torch.Tensor], file: Path) -> None:
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        raise CheckpointWeightsError(f"{file}: tensors {' and '.join(parts)} for the model "
+                                     "the spec and history describe")
+    wrong = [k for k in expected if tuple(state[k].shape) != expected[k]]
+    if wrong:
+        k = wrong[0]
+        raise CheckpointWeightsError(
+            f"{file}: {len(wrong)} tensors have the wrong shape (e.g. {k}: {tuple(state[k].shape)} "
+            f"where the model after the pruning history has {expected[k]}); weights and "
+            "pruning_history.json do not belong together"
+        )
+
+
+def _check_interface(model: nn.Module, spec: ModelSpec, file: Path) -> None:
+    """Pruning may thin the inside of a network, never its image channels or its classes."""
+    if model_in_channels(model) != spec.in_channels:
+        raise CheckpointHistoryError(f"{file} prunes the input channels of the image "
+                                     f"({spec.in_channels} in the spec); it does not belong to this spec")
+    outputs = [getattr(m, "out_channels", getattr(m, "out_features", None)) for m in classifier_layers(model)]
+    if outputs and outputs[0] != spec.num_classes:
+        raise CheckpointHistoryError(f"{file} prunes the classifier ({outputs[0]} outputs left for "
+                                     f"{spec.num_classes} classes); it does not belong to this spec")
+
+
+def _contiguous_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """CPU, contiguous, unshared tensors (safetensors refuses tensors sharing memory)."""
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int]] = set()
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        if tensor.numel() and key in seen:
+            tensor = tensor.clone()
+        seen.add(key)
+        tensors[name] = tensor
+    return tensors
+
+
+def _require(folder: Path, name: str) -> Path:
+    file = folder / name
+    if not folder.is_dir():
+        raise CheckpointMissingFileError(f"checkpoint folder {folder} does not exist")
+    if not file.is_file():
+        raise CheckpointMissingFileError(
+            f"{file} is missing; a checkpoint folder holds {', '.join(CHECKPOINT_FILES)}"
+        )
+    return file
+
+
+def _read_json(file: Path, error: type[CheckpointError]) -> Any:
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{file} is not valid JSON ({exc})") from None
+
+
+def _json_default(value: Any) -> Any:
+    """Metrics often arrive as numpy or torch scalars; store them as plain numbers."""
+    if hasattr(value, "item"):
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot store {type(value).__name__} in a checkpoint's JSON")
+
+
+def _write_json(file: Path, data: Any) -> None:
+    with open(file, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=2, default=_json_default)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _fsync_file(file: Path) -> None:
+    with open(file, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
