@@ -1,0 +1,313 @@
+"""Cost of a model: parameters, MACs, size on disk, CPU latency (PyTorch and ONNX Runtime),
+and the ONNX export itself.
+
+MACs are multiply-accumulates counted by Torch-Pruning's op counter at batch 1 (FLOPs = 2 x
+MACs wherever FLOPs are shown). Latency is the median of timed single-image runs on the CPU
+with a fixed thread count, because a mean is pulled around by the other jobs on a shared
+machine and the thread count changes the number more than anything else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+from torch_pruning.utils import op_counter
+from tqdm import tqdm
+
+from core.errors import DefectPruneError
+from core.models.groups import eval_mode, example_input, macs_counter_of, model_device
+
+DEFAULT_RUNS = 20
+DEFAULT_WARMUP = 3
+DEFAULT_THREADS = 1
+DEFAULT_OPSET = 17
+
+
+class ProfileError(DefectPruneError):
+    """Profiling could not run (bad settings)."""
+
+
+class OnnxExportError(DefectPruneError):
+    """The model could not be exported to ONNX or the export does not run."""
+
+
+@dataclass(frozen=True)
+class LatencyResult:
+    """Timings of single-image forward passes, in milliseconds."""
+
+    engine: str  # "torch" or "onnxruntime"
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    mean_ms: float
+    std_ms: float
+    runs: int
+    warmup: int
+    threads: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------- parameters and MACs
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameter elements (buffers such as BatchNorm statistics excluded)."""
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+@contextlib.contextmanager
+def _subclass_counters(model: nn.Module) -> Iterator[None]:
+    """Register subclasses of counted layer types with the op counter for one count."""
+    custom = {}
+    for module in model.modules():
+        cls = type(module)
+        if cls not in op_counter.MODULES_MAPPING:
+            hook = macs_counter_of(module)
+            if hook is not None:
+                custom[cls] = hook
+    op_counter.CUSTOM_MODULES_MAPPING = dict(custom)
+    try:
+        yield
+    finally:
+        op_counter.CUSTOM_MODULES_MAPPING = {}
+
+
+def count_macs(model: nn.Module, input_size: Sequence[int], in_channels: int) -> int:
+    """MACs of one forward pass of a single image of ``input_size`` (height, width)."""
+    example = _example(input_size, in_channels, model_device(model))
+    with eval_mode(model), _subclass_counters(model), contextlib.redirect_stdout(sys.stderr):
+        macs, _params = tp.utils.count_ops_and_params(model, example)
+    return int(macs)
+
+
+def state_dict_bytes(model: nn.Module) -> int:
+    """Bytes of every tensor in the state dict (the payload of a weights file)."""
+    return int(sum(t.numel() * t.element_size() for t in model.state_dict().values()))
+
+
+def checkpoint_size_bytes(path: str | Path) -> int:
+    """Size on disk of a checkpoint folder (every file in it) or of a single file."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return int(sum(p.stat().st_size for p in path.rglob("*") if p.is_file()))
+
+
+# ---------------------------------------------------------------- latency
+
+def _summarise(engine: str, times_ms: list[float], warmup: int, threads: int) -> LatencyResult:
+    values = np.asarray(times_ms, dtype=float)
+    return LatencyResult(
+        engine=engine,
+        median_ms=float(np.median(values)),
+        p10_ms=float(np.percentile(values, 10)),
+        p90_ms=float(np.percentile(values, 90)),
+        mean_ms=float(values.mean()),
+        std_ms=float(statistics.pstdev(times_ms)) if len(times_ms) > 1 else 0.0,
+        runs=len(times_ms),
+        warmup=warmup,
+        threads=threads,
+    )
+
+
+def _check_timing(runs: int, warmup: int, threads: int) -> None:
+    if runs < 1:
+        raise ProfileError(f"runs must be at least 1, not {runs}")
+    if warmup < 0:
+        raise ProfileError(f"warmup must be 0 or more, not {warmup}")
+    if threads < 1:
+        raise ProfileError(f"threads must be at least 1, not {threads}")
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Set PyTorch's intra-op thread count for a measurement, then put it back."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def measure_latency(model: nn.Module, input_size: Sequence[int], in_channels: int,
+                    runs: int = DEFAULT_RUNS, warmup: int = DEFAULT_WARMUP,
+                    threads: int = DEFAULT_THREADS, progress: bool = False) -> LatencyResult:
+    """PyTorch CPU latency of one image (batch 1), model in eval mode without autograd.
+
+    The model is timed where it is; pass a CPU model for CPU latency."""
+    _check_timing(runs, warmup, threads)
+    example = _example(input_size, in_channels, model_device(model))
+    times: list[float] = []
+    with eval_mode(model), torch_threads(threads), torch.inference_mode():
+        for _ in range(warmup):
+            model(example)
+        for _ in tqdm(range(runs), desc="torch latency", disable=None if progress else True, leave=False):
+            start = time.perf_counter()
+            model(example)
+            times.append((time.perf_counter() - start) * 1000.0)
+    return _summarise("torch", times, warmup, threads)
+
+
+# ---------------------------------------------------------------- ONNX
+
+def export_onnx(model: nn.Module, path: str | Path, input_size: Sequence[int], in_channels: int,
+                opset: int = DEFAULT_OPSET) -> Path:
+    """Export to one ONNX file with a dynamic batch axis (input ``image``, output ``logits``).
+
+    Uses PyTorch's TorchScript exporter (``dynamo=False``): with torch 2.14 it writes a single
+    self-contained file at the requested opset, while the torch.export-based exporter insists
+    on opset 18 and splits weights into a side file. The file is written beside the target and
+    renamed into place, so a failed export never leaves a half-written model at ``path``."""
+    path = Path(path)
+    if path.is_dir():
+        raise OnnxExportError(f"{path} is a folder; give a file name such as {path / 'model.onnx'}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    example = _example(input_size, in_channels, model_device(model), batch=1)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with eval_mode(model), torch.no_grad(), warnings.catch_warnings(), \
+                contextlib.redirect_stdout(sys.stderr):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model, (example,), str(tmp), dynamo=False, opset_version=opset,
+                input_names=["image"], output_names=["logits"],
+                dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+                do_constant_folding=True,
+            )
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except DefectPruneError:
+        raise
+    except Exception as exc:  # the exporter raises many types; the user needs one message
+        raise OnnxExportError(f"ONNX export to {path} failed: {type(exc).__name__}: {exc}".splitlines()[0]) from exc
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def onnx_session(onnx_path: str | Path, threads: int = DEFAULT_THREADS):
+    """An ONNX Runtime CPU session with a fixed intra-op thread count."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise OnnxExportError(f"ONNX Runtime cannot load {onnx_path}: {exc}".splitlines()[0]) from exc
+
+
+def onnx_max_abs_diff(model: nn.Module, onnx_path: str | Path, input: torch.Tensor) -> float:
+    """Largest absolute difference between PyTorch's and ONNX Runtime's logits on ``input``."""
+    session = onnx_session(onnx_path, threads=max(1, torch.get_num_threads()))
+    with eval_mode(model), torch.no_grad():
+        expected = model(input.to(model_device(model))).float().cpu().numpy()
+    got = session.run(None, {session.get_inputs()[0].name: input.detach().cpu().numpy()})[0]
+    if got.shape != expected.shape:
+        raise OnnxExportError(f"{onnx_path} returns shape {got.shape}, PyTorch {expected.shape}")
+    return float(np.abs(got - expected).max())
+
+
+def measure_onnx_latency(onnx_path: str | Path, input_size: Sequence[int], in_channels: int,
+                         runs: int = DEFAULT_RUNS, warmup: int = DEFAULT_WARMUP,
+                         threads: int = DEFAULT_THREADS, progress: bool = False) -> LatencyResult:
+    """ONNX Runtime CPU latency of one image (batch 1)."""
+    _check_timing(runs, warmup, threads)
+    session = onnx_session(onnx_path, threads=threads)
+    feed = {session.get_inputs()[0].name: _example(input_size, in_channels, "cpu").numpy()}
+    for _ in range(warmup):
+        session.run(None, feed)
+    times: list[float] = []
+    for _ in tqdm(range(runs), desc="onnxruntime latency", disable=None if progress else True, leave=False):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append((time.perf_counter() - start) * 1000.0)
+    return _summarise("onnxruntime", times, warmup, threads)
+
+
+# ---------------------------------------------------------------- everything at once
+
+def profile_model(model: nn.Module, spec: Any, checkpoint_dir: str | Path | None = None,
+                  runs: int = DEFAULT_RUNS, warmup: int = DEFAULT_WARMUP,
+                  threads: int = DEFAULT_THREADS, input_size: Sequence[int] | None = None,
+                  onnx: bool = True, progress: bool = False) -> dict[str, Any]:
+    """Parameters, MACs (and FLOPs = 2 x MACs), size and batch-1 CPU latency of ``model``.
+
+    ``spec`` is the model's `ModelSpec` (input size and channels). ``size_bytes`` is the
+    checkpoint folder's size on disk when ``checkpoint_dir`` is given, else the state dict's
+    tensor bytes (``size_source`` says which). ONNX Runtime latency exports the model to a
+    temporary file first (skipped with ``onnx=False``)."""
+    _check_timing(runs, warmup, threads)
+    size = tuple(int(v) for v in (input_size or spec.input_size))
+    channels = int(spec.in_channels)
+    macs = count_macs(model, size, channels)
+    if checkpoint_dir is not None:
+        size_bytes, size_source = checkpoint_size_bytes(checkpoint_dir), "checkpoint"
+    else:
+        size_bytes, size_source = state_dict_bytes(model), "state_dict"
+    torch_result = measure_latency(model, size, channels, runs, warmup, threads, progress)
+    latency = {"torch": torch_result.to_dict()}
+    if onnx:
+        with tempfile.TemporaryDirectory(prefix="defectprune-onnx-") as folder:
+            onnx_path = export_onnx(model, Path(folder) / "model.onnx", size, channels)
+            latency["onnxruntime"] = measure_onnx_latency(
+                onnx_path, size, channels, runs, warmup, threads, progress).to_dict()
+    return {
+        "params": count_params(model),
+        "macs": macs,
+        "flops": 2 * macs,
+        "size_bytes": int(size_bytes),
+        "size_source": size_source,
+        "input_size": list(size),
+        "in_channels": channels,
+        "threads": threads,
+        "runs": runs,
+        "latency_ms": {engine: result["median_ms"] for engine, result in latency.items()},
+        "latency": latency,
+    }
+
+
+# ---------------------------------------------------------------- helpers
+
+def _example(input_size: Sequence[int], in_channels: int, device: torch.device | str,
+             batch: int = 1) -> torch.Tensor:
+    return example_input(input_size, int(in_channels), batch=batch, device=device)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
