@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from core.config import workspace_dir
 from core.errors import DefectPruneError
 from core.train import (
-    EmptySplitError, Progress, ProgressCallback, _base_dataset, _report, dataset_image_paths,
+    EmptySplitError, Progress, ProgressCallback, base_dataset, report_progress, dataset_image_paths,
     resolve_device,
 )
 
@@ -74,7 +74,7 @@ def predict_split(
             if logits.shape[1] > 256:
                 raise ValueError("more than 256 classes do not fit uint8 masks")
             parts.append(logits.argmax(dim=1).to(torch.uint8).cpu().numpy())
-            _report(progress, Progress(
+            report_progress(progress, Progress(
                 phase="predict", epoch=0, epochs=0, step=step, steps=len(loader), loss=None,
                 metric=None, eta_seconds=None, fraction=step / len(loader),
             ))
@@ -110,7 +110,7 @@ def checkpoint_identity(checkpoint_dir: str | Path) -> str:
 
 def dataset_identity(dataset: Dataset) -> dict[str, Any]:
     """What makes two datasets give the same inputs: format, root, split, images, size, channels."""
-    base, _ = _base_dataset(dataset)
+    base, _ = base_dataset(dataset)
     index = getattr(base, "index", None)
     samples = getattr(base, "samples", None)
     paths = dataset_image_paths(dataset) or []

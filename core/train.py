@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -131,9 +132,11 @@ class TrainConfig:
 
 @dataclass
 class Progress:
-    """What a long job reports after every batch. ``phase`` is "train", "validate" (the
-    validation pass inside `fit`) or "evaluate". ``metric`` is the latest validation defect
-    mIoU (None before the first validation); ``fraction`` is of the whole job."""
+    """What a long job reports after every batch. ``phase`` is "train" (a training batch),
+    "validate" (a batch of the validation pass inside `fit`), "epoch" (an epoch trained and
+    validated: ``loss`` is its mean training loss, ``metric`` its validation defect mIoU),
+    "evaluate" or "predict". ``metric`` is otherwise the latest validation defect mIoU (None
+    before the first validation); ``fraction`` is of the whole job."""
 
     phase: str
     epoch: int
@@ -183,13 +186,14 @@ class TrainResult:
         }
 
 
-def _report(progress: ProgressCallback | None, report: Progress) -> None:
+def report_progress(progress: ProgressCallback | None, report: Progress) -> None:
+    """Hand ``report`` to the callback; a callback answering True asks to stop."""
     if progress is not None and progress(report) is True:
         raise StopRequested()
 
 
 # ---------------------------------------------------------------- datasets
-def _base_dataset(dataset: Dataset) -> tuple[Dataset, list[int] | None]:
+def base_dataset(dataset: Dataset) -> tuple[Dataset, list[int] | None]:
     """Unwrap `Subset`s down to the dataset that holds the index, with the row numbers."""
     rows: list[int] | None = None
     while isinstance(dataset, Subset):
@@ -200,14 +204,14 @@ def _base_dataset(dataset: Dataset) -> tuple[Dataset, list[int] | None]:
 
 
 def dataset_class_names(dataset: Dataset) -> list[str] | None:
-    base, _ = _base_dataset(dataset)
+    base, _ = base_dataset(dataset)
     index = getattr(base, "index", None)
     classes = getattr(index, "classes", None)
     return list(classes) if classes else None
 
 
 def dataset_image_paths(dataset: Dataset) -> list[str] | None:
-    base, rows = _base_dataset(dataset)
+    base, rows = base_dataset(dataset)
     samples = getattr(base, "samples", None)
     if samples is None or "image" not in getattr(samples, "columns", ()):
         return None
@@ -218,7 +222,7 @@ def dataset_image_paths(dataset: Dataset) -> list[str] | None:
 def class_pixel_counts(dataset: Dataset, num_classes: int) -> np.ndarray:
     """Pixels of each class over the dataset: from the index's ``pixel_counts`` when the
     dataset has one (no image is read), otherwise by reading every mask once."""
-    base, rows = _base_dataset(dataset)
+    base, rows = base_dataset(dataset)
     samples = getattr(base, "samples", None)
     if samples is not None and "pixel_counts" in getattr(samples, "columns", ()):
         counts_column = list(samples["pixel_counts"])
@@ -293,7 +297,7 @@ def _worker_init(worker_id: int) -> None:
 
 
 def _set_epoch(dataset: Dataset, epoch: int) -> None:
-    base, _ = _base_dataset(dataset)
+    base, _ = base_dataset(dataset)
     if hasattr(base, "set_epoch"):
         base.set_epoch(epoch)
 
@@ -314,14 +318,14 @@ def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
-class _Threads:
+class TorchThreads:
     """Set torch's CPU thread count for a block and put the previous value back."""
 
     def __init__(self, count: int | None):
         self.count = count
         self.previous = torch.get_num_threads()
 
-    def __enter__(self) -> "_Threads":
+    def __enter__(self) -> "TorchThreads":
         if self.count:
             torch.set_num_threads(self.count)
         return self
@@ -365,7 +369,7 @@ def evaluate(
             predictions = logits.argmax(dim=1).cpu()
             confusions.append(batch_confusion(predictions, masks, len(names)))
             elapsed = time.perf_counter() - start
-            _report(progress, Progress(
+            report_progress(progress, Progress(
                 phase="evaluate", epoch=0, epochs=0, step=step, steps=steps, loss=None, metric=None,
                 eta_seconds=elapsed / step * (steps - step), fraction=step / steps,
             ))
@@ -407,7 +411,7 @@ def fit(
         raise ValueError("class_names is needed when the dataset carries no index")
     num_classes = len(names)
 
-    with _Threads(config.num_threads):
+    with TorchThreads(config.num_threads):
         seed_everything(config.seed)
         weights = class_weights_from_counts(class_pixel_counts(train_ds, num_classes), config.max_class_weight)
         criterion = SegmentationLoss(weights, dice_weight=config.dice_weight).to(device)
@@ -467,7 +471,7 @@ def fit(
                     now = time.perf_counter()
                     train_seconds += now - step_start
                     step_start = now
-                    _report(progress, Progress(
+                    report_progress(progress, Progress(
                         phase="train", epoch=epoch, epochs=config.epochs, step=step, steps=steps,
                         loss=loss_sum / loss_count, metric=latest_metric, eta_seconds=eta(epoch),
                         fraction=done_steps / total_steps,
@@ -510,15 +514,16 @@ def fit(
                 if val_ds is None:
                     best_epoch = epoch
                 else:
-                    # no defect class defined in validation: judge by pixel accuracy instead
-                    score = metrics.defect_miou if metrics.defect_miou is not None else -1.0
+                    # undefined defect mIoU: no defect in the truth and none predicted, which
+                    # is perfect as far as defects go
+                    score = metrics.defect_miou if metrics.defect_miou is not None else 100.0
                     if best_state is None or score > best_score + config.min_delta:
                         best_score, best_state, best_epoch, best_metrics = score, _cpu_state(model), epoch, metrics
                         epochs_without_gain = 0
                     else:
                         epochs_without_gain += 1
-                _report(progress, Progress(
-                    phase="validate", epoch=epoch, epochs=config.epochs, step=steps, steps=steps,
+                report_progress(progress, Progress(
+                    phase="epoch", epoch=epoch, epochs=config.epochs, step=steps, steps=steps,
                     loss=train_loss, metric=latest_metric, eta_seconds=eta(epoch + 1),
                     fraction=done_steps / total_steps,
                 ))
@@ -557,7 +562,8 @@ def fine_tune(
 # ---------------------------------------------------------------- command-line view
 class ProgressBar:
     """A tqdm bar on stderr fed by `Progress` reports: the command line's view of a job.
-    Hidden when stderr is not a terminal (tqdm's ``disable=None``), so logs stay clean."""
+    When stderr is not a terminal (tqdm's ``disable=None``) there is no bar, only one line per
+    finished epoch, so logs stay readable."""
 
     def __init__(self, description: str, disable: bool | None = None):
         self.description = description
@@ -567,13 +573,19 @@ class ProgressBar:
     def __call__(self, report: Progress) -> None:
         from tqdm.auto import tqdm
 
-        if report.phase == "validate":
-            if self.bar is not None:
+        if report.phase in ("validate", "epoch"):
+            if self.bar is None:
+                return
+            if report.phase == "validate":
                 self.bar.set_postfix_str(f"epoch {report.epoch}/{report.epochs} validating "
                                          f"{report.step}/{report.steps}", refresh=False)
-                if report.step == report.steps and report.metric is not None:
-                    self.bar.set_postfix_str(f"epoch {report.epoch}/{report.epochs} "
-                                             f"loss {report.loss:.3f} val mIoU {report.metric:.1f}")
+                return
+            metric = "n/a" if report.metric is None else f"{report.metric:.2f}"
+            line = f"epoch {report.epoch}/{report.epochs} loss {report.loss:.4f} val defect mIoU {metric}"
+            if self.bar.disable:  # no bar (stderr is not a terminal): one line per epoch for logs
+                print(f"{self.description}: {line}", file=sys.stderr, flush=True)
+            else:
+                self.bar.set_postfix_str(line)
             return
         total = report.epochs * report.steps if report.phase == "train" else report.steps
         if self.bar is None or self.bar.total != total:
@@ -598,6 +610,3 @@ class ProgressBar:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
-def config_dict(config: TrainConfig) -> dict[str, Any]:
-    return asdict(config)

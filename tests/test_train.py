@@ -150,7 +150,7 @@ def test_progress_is_reported_and_can_stop_the_loop(tiny_index):
 
     def callback(report: Progress) -> bool:
         reports.append(report)
-        if report.phase == "validate" and report.epoch == 1 and report.step == report.steps:
+        if report.phase == "epoch" and report.epoch == 1:
             snapshot.update({k: v.clone() for k, v in model.state_dict().items()})
         return report.phase == "train" and report.epoch == 2 and report.step == 2
 
@@ -158,6 +158,9 @@ def test_progress_is_reported_and_can_stop_the_loop(tiny_index):
     assert result.stopped_by_user and not result.stopped_early
     assert result.epochs_run == 1 and result.best_epoch == 1
     train_reports = [r for r in reports if r.phase == "train"]
+    epoch_reports = [r for r in reports if r.phase == "epoch"]
+    assert len(epoch_reports) == 1 and epoch_reports[0].metric == result.history[0]["val_defect_miou"]
+    assert [r.step for r in reports if r.phase == "validate"] == [1]  # 3 val images, batch 3
     assert [(r.epoch, r.step) for r in train_reports] == [(1, 1), (1, 2), (1, 3), (2, 1), (2, 2)]
     assert all(r.steps == 3 and r.epochs == 5 for r in train_reports)
     assert train_reports[0].metric is None and train_reports[-1].metric is not None
@@ -250,3 +253,46 @@ def test_onecycle_schedule_runs_and_threads_are_restored(tiny_index):
                                                           num_threads=1 if before != 1 else 2))
     assert torch.get_num_threads() == before
     assert result.epochs_run == 2 and result.best_epoch == 2 and result.best_metrics is None
+
+
+class DefectFree(torch.utils.data.Dataset):
+    """The same images with every defect erased: a validation split without defects."""
+
+    def __init__(self, inner: torch.utils.data.Dataset):
+        self.inner = inner
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, i: int):
+        image, mask = self.inner[i]
+        return torch.zeros_like(image), torch.zeros_like(mask)
+
+
+def test_defect_free_validation_counts_no_false_defect_as_best(tiny_index):
+    train, val = datasets(tiny_index)
+    model = OracleModel()
+
+    def callback(report: Progress) -> None:
+        # epoch 1 paints false defects everywhere; epoch 2 predicts background only, the
+        # right answer on a split without defects, where defect mIoU is undefined (None)
+        if report.phase == "train" and report.step == report.steps:
+            with torch.no_grad():
+                model.scale.fill_(-1.0 if report.epoch == 1 else 1.0)
+
+    result = fit(model, MaskAsImage(train), DefectFree(val), tiny_config(epochs=4, patience=1, lr=0.0,
+                 weight_decay=0.0), progress=callback, class_names=CLASSES)
+    assert [h["val_defect_miou"] for h in result.history] == [0.0, None, None]
+    assert result.best_epoch == 2 and result.stopped_early
+
+
+def test_progress_bar_logs_one_line_per_epoch_without_a_terminal(tiny_index, capsys):
+    from core.train import ProgressBar
+
+    train, val = datasets(tiny_index)
+    with ProgressBar("train tiny", disable=True) as bar:
+        result = fit(TinySegNet(), train, val, tiny_config(epochs=2), progress=bar)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2
+    assert lines[1].startswith("train tiny: epoch 2/2 loss ")
+    assert lines[1].endswith(f"val defect mIoU {result.history[1]['val_defect_miou']:.2f}")

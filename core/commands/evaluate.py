@@ -14,7 +14,7 @@ from core.data.base import SPLITS, parse_size
 from core.data.dataset import SegmentationDataset
 from core.data.registry import load_index
 from core.errors import DefectPruneError
-from core.train import EmptySplitError, ProgressBar, _Threads, evaluate, resolve_device
+from core.train import EmptySplitError, ProgressBar, TorchThreads, evaluate, resolve_device
 
 
 class CheckpointDatasetMismatchError(DefectPruneError):
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     dataset = SegmentationDataset(index, args.split, size, spec.in_channels, limit=args.limit)
     if len(dataset) == 0:
         raise EmptySplitError(f"the {args.split} split of {format_name} at {index.root} has no images")
-    with _Threads(args.threads), ProgressBar(f"evaluate {args.split}") as bar:
+    with TorchThreads(args.threads), ProgressBar(f"evaluate {args.split}") as bar:
         result = evaluate(model, dataset, device, args.batch_size, progress=bar, class_names=spec.classes,
                           num_workers=args.workers)
     if args.per_image:
