@@ -1,0 +1,127 @@
+"""What every allocator returns, and meeting a MACs budget exactly on rounded channel counts."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from core.allocation.cost import CostModel
+from core.pruning.graph import PruningGraph, kept_count
+
+ProgressFn = Callable[[float, str], "bool | None"]  # (fraction, message) -> True asks to stop
+
+
+@dataclass
+class AllocationLimits:
+    max_prune_ratio: float = 0.9  # no group loses more than this share of its channels
+    min_channels: int = 2  # nor goes below this many
+    round_to: int = 1  # kept counts as multiples of this (hardware-friendly widths)
+
+
+@dataclass
+class Allocation:
+    allocator: str
+    kept: dict[str, int]  # channels kept per group
+    channels: dict[str, int]  # channels before
+    keep_ratio: dict[str, float]  # continuous keep ratio before rounding
+    group_importance: dict[str, float]
+    scale_importance: dict[int, float]
+    predicted: dict[str, float]  # macs, params, macs_reduction, params_reduction
+    budget_met: bool = True
+    class_importance: dict[str, dict[str, float]] | None = None  # group -> defect class -> value
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pruning_ratio(self) -> dict[str, float]:
+        return {n: 1.0 - self.kept[n] / self.channels[n] for n in self.kept}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "allocator": self.allocator, "kept": self.kept, "channels": self.channels,
+            "keep_ratio": self.keep_ratio, "pruning_ratio": self.pruning_ratio,
+            "group_importance": self.group_importance,
+            "scale_importance": {str(k): v for k, v in self.scale_importance.items()},
+            "predicted": self.predicted, "budget_met": self.budget_met,
+            "class_importance": self.class_importance,
+        }
+
+
+def counts_for(graph: PruningGraph, keep: np.ndarray, limits: AllocationLimits) -> dict[str, int]:
+    return {
+        g.name: kept_count(g.channels, float(k), step=max(g.channel_step, limits.round_to),
+                           min_channels=limits.min_channels, max_prune_ratio=limits.max_prune_ratio)
+        for g, k in zip(graph.groups, keep)
+    }
+
+
+def meet_budget(
+    cost: CostModel,
+    counts_at: Callable[[float], dict[str, int]],
+    target_macs: float,
+    low: float,
+    high: float,
+    iterations: int = 60,
+) -> tuple[float, dict[str, int], bool]:
+    """Bisection on a parameter whose counts grow with it: the largest parameter whose
+    rounded counts stay within ``target_macs``. Returns (parameter, counts, met)."""
+    low_counts = counts_at(low)
+    if cost.predict(low_counts)["macs"] > target_macs:
+        return low, low_counts, False  # the per-group limits forbid going this low
+    best = (low, low_counts)
+    for _ in range(iterations):
+        mid = (low + high) / 2
+        counts = counts_at(mid)
+        if cost.predict(counts)["macs"] <= target_macs:
+            low, best = mid, (mid, counts)
+        else:
+            high = mid
+    return best[0], best[1], True
+
+
+def fill_budget(
+    cost: CostModel, graph: PruningGraph, kept: dict[str, int], desired: Mapping[str, float],
+    target_macs: float, limits: AllocationLimits,
+) -> dict[str, int]:
+    """Spend what rounding left of the budget: give channels back, one channel step at a time,
+    to the group furthest below its desired (continuous) count, while the MACs still fit.
+    Matters where steps are coarse (GroupNorm's 32 groups in FPN)."""
+    kept = dict(kept)
+    open_groups = {g.name for g in graph.groups}
+    while open_groups:
+        def deficit(name: str) -> float:
+            return (desired[name] - kept[name]) / graph.by_name[name].channels
+        name = max(sorted(open_groups), key=deficit)
+        g = graph.by_name[name]
+        grown = kept[name] + max(g.channel_step, limits.round_to)
+        if grown > g.channels or cost.predict({**kept, name: grown})["macs"] > target_macs:
+            open_groups.discard(name)
+            continue
+        kept[name] = grown
+    return kept
+
+
+def scale_importance(graph: PruningGraph, cost: CostModel, values: Mapping[str, float]) -> dict[int, float]:
+    """MACs-weighted mean of a per-group value over the groups of each scale."""
+    weights = cost.group_macs()
+    sums: dict[int, float] = {}
+    totals: dict[int, float] = {}
+    for g in graph.groups:
+        w = float(weights[g.index])
+        sums[g.scale] = sums.get(g.scale, 0.0) + w * values[g.name]
+        totals[g.scale] = totals.get(g.scale, 0.0) + w
+    return {s: sums[s] / totals[s] if totals[s] > 0 else 0.0 for s in sorted(sums)}
+
+
+def finish(
+    allocator: str, graph: PruningGraph, cost: CostModel, kept: dict[str, int], keep: np.ndarray,
+    importance: Mapping[str, float], met: bool, **extra: Any,
+) -> Allocation:
+    return Allocation(
+        allocator=allocator, kept=kept, channels={g.name: g.channels for g in graph.groups},
+        keep_ratio={g.name: float(k) for g, k in zip(graph.groups, keep)},
+        group_importance=dict(importance), scale_importance=scale_importance(graph, cost, importance),
+        predicted=cost.predict(kept), budget_met=met, **extra,
+    )

@@ -1,0 +1,141 @@
+"""Baseline allocators with the scoring network's interface.
+
+- uniform: one keep ratio for every group, the one that meets the MACs budget.
+- global ranking: Torch-Pruning's global pruning over normalised scores (each channel's
+  score divided by its group's mean, as Torch-Pruning's 'mean' normaliser does), with the
+  global threshold set by bisection so the MACs budget is met (Torch-Pruning's own pruner
+  counts channels, not MACs).
+- sensitivity analysis: prune each group alone to a few ratios (hard masks, no copy),
+  measure the calibration-loss rise, then cut greedily where a MACs saving costs least.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from core.allocation.base import (
+    Allocation, AllocationLimits, ProgressFn, counts_for, fill_budget, finish, meet_budget,
+)
+from core.allocation.cost import CostModel
+from core.allocation.masks import ChannelMasks
+from core.pruning.graph import PruningGraph, kept_count
+from core.train import SegmentationLoss
+
+ALLOCATORS = ["scoring-network", "uniform", "global", "sensitivity"]
+SENSITIVITY_LEVELS = (0.3, 0.5, 0.7, 0.9)
+
+
+def allocate_uniform(graph: PruningGraph, cost: CostModel, target_reduction: float,
+                     limits: AllocationLimits | None = None) -> Allocation:
+    limits = limits or AllocationLimits()
+    target = cost.macs0 * (1.0 - target_reduction)
+    n = len(graph.groups)
+    ratio, kept, met = meet_budget(cost, lambda r: counts_for(graph, np.full(n, r), limits), target, 0.0, 1.0)
+    keep = np.full(n, ratio)
+    if met:
+        kept = fill_budget(cost, graph, kept, {g.name: ratio * g.channels for g in graph.groups}, target, limits)
+    return finish("uniform", graph, cost, kept, keep, {g.name: ratio for g in graph.groups}, met)
+
+
+def allocate_global(graph: PruningGraph, cost: CostModel, scores: Mapping[str, np.ndarray],
+                    target_reduction: float, limits: AllocationLimits | None = None) -> Allocation:
+    limits = limits or AllocationLimits()
+    # Ties (an untrained net's BN scales are all 1) are broken by the channel's rank in its
+    # group, so that tied groups shrink alike instead of all or nothing.
+    normalised = {}
+    for name, s in scores.items():
+        s = np.asarray(s, np.float64)
+        rank = np.argsort(np.argsort(-s, kind="stable"), kind="stable")
+        normalised[name] = s / max(float(np.mean(np.abs(s))), 1e-12) + 1e-6 * (1.0 - rank / s.size)
+    top = max(float(s.max()) for s in normalised.values()) + 1e-9
+
+    def counts_at(level: float) -> dict[str, int]:
+        # level in [0, 1]: the threshold falls as the level rises, so counts grow with it
+        threshold = top * (1.0 - level)
+        keep = np.array([(normalised[g.name] >= threshold).mean() for g in graph.groups])
+        return counts_for(graph, keep, limits)
+
+    target = cost.macs0 * (1.0 - target_reduction)
+    level, kept, met = meet_budget(cost, counts_at, target, 0.0, 1.0)
+    keep = np.array([kept[g.name] / g.channels for g in graph.groups])
+    mean_score = {g.name: float(np.mean(normalised[g.name] >= top * (1.0 - level))) for g in graph.groups}
+    return finish("global", graph, cost, kept, keep, mean_score, met)
+
+
+@torch.no_grad()
+def allocate_by_sensitivity(
+    model: nn.Module, graph: PruningGraph, cost: CostModel, ranks: Mapping[str, np.ndarray],
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]], target_reduction: float,
+    class_weights: Sequence[float], limits: AllocationLimits | None = None,
+    levels: Sequence[float] = SENSITIVITY_LEVELS, progress: ProgressFn | None = None,
+) -> Allocation:
+    limits = limits or AllocationLimits()
+    loss_fn = SegmentationLoss(torch.as_tensor(class_weights, dtype=torch.float32))
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+
+    def calibration_loss(masks: ChannelMasks) -> float:
+        return float(np.mean([float(loss_fn.to(device)(model(x.to(device)), y.to(device))) for x, y in batches]))
+
+    level_counts = {
+        g.name: [g.channels] + [
+            kept_count(g.channels, 1.0 - lv, max(g.channel_step, limits.round_to), limits.min_channels,
+                       limits.max_prune_ratio) for lv in levels]
+        for g in graph.groups
+    }
+    drops: dict[str, list[float]] = {}
+    with ChannelMasks(graph, ranks) as masks:
+        base = calibration_loss(masks)
+        total = len(graph.groups) * len(levels)
+        for gi, g in enumerate(graph.groups):
+            drops[g.name] = [0.0]
+            for li, count in enumerate(level_counts[g.name][1:]):
+                masks.set_hard({g.name: count})
+                drops[g.name].append(calibration_loss(masks) - base)
+                if progress is not None and progress((gi * len(levels) + li + 1) / total, f"sensitivity of {g.name}"):
+                    break
+            masks.clear()
+    model.train(was_training)
+
+    target = cost.macs0 * (1.0 - target_reduction)
+    state = {g.name: 0 for g in graph.groups}
+    current = {g.name: g.channels for g in graph.groups}
+    met = cost.predict(current)["macs"] <= target
+    while not met:
+        best, best_rate = None, np.inf
+        now = cost.predict(current)["macs"]
+        for g in graph.groups:
+            i = state[g.name]
+            if i + 1 >= len(level_counts[g.name]) or len(drops[g.name]) <= i + 1:
+                continue
+            trial = dict(current, **{g.name: level_counts[g.name][i + 1]})
+            saved = now - cost.predict(trial)["macs"]
+            if saved <= 0:
+                continue
+            rate = max(drops[g.name][i + 1] - drops[g.name][i], 0.0) / saved
+            if rate < best_rate:
+                best, best_rate = g.name, rate
+        if best is None:
+            break
+        previous = current[best]
+        state[best] += 1
+        current[best] = level_counts[best][state[best]]
+        if cost.predict(current)["macs"] <= target:
+            # the last move overshoots: take only as many channels from it as the budget needs
+            lo, hi = current[best], previous
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if cost.predict(dict(current, **{best: mid}))["macs"] <= target:
+                    lo = mid
+                else:
+                    hi = mid
+            current[best] = lo
+            met = True
+    keep = np.array([current[g.name] / g.channels for g in graph.groups])
+    importance = {g.name: float(np.mean(drops[g.name])) for g in graph.groups}
+    return finish("sensitivity", graph, cost, current, keep, importance, met, details={"drops": drops})

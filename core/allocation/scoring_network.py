@@ -1,0 +1,150 @@
+"""The scoring network (METHOD.md part 2): learn how much of each group to keep.
+
+One logit a_l per group gives k_l = k_min + (1 - k_min) sigmoid(a_l). Channels, ranked by the
+filter criterion, are softly masked by m_lc = sigmoid((k_l C_l - rank_lc - 0.5) / tau), with
+tau annealed from 2 to 0.25. With the weights frozen (BatchNorm in eval), Adam trains only the
+logits on a class-balanced segmentation loss plus a *linear* cost pressure
+lambda x MACs(k) / MACs_0. Then one shared offset added to every logit, found by bisection
+on the closed-form MACs, meets the budget exactly. (A squared penalty on the budget pushes
+every logit down alike and gives an almost uniform allocation; the linear pressure lets the
+loss decide where channels matter.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from core.allocation.base import (
+    Allocation, AllocationLimits, ProgressFn, counts_for, fill_budget, finish, meet_budget,
+)
+from core.allocation.cost import CostModel
+from core.allocation.masks import ChannelMasks
+from core.pruning.graph import PruningGraph
+from core.train import SegmentationLoss
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class ScoringNetworkSettings:
+    steps: int = 300
+    lr: float = 0.1
+    pressure: float = 1.0  # lambda of the linear MACs pressure
+    tau_start: float = 2.0
+    tau_end: float = 0.25
+    k_min: float = 0.05
+    seed: int = 0
+
+
+class _FrozenWeights:
+    """Weights frozen and BatchNorm in eval for the duration; restored afterwards."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __enter__(self):
+        self.training = self.model.training
+        self.flags = [p.requires_grad for p in self.model.parameters()]
+        self.model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        return self
+
+    def __exit__(self, *exc):
+        for p, flag in zip(self.model.parameters(), self.flags):
+            p.requires_grad_(flag)
+        self.model.train(self.training)
+
+
+def allocate_by_scoring_network(
+    model: nn.Module,
+    graph: PruningGraph,
+    cost: CostModel,
+    ranks: Mapping[str, np.ndarray],
+    batches: Sequence[Batch],
+    target_reduction: float,
+    class_names: Sequence[str],
+    class_weights: Sequence[float] | None = None,
+    settings: ScoringNetworkSettings | None = None,
+    limits: AllocationLimits | None = None,
+    progress: ProgressFn | None = None,
+) -> Allocation:
+    """Per-group kept channels that remove ``target_reduction`` of the current MACs."""
+    settings = settings or ScoringNetworkSettings()
+    limits = limits or AllocationLimits()
+    torch.manual_seed(settings.seed)
+    n_classes = len(class_names)
+    weights = torch.as_tensor(class_weights if class_weights is not None else np.ones(n_classes), dtype=torch.float32)
+    loss_fn = SegmentationLoss(weights)
+    device = next(model.parameters()).device
+    logits = torch.zeros(len(graph.groups), requires_grad=True)
+    optimiser = torch.optim.Adam([logits], lr=settings.lr)
+    k_min = settings.k_min
+    history = []
+    with _FrozenWeights(model), ChannelMasks(graph, ranks) as masks:
+        for step in range(settings.steps):
+            frac = step / max(settings.steps - 1, 1)
+            tau = settings.tau_start * (settings.tau_end / settings.tau_start) ** frac
+            keep = k_min + (1 - k_min) * torch.sigmoid(logits)
+            masks.set_soft(keep.to(device), tau)
+            images, targets = batches[step % len(batches)]
+            out = model(images.to(device))
+            seg = loss_fn.to(device)(out, targets.to(device))
+            pressure = settings.pressure * cost.macs(keep) / cost.macs0
+            loss = seg + pressure.float()
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            history.append({"step": step, "loss": float(seg.detach()), "macs_ratio": float(pressure.detach()) / settings.pressure})
+            if progress is not None and progress((step + 1) / settings.steps, f"scoring network step {step + 1}/{settings.steps}"):
+                break
+        final_logits = logits.detach().clone()
+        class_importance = _class_importance(model, graph, masks, final_logits, k_min, settings.tau_end,
+                                             batches, class_names, device)
+
+    def keep_at(offset: float) -> np.ndarray:
+        return (k_min + (1 - k_min) * torch.sigmoid(final_logits + offset)).numpy()
+
+    target = cost.macs0 * (1.0 - target_reduction)
+    offset, kept, met = meet_budget(cost, lambda o: counts_for(graph, keep_at(o), limits), target, -30.0, 30.0)
+    keep = keep_at(offset)
+    if met:
+        kept = fill_budget(cost, graph, kept, {g.name: k * g.channels for g, k in zip(graph.groups, keep)},
+                           target, limits)
+    importance = {g.name: float(k) for g, k in zip(graph.groups, keep)}
+    return finish("scoring-network", graph, cost, kept, keep, importance, met,
+                  class_importance=class_importance,
+                  details={"history": history, "logits": final_logits.tolist(), "offset": offset})
+
+
+def _class_importance(
+    model: nn.Module, graph: PruningGraph, masks: ChannelMasks, logits: torch.Tensor, k_min: float,
+    tau: float, batches: Sequence[Batch], class_names: Sequence[str], device: torch.device,
+) -> dict[str, dict[str, float]]:
+    """Group x defect-class importance: minus the gradient of each defect class's loss (CE on
+    that class's pixels) with respect to the group's logit, scaled to [-1, 1] per class.
+    Positive: keeping more of the group helps that class."""
+    a = logits.clone().requires_grad_(True)
+    grads = {name: torch.zeros(len(graph.groups)) for name in class_names[1:]}
+    for images, targets in batches[: max(1, min(len(batches), 4))]:
+        masks.set_soft((k_min + (1 - k_min) * torch.sigmoid(a)).to(device), tau)
+        out = model(images.to(device))
+        pixel_loss = F.cross_entropy(out.float(), targets.to(device), reduction="none")
+        for c, name in enumerate(class_names[1:], start=1):
+            region = targets.to(device) == c
+            if not region.any():
+                continue
+            (grad,) = torch.autograd.grad(pixel_loss[region].mean(), a, retain_graph=True)
+            grads[name] -= grad.cpu()
+    matrix: dict[str, dict[str, float]] = {g.name: {} for g in graph.groups}
+    for name, g in grads.items():
+        scale = float(g.abs().max()) or 1.0
+        for group in graph.groups:
+            matrix[group.name][name] = float(g[group.index]) / scale
+    return matrix

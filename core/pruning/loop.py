@@ -1,0 +1,303 @@
+"""The iterative prune-retrain loop (METHOD.md part 4).
+
+Each round: allocate on the current model, select filters, prune for real, fine-tune,
+evaluate on validation, record everything, save the round's checkpoint. The loop stops at the
+target, at the round limit, on a stop request, or when a round's defect-mIoU drop passes the
+tolerance: that round is discarded and the previous one is the result. The test split is
+touched once, for the final report.
+
+Every finished round is written to ``<out>/rounds.json`` (atomically) with its checkpoint
+``<out>/round_NN``, so an interrupted run resumes from its last finished round.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.data import Dataset
+
+from core.models.checkpoint import load_checkpoint, save_checkpoint
+from core.models.zoo import ModelSpec
+from core.profile import count_macs, count_params, measure_latency
+from core.pruning.graph import PruningError
+from core.pruning.methods import resolve_method
+from core.pruning.step import Batch, StepSettings, prune_step
+from core.train import (
+    Progress, StopRequested, TrainConfig, class_pixel_counts, class_weights_from_counts, evaluate, fine_tune,
+)
+
+LoopProgress = Callable[[float, str], "bool | None"]
+ROUNDS_FILE = "rounds.json"
+
+
+@dataclass
+class LoopSettings:
+    method: str = "collaborative"
+    allocator: str | None = None  # ablation overrides
+    criterion: str | None = None
+    target: float = 0.8  # reduction to reach (fraction: 0.8 = 80% fewer)
+    target_kind: str = "macs"  # or "params"
+    tolerance: float = 1.0  # largest defect-mIoU drop (points) against the unpruned model
+    step: float = 0.3  # share of the remaining MACs removed per round
+    finetune_epochs: int = 2
+    max_rounds: int = 10
+    stop_at_tolerance: bool = True  # the benchmark turns this off to trace the whole frontier
+    calibration_images: int = 64
+    calibration_batch: int = 8
+    latency_runs: int = 10
+    seed: int = 0
+    step_settings: StepSettings = field(default_factory=StepSettings)
+    finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, patience=None))
+
+    def validate(self) -> None:
+        if not 0.0 < self.target < 1.0:
+            raise PruningError(f"target must be a reduction between 0 and 1 (e.g. 0.8), not {self.target}")
+        if not 0.0 < self.step < 1.0:
+            raise PruningError(f"step must be between 0 and 1 (share of remaining MACs per round), not {self.step}")
+        if self.target_kind not in ("macs", "params"):
+            raise PruningError(f"target kind must be macs or params, not {self.target_kind!r}")
+        if self.tolerance < 0:
+            raise PruningError(f"tolerance must be 0 or more points, not {self.tolerance}")
+        if self.max_rounds < 1 or self.finetune_epochs < 0:
+            raise PruningError("rounds must be at least 1 and fine-tune epochs 0 or more")
+        resolve_method(self.method, self.allocator, self.criterion)
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    macs: int
+    params: int
+    macs_reduction: float
+    params_reduction: float
+    defect_miou: float | None  # validation
+    drop: float | None  # points below the unpruned model's validation defect mIoU
+    val: dict[str, Any]
+    latency_ms: float
+    wall_s: float
+    checkpoint: str
+    accepted: bool = True
+    step: dict[str, Any] = field(default_factory=dict)  # allocation and score summary
+
+    def brief(self) -> dict[str, Any]:
+        return {"round": self.round, "macs": self.macs, "params": self.params,
+                "defect_miou": self.defect_miou, "drop": self.drop}
+
+
+@dataclass
+class LoopResult:
+    rounds: list[RoundRecord]
+    result: dict[str, Any]
+    stopped: str  # "target", "tolerance", "rounds", "user"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rounds": [r.brief() for r in self.rounds], "result": self.result, "stopped": self.stopped,
+                "round_details": [asdict(r) for r in self.rounds]}
+
+
+def calibration_batches(dataset: Dataset, count: int, batch_size: int, seed: int) -> list[Batch]:
+    """A seeded subset of ``dataset`` (the training split, without augmentation), batched."""
+    generator = np.random.default_rng(seed)
+    chosen = generator.permutation(len(dataset))[: min(count, len(dataset))]
+    items = [dataset[int(i)] for i in sorted(chosen)]
+    return [
+        (torch.stack([x for x, _ in items[i:i + batch_size]]), torch.stack([y for _, y in items[i:i + batch_size]]))
+        for i in range(0, len(items), batch_size)
+    ]
+
+
+def _write_json_atomic(path: Path, payload: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(payload, handle, indent=2, default=float)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def read_rounds(out_dir: str | Path) -> list[RoundRecord]:
+    path = Path(out_dir) / ROUNDS_FILE
+    if not path.is_file():
+        return []
+    return [RoundRecord(**r) for r in json.loads(path.read_text())["rounds"]]
+
+
+class _Relay:
+    """Turns fine-tuning `Progress` into loop progress within a round's share of the bar."""
+
+    def __init__(self, progress: LoopProgress | None, start: float, width: float, label: str):
+        self.progress, self.start, self.width, self.label = progress, start, width, label
+
+    def __call__(self, report: Progress | float, message: str = "") -> bool:
+        if self.progress is None:
+            return False
+        if isinstance(report, Progress):
+            fraction = report.fraction
+            message = f"{self.label}: {report.phase} epoch {report.epoch}/{report.epochs}"
+        else:
+            fraction = float(report)
+            message = f"{self.label}: {message}"
+        return bool(self.progress(self.start + self.width * min(max(fraction, 0.0), 1.0), message))
+
+
+def run_prune_loop(
+    model: nn.Module,
+    spec: ModelSpec,
+    history: list,
+    train_ds: Dataset,
+    val_ds: Dataset,
+    test_ds: Dataset | None,
+    out_dir: str | Path,
+    settings: LoopSettings,
+    progress: LoopProgress | None = None,
+    evaluator: Callable[[nn.Module], dict[str, Any]] | None = None,
+) -> LoopResult:
+    """Prune ``model`` (already pruned by ``history``, possibly) round by round.
+
+    With rounds already in ``out_dir`` (an interrupted run), it resumes after the last
+    finished one. ``evaluator`` replaces the validation evaluation (tests script drops)."""
+    settings.validate()
+    method = resolve_method(settings.method, settings.allocator, settings.criterion)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    in_channels, size = spec.in_channels, tuple(spec.input_size)
+    names = list(spec.classes)
+    device = next(model.parameters()).device
+
+    def validate_model(m: nn.Module) -> dict[str, Any]:
+        if evaluator is not None:
+            return evaluator(m)
+        return evaluate(m, val_ds, device=device, batch_size=settings.finetune.eval_batch_size or 8,
+                        class_names=names, per_image=False).metrics.to_dict()
+
+    state_path = out_dir / ROUNDS_FILE
+    rounds = read_rounds(out_dir)
+    if state_path.is_file():
+        saved = json.loads(state_path.read_text())
+        base = saved["base"]
+    else:
+        base_val = validate_model(model)
+        base = {"macs": count_macs(model, size, in_channels), "params": count_params(model),
+                "defect_miou": base_val["defect_miou"], "val": base_val, "history": history,
+                "method": settings.method, "settings": _settings_dict(settings)}
+    accepted = [r for r in rounds if r.accepted]
+    if accepted:
+        loaded = load_checkpoint(accepted[-1].checkpoint, device=device)
+        model, history = loaded.model, list(loaded.history)
+    if rounds and not rounds[-1].accepted:
+        return _finish(model, spec, history, rounds, base, test_ds, out_dir, names, device, settings, "tolerance")
+
+    weights = class_weights_from_counts(class_pixel_counts(train_ds, len(names)))
+    batches = calibration_batches(_unaugmented(train_ds), settings.calibration_images,
+                                  settings.calibration_batch, settings.seed)
+    final_macs = base["macs"] * (1.0 - settings.target) if settings.target_kind == "macs" else 0.0
+    stopped = "rounds"
+    for round_index in range(len(rounds) + 1, settings.max_rounds + 1):
+        macs_now = count_macs(model, size, in_channels)
+        reached = _reached(settings, base, macs_now, count_params(model))
+        if reached:
+            stopped = "target"
+            break
+        next_macs = max(macs_now * (1.0 - settings.step), final_macs)
+        step_reduction = 1.0 - next_macs / macs_now
+        start = time.perf_counter()
+        share = 1.0 / settings.max_rounds
+        offset = (round_index - 1) * share
+        relay = _Relay(progress, offset, share * 0.4, f"round {round_index} prune")
+        step_settings = settings.step_settings
+        step_settings.seed = settings.seed + round_index
+        result = prune_step(model, size, in_channels, method, step_reduction, batches, names, weights,
+                            step_settings, progress=relay)
+        history = history + result.history
+        if settings.finetune_epochs > 0:
+            config = _finetune_config(settings, round_index)
+            tuned = fine_tune(model, train_ds, val_ds if evaluator is None else None, config,
+                              progress=_Relay(progress, offset + share * 0.4, share * 0.6,
+                                              f"round {round_index} fine-tune"), class_names=names)
+            if tuned.stopped_by_user:
+                stopped = "user"
+                break
+        val = validate_model(model)
+        drop = None if val["defect_miou"] is None or base["defect_miou"] is None else base["defect_miou"] - val["defect_miou"]
+        macs, params = count_macs(model, size, in_channels), count_params(model)
+        ok = drop is None or drop <= settings.tolerance or not settings.stop_at_tolerance
+        round_spec = ModelSpec.from_dict({**spec.to_dict(), "metrics": {"val": val}})
+        checkpoint = save_checkpoint(out_dir / f"round_{round_index:02d}", model, round_spec, history)
+        latency = measure_latency(model, size, in_channels, runs=settings.latency_runs, warmup=2, threads=1).median_ms
+        record = RoundRecord(
+            round=round_index, macs=macs, params=params,
+            macs_reduction=1.0 - macs / base["macs"], params_reduction=1.0 - params / base["params"],
+            defect_miou=val["defect_miou"], drop=drop, val=val, latency_ms=latency,
+            wall_s=time.perf_counter() - start, checkpoint=str(checkpoint), accepted=ok, step=result.summary(),
+        )
+        rounds.append(record)
+        _write_json_atomic(state_path, {"base": base, "rounds": [asdict(r) for r in rounds]})
+        if progress is not None and progress(round_index * share, f"round {round_index} done"):
+            stopped = "user"
+            break
+        if not ok:
+            stopped = "tolerance"
+            break
+    else:
+        if _reached(settings, base, count_macs(model, size, in_channels), count_params(model)):
+            stopped = "target"
+    return _finish(model, spec, history, rounds, base, test_ds, out_dir, names, device, settings, stopped)
+
+
+def _reached(settings: LoopSettings, base: dict[str, Any], macs: float, params: float) -> bool:
+    if settings.target_kind == "macs":
+        return 1.0 - macs / base["macs"] >= settings.target - 1e-3
+    return 1.0 - params / base["params"] >= settings.target - 1e-3
+
+
+def _finish(model, spec, history, rounds, base, test_ds, out_dir, names, device, settings, stopped) -> LoopResult:
+    accepted = [r for r in rounds if r.accepted]
+    if accepted:
+        best = accepted[-1]
+        loaded = load_checkpoint(best.checkpoint, device=device)
+        result_model, checkpoint = loaded.model, best.checkpoint
+        reductions = (best.macs_reduction, best.params_reduction)
+        val_miou, drop = best.defect_miou, best.drop
+    else:  # even the first round broke tolerance: the unpruned model is the result
+        result_model, checkpoint, reductions, val_miou, drop = None, None, (0.0, 0.0), base["defect_miou"], 0.0
+    test = None
+    if test_ds is not None and len(test_ds) and result_model is not None:
+        test = evaluate(result_model, test_ds, device=device, class_names=names, per_image=False).metrics.to_dict()
+    result = {"checkpoint": checkpoint, "macs_reduction": reductions[0], "params_reduction": reductions[1],
+              "defect_miou": val_miou, "drop": drop, "test": test, "base_val_defect_miou": base["defect_miou"]}
+    _write_json_atomic(Path(out_dir) / ROUNDS_FILE,
+                       {"base": base, "rounds": [asdict(r) for r in rounds], "result": result, "stopped": stopped})
+    return LoopResult(rounds=rounds, result=result, stopped=stopped)
+
+
+def _finetune_config(settings: LoopSettings, round_index: int) -> TrainConfig:
+    config = TrainConfig(**{**asdict(settings.finetune)})
+    config.epochs = settings.finetune_epochs
+    config.seed = settings.seed + 1000 * round_index
+    config.patience = None  # a fixed budget per round, the same for every method
+    return config
+
+
+def _unaugmented(dataset: Dataset) -> Dataset:
+    if getattr(dataset, "augment", False):
+        import copy
+
+        clone = copy.copy(dataset)
+        clone.augment = False
+        return clone
+    return dataset
+
+
+def _settings_dict(settings: LoopSettings) -> dict[str, Any]:
+    return json.loads(json.dumps(asdict(settings), default=str))

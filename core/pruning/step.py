@@ -1,0 +1,128 @@
+"""One pruning step: score filters, allocate per-group amounts, cut for real.
+
+Used by the prune-retrain loop, the dashboard's live preview and the tests, so that every
+path prunes the same way."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from core.allocation.base import Allocation, AllocationLimits, ProgressFn
+from core.allocation.baselines import allocate_by_sensitivity, allocate_global, allocate_uniform
+from core.allocation.cost import CostModel
+from core.allocation.masks import ranks_from_scores
+from core.allocation.scoring_network import ScoringNetworkSettings, allocate_by_scoring_network
+from core.importance.criteria import NEEDS_CORRELATION, ContributionImportance, make_importance
+from core.importance.substitutability import DEFAULT_POSITIONS, collect_correlations
+from core.pruning.graph import PruningGraph, select_removal
+from core.pruning.methods import MethodSpec
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class StepSettings:
+    beta: float = 0.5
+    positions_per_batch: int = DEFAULT_POSITIONS
+    after_activation: bool = False
+    seed: int = 0
+    limits: AllocationLimits = field(default_factory=AllocationLimits)
+    scoring: ScoringNetworkSettings = field(default_factory=ScoringNetworkSettings)
+
+
+@dataclass
+class GroupAnalysis:
+    """What the step saw in one group: data for the dashboard's charts."""
+
+    scores: dict[str, np.ndarray]  # criterion score per channel, by group
+    correlations: dict[str, np.ndarray]  # signed correlation matrices (empty without data)
+
+
+@dataclass
+class StepResult:
+    allocation: Allocation
+    removed: dict[str, list[int]]
+    history: list  # Torch-Pruning history entries of this step
+    analysis: GroupAnalysis
+
+    def summary(self) -> dict[str, Any]:
+        """Small, JSON-ready description of the step for the run record."""
+        removed = sum(len(v) for v in self.removed.values())
+        total = sum(self.allocation.channels.values())
+        return {
+            "allocation": self.allocation.to_dict(),
+            "channels_removed": removed, "channels_before": total,
+            "scores": {name: {"min": float(s.min()), "mean": float(s.mean()), "max": float(s.max())}
+                       for name, s in self.analysis.scores.items()},
+        }
+
+
+def example_input(model: nn.Module, input_size: Sequence[int], in_channels: int) -> torch.Tensor:
+    device = next(model.parameters()).device
+    return torch.zeros(1, in_channels, int(input_size[0]), int(input_size[1]), device=device)
+
+
+def score_filters(model: nn.Module, graph: PruningGraph, criterion: str, batches: Sequence[Batch],
+                  settings: StepSettings) -> GroupAnalysis:
+    correlations: dict[str, np.ndarray] = {}
+    if criterion in NEEDS_CORRELATION:
+        correlations = collect_correlations(
+            model, graph, (x for x, _ in batches), positions_per_batch=settings.positions_per_batch,
+            after_activation=settings.after_activation, seed=settings.seed)
+    importance = make_importance(criterion, model, correlations, settings.beta, settings.seed)
+    fallback = ContributionImportance()
+    scores = {}
+    for g in graph.groups:
+        tp_group = graph.tp_group(g, range(g.channels))
+        value = importance(tp_group)
+        if value is None:  # e.g. BN scale in a group without BatchNorm: fall back to L1
+            value = fallback(tp_group)
+        scores[g.name] = value.detach().cpu().double().numpy()
+    return GroupAnalysis(scores=scores, correlations=correlations)
+
+
+def allocate(model: nn.Module, graph: PruningGraph, cost: CostModel, allocator: str, analysis: GroupAnalysis,
+             batches: Sequence[Batch], target_reduction: float, class_names: Sequence[str],
+             class_weights: Sequence[float], settings: StepSettings, progress: ProgressFn | None = None) -> Allocation:
+    ranks = {name: ranks_from_scores(s) for name, s in analysis.scores.items()}
+    if allocator == "uniform":
+        return allocate_uniform(graph, cost, target_reduction, settings.limits)
+    if allocator == "global":
+        return allocate_global(graph, cost, analysis.scores, target_reduction, settings.limits)
+    if allocator == "sensitivity":
+        return allocate_by_sensitivity(model, graph, cost, ranks, batches, target_reduction, class_weights,
+                                       settings.limits, progress=progress)
+    return allocate_by_scoring_network(model, graph, cost, ranks, batches, target_reduction, class_names,
+                                       class_weights, settings.scoring, settings.limits, progress=progress)
+
+
+def prune_step(
+    model: nn.Module,
+    input_size: Sequence[int],
+    in_channels: int,
+    method: MethodSpec,
+    target_reduction: float,
+    batches: Sequence[Batch],
+    class_names: Sequence[str],
+    class_weights: Sequence[float] | None = None,
+    settings: StepSettings | None = None,
+    progress: ProgressFn | None = None,
+) -> StepResult:
+    """Remove ``target_reduction`` of the model's current MACs, in place."""
+    settings = settings or StepSettings()
+    weights = class_weights if class_weights is not None else [1.0] * len(class_names)
+    graph = PruningGraph(model, example_input(model, input_size, in_channels))
+    cost = CostModel(graph)
+    analysis = score_filters(model, graph, method.criterion, batches, settings)
+    allocation = allocate(model, graph, cost, method.allocator, analysis, batches, target_reduction,
+                          class_names, weights, settings, progress)
+    removed = {g.name: select_removal(g, analysis.scores[g.name].tolist(), g.channels - allocation.kept[g.name])
+               for g in graph.groups}
+    history = graph.prune(removed)
+    return StepResult(allocation=allocation, removed=removed, history=history, analysis=analysis)

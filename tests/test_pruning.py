@@ -1,0 +1,135 @@
+"""Physical pruning by every method on every architecture, and the prune-retrain loop."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch_pruning as tp
+
+from core.allocation.scoring_network import ScoringNetworkSettings
+from core.data.dataset import SegmentationDataset
+from core.data.registry import load_index
+from core.models.checkpoint import load_checkpoint, save_checkpoint
+from core.models.zoo import ARCHITECTURES, ModelSpec, build_model
+from core.pruning.loop import LoopSettings, read_rounds, run_prune_loop
+from core.pruning.methods import METHODS, resolve_method
+from core.pruning.step import StepSettings, prune_step
+from core.train import TrainConfig
+
+SIZE = 64
+CLASSES = ["background", "a", "b"]
+
+
+def calibration(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(2, 3, SIZE, SIZE, generator=g), torch.randint(0, 3, (2, SIZE, SIZE), generator=g))]
+
+
+def macs_of(model) -> float:
+    return tp.utils.count_ops_and_params(model, torch.zeros(1, 3, SIZE, SIZE))[0]
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_every_method_prunes_every_architecture_to_half_the_macs(arch, tmp_path):
+    x = torch.randn(1, 3, SIZE, SIZE)
+    for method in METHODS:
+        torch.manual_seed(0)
+        spec = ModelSpec(classes=CLASSES, arch=arch, input_size=(SIZE, SIZE))
+        model = build_model(spec).eval()
+        before = macs_of(model)
+        step = prune_step(model, (SIZE, SIZE), 3, resolve_method(method), 0.5, calibration(), CLASSES,
+                          settings=StepSettings(scoring=ScoringNetworkSettings(steps=2)))
+        assert model(x).shape == (1, 3, SIZE, SIZE)
+        assert 1 - macs_of(model) / before == pytest.approx(0.5, abs=0.03), method
+        folder = save_checkpoint(tmp_path / f"{arch}-{method}", model, spec, step.history)
+        loaded = load_checkpoint(folder)
+        with torch.no_grad():
+            assert torch.equal(loaded.model(x), model(x)), method
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    index = load_index("synthetic-steel", tmp_path_factory.mktemp("synthetic"), num_images=24, image_size=64)
+    return (SegmentationDataset(index, "train", (SIZE, SIZE)), SegmentationDataset(index, "val", (SIZE, SIZE)),
+            SegmentationDataset(index, "test", (SIZE, SIZE)), index.classes)
+
+
+def loop_settings(**overrides) -> LoopSettings:
+    base = dict(method="uniform-l1", target=0.8, step=0.5, tolerance=1.0, finetune_epochs=0, max_rounds=6,
+                calibration_images=4, calibration_batch=2, latency_runs=2, seed=3,
+                finetune=TrainConfig(epochs=1, batch_size=4, max_steps_per_epoch=1, patience=None))
+    base.update(overrides)
+    return LoopSettings(**base)
+
+
+class ScriptedEvaluator:
+    """Validation results in a fixed order: the loop's decisions are then known in advance."""
+
+    def __init__(self, values):
+        self.values, self.calls = list(values), 0
+
+    def __call__(self, model):
+        value = self.values[min(self.calls, len(self.values) - 1)]
+        self.calls += 1
+        return {"defect_miou": value, "per_class_iou": {}}
+
+
+def fresh(classes):
+    torch.manual_seed(0)
+    spec = ModelSpec(classes=classes, input_size=(SIZE, SIZE))
+    return build_model(spec).eval(), spec
+
+
+def test_loop_reverts_the_round_that_breaks_tolerance(tiny_data, tmp_path):
+    train, val, test, classes = tiny_data
+    model, spec = fresh(classes)
+    # unpruned 50.0; round 1 drops 0.5 (kept), round 2 drops 3.0 (beyond 1.0): reverted
+    result = run_prune_loop(model, spec, [], train, val, test, tmp_path, loop_settings(),
+                            evaluator=ScriptedEvaluator([50.0, 49.5, 47.0, 49.9]))
+    assert result.stopped == "tolerance"
+    assert [r.accepted for r in result.rounds] == [True, False]
+    assert result.result["checkpoint"] == result.rounds[0].checkpoint
+    assert result.result["drop"] == pytest.approx(0.5)
+    assert result.result["test"] is not None  # the test split, once, at the end
+    loaded = load_checkpoint(result.result["checkpoint"])
+    assert macs_of(loaded.model) == result.rounds[0].macs
+
+
+def test_loop_stops_at_the_target_and_is_deterministic(tiny_data, tmp_path):
+    train, val, test, classes = tiny_data
+    runs = []
+    for name in ("a", "b"):
+        model, spec = fresh(classes)
+        result = run_prune_loop(model, spec, [], train, val, None, tmp_path / name,
+                                loop_settings(method="collaborative", finetune_epochs=1, step_settings=StepSettings(
+                                    scoring=ScoringNetworkSettings(steps=2))),
+                                evaluator=ScriptedEvaluator([50.0]))
+        runs.append(result)
+    first, second = runs
+    assert first.stopped == "target"
+    assert first.rounds[-1].macs_reduction >= 0.8 - 1e-3
+    # step 0.5: 50% then 75% of the MACs gone, then the rest to the 80% target
+    assert [round(r.macs_reduction, 2) for r in first.rounds][:2] == pytest.approx([0.5, 0.75], abs=0.02)
+    assert [r.macs for r in first.rounds] == [r.macs for r in second.rounds]
+    assert [r.step["allocation"]["kept"] for r in first.rounds] == [r.step["allocation"]["kept"] for r in second.rounds]
+    a = load_checkpoint(first.result["checkpoint"]).model
+    b = load_checkpoint(second.result["checkpoint"]).model
+    for pa, pb in zip(a.state_dict().values(), b.state_dict().values()):
+        assert torch.equal(pa, pb)
+
+
+def test_loop_resumes_after_its_last_finished_round(tiny_data, tmp_path):
+    train, val, test, classes = tiny_data
+    model, spec = fresh(classes)
+    settings = loop_settings(max_rounds=1)
+    run_prune_loop(model, spec, [], train, val, None, tmp_path, settings, evaluator=ScriptedEvaluator([50.0]))
+    assert len(read_rounds(tmp_path)) == 1
+    model, spec = fresh(classes)
+    resumed = run_prune_loop(model, spec, [], train, val, None, tmp_path, loop_settings(max_rounds=6),
+                             evaluator=ScriptedEvaluator([50.0]))
+    assert [r.round for r in resumed.rounds] == [1, 2, 3]
+    assert resumed.stopped == "target"
+    state = json.loads((tmp_path / "rounds.json").read_text())
+    assert state["result"]["checkpoint"].endswith("round_03")
