@@ -71,7 +71,7 @@ def count_params(model: nn.Module) -> int:
 
 
 @contextlib.contextmanager
-def _subclass_counters(model: nn.Module) -> Iterator[None]:
+def subclass_counters(model: nn.Module) -> Iterator[None]:
     """Register subclasses of counted layer types with the op counter for one count."""
     custom = {}
     for module in model.modules():
@@ -90,7 +90,7 @@ def _subclass_counters(model: nn.Module) -> Iterator[None]:
 def count_macs(model: nn.Module, input_size: Sequence[int], in_channels: int) -> int:
     """MACs of one forward pass of a single image of ``input_size`` (height, width)."""
     example = _example(input_size, in_channels, model_device(model))
-    with eval_mode(model), _subclass_counters(model), contextlib.redirect_stdout(sys.stderr):
+    with eval_mode(model), subclass_counters(model), contextlib.redirect_stdout(sys.stderr):
         macs, _params = tp.utils.count_ops_and_params(model, example)
     return int(macs)
 

@@ -11,12 +11,16 @@ keep ratio 1 is Torch-Pruning's count exactly, and after real pruning it stays w
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from collections.abc import Mapping
 
 import torch
 import torch.nn as nn
 import torch_pruning as tp
 
+from core.models.groups import eval_mode
+from core.profile import subclass_counters
 from core.pruning.graph import CONV_TYPES, PruningGraph
 
 
@@ -24,11 +28,9 @@ class CostModel:
     def __init__(self, graph: PruningGraph):
         model = graph.model
         example = graph.example_inputs
-        was_training = model.training
-        model.eval()
-        self.macs0, self.params0, layer_macs, layer_params = tp.utils.count_ops_and_params(
-            model, example, layer_wise=True)
-        model.train(was_training)
+        with eval_mode(model), subclass_counters(model), contextlib.redirect_stdout(sys.stderr):
+            self.macs0, self.params0, layer_macs, layer_params = tp.utils.count_ops_and_params(
+                model, example, layer_wise=True)
         self.graph = graph
         g_index = {g.name: g.index for g in graph.groups}
         out_owner: dict[str, int] = {}

@@ -27,11 +27,44 @@ CRITERIA = ["l1", "substitutability", "collaborative", "fpgm", "bn-scale", "rand
 NEEDS_CORRELATION = {"substitutability", "collaborative"}
 
 
+class _WholeGroupReduce:
+    """Torch-Pruning sizes a group's reduced scores by its first scored layer, which covers
+    only part of the group when a depthwise conv roots a group spanning a concatenation
+    (DeepLabV3+'s decoder); this sizes them by the group. Sum and mean reductions only."""
+
+    def __call__(self, group, **kwargs):
+        self._group_size = len(group[0].idxs)
+        return super().__call__(group, **kwargs)
+
+    def _reduce(self, group_imp, group_idxs):
+        total = torch.zeros(self._group_size, dtype=torch.float32)
+        count = 0
+        for imp, root_idxs in zip(group_imp, group_idxs):
+            if any(r is None for r in root_idxs):
+                continue
+            total.scatter_add_(0, torch.tensor(root_idxs), imp.float().cpu())
+            count += 1
+        return total / count if self.group_reduction == "mean" and count else total
+
+
+class GroupL1Importance(_WholeGroupReduce, tp.importance.GroupMagnitudeImportance):
+    def __init__(self):
+        super().__init__(p=1, group_reduction="sum", normalizer=None)
+
+
+class FPGMImportance(_WholeGroupReduce, tp.importance.FPGMImportance):
+    pass
+
+
+class BNScaleImportance(_WholeGroupReduce, tp.importance.BNScaleImportance):
+    pass
+
+
 class ContributionImportance(tp.importance.Importance):
     """c_i: group L1 norm of channel i, min-max normalised within the group."""
 
     def __init__(self):
-        self._magnitude = tp.importance.GroupMagnitudeImportance(p=1, group_reduction="sum", normalizer=None)
+        self._magnitude = GroupL1Importance()
 
     def contribution(self, group) -> np.ndarray:
         return min_max(self._magnitude(group).detach().cpu().numpy())
@@ -91,9 +124,9 @@ def make_importance(
         cls = CollaborativeImportance if criterion == "collaborative" else SubstitutabilityImportance
         return cls(model, correlations, beta)
     if criterion == "fpgm":
-        return tp.importance.FPGMImportance(p=2, group_reduction="mean", normalizer=None)
+        return FPGMImportance(p=2, group_reduction="mean", normalizer=None)
     if criterion == "bn-scale":
-        return tp.importance.BNScaleImportance(group_reduction="mean", normalizer=None)
+        return BNScaleImportance(group_reduction="mean", normalizer=None)
     if criterion == "random":
         return SeededRandomImportance(seed)
     raise PruningError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")

@@ -68,7 +68,7 @@ class PruningGraph:
         self.names = {module: name for name, module in model.named_modules()}
         self.modules = dict(model.named_modules())
         self.ignored = classifier_convs(model)
-        self.dependency_graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+        self.dependency_graph = tp.DependencyGraph().build_dependency(model, example_inputs=(example_inputs,))
         order, heights = self._execution_order(example_inputs)
         groups = []
         for tp_group in self.dependency_graph.get_all_groups(
