@@ -9,16 +9,39 @@ import argparse
 from pathlib import Path
 
 from core.cli import add_device_argument, print_json
-from core.commands.train import add_data_arguments, format_metrics
-from core.data.base import SPLITS, parse_size
+from core.commands.train import add_data_arguments, format_metrics, sample_limit
+from core.data.base import SPLITS, DatasetIndex, parse_size
 from core.data.dataset import SegmentationDataset
 from core.data.registry import load_index
 from core.errors import DefectPruneError
+from core.models.zoo import ModelSpec
 from core.train import EmptySplitError, ProgressBar, TorchThreads, evaluate, resolve_device
 
 
 class CheckpointDatasetMismatchError(DefectPruneError):
     pass
+
+
+def index_for_checkpoint(checkpoint: str | Path, spec: ModelSpec, format_name: str | None, root: str | None,
+                         split_seed: int | None) -> tuple[DatasetIndex, bool]:
+    """The dataset a command runs a checkpoint on: the one in its spec unless another is
+    given, refused when its classes differ from the model's. Also says whether it is the
+    checkpoint's own format (whose input size then applies)."""
+    format_name = format_name or spec.dataset_format
+    if not format_name:
+        raise DefectPruneError(
+            f"checkpoint {checkpoint} does not say which dataset it was trained on; give --format and --root"
+        )
+    same_format = format_name == spec.dataset_format
+    if root is None and same_format:
+        root = spec.dataset_root or None
+    index = load_index(format_name, root, seed=spec.split_seed if split_seed is None else split_seed)
+    if list(index.classes) != list(spec.classes):
+        raise CheckpointDatasetMismatchError(
+            f"checkpoint {checkpoint} predicts classes {', '.join(spec.classes)} but {format_name} at "
+            f"{index.root} has {', '.join(index.classes)}; use a dataset with the same classes"
+        )
+    return index, same_format
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -41,22 +64,10 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     loaded = load_checkpoint(args.checkpoint, device="cpu")
     spec, model = loaded.spec, loaded.model
-    format_name = args.format or spec.dataset_format
-    if not format_name:
-        raise DefectPruneError(
-            f"checkpoint {args.checkpoint} does not say which dataset it was trained on; give --format and --root"
-        )
-    same_format = format_name == spec.dataset_format
-    root = args.root if args.root is not None else ((spec.dataset_root or None) if same_format else None)
-    split_seed = args.split_seed if args.split_seed is not None else spec.split_seed
-    index = load_index(format_name, root, seed=split_seed)
-    if list(index.classes) != list(spec.classes):
-        raise CheckpointDatasetMismatchError(
-            f"checkpoint {args.checkpoint} predicts classes {', '.join(spec.classes)} but {format_name} at "
-            f"{index.root} has {', '.join(index.classes)}; evaluate on a dataset with the same classes"
-        )
+    index, same_format = index_for_checkpoint(args.checkpoint, spec, args.format, args.root, args.split_seed)
+    format_name = index.format
     size = parse_size(args.size, tuple(spec.input_size) if same_format else index.default_size)
-    dataset = SegmentationDataset(index, args.split, size, spec.in_channels, limit=args.limit)
+    dataset = sample_limit(SegmentationDataset(index, args.split, size, spec.in_channels), args.limit, split_seed)
     if len(dataset) == 0:
         raise EmptySplitError(f"the {args.split} split of {format_name} at {index.root} has no images")
     with TorchThreads(args.threads), ProgressBar(f"evaluate {args.split}") as bar:

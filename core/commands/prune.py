@@ -1,0 +1,131 @@
+"""``python -m core prune --checkpoint DIR --method M --target-macs 0.8 --out DIR [...]``:
+the iterative prune-retrain loop from the command line. Dataset, root and split seed default
+to the checkpoint's; the test split is evaluated once, on the result."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from core.cli import add_device_argument, print_json
+from core.commands.evaluate import index_for_checkpoint
+from core.commands.train import add_data_arguments, non_negative_int, positive_int
+from core.data.base import parse_size
+from core.data.dataset import SegmentationDataset
+from core.allocation.base import AllocationLimits
+from core.allocation.baselines import ALLOCATORS
+from core.allocation.scoring_network import ScoringNetworkSettings
+from core.importance.criteria import CRITERIA
+from core.pruning.methods import METHODS
+from core.train import TorchThreads, TrainConfig, resolve_device
+
+
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"{value} must be between 0 and 1 (e.g. 0.8 = 80% fewer)")
+    return value
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("prune", help="iterative prune-retrain of a checkpoint")
+    parser.add_argument("--checkpoint", required=True, help="the trained (unpruned or pruned) checkpoint")
+    add_data_arguments(parser, required=False)
+    parser.add_argument("--split-seed", type=int, default=None, help="split seed (default: the checkpoint's)")
+    parser.add_argument("--method", default="collaborative", choices=list(METHODS))
+    parser.add_argument("--allocator", default=None, choices=ALLOCATORS, help="ablation: override the allocator")
+    parser.add_argument("--criterion", default=None, choices=CRITERIA, help="ablation: override the criterion")
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("--target-macs", type=fraction, default=None, help="MACs reduction to reach (0.8)")
+    target.add_argument("--target-params", type=fraction, default=None, help="parameter reduction to reach")
+    parser.add_argument("--tolerance", type=float, default=1.0, help="largest defect-mIoU drop, in points")
+    parser.add_argument("--no-tolerance-stop", action="store_true",
+                        help="keep going past the tolerance (trace the whole frontier)")
+    parser.add_argument("--step", type=fraction, default=0.3, help="share of the remaining MACs removed per round")
+    parser.add_argument("--finetune-epochs", type=non_negative_int, default=2)
+    parser.add_argument("--max-rounds", type=positive_int, default=10)
+    parser.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate")
+    parser.add_argument("--beta", type=float, default=0.5, help="weight of substitutability in the score")
+    parser.add_argument("--scoring-steps", type=positive_int, default=300, help="scoring-network steps per round")
+    parser.add_argument("--calibration-images", type=positive_int, default=64)
+    parser.add_argument("--max-prune-ratio", type=fraction, default=0.9, help="largest share cut from one layer")
+    parser.add_argument("--round-to", type=positive_int, default=1, help="keep channel counts multiples of this")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, help="folder for the rounds' checkpoints and rounds.json")
+    add_device_argument(parser)
+    parser.add_argument("--json", action="store_true")
+    parser.set_defaults(func=run)
+
+
+class LoopBar:
+    """tqdm view of the loop's (fraction, message) progress."""
+
+    def __init__(self):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=1000, desc="prune", unit="‰", dynamic_ncols=True, file=sys.stderr)
+        self.message = ""
+
+    def __call__(self, fraction: float, message: str) -> bool:
+        self.bar.update(int(fraction * 1000) - self.bar.n)
+        if message != self.message:
+            self.message = message
+            self.bar.set_postfix_str(message, refresh=False)
+        return False
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    from core.models.checkpoint import load_checkpoint
+    from core.pruning.loop import LoopSettings, run_prune_loop
+    from core.pruning.step import StepSettings
+
+    device = resolve_device(args.device)
+    loaded = load_checkpoint(args.checkpoint, device=device)
+    spec = loaded.spec
+    index, same_format = index_for_checkpoint(args.checkpoint, spec, args.format, args.root, args.split_seed)
+    size = parse_size(args.size, tuple(spec.input_size) if same_format else index.default_size)
+    spec.input_size = size
+    datasets = {
+        split: SegmentationDataset(index, split, size, spec.in_channels, augment=split == "train",
+                                   seed=args.seed, limit=args.limit)
+        for split in ("train", "val", "test")
+    }
+    kind, target = ("params", args.target_params) if args.target_params else ("macs", args.target_macs or 0.8)
+    settings = LoopSettings(
+        method=args.method, allocator=args.allocator, criterion=args.criterion, target=target,
+        target_kind=kind, tolerance=args.tolerance, step=args.step, finetune_epochs=args.finetune_epochs,
+        max_rounds=args.max_rounds, stop_at_tolerance=not args.no_tolerance_stop,
+        calibration_images=args.calibration_images, seed=args.seed,
+        step_settings=StepSettings(
+            beta=args.beta, seed=args.seed, scoring=ScoringNetworkSettings(steps=args.scoring_steps, seed=args.seed),
+            limits=AllocationLimits(max_prune_ratio=args.max_prune_ratio, round_to=args.round_to)),
+        finetune=TrainConfig(epochs=max(args.finetune_epochs, 1), batch_size=args.batch_size, lr=args.lr,
+                             patience=None, seed=args.seed, num_threads=args.threads, device=str(device),
+                             num_workers=args.workers),
+    )
+    bar = LoopBar()
+    try:
+        with TorchThreads(args.threads):
+            result = run_prune_loop(loaded.model, spec, list(loaded.history), datasets["train"], datasets["val"],
+                                    datasets["test"], args.out, settings, progress=bar)
+    finally:
+        bar.close()
+    payload = result.to_dict()
+    if args.json:
+        print_json({"rounds": payload["rounds"], "result": payload["result"], "stopped": payload["stopped"]})
+        return 0
+    for r in result.rounds:
+        status = "" if r.accepted else "  (beyond tolerance: reverted)"
+        print(f"round {r.round}: MACs -{r.macs_reduction:.1%}, params -{r.params_reduction:.1%}, "
+              f"val defect mIoU {r.defect_miou:.2f} (drop {r.drop:+.2f}){status}")
+    res = result.result
+    test = res["test"]["defect_miou"] if res.get("test") else None
+    print(f"result: {res['checkpoint']} MACs -{res['macs_reduction']:.1%} params -{res['params_reduction']:.1%} "
+          f"val drop {res['drop']:.2f} test defect mIoU {test if test is None else round(test, 2)} ({result.stopped})")
+    return 0
