@@ -1,0 +1,106 @@
+"""Data: choose a dataset, look at samples with their masks, see per-class statistics."""
+
+from __future__ import annotations
+
+import plotly.express as px
+import streamlit as st
+
+from core.config import confine_to_data_roots, data_roots
+from core.data.registry import format_names, is_synthetic
+from core.data.stats import class_statistics, defect_sizes
+from core.visual import class_colour_hex, overlay_mask
+from ui.state import DatasetChoice, current_dataset, dataset_index, error_box, set_dataset
+from ui.widgets import class_legend, image_grid, load_style
+
+load_style()
+st.title("Data")
+st.caption("Pick a defect dataset: a built-in synthetic surface, or a real one in its published layout.")
+
+SYNTHETIC = [f for f in format_names() if is_synthetic(f)]
+REAL = [f for f in format_names() if not is_synthetic(f)]
+chosen = current_dataset()
+
+source = st.radio("Source", ["Built-in synthetic", "Real dataset on disk"], horizontal=True, key="data_source",
+                  index=0 if is_synthetic(chosen.format) else 1)
+if source == "Built-in synthetic":
+    family = st.selectbox("Surface family", SYNTHETIC, key="data_family",
+                          index=SYNTHETIC.index(chosen.format) if chosen.format in SYNTHETIC else 0)
+    if family != chosen.format:
+        # Switching family only changes the choice once the new index loaded cleanly.
+        with error_box(f"Loading {family}"):
+            dataset_index(DatasetChoice(format=family, seed=chosen.seed))
+            set_dataset(DatasetChoice(format=family, seed=chosen.seed))
+            chosen = current_dataset()
+else:
+    roots = ", ".join(f"`{r}`" for r in data_roots())
+    with st.form("real_dataset"):
+        fmt = st.selectbox("Format", REAL, key="data_format", index=REAL.index(chosen.format) if chosen.format in REAL else 0)
+        path = st.text_input("Dataset folder", value=chosen.root or "", key="data_path",
+                             help=f"Inside one of the data roots: {roots} (set DEFECTPRUNE_DATA_ROOTS).")
+        submitted = st.form_submit_button("Load dataset")
+    st.caption(f"Data roots: {roots}")
+    if submitted:
+        with error_box("Loading the dataset"):
+            root = str(confine_to_data_roots(path))
+            dataset_index(DatasetChoice(format=fmt, root=root, seed=chosen.seed))
+            set_dataset(DatasetChoice(format=fmt, root=root, seed=chosen.seed))
+            chosen = current_dataset()
+
+index = None
+with error_box(f"Reading {chosen.label}"):
+    index = dataset_index(chosen)
+if index is None:
+    st.info("Choose another dataset above; the last one could not be read.")
+    st.stop()
+
+st.subheader(chosen.label)
+splits = index.split_counts()
+cols = st.columns(4)
+cols[0].metric("Images", len(index.samples))
+for col, (name, count) in zip(cols[1:], splits.items()):
+    col.metric(name, count)
+class_legend(index.classes)
+for item in index.skipped[:20]:
+    st.warning(f"Skipped {item['file']}: {item['reason']}")
+
+st.markdown("#### Samples")
+c1, c2, c3 = st.columns(3)
+split = c1.selectbox("Split", key="data_split", options=[s for s, n in splits.items() if n] or ["train"])
+class_filter = c2.selectbox("Showing images with", key="data_class_filter", options=["any class"] + index.classes[1:] + ["no defect"])
+count = c3.slider("Images", key="data_count", min_value=4, max_value=24, value=12, step=4)
+rows = index.split(split)
+if class_filter == "no defect":
+    rows = rows[rows["classes"].map(lambda cs: all(c == 0 for c in cs))]
+elif class_filter != "any class":
+    wanted = index.classes.index(class_filter)
+    rows = rows[rows["classes"].map(lambda cs: wanted in cs)]
+rows = rows.head(count)
+if rows.empty:
+    st.info("No image in this split matches the filter.")
+else:
+    with error_box("Drawing samples"):
+        pictures, captions = [], []
+        for _, row in rows.iterrows():
+            pictures.append(overlay_mask(index.image_of(row), index.mask_of(row)))
+            names = [index.classes[c] for c in row["classes"] if c] or ["no defect"]
+            captions.append(f"{row['image'].rsplit('/', 1)[-1]}: {', '.join(names)}")
+        image_grid(pictures, captions)
+
+st.markdown("#### Per-class statistics")
+stats = class_statistics(index)
+defects = stats[stats["class_id"] > 0]
+colour_map = {row["class"]: class_colour_hex(int(row["class_id"])) for _, row in defects.iterrows()}
+c1, c2 = st.columns(2)
+c1.plotly_chart(px.bar(defects, x="class", y="images", color="class", color_discrete_map=colour_map,
+                       title="Images per defect class"), width="stretch")
+c2.plotly_chart(px.bar(defects, x="class", y="pixel_share_percent", color="class",
+                       color_discrete_map=colour_map, title="Defect pixel share (% of all pixels)",
+                       labels={"pixel_share_percent": "% of pixels"}), width="stretch")
+sizes = defect_sizes(index)
+if sizes.empty:
+    st.info("No defect regions in this dataset.")
+else:
+    st.plotly_chart(px.box(sizes, x="class", y="area_px", color="class", color_discrete_map=colour_map,
+                           log_y=True, points=False, title="Defect size distribution (connected regions, px)"),
+                    width="stretch")
+st.success("Next: the Model page trains a baseline on this dataset.")

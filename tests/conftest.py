@@ -1,0 +1,28 @@
+"""Shared test setup: every test session gets its own workspace, so tests never touch
+./workspace; the real datasets are found beside the repository when present."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATASETS = REPO.parent / "shared" / "datasets"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    workspace = tmp_path_factory.mktemp("workspace")
+    os.environ["DEFECTPRUNE_WORKSPACE"] = str(workspace)
+    os.environ.setdefault("DEFECTPRUNE_DATA_ROOTS", os.pathsep.join([str(workspace / "datasets"), str(tmp_path_factory.getbasetemp())]))
+    return workspace
+
+
+def shared_dataset(name: str) -> Path:
+    """A real dataset from ../shared/datasets, or a skip saying why it is absent."""
+    path = SHARED_DATASETS / name
+    if not path.is_dir():
+        pytest.skip(f"real dataset {name} not found at {path} (it lives in ../shared/datasets beside the repository)")
+    return path

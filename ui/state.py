@@ -1,0 +1,77 @@
+"""The sidebar workspace (current dataset, model, run) and cached access to core objects."""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+
+import streamlit as st
+from streamlit.runtime.scriptrunner_utils.exceptions import RerunException, StopException
+
+from core.data.base import DatasetIndex
+from core.data.registry import DEFAULT_FORMAT, is_synthetic, load_index
+from core.errors import DefectPruneError
+
+log = logging.getLogger("defectprune.ui")
+
+
+@dataclass(frozen=True)
+class DatasetChoice:
+    format: str = DEFAULT_FORMAT
+    root: str | None = None  # None: the synthetic cache in the workspace
+    seed: int = 0
+
+    @property
+    def label(self) -> str:
+        return self.format if is_synthetic(self.format) else f"{self.format} ({self.root})"
+
+
+def current_dataset() -> DatasetChoice:
+    if "dataset" not in st.session_state:
+        st.session_state["dataset"] = asdict(DatasetChoice())
+    return DatasetChoice(**st.session_state["dataset"])
+
+
+def set_dataset(choice: DatasetChoice) -> None:
+    st.session_state["dataset"] = asdict(choice)
+
+
+@st.cache_resource(show_spinner="Reading the dataset (every image and mask is checked once)...")
+def cached_index(format_name: str, root: str | None, seed: int) -> DatasetIndex:
+    return load_index(format_name, root, seed=seed)
+
+
+def dataset_index(choice: DatasetChoice) -> DatasetIndex:
+    return cached_index(choice.format, choice.root, choice.seed)
+
+
+@contextmanager
+def error_box(action: str) -> Iterator[None]:
+    """Show a failure as an error box, never a traceback; the page keeps what it had.
+
+    Errors a user can act on show their message; anything else is a bug: its traceback goes
+    to the server log and the box says so."""
+    try:
+        yield
+    except (StopException, RerunException):
+        raise  # Streamlit's own control flow, not an error
+    except DefectPruneError as exc:
+        st.error(f"{action} failed: {exc}")
+    except Exception as exc:  # noqa: BLE001 - the dashboard must never show a traceback
+        log.error("%s failed unexpectedly:\n%s", action, traceback.format_exc())
+        st.error(f"{action} failed unexpectedly ({type(exc).__name__}: {exc}). "
+                 "The details are in the server log.")
+
+
+def sidebar_workspace() -> None:
+    """What the user is working on, on every page."""
+    with st.sidebar:
+        st.markdown("### Workspace")
+        st.markdown(f"**Dataset:** {current_dataset().label}")
+        model = st.session_state.get("model")
+        st.markdown(f"**Model:** {model or '— none yet (Model page)'}")
+        run = st.session_state.get("run")
+        st.markdown(f"**Run:** {run or '— none yet'}")
