@@ -93,6 +93,9 @@ def test_evaluate_test_split_and_size(trained, capsys):
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["split"] == "test" and result["size"] == [96, 64] and result["images"] == 3
+    limited = in_process(capsys, "evaluate", "--checkpoint", str(out), "--limit", "2", "--device", "cpu", "--json")
+    assert limited.returncode == 0, limited.stderr
+    assert json.loads(limited.stdout)["images"] == 2
 
 
 def test_corrupt_image_is_one_line_error(tmp_path):
@@ -184,3 +187,15 @@ def test_prediction_cache(trained, tmp_path):
     assert not repaired.from_cache
     np.testing.assert_array_equal(repaired.masks, first.masks)
     assert not list((tmp_path / "predictions").glob("*.tmp"))
+
+
+def test_limit_draws_from_the_whole_split():
+    from core.commands.train import sample_limit
+
+    data = list(range(100))
+    picked = sample_limit(data, 10, seed=0)
+    rows = list(picked.indices)
+    assert len(picked) == 10 and rows == sorted(set(rows)) and max(rows) >= 50
+    assert list(sample_limit(data, 10, seed=0).indices) == rows
+    assert list(sample_limit(data, 10, seed=1).indices) != rows
+    assert sample_limit(data, 100, seed=0) is data and sample_limit(data, None, seed=0) is data

@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     index, same_format = index_for_checkpoint(args.checkpoint, spec, args.format, args.root, args.split_seed)
     format_name = index.format
     size = parse_size(args.size, tuple(spec.input_size) if same_format else index.default_size)
-    dataset = sample_limit(SegmentationDataset(index, args.split, size, spec.in_channels), args.limit, split_seed)
+    dataset = sample_limit(SegmentationDataset(index, args.split, size, spec.in_channels), args.limit, index.seed)
     if len(dataset) == 0:
         raise EmptySplitError(f"the {args.split} split of {format_name} at {index.root} has no images")
     with TorchThreads(args.threads), ProgressBar(f"evaluate {args.split}") as bar:

@@ -7,7 +7,9 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
+from torch.utils.data import Dataset, Subset
 
 from core.cli import add_device_argument, print_json
 from core.data.base import parse_size
@@ -41,12 +43,22 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def sample_limit(dataset: Dataset, limit: int | None, seed: int) -> Dataset:
+    """At most ``limit`` samples, drawn (seeded) from across the whole split rather than its
+    first rows: a split sorted by file name can hold one class first (NEU-Seg's first 320
+    training images have no scratches at all)."""
+    if limit is None or limit >= len(dataset):
+        return dataset
+    rows = np.sort(np.random.default_rng(seed).choice(len(dataset), size=limit, replace=False))
+    return Subset(dataset, rows.tolist())
+
+
 def add_data_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument("--format", required=required, default=None, choices=format_names())
     parser.add_argument("--root", default=None, help="dataset folder (synthetic: generation cache)")
     parser.add_argument("--size", default=None, help="input size N or HxW (default: the format's)")
     parser.add_argument("--limit", type=positive_int, default=None,
-                        help="use at most this many images of each split (quick runs)")
+                        help="use at most this many images of each split, drawn seeded from the whole split")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument("--workers", type=non_negative_int, default=0, help="data-loading worker processes")
@@ -82,9 +94,9 @@ def run(args: argparse.Namespace) -> int:
     index = load_index(args.format, args.root, seed=args.split_seed)
     size = parse_size(args.size, index.default_size)
     in_channels = args.in_channels or index.native_channels
-    train_ds = SegmentationDataset(index, "train", size, in_channels, augment=not args.no_augment,
-                                   seed=args.seed, limit=args.limit)
-    val_ds = SegmentationDataset(index, "val", size, in_channels, limit=args.limit)
+    train_ds = sample_limit(SegmentationDataset(index, "train", size, in_channels, augment=not args.no_augment,
+                                                seed=args.seed), args.limit, args.split_seed)
+    val_ds = sample_limit(SegmentationDataset(index, "val", size, in_channels), args.limit, args.split_seed)
     for name, dataset in (("train", train_ds), ("val", val_ds)):
         if len(dataset) == 0:
             raise EmptySplitError(
