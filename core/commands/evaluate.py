@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from core.cli import add_device_argument, print_json
-from core.commands.train import add_data_arguments, format_metrics, sample_limit
+from core.commands.train import add_data_arguments, dataset_options, format_metrics, sample_limit
 from core.data.base import SPLITS, DatasetIndex, parse_size
 from core.data.dataset import SegmentationDataset
 from core.data.registry import load_index
 from core.errors import DefectPruneError
 from core.models.zoo import ModelSpec
-from core.train import EmptySplitError, ProgressBar, TorchThreads, evaluate, resolve_device
+from core.metrics import EvaluationResult
+from core.train import EmptySplitError, ProgressCallback, ProgressBar, TorchThreads, evaluate, resolve_device
 
 
 class CheckpointDatasetMismatchError(DefectPruneError):
@@ -23,7 +25,7 @@ class CheckpointDatasetMismatchError(DefectPruneError):
 
 
 def index_for_checkpoint(checkpoint: str | Path, spec: ModelSpec, format_name: str | None, root: str | None,
-                         split_seed: int | None) -> tuple[DatasetIndex, bool]:
+                         split_seed: int | None, options: dict | None = None) -> tuple[DatasetIndex, bool]:
     """The dataset a command runs a checkpoint on: the one in its spec unless another is
     given, refused when its classes differ from the model's. Also says whether it is the
     checkpoint's own format (whose input size then applies)."""
@@ -35,7 +37,8 @@ def index_for_checkpoint(checkpoint: str | Path, spec: ModelSpec, format_name: s
     same_format = format_name == spec.dataset_format
     if root is None and same_format:
         root = spec.dataset_root or None
-    index = load_index(format_name, root, seed=spec.split_seed if split_seed is None else split_seed)
+    index = load_index(format_name, root, seed=spec.split_seed if split_seed is None else split_seed,
+                       **(options or {}))
     if list(index.classes) != list(spec.classes):
         raise CheckpointDatasetMismatchError(
             f"checkpoint {checkpoint} predicts classes {', '.join(spec.classes)} but {format_name} at "
@@ -58,20 +61,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def evaluate_from_args(args: argparse.Namespace,
+                       progress: ProgressCallback | None = None) -> tuple[dict[str, Any], EvaluationResult]:
+    """Everything ``evaluate`` does except printing: shared with the run store's evaluate
+    job. Returns the command's JSON payload and the full result (per-image table)."""
     from core.models.checkpoint import load_checkpoint
 
     device = resolve_device(args.device)
     loaded = load_checkpoint(args.checkpoint, device="cpu")
     spec, model = loaded.spec, loaded.model
-    index, same_format = index_for_checkpoint(args.checkpoint, spec, args.format, args.root, args.split_seed)
+    index, same_format = index_for_checkpoint(args.checkpoint, spec, args.format, args.root, args.split_seed,
+                                              dataset_options(args))
     format_name = index.format
     size = parse_size(args.size, tuple(spec.input_size) if same_format else index.default_size)
     dataset = sample_limit(SegmentationDataset(index, args.split, size, spec.in_channels), args.limit, index.seed)
     if len(dataset) == 0:
         raise EmptySplitError(f"the {args.split} split of {format_name} at {index.root} has no images")
-    with TorchThreads(args.threads), ProgressBar(f"evaluate {args.split}") as bar:
-        result = evaluate(model, dataset, device, args.batch_size, progress=bar, class_names=spec.classes,
+    with TorchThreads(args.threads):
+        result = evaluate(model, dataset, device, args.batch_size, progress=progress, class_names=spec.classes,
                           num_workers=args.workers)
     if args.per_image:
         csv = Path(args.per_image)
@@ -89,6 +96,13 @@ def run(args: argparse.Namespace) -> int:
         "seconds": round(result.seconds, 3),
         "device": str(device),
     }
+    return payload, result
+
+
+def run(args: argparse.Namespace) -> int:
+    with ProgressBar(f"evaluate {args.split}") as bar:
+        payload, result = evaluate_from_args(args, progress=bar)
+    metrics, format_name, size = result.metrics.to_dict(), payload["format"], payload["size"]
     if args.json:
         print_json(payload)
         return 0

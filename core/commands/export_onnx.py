@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from core.cli import print_json
 from core.data.base import parse_size
@@ -26,7 +27,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def export_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Everything ``export-onnx`` does except printing (also the run store's export job)."""
     loaded = load_checkpoint(args.checkpoint, device="cpu")
     size = parse_size(args.size, tuple(loaded.spec.input_size))
     channels = loaded.spec.in_channels
@@ -41,6 +43,12 @@ def run(args: argparse.Namespace) -> int:
         "in_channels": channels,
         "size_bytes": path.stat().st_size,
     }
+    return payload
+
+
+def run(args: argparse.Namespace) -> int:
+    payload = export_from_args(args)
+    diff = payload["max_abs_diff"]
     if diff > DIFF_WARNING:
         print(f"warning: ONNX Runtime differs from PyTorch by {diff:.2e} (more than {DIFF_WARNING:g})",
               file=sys.stderr)

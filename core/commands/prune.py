@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from core.cli import add_device_argument, print_json
 from core.commands.evaluate import index_for_checkpoint
-from core.commands.train import add_data_arguments, non_negative_int, positive_int
+from core.commands.train import add_data_arguments, dataset_options, non_negative_int, positive_int
 from core.data.base import parse_size
 from core.data.dataset import SegmentationDataset
 from core.allocation.base import AllocationLimits
@@ -18,6 +19,9 @@ from core.allocation.scoring_network import ScoringNetworkSettings
 from core.importance.criteria import CRITERIA
 from core.pruning.methods import METHODS
 from core.train import TorchThreads, TrainConfig, resolve_device
+
+if TYPE_CHECKING:
+    from core.pruning.loop import LoopProgress, LoopResult, LoopSettings
 
 
 def fraction(text: str) -> float:
@@ -61,15 +65,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 class LoopBar:
-    """tqdm view of the loop's (fraction, message) progress."""
+    """tqdm view of the loop's (fraction, message) progress; the bar appears with the first
+    report, so an error before the loop starts stays a single line."""
 
     def __init__(self):
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(total=1000, desc="prune", unit="‰", dynamic_ncols=True, file=sys.stderr)
+        self.bar = None
         self.message = ""
 
     def __call__(self, fraction: float, message: str) -> bool:
+        if self.bar is None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=1000, desc="prune", unit="‰", dynamic_ncols=True, file=sys.stderr)
         self.bar.update(int(fraction * 1000) - self.bar.n)
         if message != self.message:
             self.message = message
@@ -77,27 +84,17 @@ class LoopBar:
         return False
 
     def close(self) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
-def run(args: argparse.Namespace) -> int:
-    from core.models.checkpoint import load_checkpoint
-    from core.pruning.loop import LoopSettings, run_prune_loop
+def loop_settings_from_args(args: argparse.Namespace, device: str) -> LoopSettings:
+    """The loop's settings from ``prune``'s arguments (also the run store's prune job's)."""
+    from core.pruning.loop import LoopSettings
     from core.pruning.step import StepSettings
 
-    device = resolve_device(args.device)
-    loaded = load_checkpoint(args.checkpoint, device=device)
-    spec = loaded.spec
-    index, same_format = index_for_checkpoint(args.checkpoint, spec, args.format, args.root, args.split_seed)
-    size = parse_size(args.size, tuple(spec.input_size) if same_format else index.default_size)
-    spec.input_size = size
-    datasets = {
-        split: SegmentationDataset(index, split, size, spec.in_channels, augment=split == "train",
-                                   seed=args.seed, limit=args.limit)
-        for split in ("train", "val", "test")
-    }
     kind, target = ("params", args.target_params) if args.target_params else ("macs", args.target_macs or 0.8)
-    settings = LoopSettings(
+    return LoopSettings(
         method=args.method, allocator=args.allocator, criterion=args.criterion, target=target,
         target_kind=kind, tolerance=args.tolerance, step=args.step, finetune_epochs=args.finetune_epochs,
         max_rounds=args.max_rounds, stop_at_tolerance=not args.no_tolerance_stop,
@@ -109,11 +106,36 @@ def run(args: argparse.Namespace) -> int:
                              patience=None, seed=args.seed, num_threads=args.threads, device=str(device),
                              num_workers=args.workers),
     )
+
+
+def prune_from_args(args: argparse.Namespace, progress: LoopProgress | None = None) -> LoopResult:
+    """Everything ``prune`` does except printing: shared with the run store's prune job.
+    Run again on the same ``--out`` it resumes after the last finished round."""
+    from core.models.checkpoint import load_checkpoint
+    from core.pruning.loop import run_prune_loop
+
+    device = resolve_device(args.device)
+    loaded = load_checkpoint(args.checkpoint, device=device)
+    spec = loaded.spec
+    index, same_format = index_for_checkpoint(args.checkpoint, spec, args.format, args.root, args.split_seed,
+                                              dataset_options(args))
+    size = parse_size(args.size, tuple(spec.input_size) if same_format else index.default_size)
+    spec.input_size = size
+    datasets = {
+        split: SegmentationDataset(index, split, size, spec.in_channels, augment=split == "train",
+                                   seed=args.seed, limit=args.limit)
+        for split in ("train", "val", "test")
+    }
+    settings = loop_settings_from_args(args, str(device))
+    with TorchThreads(args.threads):
+        return run_prune_loop(loaded.model, spec, list(loaded.history), datasets["train"], datasets["val"],
+                              datasets["test"], args.out, settings, progress=progress)
+
+
+def run(args: argparse.Namespace) -> int:
     bar = LoopBar()
     try:
-        with TorchThreads(args.threads):
-            result = run_prune_loop(loaded.model, spec, list(loaded.history), datasets["train"], datasets["val"],
-                                    datasets["test"], args.out, settings, progress=bar)
+        result = prune_from_args(args, progress=bar)
     finally:
         bar.close()
     payload = result.to_dict()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,7 +19,9 @@ from core.data.registry import format_names, load_index
 from core.errors import DefectPruneError
 from core.models.checkpoint import SPEC_FILE, save_checkpoint
 from core.models.zoo import ARCHITECTURES, DEFAULT_ARCH, DEFAULT_ENCODER, ENCODERS, ModelSpec, build_model
-from core.train import EmptySplitError, ProgressBar, TrainConfig, fit, resolve_device, seed_everything
+from core.train import (
+    EmptySplitError, ProgressBar, ProgressCallback, TrainConfig, fit, resolve_device, seed_everything,
+)
 
 TRAINING_HISTORY_FILE = "training_history.json"
 
@@ -62,6 +65,16 @@ def add_data_arguments(parser: argparse.ArgumentParser, required: bool = True) -
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument("--workers", type=non_negative_int, default=0, help="data-loading worker processes")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a dataset format option, VALUE as JSON where it parses (repeatable), "
+                             "e.g. num_images=24 image_size=64 for a synthetic family")
+
+
+def dataset_options(args: argparse.Namespace) -> dict:
+    """The ``--option KEY=VALUE`` format options of a command's arguments."""
+    from core.commands.data import parse_options
+
+    return parse_options(getattr(args, "option", None) or [])
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -89,9 +102,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def train_from_args(args: argparse.Namespace, progress: ProgressCallback | None = None) -> dict[str, Any]:
+    """Everything ``train`` does except printing: shared with the run store's train job,
+    which passes its own progress callback. Returns the command's JSON payload."""
     device = resolve_device(args.device)
-    index = load_index(args.format, args.root, seed=args.split_seed)
+    options = dataset_options(args)
+    index = load_index(args.format, args.root, seed=args.split_seed, **options)
     size = parse_size(args.size, index.default_size)
     in_channels = args.in_channels or index.native_channels
     train_ds = sample_limit(SegmentationDataset(index, "train", size, in_channels, augment=not args.no_augment,
@@ -125,8 +141,7 @@ def run(args: argparse.Namespace) -> int:
                                "choose another folder or empty it")
     seed_everything(args.seed)  # the initial weights follow the seed too
     model = build_model(spec)
-    with ProgressBar(f"train {args.arch}-{args.encoder}") as bar:
-        result = fit(model, train_ds, val_ds, config, progress=bar, class_names=index.classes)
+    result = fit(model, train_ds, val_ds, config, progress=progress, class_names=index.classes)
     if result.epochs_run == 0:
         raise DefectPruneError("training was stopped before the first epoch ended; nothing was saved")
     spec.metrics = {"split": "val", **(result.best_val or {})}
@@ -134,12 +149,12 @@ def run(args: argparse.Namespace) -> int:
     checkpoint = Path(save_checkpoint(out, model.cpu(), spec))
     (checkpoint / TRAINING_HISTORY_FILE).write_text(json.dumps({
         "config": {k: v for k, v in vars(config).items()},
-        "dataset": {"format": index.format, "root": str(index.root), "split_seed": args.split_seed,
+        "dataset": {"format": index.format, "root": str(index.root), "split_seed": args.split_seed, "options": options,
                     "train_images": len(train_ds), "val_images": len(val_ds), "size": list(size)},
         "torch_threads": args.threads or torch.get_num_threads(),
         **{k: v for k, v in result.to_dict().items() if k != "val"},
     }, indent=2, default=str))
-    payload = {
+    return {
         "checkpoint": str(checkpoint),
         "epochs_run": result.epochs_run,
         "best_epoch": result.best_epoch,
@@ -152,13 +167,18 @@ def run(args: argparse.Namespace) -> int:
         "val_images": len(val_ds),
         "val": result.best_val,
     }
+
+
+def run(args: argparse.Namespace) -> int:
+    with ProgressBar(f"train {args.arch}-{args.encoder}") as bar:
+        payload = train_from_args(args, progress=bar)
     if args.json:
         print_json(payload)
         return 0
-    val = result.best_val or {}
-    print(f"saved {checkpoint} after {result.epochs_run} epoch(s) (best epoch {result.best_epoch}"
-          f"{', stopped early' if result.stopped_early else ''}{', stopped by user' if result.stopped_by_user else ''})")
-    print(format_metrics("val", val))
+    print(f"saved {payload['checkpoint']} after {payload['epochs_run']} epoch(s) (best epoch {payload['best_epoch']}"
+          f"{', stopped early' if payload['stopped_early'] else ''}"
+          f"{', stopped by user' if payload['stopped_by_user'] else ''})")
+    print(format_metrics("val", payload["val"] or {}))
     return 0
 
 
