@@ -191,12 +191,12 @@ def dependency_graph(model: nn.Module, input_size: Sequence[int] = (64, 64),
                      in_channels: int | None = None) -> tp.DependencyGraph:
     """Torch-Pruning's dependency graph of ``model``, traced in eval mode on a dummy batch
     (the module training flags are restored afterwards)."""
-    graph, _trace = _graph_and_trace(model, input_size, in_channels)
+    graph, _trace = graph_and_trace(model, input_size, in_channels)
     return graph
 
 
-def _graph_and_trace(model: nn.Module, input_size: Sequence[int],
-                     in_channels: int | None) -> tuple[tp.DependencyGraph, ModelTrace]:
+def graph_and_trace(model: nn.Module, input_size: Sequence[int],
+                    in_channels: int | None) -> tuple[tp.DependencyGraph, ModelTrace]:
     """The dependency graph and the `ModelTrace` from the graph's own tracing forward."""
     channels = model_in_channels(model) if in_channels is None else in_channels
     example = example_input(input_size, channels, device=model_device(model))
@@ -249,7 +249,7 @@ def prunable_groups(model: nn.Module, input_size: Sequence[int] = (64, 64),
     """
     channels = model_in_channels(model) if in_channels is None else in_channels
     if graph is None:
-        graph, trace = _graph_and_trace(model, input_size, channels)
+        graph, trace = graph_and_trace(model, input_size, channels)
     else:
         trace = trace_model(model, input_size, channels)
     order, scales = trace.order, trace.scales

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torch_pruning as tp
 
 from core.errors import DefectPruneError
+from core.models.groups import ROOT_MODULE_TYPES, classifier_layers, graph_and_trace, role_of, torch_groups
 
 
 class PruningError(DefectPruneError):
@@ -26,16 +26,7 @@ class PruningError(DefectPruneError):
 
 
 # Convolutions of every kind (Conv2d, ConvTranspose2d in Linknet's decoder) own channels.
-CONV_TYPES = (nn.modules.conv._ConvNd,)
-
-
-def classifier_convs(model: nn.Module) -> list[nn.Module]:
-    """The final classifier conv(s) of a segmentation-models-pytorch head: never pruned."""
-    head = getattr(model, "segmentation_head", None)
-    convs = [m for m in head.modules() if isinstance(m, CONV_TYPES)] if head is not None else []
-    if not convs:
-        raise PruningError(f"{type(model).__name__} has no segmentation_head conv to protect")
-    return convs[-1:]
+CONV_TYPES = ROOT_MODULE_TYPES
 
 
 @dataclass
@@ -57,56 +48,32 @@ class PrunableGroup:
 
     @property
     def role(self) -> str:
-        top = self.name.split(".", 1)[0]
-        return {"encoder": "encoder", "decoder": "decoder"}.get(top, "head")
+        return role_of(self.name)
 
 
 class PruningGraph:
+    """The groups of a model as the pruning method sees them. Tracing, network order, scales
+    and the classifier exclusion are the group map's (`core.models.groups`), so the dashboard's
+    layer charts and the pruning code agree on every group."""
+
     def __init__(self, model: nn.Module, example_inputs: torch.Tensor):
         self.model = model
         self.example_inputs = example_inputs
         self.names = {module: name for name, module in model.named_modules()}
         self.modules = dict(model.named_modules())
-        self.ignored = classifier_convs(model)
-        self.dependency_graph = tp.DependencyGraph().build_dependency(model, example_inputs=(example_inputs,))
-        order, heights = self._execution_order(example_inputs)
-        groups = []
-        for tp_group in self.dependency_graph.get_all_groups(
-            ignored_layers=self.ignored, root_module_types=list(CONV_TYPES)
-        ):
-            groups.append(self._describe(tp_group))
-        groups.sort(key=lambda g: order.get(g.name, math.inf))
-        for i, g in enumerate(groups):
-            g.index = i
-            g.scale = max(1, round(example_inputs.shape[-2] / heights.get(g.name, example_inputs.shape[-2])))
-        self.groups: list[PrunableGroup] = groups
-        self.by_name = {g.name: g for g in groups}
+        self.ignored = classifier_layers(model)
+        if not self.ignored:
+            raise PruningError(f"{type(model).__name__} has no segmentation_head conv to protect")
+        self.dependency_graph, trace = graph_and_trace(model, example_inputs.shape[-2:], example_inputs.shape[1])
+        self.groups: list[PrunableGroup] = []
+        for index, tp_group in enumerate(torch_groups(model, self.dependency_graph, self.ignored, trace.order)):
+            group = self._describe(tp_group)
+            group.index = index
+            group.scale = int(trace.scales.get(group.name, 1))
+            self.groups.append(group)
+        self.by_name = {g.name: g for g in self.groups}
 
     # ------------------------------------------------------------ description
-    def _execution_order(self, example_inputs: torch.Tensor) -> tuple[dict[str, int], dict[str, int]]:
-        """Forward order of the convs and the height of each one's output."""
-        order: dict[str, int] = {}
-        heights: dict[str, int] = {}
-
-        def record(name: str):
-            def hook(_module, _inputs, output) -> None:
-                order.setdefault(name, len(order))
-                heights.setdefault(name, int(output.shape[-2]))
-            return hook
-
-        hooks = [m.register_forward_hook(record(n)) for n, m in self.model.named_modules()
-                 if isinstance(m, CONV_TYPES)]
-        try:
-            with torch.no_grad():
-                was_training = self.model.training
-                self.model.eval()
-                self.model(example_inputs)
-                self.model.train(was_training)
-        finally:
-            for h in hooks:
-                h.remove()
-        return order, heights
-
     def _describe(self, tp_group) -> PrunableGroup:
         root = tp_group[0].dep.target.module
         name = self.names[root]
