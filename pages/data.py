@@ -37,13 +37,17 @@ else:
         fmt = st.selectbox("Format", REAL, key="data_format", index=REAL.index(chosen.format) if chosen.format in REAL else 0)
         path = st.text_input("Dataset folder", value=chosen.root or "", key="data_path",
                              help=f"Inside one of the data roots: {roots} (set DEFECTPRUNE_DATA_ROOTS).")
+        options = st.text_input("Format options (JSON, optional)", value=chosen.options, key="data_options",
+                                help='mvtec: {"category": "bottle"}; folder: {"class_names": ["background", '
+                                     '"scratch"], "colours": [[0, 0, 0], [255, 0, 0]]}')
         submitted = st.form_submit_button("Load dataset")
     st.caption(f"Data roots: {roots}")
     if submitted:
         with error_box("Loading the dataset"):
             root = str(confine_to_data_roots(path))
-            dataset_index(DatasetChoice(format=fmt, root=root, seed=chosen.seed))
-            set_dataset(DatasetChoice(format=fmt, root=root, seed=chosen.seed))
+            choice = DatasetChoice(format=fmt, root=root, seed=chosen.seed, options=options)
+            dataset_index(choice)
+            set_dataset(choice)
             chosen = current_dataset()
 
 index = None

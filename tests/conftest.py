@@ -6,7 +6,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
+# One compute thread per process: tests start subprocesses (CLI, worker, dashboard) beside
+# this one, and two processes each spinning two threads on two cores run many times slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = REPO.parent / "shared" / "datasets"

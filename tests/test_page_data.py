@@ -80,3 +80,13 @@ def test_a_corrupt_image_shows_an_error_box(app, tmp_path):
     app.button[0].click().run()
     assert not app.exception
     assert app.error and "000002.jpg" in app.error[0].value
+
+
+def test_bad_format_options_show_an_error_box(app, tmp_path):
+    app.radio(key="data_source").set_value("Real dataset on disk").run()
+    app.selectbox(key="data_format").set_value("mvtec")
+    app.text_input(key="data_path").input(str(tmp_path))
+    app.text_input(key="data_options").input("{category: bottle")
+    app.button[0].click().run()
+    assert not app.exception
+    assert app.error and "not valid JSON" in app.error[0].value

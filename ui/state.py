@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import traceback
 from collections.abc import Iterator
@@ -18,11 +19,28 @@ from core.errors import DefectPruneError
 log = logging.getLogger("defectprune.ui")
 
 
+class DatasetOptionsError(DefectPruneError):
+    pass
+
+
 @dataclass(frozen=True)
 class DatasetChoice:
     format: str = DEFAULT_FORMAT
     root: str | None = None  # None: the synthetic cache in the workspace
     seed: int = 0
+    options: str = ""  # format options as JSON text, e.g. {"category": "bottle"} for mvtec
+
+    def parsed_options(self) -> dict:
+        if not self.options.strip():
+            return {}
+        try:
+            value = json.loads(self.options)
+        except json.JSONDecodeError as exc:
+            raise DatasetOptionsError(f"options are not valid JSON ({exc.msg}); write e.g. "
+                                      '{"category": "bottle"}') from None
+        if not isinstance(value, dict):
+            raise DatasetOptionsError('options must be a JSON object, e.g. {"category": "bottle"}')
+        return value
 
     @property
     def label(self) -> str:
@@ -40,12 +58,12 @@ def set_dataset(choice: DatasetChoice) -> None:
 
 
 @st.cache_resource(show_spinner="Reading the dataset (every image and mask is checked once)...")
-def cached_index(format_name: str, root: str | None, seed: int) -> DatasetIndex:
-    return load_index(format_name, root, seed=seed)
+def cached_index(format_name: str, root: str | None, seed: int, options: str) -> DatasetIndex:
+    return load_index(format_name, root, seed=seed, **DatasetChoice(format_name, root, seed, options).parsed_options())
 
 
 def dataset_index(choice: DatasetChoice) -> DatasetIndex:
-    return cached_index(choice.format, choice.root, choice.seed)
+    return cached_index(choice.format, choice.root, choice.seed, choice.options)
 
 
 @contextmanager
