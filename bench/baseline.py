@@ -102,8 +102,8 @@ def pct(value: float | None) -> str:
 def report(results: list[dict], skipped: list[tuple[str, str]], args: argparse.Namespace, argv: list[str]) -> str:
     lines = ["# Baseline: unpruned Unet-ResNet-18, trained from scratch", ""]
     if args.limit:
-        lines += [f"**Smoke run (`--limit {args.limit}`, {args.epochs} epoch(s)): proves the script "
-                  "works; these numbers are not a benchmark.**", ""]
+        lines += [f"**Reduced run: every split capped at {args.limit} images (a seeded sample, `--limit`), "
+                  f"at most {args.epochs} epoch(s); not the full datasets.**", ""]
     lines += [
         "Command: `" + shlex.join(["python", "bench/baseline.py", *argv]) + "`",
         "",

@@ -2,7 +2,7 @@
 synthetic family, plus the allocation check of METHOD.md part 2 on NEU-Seg.
 
     .venv/bin/python bench/method_smoke.py [--family steel] [--epochs 20] [--finetune-epochs 2]
-        [--scoring-steps 300] [--threads 2] [--skip-neu] [--neu-train-limit 1000]
+        [--scoring-steps 300] [--threads 2] [--skip-neu] [--neu-train-limit 1000] [--neu-checkpoint DIR]
 
 Part 1: a synthetic family at 128 px, the default model (Unet-resnet18, trained from scratch,
 cached under bench/cache/), then each of the six methods walks 50% -> 75% -> 80% fewer MACs
@@ -115,12 +115,12 @@ def part_allocation(args) -> list[str]:
     root = SHARED / "neu-seg"
     if not root.is_dir():
         return ["### NEU-Seg allocation check", "", f"Skipped: {root} not found."]
-    base = train_baseline("neu-seg", str(root), CACHE / f"neu{args.neu_train_limit}-unet-resnet18-128", args,
-                          args.neu_train_limit)
+    base = args.neu_checkpoint or train_baseline(
+        "neu-seg", str(root), CACHE / f"neu{args.neu_train_limit}-unet-resnet18-128", args, args.neu_train_limit)
     loaded = load_checkpoint(base)
-    train, val, test = datasets("neu-seg", str(root), loaded.spec.input_size, loaded.spec.in_channels, 0,
-                                args.neu_train_limit)
-    base_val = loaded.spec.metrics.get("defect_miou")
+    train, val, test = datasets("neu-seg", str(root), loaded.spec.input_size, loaded.spec.in_channels,
+                                loaded.spec.split_seed, args.neu_train_limit)
+    base_val = loaded.spec.metrics.get("defect_miou") or float("nan")
     lines = ["### NEU-Seg allocation check (METHOD.md part 2 setting)", "",
              f"Baseline val defect mIoU {base_val:.2f} ({len(train)} training images).", "",
              "| allocator | criterion | MACs reduction | params reduction | val defect mIoU | test defect mIoU | wall s |",
@@ -154,6 +154,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--neu-train-limit", type=int, default=1000)
+    parser.add_argument("--neu-checkpoint", type=Path, default=None,
+                        help="a trained NEU-Seg baseline to use (e.g. from bench/baseline.py)")
     parser.add_argument("--skip-neu", action="store_true")
     parser.add_argument("--skip-methods", action="store_true")
     args = parser.parse_args()

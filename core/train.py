@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from core.errors import DefectPruneError
 from core.metrics import (
-    ConfusionMatrix, EvaluationResult, SegmentationMetrics, batch_confusion, per_image_table,
+    EvaluationResult, SegmentationMetrics, batch_confusion, per_image_table,
 )
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")

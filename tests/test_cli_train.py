@@ -189,13 +189,16 @@ def test_prediction_cache(trained, tmp_path):
     assert not list((tmp_path / "predictions").glob("*.tmp"))
 
 
-def test_limit_draws_from_the_whole_split():
-    from core.commands.train import sample_limit
+def test_limit_draws_from_the_whole_split(tmp_path):
+    from core.data.dataset import SegmentationDataset
+    from core.data.registry import load_index
 
-    data = list(range(100))
-    picked = sample_limit(data, 10, seed=0)
-    rows = list(picked.indices)
-    assert len(picked) == 10 and rows == sorted(set(rows)) and max(rows) >= 50
-    assert list(sample_limit(data, 10, seed=0).indices) == rows
-    assert list(sample_limit(data, 10, seed=1).indices) != rows
-    assert sample_limit(data, 100, seed=0) is data and sample_limit(data, None, seed=0) is data
+    index = load_index("synthetic-metal", tmp_path, num_images=60, image_size=64)
+    full = SegmentationDataset(index, "train")
+    picked = SegmentationDataset(index, "train", limit=10)
+    rows = [full.samples.index[full.samples["image"] == p][0] for p in picked.samples["image"]]
+    assert len(picked) == 10 and rows == sorted(set(rows)) and max(rows) >= len(full) // 2
+    assert list(SegmentationDataset(index, "train", limit=10).samples["image"]) == list(picked.samples["image"])
+    other = load_index("synthetic-metal", tmp_path, seed=1, num_images=60, image_size=64)
+    assert set(SegmentationDataset(other, "train", limit=10).samples["image"]) != set(picked.samples["image"])
+    assert len(SegmentationDataset(index, "train", limit=1000)) == len(full)

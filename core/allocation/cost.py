@@ -32,7 +32,6 @@ class CostModel:
             self.macs0, self.params0, layer_macs, layer_params = tp.utils.count_ops_and_params(
                 model, example, layer_wise=True)
         self.graph = graph
-        g_index = {g.name: g.index for g in graph.groups}
         out_owner: dict[str, int] = {}
         in_parts: dict[str, list[tuple[int, int]]] = {}
         for g in graph.groups:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from core.cli import add_device_argument, print_json
-from core.commands.train import add_data_arguments, dataset_options, format_metrics, sample_limit
+from core.commands.train import add_data_arguments, dataset_options, format_metrics
 from core.data.base import SPLITS, DatasetIndex, parse_size
 from core.data.dataset import SegmentationDataset
 from core.data.registry import load_index
@@ -74,7 +74,7 @@ def evaluate_from_args(args: argparse.Namespace,
                                               dataset_options(args))
     format_name = index.format
     size = parse_size(args.size, tuple(spec.input_size) if same_format else index.default_size)
-    dataset = sample_limit(SegmentationDataset(index, args.split, size, spec.in_channels), args.limit, index.seed)
+    dataset = SegmentationDataset(index, args.split, size, spec.in_channels, limit=args.limit)
     if len(dataset) == 0:
         raise EmptySplitError(f"the {args.split} split of {format_name} at {index.root} has no images")
     with TorchThreads(args.threads):

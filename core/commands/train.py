@@ -8,9 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from torch.utils.data import Dataset, Subset
 
 from core.cli import add_device_argument, print_json
 from core.data.base import parse_size
@@ -44,16 +42,6 @@ def non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
     return value
-
-
-def sample_limit(dataset: Dataset, limit: int | None, seed: int) -> Dataset:
-    """At most ``limit`` samples, drawn (seeded) from across the whole split rather than its
-    first rows: a split sorted by file name can hold one class first (NEU-Seg's first 320
-    training images have no scratches at all)."""
-    if limit is None or limit >= len(dataset):
-        return dataset
-    rows = np.sort(np.random.default_rng(seed).choice(len(dataset), size=limit, replace=False))
-    return Subset(dataset, rows.tolist())
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -110,9 +98,9 @@ def train_from_args(args: argparse.Namespace, progress: ProgressCallback | None 
     index = load_index(args.format, args.root, seed=args.split_seed, **options)
     size = parse_size(args.size, index.default_size)
     in_channels = args.in_channels or index.native_channels
-    train_ds = sample_limit(SegmentationDataset(index, "train", size, in_channels, augment=not args.no_augment,
-                                                seed=args.seed), args.limit, args.split_seed)
-    val_ds = sample_limit(SegmentationDataset(index, "val", size, in_channels), args.limit, args.split_seed)
+    train_ds = SegmentationDataset(index, "train", size, in_channels, augment=not args.no_augment,
+                                   seed=args.seed, limit=args.limit)
+    val_ds = SegmentationDataset(index, "val", size, in_channels, limit=args.limit)
     for name, dataset in (("train", train_ds), ("val", val_ds)):
         if len(dataset) == 0:
             raise EmptySplitError(

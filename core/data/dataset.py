@@ -73,8 +73,11 @@ class SegmentationDataset(Dataset):
     ):
         self.index = index
         self.samples = index.split(split)
-        if limit is not None:
-            self.samples = self.samples.iloc[:limit].reset_index(drop=True)
+        if limit is not None and limit < len(self.samples):
+            # a seeded sample from across the split, not its first rows: a split sorted by file
+            # name can hold one class first (NEU-Seg's first 320 training images have no scratches)
+            rows = np.sort(np.random.default_rng(index.seed).choice(len(self.samples), size=limit, replace=False))
+            self.samples = self.samples.iloc[rows].reset_index(drop=True)
         self.size = tuple(size or index.default_size)
         self.in_channels = in_channels
         self.augment = augment

@@ -12,12 +12,12 @@ Every finished round is written to ``<out>/rounds.json`` (atomically) with its c
 
 from __future__ import annotations
 
+import copy
 import json
 import os
-import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ from core.pruning.graph import PruningError
 from core.pruning.methods import resolve_method
 from core.pruning.step import Batch, StepSettings, prune_step
 from core.train import (
-    Progress, StopRequested, TrainConfig, class_pixel_counts, class_weights_from_counts, evaluate, fine_tune,
+    Progress, TrainConfig, class_pixel_counts, class_weights_from_counts, evaluate, fine_tune,
 )
 
 LoopProgress = Callable[[float, str], "bool | None"]
@@ -291,8 +291,6 @@ def _finetune_config(settings: LoopSettings, round_index: int) -> TrainConfig:
 
 def _unaugmented(dataset: Dataset) -> Dataset:
     if getattr(dataset, "augment", False):
-        import copy
-
         clone = copy.copy(dataset)
         clone.augment = False
         return clone
