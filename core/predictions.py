@@ -14,8 +14,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
-import tempfile
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +25,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
+from core.atomic import write_atomic
 from core.config import workspace_dir
 from core.errors import DefectPruneError
 from core.train import (
@@ -141,22 +140,15 @@ def predictions_dir(workspace: str | Path | None = None) -> Path:
 # ---------------------------------------------------------------- storage
 def save_predictions(path: Path, masks: np.ndarray, image_paths: Sequence[str], meta: dict[str, Any]) -> Path:
     """Write atomically: a reader sees the old file or the whole new one, never half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.stem, suffix=".tmp", delete=False)
-    try:
-        with handle:
-            np.savez_compressed(
-                handle,
-                masks=np.ascontiguousarray(masks, dtype=np.uint8),
-                images=np.array(list(image_paths), dtype=np.str_),
-                meta=np.array(json.dumps(meta)),
-            )
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
+    def write(handle) -> None:
+        np.savez_compressed(
+            handle,
+            masks=np.ascontiguousarray(masks, dtype=np.uint8),
+            images=np.array(list(image_paths), dtype=np.str_),
+            meta=np.array(json.dumps(meta)),
+        )
+
+    write_atomic(path, write)
     return path
 
 

@@ -10,12 +10,10 @@ machine and the thread count changes the number more than anything else.
 from __future__ import annotations
 
 import contextlib
-import os
 import statistics
 import sys
 import tempfile
 import time
-import uuid
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +26,7 @@ import torch_pruning as tp
 from torch_pruning.utils import op_counter
 from tqdm import tqdm
 
+from core.atomic import atomic_path
 from core.errors import DefectPruneError
 from core.models.groups import eval_mode, example_input, macs_counter_of, model_device
 
@@ -179,9 +178,8 @@ def export_onnx(model: nn.Module, path: str | Path, input_size: Sequence[int], i
         raise OnnxExportError(f"{path} is a folder; give a file name such as {path / 'model.onnx'}")
     path.parent.mkdir(parents=True, exist_ok=True)
     example = _example(input_size, in_channels, model_device(model), batch=1)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        with eval_mode(model), torch.no_grad(), warnings.catch_warnings(), \
+        with atomic_path(path) as tmp, eval_mode(model), torch.no_grad(), warnings.catch_warnings(), \
                 contextlib.redirect_stdout(sys.stderr):
             warnings.simplefilter("ignore")
             torch.onnx.export(
@@ -190,16 +188,10 @@ def export_onnx(model: nn.Module, path: str | Path, input_size: Sequence[int], i
                 dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
                 do_constant_folding=True,
             )
-        _fsync_file(tmp)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
     except DefectPruneError:
         raise
     except Exception as exc:  # the exporter raises many types; the user needs one message
         raise OnnxExportError(f"ONNX export to {path} failed: {type(exc).__name__}: {exc}".splitlines()[0]) from exc
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 
@@ -293,21 +285,3 @@ def profile_model(model: nn.Module, spec: Any, checkpoint_dir: str | Path | None
 def _example(input_size: Sequence[int], in_channels: int, device: torch.device | str,
              batch: int = 1) -> torch.Tensor:
     return example_input(input_size, int(in_channels), batch=batch, device=device)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -34,6 +34,7 @@ import torch_pruning as tp
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from core.atomic import fsync_dir, fsync_file
 from core.errors import DefectPruneError
 from core.models.groups import classifier_layers, eval_mode, example_input, model_in_channels
 from core.models.zoo import ARCHITECTURES, ENCODERS, ModelSpec, build_model
@@ -111,8 +112,8 @@ def save_checkpoint(path: str | Path, model: nn.Module, spec: ModelSpec,
         tensors = _contiguous_state(model)
         save_file(tensors, str(tmp / WEIGHTS_FILE),
                   metadata={"format": "pt", CHECKSUM_KEY: tensors_digest(tensors)})
-        _fsync_file(tmp / WEIGHTS_FILE)
-        _fsync_dir(tmp)
+        fsync_file(tmp / WEIGHTS_FILE)
+        fsync_dir(tmp)
         if path.exists():
             os.replace(path, old)  # the new checkpoint is complete: only now move the old one
             try:
@@ -122,7 +123,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, spec: ModelSpec,
                 raise
         else:
             os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -381,21 +382,3 @@ def _write_json(file: Path, data: Any) -> None:
         json.dump(data, handle, indent=2, default=_json_default)
         handle.flush()
         os.fsync(handle.fileno())
-
-
-def _fsync_file(file: Path) -> None:
-    with open(file, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

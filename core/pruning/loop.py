@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -27,6 +25,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
+from core.atomic import write_json_atomic
 from core.models.checkpoint import load_checkpoint, save_checkpoint
 from core.models.zoo import ModelSpec
 from core.profile import count_macs, count_params, measure_latency
@@ -115,15 +114,6 @@ def calibration_batches(dataset: Dataset, count: int, batch_size: int, seed: int
         (torch.stack([x for x, _ in items[i:i + batch_size]]), torch.stack([y for _, y in items[i:i + batch_size]]))
         for i in range(0, len(items), batch_size)
     ]
-
-
-def _write_json_atomic(path: Path, payload: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(payload, handle, indent=2, default=float)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def read_rounds(out_dir: str | Path) -> list[RoundRecord]:
@@ -242,7 +232,7 @@ def run_prune_loop(
             wall_s=time.perf_counter() - start, checkpoint=str(checkpoint), accepted=ok, step=result.summary(),
         )
         rounds.append(record)
-        _write_json_atomic(state_path, {"base": base, "rounds": [asdict(r) for r in rounds]})
+        write_json_atomic(state_path, {"base": base, "rounds": [asdict(r) for r in rounds]}, default=float)
         if progress is not None and progress(round_index * share, f"round {round_index} done"):
             stopped = "user"
             break
@@ -276,8 +266,9 @@ def _finish(model, spec, history, rounds, base, test_ds, out_dir, names, device,
         test = evaluate(result_model, test_ds, device=device, class_names=names, per_image=False).metrics.to_dict()
     result = {"checkpoint": checkpoint, "macs_reduction": reductions[0], "params_reduction": reductions[1],
               "defect_miou": val_miou, "drop": drop, "test": test, "base_val_defect_miou": base["defect_miou"]}
-    _write_json_atomic(Path(out_dir) / ROUNDS_FILE,
-                       {"base": base, "rounds": [asdict(r) for r in rounds], "result": result, "stopped": stopped})
+    write_json_atomic(Path(out_dir) / ROUNDS_FILE,
+                      {"base": base, "rounds": [asdict(r) for r in rounds], "result": result, "stopped": stopped},
+                      default=float)
     return LoopResult(rounds=rounds, result=result, stopped=stopped)
 
 
