@@ -15,7 +15,7 @@ from typing import Any
 
 from core.errors import DefectPruneError
 
-COMMAND_MODULES = ["data", "train", "evaluate", "prune", "profile", "export_onnx"]
+COMMAND_MODULES = ["data", "train", "evaluate", "prune", "profile", "export_onnx", "jobs", "worker"]
 
 
 def print_json(payload: Any) -> None:

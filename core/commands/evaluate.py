@@ -15,9 +15,9 @@ from core.data.base import SPLITS, DatasetIndex, parse_size
 from core.data.dataset import SegmentationDataset
 from core.data.registry import load_index
 from core.errors import DefectPruneError
-from core.models.zoo import ModelSpec
 from core.metrics import EvaluationResult
-from core.train import EmptySplitError, ProgressCallback, ProgressBar, TorchThreads, evaluate, resolve_device
+from core.models.zoo import ModelSpec
+from core.train import EmptySplitError, ProgressBar, ProgressCallback, TorchThreads, evaluate, resolve_device
 
 
 class CheckpointDatasetMismatchError(DefectPruneError):

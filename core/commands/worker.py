@@ -1,0 +1,55 @@
+"""``python -m core worker [--idle-exit S] [--concurrency N] ...``: run queued jobs in the
+background (the dashboard starts one on demand). ``--run-job ID`` is internal: the worker
+starts each job as such a child process."""
+
+from __future__ import annotations
+
+import argparse
+
+from core.commands.train import positive_int
+from core.runs.worker import DEFAULT_POLL, WorkerSettings
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
+    return value
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("worker", help="run queued jobs (train, score, prune, evaluate, export)")
+    parser.add_argument("--db", default=None, help="run store file (default: the workspace's)")
+    parser.add_argument("--concurrency", type=positive_int, default=1, help="jobs at once (default 1)")
+    parser.add_argument("--poll", type=non_negative_float, default=DEFAULT_POLL, help="seconds between queue checks")
+    parser.add_argument("--heartbeat-timeout", type=non_negative_float, default=None,
+                        help="seconds without a heartbeat before a running job counts as dead "
+                             "(default: DEFECTPRUNE_HEARTBEAT_TIMEOUT or 30)")
+    parser.add_argument("--stop-grace", type=non_negative_float, default=None,
+                        help="seconds a job has to stop before it is killed (default: DEFECTPRUNE_STOP_GRACE or 10)")
+    parser.add_argument("--idle-exit", type=non_negative_float, default=None,
+                        help="leave after this many seconds without work (default: never)")
+    parser.add_argument("--max-jobs", type=positive_int, default=None, help="leave after this many jobs")
+    parser.add_argument("--run-job", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from core.runs.store import Store
+
+    store = Store(args.db) if args.db else Store()
+    if args.run_job is not None:
+        from core.runs.worker import execute_job
+
+        execute_job(store, args.run_job, parent_pid=args.parent_pid)
+        return 0
+    from core.runs.worker import run_worker
+
+    settings = WorkerSettings(poll_seconds=args.poll, heartbeat_timeout=args.heartbeat_timeout,
+                              stop_grace=args.stop_grace, concurrency=args.concurrency,
+                              idle_exit=args.idle_exit, max_jobs=args.max_jobs)
+    return run_worker(store, settings)

@@ -1,0 +1,150 @@
+"""What the dashboard (and ``python -m core jobs``) calls: submit, list, show, stop, resume,
+and start a worker when none is running. Nothing here runs a job or imports torch; every
+call is one or two short store transactions, safe to make on every rerun of a page."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from core.runs.store import FAILED, RUNS_DIR, STOPPED, JobRecord, JobStateError, Store, default_db_path
+from core.runs.worker import _child_env, default_heartbeat_timeout, worker_running
+
+DEFAULT_IDLE_EXIT = 600.0  # a worker started on demand leaves after 10 idle minutes
+WORKER_LOG = "worker.log"
+
+_stores: dict[Path, Store] = {}
+
+
+def open_store(path: str | Path | None = None) -> Store:
+    """The store of the workspace (or at ``path``), opened (and migrated) once per process."""
+    resolved = Path(path).expanduser().resolve() if path is not None else default_db_path()
+    if resolved not in _stores:
+        _stores[resolved] = Store(resolved)
+    return _stores[resolved]
+
+
+def _store(store: Store | None) -> Store:
+    return store if store is not None else open_store()
+
+
+def submit(kind: str, params: dict[str, Any], store: Store | None = None) -> JobRecord:
+    """Queue a job after checking its parameters as its command would. A checkpoint path is
+    made absolute, and a job on a checkpoint the store knows takes that model's dataset
+    (format, root, split seed, options) unless the parameters name one."""
+    from core.runs.jobs import CHECKPOINT_KINDS, DATASET_KINDS, validate_params
+
+    store = _store(store)
+    params = dict(params)
+    if kind in CHECKPOINT_KINDS and params.get("checkpoint"):
+        params["checkpoint"] = str(Path(params["checkpoint"]).expanduser().resolve())
+    if kind in DATASET_KINDS and params.get("checkpoint") and not params.get("format"):
+        model = store.find_model(params["checkpoint"])
+        dataset = store.get_dataset(model["dataset_id"]) if model and model["dataset_id"] else None
+        if dataset:
+            params["format"] = dataset["format"]
+            if dataset["root"]:
+                params.setdefault("root", dataset["root"])
+            params.setdefault("split_seed", dataset["split_seed"])
+            if dataset["options"]:
+                params.setdefault("option", dataset["options"])
+    validate_params(kind, params)
+    dataset_id = None
+    if params.get("format"):
+        root = params.get("root")
+        dataset_id = store.upsert_dataset(params["format"], str(Path(root).expanduser().resolve()) if root else None,
+                                          int(params.get("split_seed") or 0), params.get("option") or {})
+    job_id = store.create_job(kind, params, dataset_id=dataset_id)
+    return store.get_job(job_id)
+
+
+def list_jobs(store: Store | None = None, states: list[str] | None = None, kind: str | None = None,
+              limit: int | None = 100) -> list[JobRecord]:
+    """Newest first."""
+    return _store(store).list_jobs(states=states, kind=kind, limit=limit)
+
+
+def get_job(job_id: int, store: Store | None = None) -> JobRecord:
+    return _store(store).get_job(job_id)
+
+
+def job_details(job_id: int, store: Store | None = None) -> dict[str, Any]:
+    """The job with its folder, artifacts, and for a prune job its run and rounds."""
+    store = _store(store)
+    job = store.get_job(job_id)
+    details = job.to_dict()
+    details["folder"] = str(store.job_dir(job_id))
+    details["artifacts"] = store.list_artifacts(job_id)
+    if job.kind == "prune":
+        details["prune_run"] = store.get_prune_run(job_id)
+        details["rounds"] = store.list_rounds(job_id)
+    return details
+
+
+def prune_rounds(job_id: int, store: Store | None = None) -> list[dict[str, Any]]:
+    return _store(store).list_rounds(job_id)
+
+
+def stop(job_id: int, store: Store | None = None) -> JobRecord:
+    """A queued job stops at once; a running one within seconds (killed after the grace)."""
+    return _store(store).request_stop(job_id)
+
+
+def resume(job_id: int, store: Store | None = None) -> JobRecord:
+    """Queue a failed or stopped job again under the same id and folder: a prune job
+    continues after its last finished round, other kinds start over."""
+    store = _store(store)
+    job = store.get_job(job_id)
+    if job.state not in (FAILED, STOPPED):
+        raise JobStateError(f"job {job_id} is {job.state}; only a failed or stopped job can be resumed")
+    return store.requeue(job_id, message="queued again (resume)")
+
+
+def recover_stale_jobs(store: Store | None = None, heartbeat_timeout: float | None = None) -> list[int]:
+    """Mark failed the running jobs whose heartbeat stopped, when no worker is alive to
+    supervise them (a live worker does this for its own jobs)."""
+    store = _store(store)
+    if worker_running(store):
+        return []
+    timeout = default_heartbeat_timeout() if heartbeat_timeout is None else heartbeat_timeout
+    return store.fail_stale_jobs(timeout)
+
+
+def worker_alive(store: Store | None = None) -> bool:
+    return worker_running(_store(store))
+
+
+def ensure_worker(store: Store | None = None, idle_exit: float | None = DEFAULT_IDLE_EXIT,
+                  extra_args: list[str] | None = None) -> int | None:
+    """Start ``python -m core worker`` in the background unless one is running; returns the
+    new worker's pid (None when one was already running). The worker outlives the caller
+    (its own session) and leaves after ``idle_exit`` idle seconds."""
+    store = _store(store)
+    if worker_running(store):
+        return None
+    recover_stale_jobs(store)
+    folder = store.workspace / RUNS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "core", "worker", "--db", str(store.path)]
+    if idle_exit is not None:
+        command += ["--idle-exit", str(idle_exit)]
+    command += list(extra_args or [])
+    with open(folder / WORKER_LOG, "ab") as log:
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                   env=_child_env(store), start_new_session=True, cwd=os.getcwd())
+    return process.pid
+
+
+def list_models(store: Store | None = None) -> list[dict[str, Any]]:
+    return _store(store).list_models()
+
+
+def list_datasets(store: Store | None = None) -> list[dict[str, Any]]:
+    return _store(store).list_datasets()
+
+
+def list_artifacts(job_id: int | None = None, store: Store | None = None) -> list[dict[str, Any]]:
+    return _store(store).list_artifacts(job_id)
