@@ -1,6 +1,7 @@
 """What the dashboard (and ``python -m core jobs``) calls: submit, list, show, stop, resume,
-and start a worker when none is running. Nothing here runs a job or imports torch; every
-call is one or two short store transactions, safe to make on every rerun of a page."""
+and start a worker when none is running. Nothing here runs a job; every call is one or two
+short store transactions, safe to make on every rerun of a page. Only `submit` imports the
+engine (it checks parameters with the command's own parser, which imports torch)."""
 
 from __future__ import annotations
 
