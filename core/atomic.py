@@ -60,6 +60,18 @@ def write_atomic(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
     return Path(path)
 
 
-def write_json_atomic(path: str | Path, payload: Any, default: Callable[[Any], Any] | None = None) -> Path:
+def json_default(value: Any) -> Any:
+    """JSON for what engine records hold besides plain types: numpy and torch scalars and
+    arrays (metrics), and paths."""
+    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} cannot be stored as JSON")
+
+
+def write_json_atomic(path: str | Path, payload: Any, default: Callable[[Any], Any] = json_default) -> Path:
     text = json.dumps(payload, indent=2, default=default)
     return write_atomic(path, lambda handle: handle.write(text.encode("utf-8")))

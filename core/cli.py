@@ -18,6 +18,27 @@ from core.errors import DefectPruneError
 COMMAND_MODULES = ["data", "train", "evaluate", "prune", "profile", "export_onnx", "jobs", "worker"]
 
 
+def _number(convert: type, what: str, ok, requirement: str):
+    """An argparse type: ``convert`` the text, then check it, with a message saying why not."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{value} must be {requirement}")
+        return value
+
+    return parse
+
+
+positive_int = _number(int, "a whole number", lambda v: v >= 1, "at least 1")
+non_negative_int = _number(int, "a whole number", lambda v: v >= 0, "0 or more")
+non_negative_float = _number(float, "a number", lambda v: v >= 0, "0 or more")
+fraction = _number(float, "a number", lambda v: 0.0 < v < 1.0, "between 0 and 1 (e.g. 0.8 = 80% fewer)")
+
+
 def print_json(payload: Any) -> None:
     print(json.dumps(payload, indent=2, default=str))
 

@@ -8,9 +8,9 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from core.cli import add_device_argument, print_json
+from core.cli import add_device_argument, fraction, non_negative_int, positive_int, print_json
 from core.commands.evaluate import index_for_checkpoint
-from core.commands.train import add_data_arguments, dataset_options, non_negative_int, positive_int
+from core.commands.train import add_data_arguments, dataset_options
 from core.data.base import parse_size
 from core.data.dataset import SegmentationDataset
 from core.allocation.base import AllocationLimits
@@ -22,16 +22,6 @@ from core.train import TorchThreads, TrainConfig, resolve_device
 
 if TYPE_CHECKING:
     from core.pruning.loop import LoopProgress, LoopResult, LoopSettings
-
-
-def fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"{value} must be between 0 and 1 (e.g. 0.8 = 80% fewer)")
-    return value
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from core.cli import add_device_argument, print_json
+from core.cli import add_device_argument, non_negative_int, positive_int, print_json
 from core.data.base import parse_size
 from core.data.dataset import SegmentationDataset
 from core.data.registry import format_names, load_index
@@ -22,26 +22,6 @@ from core.train import (
 )
 
 TRAINING_HISTORY_FILE = "training_history.json"
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
-    return value
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:

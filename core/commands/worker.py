@@ -6,18 +6,8 @@ from __future__ import annotations
 
 import argparse
 
-from core.commands.train import positive_int
+from core.cli import non_negative_float, positive_int
 from core.runs.worker import DEFAULT_POLL, WorkerSettings
-
-
-def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
-    return value
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

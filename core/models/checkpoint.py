@@ -34,7 +34,7 @@ import torch_pruning as tp
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from core.atomic import fsync_dir, fsync_file
+from core.atomic import fsync_dir, fsync_file, json_default
 from core.errors import DefectPruneError
 from core.models.groups import classifier_layers, eval_mode, example_input, model_in_channels
 from core.models.zoo import ARCHITECTURES, ENCODERS, ModelSpec, build_model
@@ -366,19 +366,8 @@ def _read_json(file: Path, error: type[CheckpointError]) -> Any:
         raise error(f"{file} is not valid JSON ({exc})") from None
 
 
-def _json_default(value: Any) -> Any:
-    """Metrics often arrive as numpy or torch scalars; store them as plain numbers."""
-    if hasattr(value, "item"):
-        return value.item()
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"cannot store {type(value).__name__} in a checkpoint's JSON")
-
-
 def _write_json(file: Path, data: Any) -> None:
     with open(file, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2, default=_json_default)
+        json.dump(data, handle, indent=2, default=json_default)
         handle.flush()
         os.fsync(handle.fileno())

@@ -10,17 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from core.atomic import write_atomic
-
-
-def _json_default(value: Any) -> Any:
-    if hasattr(value, "item"):
-        return value.item()
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"{type(value).__name__} is not JSON")
+from core.atomic import json_default, write_atomic
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
@@ -29,7 +19,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 
 def atomic_write_json(path: str | Path, payload: Any) -> Path:
     """JSON with numpy/torch scalars and paths turned into plain values."""
-    return atomic_write_bytes(path, json.dumps(payload, indent=2, default=_json_default).encode("utf-8"))
+    return atomic_write_bytes(path, json.dumps(payload, indent=2, default=json_default).encode("utf-8"))
 
 
 def atomic_write_npz(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:

@@ -64,7 +64,8 @@ def _score_parser(sub: argparse._SubParsersAction) -> None:
     from core.allocation.baselines import ALLOCATORS
     from core.cli import add_device_argument
     from core.commands.prune import fraction
-    from core.commands.train import add_data_arguments, positive_int
+    from core.cli import positive_int
+    from core.commands.train import add_data_arguments
     from core.importance.criteria import CRITERIA
     from core.pruning.methods import METHODS
 

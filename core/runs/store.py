@@ -30,6 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from core.atomic import json_default
 from core.config import workspace_dir
 from core.errors import DefectPruneError
 
@@ -235,17 +236,7 @@ def default_db_path() -> Path:
 
 
 def _json(value: Any) -> str:
-    return json.dumps(value, default=_json_default, sort_keys=True)
-
-
-def _json_default(value: Any) -> Any:
-    if hasattr(value, "item"):
-        return value.item()
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"{type(value).__name__} is not JSON")
+    return json.dumps(value, default=json_default, sort_keys=True)
 
 
 def _load(text: str | None, default: Any = None) -> Any:
