@@ -29,6 +29,7 @@ from tqdm import tqdm
 from core.atomic import atomic_path
 from core.errors import DefectPruneError
 from core.models.groups import eval_mode, example_input, macs_counter_of, model_device
+from core.train import TorchThreads
 
 DEFAULT_RUNS = 20
 DEFAULT_WARMUP = 3
@@ -133,17 +134,6 @@ def _check_timing(runs: int, warmup: int, threads: int) -> None:
         raise ProfileError(f"threads must be at least 1, not {threads}")
 
 
-@contextlib.contextmanager
-def torch_threads(threads: int) -> Iterator[None]:
-    """Set PyTorch's intra-op thread count for a measurement, then put it back."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def measure_latency(model: nn.Module, input_size: Sequence[int], in_channels: int,
                     runs: int = DEFAULT_RUNS, warmup: int = DEFAULT_WARMUP,
                     threads: int = DEFAULT_THREADS, progress: bool = False) -> LatencyResult:
@@ -153,7 +143,7 @@ def measure_latency(model: nn.Module, input_size: Sequence[int], in_channels: in
     _check_timing(runs, warmup, threads)
     example = _example(input_size, in_channels, model_device(model))
     times: list[float] = []
-    with eval_mode(model), torch_threads(threads), torch.inference_mode():
+    with eval_mode(model), TorchThreads(threads), torch.inference_mode():
         for _ in range(warmup):
             model(example)
         for _ in tqdm(range(runs), desc="torch latency", disable=None if progress else True, leave=False):
