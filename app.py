@@ -12,11 +12,10 @@ st.set_page_config(page_title="DefectPrune", page_icon=str(ASSETS / "logo.png"),
 st.logo(str(ASSETS / "logo.png"))
 
 pages = [
-    st.Page("pages/data.py", title="Data", icon=":material/dataset:", default=True),
+    st.Page("pages/views/data.py", title="Data", icon=":material/dataset:", default=True),
+    st.Page("pages/views/model.py", title="Model", icon=":material/model_training:"),
 ]
 navigation = st.navigation(pages)
-try:
-    navigation.run()
-finally:
-    # drawn after the page, so that a choice made on this run shows at once
-    sidebar_workspace()
+# Drawn before the page (a page may st.stop()); a page that changes the workspace reruns.
+sidebar_workspace()
+navigation.run()

@@ -8,6 +8,7 @@ import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import streamlit as st
 from streamlit.runtime.scriptrunner_utils.exceptions import RerunException, StopException
@@ -82,6 +83,22 @@ def error_box(action: str) -> Iterator[None]:
         log.error("%s failed unexpectedly:\n%s", action, traceback.format_exc())
         st.error(f"{action} failed unexpectedly ({type(exc).__name__}: {exc}). "
                  "The details are in the server log.")
+
+
+@st.cache_resource(show_spinner="Loading the checkpoint...", max_entries=8)
+def cached_checkpoint(path: str, mtime: float):
+    """A loaded checkpoint, cached by path and modification time (a re-save reloads)."""
+    from core.models.checkpoint import load_checkpoint
+
+    return load_checkpoint(path)
+
+
+def current_checkpoint():
+    """The model chosen on the Model page, loaded, or None."""
+    path = st.session_state.get("model")
+    if not path:
+        return None
+    return cached_checkpoint(path, Path(path, "weights.safetensors").stat().st_mtime)
 
 
 def sidebar_workspace() -> None:

@@ -30,7 +30,7 @@ if source == "Built-in synthetic":
         with error_box(f"Loading {family}"):
             dataset_index(DatasetChoice(format=family, seed=chosen.seed))
             set_dataset(DatasetChoice(format=family, seed=chosen.seed))
-            chosen = current_dataset()
+            st.rerun()  # the sidebar shows the new choice too
 else:
     roots = ", ".join(f"`{r}`" for r in data_roots())
     with st.form("real_dataset"):
@@ -48,7 +48,7 @@ else:
             choice = DatasetChoice(format=fmt, root=root, seed=chosen.seed, options=options)
             dataset_index(choice)
             set_dataset(choice)
-            chosen = current_dataset()
+            st.rerun()
 
 index = None
 with error_box(f"Reading {chosen.label}"):

@@ -1,0 +1,145 @@
+"""Model: train a baseline in the background or load a checkpoint; its per-class metrics and
+a few predictions beside the ground truth."""
+
+from __future__ import annotations
+
+import pandas as pd
+import plotly.express as px
+import streamlit as st
+import torch
+
+from core.config import confine_to_data_roots, data_roots, workspace_dir
+from core.data.dataset import SegmentationDataset, normalise
+from core.models.zoo import ARCHITECTURES, DEFAULT_ARCH, DEFAULT_ENCODER, ENCODERS
+from core.runs import api
+from core.visual import class_colour_hex, overlay_mask
+from ui.state import current_checkpoint, current_dataset, dataset_index, error_box
+from ui.widgets import class_legend, image_grid, load_style
+
+load_style()
+st.title("Model")
+st.caption("Train a baseline on the current dataset (it runs in the background and survives a page "
+           "refresh), or load a checkpoint.")
+
+choice = current_dataset()
+index = None
+with error_box(f"Reading {choice.label}"):
+    index = dataset_index(choice)
+if index is None:
+    st.info("Choose a readable dataset on the Data page first.")
+    st.stop()
+
+
+@st.fragment(run_every=2.0)
+def training_progress(job_id: int) -> None:
+    """Polls the run store: the job runs in the worker process, not in this page."""
+    job = api.get_job(job_id)
+    st.progress(min(max(job.progress, 0.0), 1.0), text=f"Job {job.id} ({job.state}): {job.message}")
+    if job.metrics:
+        cols = st.columns(3)
+        cols[0].metric("Epoch", job.metrics.get("epoch", "-"))
+        cols[1].metric("Loss", job.metrics.get("loss", "-"))
+        cols[2].metric("Val defect mIoU", job.metrics.get("val_defect_miou", "-"))
+    if job.state in ("queued", "running"):
+        if st.button("Stop training", key=f"stop_{job.id}"):
+            api.stop(job.id)
+    elif job.state == "failed":
+        st.error(f"Training failed: {job.error}")
+    elif job.state in ("succeeded", "stopped") and job.result and job.result.get("checkpoint"):
+        checkpoint = job.result["checkpoint"]
+        if st.session_state.get("model") != checkpoint and st.button("Use this model", key=f"use_{job.id}"):
+            st.session_state["model"] = checkpoint
+            st.rerun()
+
+
+train_tab, load_tab = st.tabs(["Train a baseline", "Load a checkpoint"])
+with train_tab:
+    with st.form("train_form"):
+        c1, c2, c3 = st.columns(3)
+        arch = c1.selectbox("Architecture", list(ARCHITECTURES), index=list(ARCHITECTURES).index(DEFAULT_ARCH),
+                            key="model_arch")
+        encoder = c2.selectbox("Encoder", ENCODERS, index=ENCODERS.index(DEFAULT_ENCODER), key="model_encoder")
+        size = c3.text_input("Input size (N or HxW)", value="x".join(map(str, index.default_size)),
+                             key="model_size")
+        c4, c5, c6 = st.columns(3)
+        epochs = c4.number_input("Epochs (early stopping on val defect mIoU)", 1, 500, 30, key="model_epochs")
+        batch = c5.number_input("Batch size", 1, 256, 8, key="model_batch")
+        seed = c6.number_input("Seed", 0, 10_000, 0, key="model_seed")
+        start = st.form_submit_button("Train in the background")
+    if start:
+        with error_box("Starting the training"):
+            params = {"format": choice.format, "size": size, "arch": arch, "encoder": encoder,
+                      "epochs": int(epochs), "batch_size": int(batch), "seed": int(seed),
+                      "split_seed": choice.seed, "option": choice.parsed_options()}
+            if choice.root:
+                params["root"] = choice.root
+            job = api.submit("train", params)
+            api.ensure_worker()
+            st.session_state["train_job"] = job.id
+            st.query_params["job"] = str(job.id)
+    job_id = st.session_state.get("train_job") or st.query_params.get("job")
+    if job_id:
+        with error_box("Reading the training job"):
+            training_progress(int(job_id))
+
+with load_tab:
+    models = []
+    with error_box("Listing models"):
+        models = api.list_models()
+    if models:
+        labels = {m["path"]: f"#{m['id']} {m['arch']}-{m['encoder']}{' (pruned)' if m['pruned'] else ''}: "
+                             f"{m['path']}" for m in models}
+        picked = st.selectbox("Models in the workspace", list(labels), format_func=labels.get, key="model_pick")
+        if st.button("Use this model", key="model_use_listed"):
+            st.session_state["model"] = picked
+            st.rerun()
+    path = st.text_input("Or a checkpoint folder (inside the workspace or a data root)", key="model_path")
+    if st.button("Load checkpoint", key="model_load"):
+        with error_box("Loading the checkpoint"):
+            folder = str(confine_to_data_roots(path, roots=[workspace_dir(), *data_roots()])) if path else ""
+            if folder:
+                st.session_state["model"] = folder
+                current_checkpoint()  # fails here, in the box, if the checkpoint is bad
+                st.rerun()
+
+loaded = None
+with error_box("Loading the model"):
+    loaded = current_checkpoint()
+if loaded is None:
+    st.info("No model yet. Train a baseline above (a few minutes at 128 px on a CPU) or load a checkpoint; "
+            "the Layer importance and Prune pages need one.")
+    st.stop()
+
+spec = loaded.spec
+st.subheader(f"{spec.arch}-{spec.encoder}, {spec.input_size[0]}x{spec.input_size[1]}, "
+             f"{'pruned' if loaded.history else 'unpruned'}")
+if list(spec.classes) != list(index.classes):
+    st.warning(f"This model predicts {', '.join(spec.classes)}, but the current dataset has "
+               f"{', '.join(index.classes)}: choose its dataset on the Data page to see predictions.")
+    st.stop()
+class_legend(spec.classes)
+metrics = spec.metrics or {}
+per_class = {name: value for name, value in (metrics.get("per_class_iou") or {}).items() if name != spec.classes[0]}
+if per_class:
+    cols = st.columns(3)
+    cols[0].metric("Val defect mIoU", f"{metrics.get('defect_miou') or 0:.1f}")
+    cols[1].metric("Background IoU", f"{metrics.get('background_iou') or 0:.1f}")
+    cols[2].metric("Pixel accuracy", f"{metrics.get('pixel_accuracy') or 0:.1f}")
+    frame = pd.DataFrame({"class": list(per_class), "IoU": [v if v is not None else 0.0 for v in per_class.values()]})
+    colours = {name: class_colour_hex(spec.classes.index(name)) for name in per_class}
+    st.plotly_chart(px.bar(frame, x="class", y="IoU", color="class", color_discrete_map=colours, range_y=[0, 100],
+                           title="Validation IoU per defect class (%)"), width="stretch")
+
+st.markdown("#### Predictions on validation images")
+count = st.slider("Images", 2, 8, 4, step=2, key="model_preview_count")
+with error_box("Predicting"):
+    val = SegmentationDataset(index, "val", tuple(spec.input_size), spec.in_channels, limit=count)
+    pictures, captions = [], []
+    with torch.no_grad():
+        for i in range(len(val)):
+            image, truth = val.raw(i)
+            prediction = loaded.model(normalise(image, spec.in_channels)[None]).argmax(1)[0].numpy()
+            pictures += [overlay_mask(image, truth), overlay_mask(image, prediction.astype("uint8"))]
+            captions += [f"ground truth {i + 1}", f"prediction {i + 1}"]
+    image_grid(pictures, captions, columns=4)
+st.success("Next: the Prune page starts prune-retrain rounds from this model.")
