@@ -11,7 +11,9 @@ import torch_pruning as tp
 from core.allocation.baselines import allocate_by_sensitivity, allocate_global, allocate_uniform
 from core.allocation.cost import CostModel
 from core.allocation.masks import ranks_from_scores
-from core.allocation.scoring_network import ScoringNetworkSettings, allocate_by_scoring_network
+from core.allocation.scoring_network import (
+    ScoringNetworkSettings, allocate_by_scoring_network, allocation_from_logits,
+)
 from core.models.zoo import ModelSpec, build_model
 from core.pruning.graph import PruningGraph, kept_count
 from core.pruning.methods import resolve_method
@@ -110,6 +112,12 @@ def test_scoring_network_keeps_more_of_the_branch_that_carries_the_signal():
     assert keep["conv_a"] > keep["conv_b"] + 0.2
     assert allocation.group_importance["conv_a"] > allocation.group_importance["conv_b"]
     assert allocation.class_importance["conv_a"]["defect"] > allocation.class_importance["conv_b"]["defect"]
+    # the dashboard re-meets budgets from the stored logits alone: same answer at the same target
+    again = allocation_from_logits(graph, cost, allocation.details["logits"], 0.5)
+    assert again.kept == allocation.kept
+    tighter = allocation_from_logits(graph, cost, allocation.details["logits"], 0.7)
+    assert tighter.predicted["macs_reduction"] == pytest.approx(0.7, abs=0.05)
+    assert tighter.kept["conv_a"] >= tighter.kept["conv_b"]
 
 
 def test_baseline_allocators_meet_the_budget():

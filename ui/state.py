@@ -101,6 +101,24 @@ def current_checkpoint():
     return cached_checkpoint(path, Path(path, "weights.safetensors").stat().st_mtime)
 
 
+@st.cache_resource(show_spinner="Tracing the model's prunable groups...", max_entries=4)
+def cached_cost_model(path: str, mtime: float):
+    """The pruning graph and closed-form cost model of a checkpoint (built once: seconds;
+    every answer afterwards: milliseconds)."""
+    from core.allocation.cost import CostModel
+    from core.pruning.graph import PruningGraph
+    from core.pruning.step import example_input
+
+    loaded = cached_checkpoint(path, mtime)
+    graph = PruningGraph(loaded.model, example_input(loaded.model, loaded.spec.input_size, loaded.spec.in_channels))
+    return graph, CostModel(graph)
+
+
+def current_cost_model():
+    path = st.session_state.get("model")
+    return cached_cost_model(path, Path(path, "weights.safetensors").stat().st_mtime)
+
+
 def sidebar_workspace() -> None:
     """What the user is working on, on every page."""
     with st.sidebar:

@@ -108,8 +108,22 @@ def allocate_by_scoring_network(
         class_importance = _class_importance(model, graph, masks, final_logits, k_min, settings.tau_end,
                                              batches, class_names, device)
 
+    allocation = allocation_from_logits(graph, cost, final_logits.numpy(), target_reduction, k_min, limits)
+    allocation.class_importance = class_importance
+    allocation.details.update({"history": history, "logits": final_logits.tolist()})
+    return allocation
+
+
+def allocation_from_logits(graph: PruningGraph, cost: CostModel, logits: Sequence[float], target_reduction: float,
+                           k_min: float = 0.05, limits: AllocationLimits | None = None) -> Allocation:
+    """Meet a budget with trained logits: one shared offset, found by bisection on the
+    closed-form MACs, then the rounding leftovers refilled. Milliseconds: the dashboard calls
+    this for every position of its target slider."""
+    limits = limits or AllocationLimits()
+    base = torch.as_tensor(np.asarray(logits, dtype=np.float64))
+
     def keep_at(offset: float) -> np.ndarray:
-        return (k_min + (1 - k_min) * torch.sigmoid(final_logits + offset)).numpy()
+        return (k_min + (1 - k_min) * torch.sigmoid(base + offset)).numpy()
 
     target = cost.macs0 * (1.0 - target_reduction)
     offset, kept, met = meet_budget(cost, lambda o: counts_for(graph, keep_at(o), limits), target, -30.0, 30.0)
@@ -118,9 +132,7 @@ def allocate_by_scoring_network(
         kept = fill_budget(cost, graph, kept, {g.name: k * g.channels for g, k in zip(graph.groups, keep)},
                            target, limits)
     importance = {g.name: float(k) for g, k in zip(graph.groups, keep)}
-    return finish("scoring-network", graph, cost, kept, keep, importance, met,
-                  class_importance=class_importance,
-                  details={"history": history, "logits": final_logits.tolist(), "offset": offset})
+    return finish("scoring-network", graph, cost, kept, keep, importance, met, details={"offset": offset})
 
 
 def _class_importance(

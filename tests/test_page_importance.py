@@ -1,0 +1,89 @@
+"""The Layer importance page through AppTest: live tuning answers, scoring-network charts."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from streamlit.testing.v1 import AppTest
+
+from conftest import REPO
+from core.models.checkpoint import save_checkpoint
+from core.models.zoo import ModelSpec, build_model
+from core.runs import api
+from core.runs.worker import execute_job
+
+TIMEOUT = 180
+
+
+def page(model: str | None = None) -> AppTest:
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=TIMEOUT)
+    at.switch_page("pages/views/importance.py")
+    if model:
+        at.session_state["model"] = model
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def figure(at: AppTest, title_start: str) -> dict:
+    for chart in at.get("plotly_chart"):
+        spec = json.loads(chart.proto.spec)
+        if spec["layout"]["title"]["text"].startswith(title_start):
+            return spec
+    raise AssertionError(f"no chart titled {title_start!r}")
+
+
+def macs_metric(at: AppTest) -> str:
+    return next(m.value for m in at.metric if m.label == "MACs")
+
+
+@pytest.fixture()
+def tiny_model(tmp_path) -> str:
+    torch.manual_seed(0)
+    spec = ModelSpec(classes=["background", "scratch", "inclusion", "patch"], input_size=(64, 64),
+                     in_channels=1, dataset_format="synthetic-steel")
+    return str(save_checkpoint(tmp_path / "model", build_model(spec).eval(), spec))
+
+
+def test_without_a_model_the_page_says_what_to_do():
+    at = page()
+    assert any("No model yet" in info.value for info in at.info)
+
+
+def test_live_tuning_answers_the_slider_and_the_allocator(tiny_model):
+    at = page(tiny_model)
+    assert not at.error
+    at.slider(key="importance_target").set_value(0.5).run()
+    half = macs_metric(at)
+    at.slider(key="importance_target").set_value(0.9).run()
+    assert macs_metric(at) != half
+    uniform = figure(at, "Share of channels kept per layer (uniform)")
+    at.radio(key="importance_allocator").set_value("global (L1)").run()
+    assert not at.exception and not at.error
+    global_ = figure(at, "Share of channels kept per layer (global (L1))")
+    assert uniform["data"] != global_["data"]
+
+
+def test_scoring_network_results_are_drawn(tiny_model):
+    job = api.submit("score", {"checkpoint": tiny_model, "method": "collaborative", "target": 0.8,
+                               "scoring_steps": 3, "calibration_images": 8})
+    store = api.open_store()
+    assert store.claim_next_job(worker_pid=os.getpid()).id == job.id
+    assert execute_job(store, job.id) == "succeeded", store.get_job(job.id).error
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=TIMEOUT)
+    at.switch_page("pages/views/importance.py")
+    at.session_state["model"] = tiny_model
+    at.session_state["score_job"] = job.id
+    at.run()
+    assert not at.exception and not at.error
+    bars = figure(at, "Importance per layer")
+    assert {trace["name"].split(",")[0] for trace in bars["data"]} >= {"stride 2", "stride 32"}
+    figure(at, "Importance per scale")
+    heatmap = figure(at, "Layer x defect-class importance")
+    assert heatmap["data"][0]["type"] == "heatmap"
+    at.radio(key="importance_allocator").set_value("scoring network").run()
+    assert not at.exception and not at.error
+    figure(at, "Share of channels kept per layer (scoring network)")
