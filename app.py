@@ -15,6 +15,7 @@ pages = [
     st.Page("pages/views/data.py", title="Data", icon=":material/dataset:", default=True),
     st.Page("pages/views/model.py", title="Model", icon=":material/model_training:"),
     st.Page("pages/views/importance.py", title="Layer importance", icon=":material/bar_chart:"),
+    st.Page("pages/views/correlation.py", title="Filter correlation", icon=":material/grid_on:"),
     st.Page("pages/views/prune.py", title="Prune", icon=":material/content_cut:"),
 ]
 navigation = st.navigation(pages)

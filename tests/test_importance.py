@@ -148,3 +148,20 @@ def test_weight_cosine_variant_sees_identical_filters():
     graph = PruningGraph(net, torch.zeros(1, 3, 16, 16))
     cos = weight_cosine_matrix(graph, graph.by_name["conv1"])
     assert cos[0, 1] == pytest.approx(1.0) and abs(cos[0, 3]) < 0.99
+
+
+def test_group_analysis_lays_out_scores_and_both_selections():
+    from core.importance.inspect import analyse_group
+
+    net = duplicate_filter_net()
+    graph = PruningGraph(net, torch.zeros(1, 3, 16, 16))
+    torch.manual_seed(1)
+    analysis = analyse_group(net, graph, "conv1", [torch.randn(4, 3, 16, 16) for _ in range(2)], beta=0.5, remove=4)
+    assert analysis.abs_correlation.shape == (8, 8) and sorted(analysis.clustered_order) == list(range(8))
+    # the duplicates sit side by side in the clustered order
+    position = {int(f): i for i, f in enumerate(analysis.clustered_order)}
+    assert abs(position[0] - position[1]) == 1
+    assert {0, 1} <= set(analysis.removed_l1)
+    assert len({0, 1} & set(analysis.removed_collaborative)) == 1
+    assert analysis.overlap == len(set(analysis.removed_l1) & set(analysis.removed_collaborative))
+    np.testing.assert_allclose(analysis.combined, analysis.contribution * (1 - 0.5 * analysis.substitutability))
