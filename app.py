@@ -17,6 +17,7 @@ pages = [
     st.Page("pages/views/importance.py", title="Layer importance", icon=":material/bar_chart:"),
     st.Page("pages/views/correlation.py", title="Filter correlation", icon=":material/grid_on:"),
     st.Page("pages/views/prune.py", title="Prune", icon=":material/content_cut:"),
+    st.Page("pages/views/compare.py", title="Compare", icon=":material/compare:"),
 ]
 navigation = st.navigation(pages)
 # Drawn before the page (a page may st.stop()); a page that changes the workspace reruns.

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 import pytest
 import torch
 import torch_pruning as tp
@@ -133,3 +135,23 @@ def test_loop_resumes_after_its_last_finished_round(tiny_data, tmp_path):
     assert resumed.stopped == "target"
     state = json.loads((tmp_path / "rounds.json").read_text())
     assert state["result"]["checkpoint"].endswith("round_03")
+
+
+def test_comparison_of_a_model_with_itself_and_with_a_pruned_copy(tiny_data, tmp_path):
+    from core.compare import compare_models, cost_row
+
+    train, val, test, classes = tiny_data
+    model, spec = fresh(classes)
+    before = save_checkpoint(tmp_path / "before", model, spec)
+    same = compare_models(before, before, val, classes)
+    assert (same.per_image["change"].fillna(0) == 0).all()
+    assert np.array_equal(same.before, same.after) and same.truth.shape == same.before.shape
+    step = prune_step(model, (SIZE, SIZE), 3, resolve_method("uniform-l1"), 0.5, calibration(), classes)
+    after = save_checkpoint(tmp_path / "after", model, spec, step.history)
+    diff = compare_models(before, after, val, classes)
+    changes = diff.per_image["change"].dropna().tolist()
+    assert changes == sorted(changes)  # worst first
+    assert list(diff.per_class["class"]) == classes
+    cost_before, cost_after = cost_row(before, runs=2), cost_row(after, runs=2)
+    assert cost_after["macs"] < cost_before["macs"] and cost_after["params"] < cost_before["params"]
+    assert cost_after["size_bytes"] < cost_before["size_bytes"] and cost_after["latency_ort_ms"] > 0

@@ -93,12 +93,15 @@ def cached_checkpoint(path: str, mtime: float):
     return load_checkpoint(path)
 
 
+def checkpoint_at(path: str):
+    """A checkpoint, loaded once per version of its weights."""
+    return cached_checkpoint(path, Path(path, "weights.safetensors").stat().st_mtime)
+
+
 def current_checkpoint():
     """The model chosen on the Model page, loaded, or None."""
     path = st.session_state.get("model")
-    if not path:
-        return None
-    return cached_checkpoint(path, Path(path, "weights.safetensors").stat().st_mtime)
+    return checkpoint_at(path) if path else None
 
 
 @st.cache_resource(show_spinner="Tracing the model's prunable groups...", max_entries=4)

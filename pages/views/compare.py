@@ -1,0 +1,149 @@
+"""Compare: two models on the same images, class by class and image by image, with the cost
+beside the accuracy; downloads of the pruned checkpoint, its ONNX export and a report."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import plotly.express as px
+import streamlit as st
+from plotly.subplots import make_subplots
+
+from core.compare import compare_models, cost_row
+from core.data.dataset import SegmentationDataset
+from core.profile import export_onnx
+from core.runs import api
+from core.visual import diff_overlay, overlay_mask
+from ui.state import checkpoint_at, current_dataset, dataset_index, error_box
+from ui.widgets import load_style
+
+load_style()
+st.title("Compare")
+st.caption("Ground truth, before and after, for the same images; what changed per class and per image; "
+           "and what each model costs.")
+
+models = []
+with error_box("Listing models"):
+    models = api.list_models()
+current = st.session_state.get("model")
+paths = [m["path"] for m in models]
+if current and current not in paths:
+    paths.insert(0, current)
+if len(paths) < 2:
+    st.info("Comparing needs two models: train a baseline on the Model page and prune it on the Prune page.")
+    st.stop()
+labels = {m["path"]: f"#{m['id']} {m['arch']}-{m['encoder']}{' pruned' if m['pruned'] else ''} "
+                     f"({Path(m['path']).parent.name}/{Path(m['path']).name})" for m in models}
+c1, c2, c3 = st.columns([2, 2, 1])
+before = c1.selectbox("Before", paths, index=0, format_func=lambda p: labels.get(p, p), key="compare_before")
+after = c2.selectbox("After", paths, index=len(paths) - 1, format_func=lambda p: labels.get(p, p),
+                     key="compare_after")
+split = c3.selectbox("Split", ["val", "test"], key="compare_split")
+
+
+@st.cache_resource(show_spinner="Predicting both models (cached on disk afterwards)...", max_entries=4)
+def comparison(before: str, after: str, split: str, dataset_key: tuple):
+    spec = checkpoint_at(before).spec
+    index = dataset_index(current_dataset())
+    dataset = SegmentationDataset(index, split, tuple(spec.input_size), spec.in_channels)
+    return compare_models(before, after, dataset, list(spec.classes)), dataset
+
+
+@st.cache_data(show_spinner="Measuring cost (latency: torch and ONNX Runtime, 1 thread)...")
+def costs(path: str, mtime: float) -> dict:
+    return cost_row(path, runs=10)
+
+
+def weights_mtime(path: str) -> float:
+    return Path(path, "weights.safetensors").stat().st_mtime
+
+
+result = None
+with error_box("Comparing"):
+    spec_before = checkpoint_at(before).spec
+    spec_after = checkpoint_at(after).spec
+    if list(spec_before.classes) != list(spec_after.classes):
+        raise ValueError("the two models predict different classes")
+    choice = current_dataset()
+    result, dataset = comparison(before, after, split, (choice.format, choice.root, choice.seed, choice.options))
+if result is None:
+    st.stop()
+names = result.class_names
+
+st.markdown("#### Per class")
+per_class = result.per_class[result.per_class["class"] != names[0]].melt(
+    id_vars="class", value_vars=["iou_before", "iou_after"], var_name="model", value_name="IoU")
+st.plotly_chart(px.bar(per_class, x="class", y="IoU", color="model", barmode="group",
+                       title=f"IoU per defect class on {split} (%)"), width="stretch")
+m1, m2, m3 = st.columns(3)
+before_miou, after_miou = result.metrics_before.defect_miou, result.metrics_after.defect_miou
+m1.metric("Defect mIoU before", f"{before_miou or 0:.2f}")
+m2.metric("Defect mIoU after", f"{after_miou or 0:.2f}", f"{(after_miou or 0) - (before_miou or 0):+.2f}")
+m3.metric("Images", len(result.per_image))
+
+st.markdown("#### Per image (worst change first; click a row)")
+only = st.selectbox("Images with", ["any class"] + names[1:], key="compare_class")
+table = result.per_image
+if only != "any class":
+    table = table[table[f"present {only}"]]
+shown = table[["index", "image", "defect_miou before", "defect_miou after", "change"]].assign(
+    image=lambda f: f["image"].map(lambda p: Path(p).name))
+selection = st.dataframe(shown, hide_index=True, on_select="rerun", selection_mode="single-row",
+                         key="compare_table")
+rows = selection.selection.rows if selection is not None else []
+chosen = int(shown.iloc[rows[0]]["index"]) if rows else (int(shown.iloc[0]["index"]) if len(shown) else 0)
+image, _mask = dataset.raw(chosen)
+panels = [("ground truth", overlay_mask(image, result.truth[chosen])),
+          ("before", overlay_mask(image, result.before[chosen])),
+          ("after", overlay_mask(image, result.after[chosen])),
+          ("gained (green) / lost (red)", diff_overlay(image, result.truth[chosen], result.before[chosen],
+                                                       result.after[chosen]))]
+figure = make_subplots(rows=1, cols=4, subplot_titles=[t for t, _ in panels], shared_xaxes=True, shared_yaxes=True)
+for col, (_title, picture) in enumerate(panels, start=1):
+    figure.add_trace(px.imshow(picture).data[0], row=1, col=col)
+figure.update_yaxes(autorange="reversed", matches="y")
+figure.update_xaxes(matches="x")
+figure.update_layout(title=f"Image {chosen}: zoom one panel, the others follow", height=360,
+                     margin={"l": 10, "r": 10, "t": 60, "b": 10})
+st.plotly_chart(figure, width="stretch")
+
+st.markdown("#### Cost")
+cost = None
+with error_box("Measuring cost"):
+    rows_cost = [{"model": "before", **costs(before, weights_mtime(before))},
+                 {"model": "after", **costs(after, weights_mtime(after))}]
+    cost = pd.DataFrame(rows_cost)
+    cost["MACs (M)"] = cost["macs"] / 1e6
+    cost["params (M)"] = cost["params"] / 1e6
+    cost["size (MiB)"] = cost["size_bytes"] / 2**20
+    st.dataframe(cost[["model", "MACs (M)", "params (M)", "size (MiB)", "latency_torch_ms", "latency_ort_ms"]],
+                 hide_index=True)
+
+st.markdown("#### Downloads")
+d1, d2, d3, d4 = st.columns(4)
+with error_box("Preparing downloads"):
+    archive = io.BytesIO()
+    with tempfile.TemporaryDirectory() as folder:
+        zipped = shutil.make_archive(str(Path(folder) / "checkpoint"), "zip", after)
+        archive.write(Path(zipped).read_bytes())
+    d1.download_button("Pruned checkpoint (zip)", archive.getvalue(), file_name="checkpoint.zip", key="dl_ckpt")
+    if d2.button("Export ONNX", key="compare_export"):
+        with tempfile.TemporaryDirectory() as folder:
+            loaded = checkpoint_at(after)
+            onnx = export_onnx(loaded.model, Path(folder) / "model.onnx", loaded.spec.input_size,
+                               loaded.spec.in_channels)
+            st.session_state["onnx_bytes"] = onnx.read_bytes()
+    if st.session_state.get("onnx_bytes"):
+        d2.download_button("model.onnx", st.session_state["onnx_bytes"], file_name="model.onnx", key="dl_onnx")
+    report = {"before": before, "after": after, "split": split, "per_class": result.per_class.to_dict("records"),
+              "cost": cost.to_dict("records") if cost is not None else None,
+              "defect_miou": {"before": before_miou, "after": after_miou}}
+    d3.download_button("Report (JSON)", json.dumps(report, indent=2, default=str), file_name="report.json",
+                       key="dl_json")
+    d4.download_button("Per-image table (CSV)", result.per_image.to_csv(index=False), file_name="per_image.csv",
+                       key="dl_csv")
