@@ -87,3 +87,14 @@ def test_scoring_network_results_are_drawn(tiny_model):
     at.radio(key="importance_allocator").set_value("scoring network").run()
     assert not at.exception and not at.error
     figure(at, "Share of channels kept per layer (scoring network)")
+
+
+def test_the_preview_shows_masks_without_changing_the_totals(tiny_model):
+    # (AppTest cannot type into st.data_editor: the per-layer overrides need the browser test)
+    at = page(tiny_model)
+    at.slider(key="importance_target").set_value(0.5).run()
+    before = macs_metric(at)
+    at.button(key="importance_preview").click().run()
+    assert not at.exception and not at.error
+    assert len(at.get("image")) == 9  # 3 images x (unpruned, pruned copy, ground truth)
+    assert macs_metric(at) == before

@@ -155,3 +155,20 @@ def test_comparison_of_a_model_with_itself_and_with_a_pruned_copy(tiny_data, tmp
     cost_before, cost_after = cost_row(before, runs=2), cost_row(after, runs=2)
     assert cost_after["macs"] < cost_before["macs"] and cost_after["params"] < cost_before["params"]
     assert cost_after["size_bytes"] < cost_before["size_bytes"] and cost_after["latency_ort_ms"] > 0
+
+
+def test_pruned_copy_follows_the_allocation_and_leaves_the_original():
+    from core.allocation.baselines import allocate_uniform
+    from core.allocation.cost import CostModel
+    from core.pruning.graph import PruningGraph
+    from core.pruning.step import pruned_copy
+
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(classes=CLASSES, input_size=(SIZE, SIZE))).eval()
+    before = macs_of(model)
+    graph = PruningGraph(model, torch.zeros(1, 3, SIZE, SIZE))
+    allocation = allocate_uniform(graph, CostModel(graph), 0.6)
+    copy = pruned_copy(model, (SIZE, SIZE), 3, allocation.kept)
+    assert macs_of(model) == before
+    assert macs_of(copy) == pytest.approx(allocation.predicted["macs"], rel=0.02)
+    assert copy(torch.zeros(1, 3, SIZE, SIZE)).shape == (1, 3, SIZE, SIZE)

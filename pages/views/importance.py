@@ -12,13 +12,17 @@ import numpy as np
 import pandas as pd
 import plotly.express as px
 import streamlit as st
+import torch
 
 from core.allocation.baselines import allocate_global, allocate_uniform
 from core.allocation.scoring_network import allocation_from_logits
 from core.importance.criteria import ContributionImportance
+from core.data.dataset import SegmentationDataset, normalise
+from core.pruning.step import pruned_copy
 from core.runs import api
-from ui.state import current_checkpoint, current_cost_model, error_box
-from ui.widgets import load_style
+from core.visual import overlay_mask
+from ui.state import current_checkpoint, current_cost_model, current_dataset, dataset_index, error_box
+from ui.widgets import image_grid, load_style
 
 load_style()
 st.title("Layer importance")
@@ -105,8 +109,16 @@ with error_box("Allocating"):
         live = allocate_global(graph, cost, l1_scores(checkpoint, Path(checkpoint).stat().st_mtime), target)
     else:
         live = allocation_from_logits(graph, cost, scores["details"]["logits"], target)
+    kept = dict(live.kept)
+    with st.expander("Per-layer overrides"):
+        st.caption("Type a channel count to keep for any layer; the totals follow at once.")
+        table = groups.assign(kept=[kept[g] for g in groups["group"]])[["group", "scale", "channels", "kept"]]
+        edited = st.data_editor(table, disabled=["group", "scale", "channels"], hide_index=True,
+                                key="importance_overrides")
+        for name, channels, value in zip(edited["group"], edited["channels"], edited["kept"]):
+            kept[name] = int(min(max(int(value), 1), int(channels)))
+    predicted = cost.predict(kept)
     elapsed_ms = (time.perf_counter() - start) * 1000
-    predicted = live.predicted
     m1, m2, m3, m4 = st.columns(4)
     m1.metric("MACs", f"{predicted['macs'] / 1e6:.1f} M", f"-{predicted['macs_reduction']:.1%}")
     m2.metric("Parameters", f"{predicted['params'] / 1e6:.2f} M", f"-{predicted['params_reduction']:.1%}")
@@ -114,6 +126,29 @@ with error_box("Allocating"):
     m4.metric("Answered in", f"{elapsed_ms:.0f} ms")
     if not live.budget_met:
         st.warning("The per-layer limits (at most 90% of a layer, at least 2 channels) cannot reach this target.")
-    kept = groups.assign(keep=[live.kept[g] / c for g, c in zip(groups["group"], groups["channels"])])
-    st.plotly_chart(px.bar(kept, x="group", y="keep", color="scale", range_y=[0, 1],
+    share = groups.assign(keep=[kept[g] / c for g, c in zip(groups["group"], groups["channels"])])
+    st.plotly_chart(px.bar(share, x="group", y="keep", color="scale", range_y=[0, 1],
                            title=f"Share of channels kept per layer ({allocator})"), width="stretch")
+
+st.markdown("#### Live preview")
+st.caption("Prunes a copy at this setting (group L1 within each layer, no fine-tuning) and shows its masks "
+           "beside the unpruned model's. Fine-tuning on the Prune page recovers most of what is lost here.")
+if st.button("Preview this setting", key="importance_preview"):
+    with error_box("Previewing"):
+        spec = loaded.spec
+        index = dataset_index(current_dataset())
+        val = SegmentationDataset(index, "val", tuple(spec.input_size), spec.in_channels, limit=3)
+        start = time.perf_counter()
+        pruned = pruned_copy(loaded.model, spec.input_size, spec.in_channels, kept)
+        pictures, captions = [], []
+        with torch.no_grad():
+            for i in range(len(val)):
+                image, truth = val.raw(i)
+                x = normalise(image, spec.in_channels)[None]
+                for label, net in (("unpruned", loaded.model), ("pruned copy", pruned)):
+                    pictures.append(overlay_mask(image, net(x).argmax(1)[0].numpy().astype("uint8")))
+                    captions.append(f"{label} {i + 1}")
+                pictures.append(overlay_mask(image, truth))
+                captions.append(f"ground truth {i + 1}")
+        image_grid(pictures, captions, columns=3)
+        st.caption(f"Pruned and predicted in {time.perf_counter() - start:.1f} s.")
