@@ -158,6 +158,7 @@ def main() -> None:
                         help="a trained NEU-Seg baseline to use (e.g. from bench/baseline.py)")
     parser.add_argument("--skip-neu", action="store_true")
     parser.add_argument("--skip-methods", action="store_true")
+    parser.add_argument("--out", type=Path, default=RESULTS / "method_smoke.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -170,9 +171,9 @@ def main() -> None:
     header = ["# Method smoke benchmark", "", f"Command: `{command}`", "",
               f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
               f"torch {torch.__version__}, CPU only. Wall time {time.perf_counter() - started:.0f} s.", ""]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "method_smoke.md").write_text("\n".join(header + sections) + "\n")
-    print(json.dumps({"written": str(RESULTS / "method_smoke.md")}))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(header + sections) + "\n")
+    print(json.dumps({"written": str(args.out)}))
 
 
 if __name__ == "__main__":

@@ -65,4 +65,4 @@ def test_a_launched_run_is_drawn_round_by_round(tiny_model, monkeypatch):
     assert "Validation defect mIoU against MACs, round by round" in titles
     assert "Accuracy against cost, one line per run" in titles
     rounds = figures[titles.index("Validation defect mIoU against MACs, round by round")]["data"][0]
-    assert rounds["text"] == ["r1"]
+    assert rounds["text"] == ["r0", "r1"]  # the unpruned model, then round 1

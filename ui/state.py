@@ -128,6 +128,8 @@ def sidebar_workspace() -> None:
         st.markdown("### Workspace")
         st.markdown(f"**Dataset:** {current_dataset().label}")
         model = st.session_state.get("model")
-        st.markdown(f"**Model:** {model or '— none yet (Model page)'}")
+        # the last two folders name a checkpoint well enough (runs/12/checkpoint, round_03)
+        short = "/".join(Path(model).parts[-2:]) if model else "— none yet (Model page)"
+        st.markdown(f"**Model:** {short}", help=model)
         run = st.session_state.get("run")
         st.markdown(f"**Run:** {run or '— none yet'}")

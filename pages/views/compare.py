@@ -121,8 +121,9 @@ with error_box("Measuring cost"):
     cost["MACs (M)"] = cost["macs"] / 1e6
     cost["params (M)"] = cost["params"] / 1e6
     cost["size (MiB)"] = cost["size_bytes"] / 2**20
-    st.dataframe(cost[["model", "MACs (M)", "params (M)", "size (MiB)", "latency_torch_ms", "latency_ort_ms"]],
-                 hide_index=True)
+    cost = cost.rename(columns={"latency_torch_ms": "torch ms", "latency_ort_ms": "ONNX Runtime ms"})
+    st.table(cost[["model", "MACs (M)", "params (M)", "size (MiB)", "torch ms", "ONNX Runtime ms"]]
+             .set_index("model").round(2))
 
 st.markdown("#### Downloads")
 d1, d2, d3, d4 = st.columns(4)

@@ -36,6 +36,12 @@ def rounds_frame(job_id: int) -> pd.DataFrame:
 
 
 def round_chart(frame: pd.DataFrame, base_miou: float | None, tolerance: float) -> go.Figure:
+    if base_miou is not None and len(frame):
+        # round 0 is the unpruned model, so each line starts where the run started
+        first = frame.iloc[0]
+        start = {"round": 0, "accepted": True, "defect_miou": base_miou,
+                 "MACs (M)": first["MACs (M)"] / max(1e-9, 1.0 - first["macs_reduction"])}
+        frame = pd.concat([pd.DataFrame([start]), frame], ignore_index=True)
     figure = go.Figure()
     if base_miou is not None:
         figure.add_hrect(y0=base_miou - tolerance, y1=base_miou, fillcolor="#2a9d8f", opacity=0.15, line_width=0,
@@ -96,6 +102,7 @@ if launch:
         api.ensure_worker()
         st.session_state["run"] = job.id
         st.query_params["run"] = str(job.id)
+        st.rerun()  # the sidebar names the new run
 
 run_id = st.session_state.get("run") or st.query_params.get("run")
 if run_id:
