@@ -126,3 +126,26 @@ def test_dataset_to_compare_in_a_browser(server):
         expect(page.get_by_role("button", name="Pruned checkpoint (zip)")).to_be_visible()
         shot(page, "compare")
         browser.close()
+
+
+def test_a_zip_uploaded_in_the_browser_becomes_the_dataset(server, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    from test_upload import dataset_zip
+
+    archive = tmp_path / "scratches.zip"
+    archive.write_bytes(dataset_zip().getvalue())
+    expect.set_options(timeout=120_000)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(server)
+        expect(page.get_by_text("Per-class statistics")).to_be_visible()
+        page.get_by_text("Upload a zip").click()
+        page.locator("input[type=file]").set_input_files(str(archive))
+        page.get_by_role("button", name="Unpack and load").click()
+        expect(page.get_by_text("Dataset: folder")).to_be_visible()
+        expect(page.get_by_text("000.png", exact=False).first).to_be_visible()
+        browser.close()

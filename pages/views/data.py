@@ -5,9 +5,10 @@ from __future__ import annotations
 import plotly.express as px
 import streamlit as st
 
-from core.config import confine_to_data_roots, data_roots
+from core.config import confine_to_data_roots, data_roots, workspace_dir
 from core.data.registry import format_names, is_synthetic
 from core.data.stats import class_statistics, defect_sizes
+from core.data.upload import extract_dataset_zip
 from core.visual import class_colour_hex, overlay_mask
 from ui.state import DatasetChoice, current_dataset, dataset_index, error_box, set_dataset
 from ui.widgets import class_legend, image_grid, load_style
@@ -20,7 +21,8 @@ SYNTHETIC = [f for f in format_names() if is_synthetic(f)]
 REAL = [f for f in format_names() if not is_synthetic(f)]
 chosen = current_dataset()
 
-source = st.radio("Source", ["Built-in synthetic", "Real dataset on disk"], horizontal=True, key="data_source",
+SOURCES = ["Built-in synthetic", "Real dataset on disk", "Upload a zip"]
+source = st.radio("Source", SOURCES, horizontal=True, key="data_source",
                   index=0 if is_synthetic(chosen.format) else 1)
 if source == "Built-in synthetic":
     family = st.selectbox("Surface family", SYNTHETIC, key="data_family",
@@ -31,6 +33,20 @@ if source == "Built-in synthetic":
             dataset_index(DatasetChoice(format=family, seed=chosen.seed))
             set_dataset(DatasetChoice(format=family, seed=chosen.seed))
             st.rerun()  # the sidebar shows the new choice too
+elif source == "Upload a zip":
+    with st.form("upload_dataset"):
+        upload = st.file_uploader("A zip holding images/ and masks/ with matching file names (at most 200 MB)",
+                                  type="zip", key="data_upload")
+        upload_options = st.text_input("Class map (JSON, optional)", key="data_upload_options",
+                                       help='e.g. {"class_names": ["background", "scratch"]}')
+        unpack = st.form_submit_button("Unpack and load")
+    if unpack and upload is not None:
+        with error_box("Loading the upload"):
+            folder = extract_dataset_zip(upload, workspace_dir() / "datasets" / "uploads", upload.name)
+            choice = DatasetChoice(format="folder", root=str(folder), seed=chosen.seed, options=upload_options)
+            dataset_index(choice)
+            set_dataset(choice)
+            st.rerun()
 else:
     roots = ", ".join(f"`{r}`" for r in data_roots())
     with st.form("real_dataset"):
