@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 
 import numpy as np
 
@@ -50,6 +51,14 @@ def test_training_starts_a_background_job_with_the_current_dataset(app, monkeypa
     job = api.get_job(app.session_state["train_job"])
     assert job.kind == "train" and job.state == "queued"
     assert job.params["format"] == "synthetic-steel" and job.params["epochs"] == 2
+    # what the worker reports is drawn: two epochs of curve
+    store = api.open_store()
+    assert store.claim_next_job(worker_pid=os.getpid()).id == job.id  # as the worker would
+    store.heartbeat(job.id, metrics={"epoch": 2, "curve": [
+        {"epoch": 1, "loss": 1.0, "val_defect_miou": 10.0}, {"epoch": 2, "loss": 0.8, "val_defect_miou": 20.0}]})
+    app.run()
+    curve = json.loads(app.get("plotly_chart")[0].proto.spec)
+    assert curve["layout"]["title"]["text"].startswith("Training loss and validation defect mIoU")
     api.stop(job.id)
 
 

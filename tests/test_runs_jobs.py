@@ -96,6 +96,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Store, Path]:
     model = store.find_model(checkpoint)
     assert model["job_id"] == job.id and model["params"] > 0 and model["macs"] > 0 and not model["pruned"]
     assert done.metrics["epoch"] == 1 and done.progress == 1.0
+    [point] = done.metrics["curve"]  # one epoch: one point of the Model page's curves
+    assert point["epoch"] == 1 and point["loss"] > 0 and point["val_defect_miou"] is not None
     return store, checkpoint
 
 

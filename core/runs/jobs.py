@@ -266,7 +266,9 @@ class Heartbeat(threading.Thread):
 
 # ---------------------------------------------------------------- helpers
 def _train_relay(ctx: JobContext, label: str = "") -> Callable[[Progress], bool]:
-    """`fit` / `evaluate` progress -> context progress with the latest metrics."""
+    """`fit` / `evaluate` progress -> context progress with the latest metrics, and the
+    per-epoch curve (loss, val defect mIoU) the Model page draws."""
+    curve: list[dict[str, Any]] = []
 
     def relay(report: Progress) -> bool:
         metrics: dict[str, Any] = {"phase": report.phase}
@@ -281,6 +283,8 @@ def _train_relay(ctx: JobContext, label: str = "") -> Callable[[Progress], bool]
         elif report.phase == "validate":
             message = f"epoch {report.epoch}/{report.epochs}, validating {report.step}/{report.steps}"
         elif report.phase == "epoch":
+            curve.append({"epoch": report.epoch, "loss": metrics.get("loss"), "val_defect_miou": metrics.get("val_defect_miou")})
+            metrics["curve"] = list(curve)
             metric = "n/a" if report.metric is None else f"{report.metric:.2f}"
             message = f"epoch {report.epoch}/{report.epochs} done, val defect mIoU {metric}"
         else:

@@ -40,6 +40,12 @@ def training_progress(job_id: int) -> None:
         cols[0].metric("Epoch", job.metrics.get("epoch", "-"))
         cols[1].metric("Loss", job.metrics.get("loss", "-"))
         cols[2].metric("Val defect mIoU", job.metrics.get("val_defect_miou", "-"))
+    curve = pd.DataFrame(job.metrics.get("curve") or [])
+    if len(curve):
+        long = curve.melt(id_vars="epoch", value_vars=["loss", "val_defect_miou"], var_name="series")
+        st.plotly_chart(px.line(long, x="epoch", y="value", facet_col="series", markers=True,
+                                title="Training loss and validation defect mIoU per epoch")
+                        .update_yaxes(matches=None), width="stretch", key=f"curve_{job.id}")
     if job.state in ("queued", "running"):
         if st.button("Stop training", key=f"stop_{job.id}"):
             api.stop(job.id)
