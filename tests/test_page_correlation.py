@@ -2,44 +2,24 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
-import torch
 from streamlit.testing.v1 import AppTest
 
-from conftest import REPO
-from core.models.checkpoint import save_checkpoint
-from core.models.zoo import ModelSpec, build_model
+from page_helpers import chart_titles, open_page, tiny_steel_model
 
-TIMEOUT = 180
 
 
 @pytest.fixture()
 def tiny_model(tmp_path) -> str:
-    torch.manual_seed(0)
-    spec = ModelSpec(classes=["background", "scratch", "inclusion", "patch"], input_size=(64, 64),
-                     in_channels=1, dataset_format="synthetic-steel")
-    return str(save_checkpoint(tmp_path / "model", build_model(spec).eval(), spec))
+    return tiny_steel_model(tmp_path)
 
 
 def page(model: str | None = None) -> AppTest:
-    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=TIMEOUT)
-    at.switch_page("pages/views/correlation.py")
-    if model:
-        at.session_state["model"] = model
-    at.run()
-    assert not at.exception, at.exception
-    return at
+    return open_page("correlation", model)
 
 
 def titles(at: AppTest) -> dict[str, dict]:
-    out = {}
-    for chart in at.get("plotly_chart"):
-        spec = json.loads(chart.proto.spec)
-        out[spec["layout"]["title"]["text"]] = spec
-    return out
-
+    return chart_titles(at)
 
 def test_without_a_model_the_page_says_what_to_do():
     assert any("No model yet" in info.value for info in page().info)

@@ -2,36 +2,24 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
-import torch
 from streamlit.testing.v1 import AppTest
 
-from conftest import REPO
-from core.models.checkpoint import save_checkpoint
-from core.models.zoo import ModelSpec, build_model
 from core.runs import api
 from core.runs.worker import execute_job
+from page_helpers import chart_titles, open_page, tiny_steel_model
 
-TIMEOUT = 180
 
 
 def page(model: str | None = None) -> AppTest:
-    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=TIMEOUT)
-    at.switch_page("pages/views/importance.py")
-    if model:
-        at.session_state["model"] = model
-    at.run()
-    assert not at.exception, at.exception
-    return at
+    return open_page("importance", model)
 
 
 def figure(at: AppTest, title_start: str) -> dict:
-    for chart in at.get("plotly_chart"):
-        spec = json.loads(chart.proto.spec)
-        if spec["layout"]["title"]["text"].startswith(title_start):
+    for title, spec in chart_titles(at).items():
+        if title.startswith(title_start):
             return spec
     raise AssertionError(f"no chart titled {title_start!r}")
 
@@ -42,10 +30,7 @@ def macs_metric(at: AppTest) -> str:
 
 @pytest.fixture()
 def tiny_model(tmp_path) -> str:
-    torch.manual_seed(0)
-    spec = ModelSpec(classes=["background", "scratch", "inclusion", "patch"], input_size=(64, 64),
-                     in_channels=1, dataset_format="synthetic-steel")
-    return str(save_checkpoint(tmp_path / "model", build_model(spec).eval(), spec))
+    return tiny_steel_model(tmp_path)
 
 
 def test_without_a_model_the_page_says_what_to_do():
@@ -73,9 +58,7 @@ def test_scoring_network_results_are_drawn(tiny_model):
     store = api.open_store()
     assert store.claim_next_job(worker_pid=os.getpid()).id == job.id
     assert execute_job(store, job.id) == "succeeded", store.get_job(job.id).error
-    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=TIMEOUT)
-    at.switch_page("pages/views/importance.py")
-    at.session_state["model"] = tiny_model
+    at = open_page("importance", tiny_model, run=False)
     at.session_state["score_job"] = job.id
     at.run()
     assert not at.exception and not at.error

@@ -122,6 +122,28 @@ def current_cost_model():
     return cached_cost_model(path, Path(path, "weights.safetensors").stat().st_mtime)
 
 
+def require_model(missing: str = "No model yet: train or load one on the Model page."):
+    """The current model, loaded; or an info box saying what to do, and the page stops."""
+    loaded = None
+    with error_box("Loading the model"):
+        loaded = current_checkpoint()
+    if loaded is None:
+        st.info(missing)
+        st.stop()
+    return loaded
+
+
+def require_dataset(choice: DatasetChoice, missing: str) -> DatasetIndex:
+    """The chosen dataset's index; or an error box and ``missing`` as advice, and the page stops."""
+    index = None
+    with error_box(f"Reading {choice.label}"):
+        index = dataset_index(choice)
+    if index is None:
+        st.info(missing)
+        st.stop()
+    return index
+
+
 def sidebar_workspace() -> None:
     """What the user is working on, on every page."""
     with st.sidebar:

@@ -11,7 +11,7 @@ import streamlit as st
 from core.data.dataset import SegmentationDataset
 from core.importance.inspect import analyse_group
 from core.pruning.loop import calibration_batches
-from ui.state import current_checkpoint, current_cost_model, current_dataset, dataset_index, error_box
+from ui.state import current_cost_model, current_dataset, dataset_index, error_box, require_model
 from ui.widgets import load_style
 
 load_style()
@@ -19,12 +19,7 @@ st.title("Filter correlation")
 st.caption("Filters whose responses correlate can stand in for each other: the method scores a filter by its "
            "contribution (L1) discounted by how replaceable it is, and removes them one at a time.")
 
-loaded = None
-with error_box("Loading the model"):
-    loaded = current_checkpoint()
-if loaded is None:
-    st.info("No model yet: train or load one on the Model page.")
-    st.stop()
+loaded = require_model()
 graph, _cost = current_cost_model()
 spec = loaded.spec
 

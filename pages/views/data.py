@@ -10,7 +10,7 @@ from core.data.registry import format_names, is_synthetic
 from core.data.stats import class_statistics, defect_sizes
 from core.data.upload import extract_dataset_zip
 from core.visual import class_colour_hex, overlay_mask
-from ui.state import DatasetChoice, current_dataset, dataset_index, error_box, set_dataset
+from ui.state import DatasetChoice, current_dataset, dataset_index, error_box, require_dataset, set_dataset
 from ui.widgets import class_legend, image_grid, load_style
 
 load_style()
@@ -66,12 +66,7 @@ else:
             set_dataset(choice)
             st.rerun()
 
-index = None
-with error_box(f"Reading {chosen.label}"):
-    index = dataset_index(chosen)
-if index is None:
-    st.info("Choose another dataset above; the last one could not be read.")
-    st.stop()
+index = require_dataset(chosen, "Choose another dataset above; the last one could not be read.")
 
 st.subheader(chosen.label)
 splits = index.split_counts()

@@ -21,19 +21,14 @@ from core.data.dataset import SegmentationDataset, normalise
 from core.pruning.step import pruned_copy
 from core.runs import api
 from core.visual import overlay_mask
-from ui.state import current_checkpoint, current_cost_model, current_dataset, dataset_index, error_box
+from ui.state import current_cost_model, current_dataset, dataset_index, error_box, require_model
 from ui.widgets import image_grid, load_style
 
 load_style()
 st.title("Layer importance")
 st.caption("Importance per layer and per scale from the scoring network, and live pruning-ratio tuning.")
 
-loaded = None
-with error_box("Loading the model"):
-    loaded = current_checkpoint()
-if loaded is None:
-    st.info("No model yet: train or load one on the Model page.")
-    st.stop()
+loaded = require_model()
 checkpoint = st.session_state["model"]
 graph, cost = current_cost_model()
 groups = pd.DataFrame([{"group": g.name, "index": g.index, "scale": f"stride {g.scale}", "role": g.role,

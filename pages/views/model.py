@@ -13,7 +13,7 @@ from core.data.dataset import SegmentationDataset, normalise
 from core.models.zoo import ARCHITECTURES, DEFAULT_ARCH, DEFAULT_ENCODER, ENCODERS
 from core.runs import api
 from core.visual import class_colour_hex, overlay_mask
-from ui.state import current_checkpoint, current_dataset, dataset_index, error_box
+from ui.state import current_checkpoint, current_dataset, error_box, require_dataset
 from ui.widgets import class_legend, image_grid, load_style
 
 load_style()
@@ -22,12 +22,7 @@ st.caption("Train a baseline on the current dataset (it runs in the background a
            "refresh), or load a checkpoint.")
 
 choice = current_dataset()
-index = None
-with error_box(f"Reading {choice.label}"):
-    index = dataset_index(choice)
-if index is None:
-    st.info("Choose a readable dataset on the Data page first.")
-    st.stop()
+index = require_dataset(choice, "Choose a readable dataset on the Data page first.")
 
 
 @st.fragment(run_every=2.0)

@@ -10,7 +10,7 @@ import streamlit as st
 
 from core.pruning.methods import METHODS
 from core.runs import api
-from ui.state import current_checkpoint, current_dataset, error_box
+from ui.state import current_dataset, error_box, require_model
 from ui.widgets import load_style
 
 load_style()
@@ -18,12 +18,7 @@ st.title("Prune")
 st.caption("Iterative prune-retrain: each round allocates per-layer amounts, cuts filters for real, fine-tunes "
            "and checks the validation defect mIoU against the tolerance.")
 
-loaded = None
-with error_box("Loading the model"):
-    loaded = current_checkpoint()
-if loaded is None:
-    st.info("No model yet: train or load one on the Model page, then come back to prune it.")
-    st.stop()
+loaded = require_model("No model yet: train or load one on the Model page, then come back to prune it.")
 base_checkpoint = st.session_state["model"]
 
 
