@@ -2,11 +2,13 @@
 fine-tune epochs, the METHOD.md part 2 setting) with one setting of the scoring network changed.
 
     .venv/bin/python bench/allocation_variants.py NAME --checkpoint DIR [--steps 300] [--pressure 1.0]
-        [--lr 0.1] [--max-prune-ratio 0.9] [--protect-head-input] [--threads 1]
+        [--lr 0.1] [--max-prune-ratio 0.9] [--allocator scoring-network] [--no-protect-head-input]
+        [--threads 1]
 
 Prints one JSON line: validation defect mIoU, reductions, keep ratio per scale and channels kept
-per group. ``--protect-head-input`` keeps every group that the classifier conv reads whole
-(the finding of session 1: without it the scoring network starves the classifier). Outputs go
+per group. ``--no-protect-head-input`` lets allocators cut the groups the classifier conv reads
+(the product keeps them whole since the finding of session 2: the scoring network starved the
+classifier). Outputs go
 to bench/cache/method_smoke/variant-NAME (git-ignored).
 """
 
@@ -23,30 +25,12 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-import core.allocation.base as allocation_base  # noqa: E402
-import core.allocation.scoring_network as scoring_network  # noqa: E402
 from bench.method_smoke import SHARED, datasets, loop_settings  # noqa: E402
 from core.allocation.base import AllocationLimits  # noqa: E402
 from core.allocation.scoring_network import ScoringNetworkSettings  # noqa: E402
 from core.models.checkpoint import load_checkpoint  # noqa: E402
 from core.pruning.loop import run_prune_loop  # noqa: E402
 from core.pruning.step import StepSettings  # noqa: E402
-
-
-def protect_head_input() -> None:
-    """Keep whole every group whose channels the classifier conv reads."""
-    original = allocation_base.counts_for
-
-    def counts_for(graph, keep, limits):
-        counts = original(graph, keep, limits)
-        head = {graph.names[m] for m in graph.ignored}
-        for g in graph.groups:
-            if any(name in head for name, _ in g.in_convs):
-                counts[g.name] = g.channels
-        return counts
-
-    allocation_base.counts_for = counts_for
-    scoring_network.counts_for = counts_for
 
 
 def main() -> None:
@@ -57,23 +41,22 @@ def main() -> None:
     parser.add_argument("--pressure", type=float, default=1.0)
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--max-prune-ratio", type=float, default=0.9)
-    parser.add_argument("--protect-head-input", action="store_true")
+    parser.add_argument("--no-protect-head-input", dest="protect_head_input", action="store_false")
+    parser.add_argument("--allocator", default="scoring-network", choices=["scoring-network", "uniform", "global"])
     parser.add_argument("--train-limit", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if args.protect_head_input:
-        protect_head_input()
     loaded = load_checkpoint(args.checkpoint)
     train, val, _test = datasets("neu-seg", str(SHARED / "neu-seg"), loaded.spec.input_size, loaded.spec.in_channels,
                                  loaded.spec.split_seed, args.train_limit)
     settings = loop_settings(argparse.Namespace(finetune_epochs=2, seed=0, scoring_steps=args.steps,
                                                 threads=args.threads),
-                             method="collaborative", allocator="scoring-network", criterion="l1", step=0.8,
+                             method="collaborative", allocator=args.allocator, criterion="l1", step=0.8,
                              max_rounds=1, finetune_epochs=2)
     settings.step_settings = StepSettings(
         seed=0, scoring=ScoringNetworkSettings(steps=args.steps, pressure=args.pressure, lr=args.lr),
-        limits=AllocationLimits(max_prune_ratio=args.max_prune_ratio))
+        limits=AllocationLimits(max_prune_ratio=args.max_prune_ratio, protect_head_input=args.protect_head_input))
     start = time.perf_counter()
     result = run_prune_loop(loaded.model, loaded.spec, list(loaded.history), train, val, None,
                             REPO / "bench" / "cache" / "method_smoke" / f"variant-{args.name}", settings)

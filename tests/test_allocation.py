@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
+from core.allocation.base import AllocationLimits
 from core.allocation.baselines import allocate_by_sensitivity, allocate_global, allocate_uniform
 from core.allocation.cost import CostModel
 from core.allocation.masks import ranks_from_scores
@@ -77,18 +78,20 @@ def test_predictor_answers_in_milliseconds():
 
 
 class TwoBranchNet(nn.Module):
-    """Two equal-cost branches; only branch A reaches the output with any weight."""
+    """Two equal-cost branches; only branch A reaches the output with any weight. A mixing conv
+    sits between them and the classifier (the group the classifier reads is kept whole)."""
 
     def __init__(self, width: int = 16):
         super().__init__()
         self.conv_a, self.bn_a = nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
         self.conv_b, self.bn_b = nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
-        self.segmentation_head = nn.Sequential(nn.Conv2d(2 * width, 2, 3, padding=1))
+        self.mix, self.bn_mix = nn.Conv2d(2 * width, 8, 1, bias=False), nn.BatchNorm2d(8)
+        self.segmentation_head = nn.Sequential(nn.Conv2d(8, 2, 3, padding=1))
 
     def forward(self, x):
         a = torch.relu(self.bn_a(self.conv_a(x)))
         b = torch.relu(self.bn_b(self.conv_b(x))) * 1e-3  # carries (almost) nothing
-        return self.segmentation_head(torch.cat([a, b], dim=1))
+        return self.segmentation_head(torch.relu(self.bn_mix(self.mix(torch.cat([a, b], dim=1)))))
 
 
 def test_scoring_network_keeps_more_of_the_branch_that_carries_the_signal():
@@ -109,6 +112,7 @@ def test_scoring_network_keeps_more_of_the_branch_that_carries_the_signal():
         net, graph, cost, ranks, [(x[:8], y[:8]), (x[8:], y[8:])], 0.5, ["background", "defect"],
         settings=ScoringNetworkSettings(steps=120, seed=0))
     keep = allocation.keep_ratio
+    assert keep["mix"] == 1.0 and allocation.kept["mix"] == 8  # the classifier's input stays whole
     assert keep["conv_a"] > keep["conv_b"] + 0.2
     assert allocation.group_importance["conv_a"] > allocation.group_importance["conv_b"]
     assert allocation.class_importance["conv_a"]["defect"] > allocation.class_importance["conv_b"]["defect"]
@@ -138,8 +142,14 @@ def test_baseline_allocators_meet_the_budget():
         assert set(allocation.kept) == {g.name for g in graph.groups}
     ratios = set(round(r, 2) for r in uniform.keep_ratio.values())
     assert len(ratios) == 1
-    # limits hold: no group loses more than 90% of its channels
+    # limits hold: no group loses more than 90% of its channels, the classifier's input none
     assert all(k >= np.ceil(0.1 * graph.by_name[n].channels) for n, k in global_.kept.items())
+    head = [g for g in graph.groups if g.feeds_classifier]
+    assert [g.name for g in head] == ["decoder.blocks.4.conv2.0"]
+    for allocation in (uniform, global_, sensitivity):
+        assert allocation.kept[head[0].name] == head[0].channels
+    unprotected = allocate_uniform(graph, cost, 0.5, AllocationLimits(protect_head_input=False))
+    assert unprotected.kept[head[0].name] < head[0].channels
 
 
 def test_per_scale_importance_covers_every_scale():
@@ -148,3 +158,41 @@ def test_per_scale_importance_covers_every_scale():
     graph = PruningGraph(model, torch.zeros(1, 3, SIZE, SIZE))
     allocation = allocate_uniform(graph, CostModel(graph), 0.5)
     assert set(allocation.scale_importance) == {g.scale for g in graph.groups} == {1, 2, 4, 8, 16, 32}
+
+
+def test_stored_sensitivity_curves_answer_any_target_like_the_measuring_allocator():
+    """The dashboard measures the curves once (a score job) and re-allocates from them per
+    slider position: the same allocation as measuring again, the budget met at every target,
+    and curves of another model refused by name."""
+    from core.allocation.baselines import SensitivityCurveError, allocation_from_drops
+
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(classes=CLASSES)).eval()
+    graph = PruningGraph(model, torch.zeros(1, 3, SIZE, SIZE))
+    cost = CostModel(graph)
+    rng = np.random.default_rng(0)
+    ranks = {g.name: ranks_from_scores(rng.random(g.channels)) for g in graph.groups}
+    levels = (0.5, 0.9)
+    measured = allocate_by_sensitivity(model, graph, cost, ranks, batches(), 0.5, [1.0, 1.0, 1.0], levels=levels)
+    drops = measured.details["drops"]
+    assert set(drops) == {g.name for g in graph.groups}
+    assert all(len(curve) == 3 and curve[0] == 0.0 for curve in drops.values())
+    assert measured.details["levels"] == [0.5, 0.9]
+    again = allocation_from_drops(graph, cost, drops, 0.5, levels=levels)
+    assert again.kept == measured.kept and again.budget_met
+    previous = None
+    for target in (0.2, 0.4, 0.6, 0.7):
+        allocation = allocation_from_drops(graph, cost, drops, target, levels=levels)
+        assert allocation.budget_met
+        assert allocation.predicted["macs_reduction"] >= target - 1e-9
+        assert allocation.predicted["macs_reduction"] == pytest.approx(target, abs=0.02)
+        if previous is not None:  # a tighter budget never keeps more MACs
+            assert allocation.predicted["macs"] <= previous.predicted["macs"]
+        previous = allocation
+    # the least sensitive group goes first, though others save more MACs per level (3.75% at 90% here)
+    first = allocation_from_drops(graph, cost, {n: [0.0, 10.0, 20.0] for n in drops}
+                                  | {"encoder.layer4.0.conv1": [0.0, 0.0, 0.0]}, 0.03, levels=levels)
+    cut = {n for n, k in first.kept.items() if k < graph.by_name[n].channels}
+    assert cut == {"encoder.layer4.0.conv1"}
+    with pytest.raises(SensitivityCurveError, match="another model"):
+        allocation_from_drops(graph, cost, {"decoder.no_such_layer": [0.0, 1.0, 2.0]}, 0.5, levels=levels)

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from core.allocation.cost import CostModel
-from core.pruning.graph import PruningGraph, kept_count
+from core.pruning.graph import PrunableGroup, PruningGraph, kept_count
 
 ProgressFn = Callable[[float, str], "bool | None"]  # (fraction, message) -> True asks to stop
 
@@ -19,6 +19,20 @@ class AllocationLimits:
     max_prune_ratio: float = 0.9  # no group loses more than this share of its channels
     min_channels: int = 2  # nor goes below this many
     round_to: int = 1  # kept counts as multiples of this (hardware-friendly widths)
+    # keep whole the groups the classifier conv reads: on NEU-Seg the scoring network cut that
+    # full-resolution group to 2 of 16 channels, and no fine-tuning recovered it
+    # (bench/results/neu_allocation_check.md)
+    protect_head_input: bool = True
+
+    def protected(self, group: PrunableGroup) -> bool:
+        return self.protect_head_input and group.feeds_classifier
+
+    def kept(self, group: PrunableGroup, keep_ratio: float) -> int:
+        """Channels a group keeps at a continuous keep ratio, within every limit."""
+        if self.protected(group):
+            return group.channels
+        return kept_count(group.channels, keep_ratio, step=max(group.channel_step, self.round_to),
+                          min_channels=self.min_channels, max_prune_ratio=self.max_prune_ratio)
 
 
 @dataclass
@@ -50,11 +64,7 @@ class Allocation:
 
 
 def counts_for(graph: PruningGraph, keep: np.ndarray, limits: AllocationLimits) -> dict[str, int]:
-    return {
-        g.name: kept_count(g.channels, float(k), step=max(g.channel_step, limits.round_to),
-                           min_channels=limits.min_channels, max_prune_ratio=limits.max_prune_ratio)
-        for g, k in zip(graph.groups, keep)
-    }
+    return {g.name: limits.kept(g, float(k)) for g, k in zip(graph.groups, keep)}
 
 
 def meet_budget(

@@ -22,11 +22,16 @@ from core.allocation.base import (
 )
 from core.allocation.cost import CostModel
 from core.allocation.masks import ChannelMasks
-from core.pruning.graph import PruningGraph, kept_count
+from core.errors import DefectPruneError
+from core.pruning.graph import PruningGraph
 from core.train import SegmentationLoss
 
 ALLOCATORS = ["scoring-network", "uniform", "global", "sensitivity"]
 SENSITIVITY_LEVELS = (0.3, 0.5, 0.7, 0.9)
+
+
+class SensitivityCurveError(DefectPruneError):
+    """Stored sensitivity curves do not belong to the model they are applied to."""
 
 
 def allocate_uniform(graph: PruningGraph, cost: CostModel, target_reduction: float,
@@ -82,12 +87,7 @@ def allocate_by_sensitivity(
     def calibration_loss(masks: ChannelMasks) -> float:
         return float(np.mean([float(loss_fn.to(device)(model(x.to(device)), y.to(device))) for x, y in batches]))
 
-    level_counts = {
-        g.name: [g.channels] + [
-            kept_count(g.channels, 1.0 - lv, max(g.channel_step, limits.round_to), limits.min_channels,
-                       limits.max_prune_ratio) for lv in levels]
-        for g in graph.groups
-    }
+    level_counts = sensitivity_level_counts(graph, limits, levels)
     drops: dict[str, list[float]] = {}
     with ChannelMasks(graph, ranks) as masks:
         base = calibration_loss(masks)
@@ -101,7 +101,32 @@ def allocate_by_sensitivity(
                     break
             masks.clear()
     model.train(was_training)
+    return allocation_from_drops(graph, cost, drops, target_reduction, limits, levels)
 
+
+def sensitivity_level_counts(graph: PruningGraph, limits: AllocationLimits,
+                             levels: Sequence[float] = SENSITIVITY_LEVELS) -> dict[str, list[int]]:
+    """Per group, the channels kept unpruned and at each sensitivity level, within the limits."""
+    return {g.name: [g.channels] + [limits.kept(g, 1.0 - lv) for lv in levels] for g in graph.groups}
+
+
+def allocation_from_drops(
+    graph: PruningGraph, cost: CostModel, drops: Mapping[str, Sequence[float]], target_reduction: float,
+    limits: AllocationLimits | None = None, levels: Sequence[float] = SENSITIVITY_LEVELS,
+) -> Allocation:
+    """Meet a MACs budget from measured sensitivity curves (per group, the calibration-loss
+    rise at no pruning and at each of ``levels``): cut greedily where a MACs saving costs the
+    least loss, then take from the last cut only what the budget needs. Separate from the
+    measuring so that stored curves answer any target in milliseconds (the dashboard's live
+    tuning). A group without a curve (or with a short one, from a stopped measurement) is cut
+    no further than its curve reaches."""
+    limits = limits or AllocationLimits()
+    unknown = sorted(set(drops) - set(graph.by_name))
+    if unknown:
+        raise SensitivityCurveError(f"the sensitivity curves name groups this model does not have "
+                                    f"({', '.join(unknown[:3])}); they were measured on another model: measure again")
+    level_counts = sensitivity_level_counts(graph, limits, levels)
+    curves = {g.name: [float(d) for d in drops.get(g.name, [0.0])] for g in graph.groups}
     target = cost.macs0 * (1.0 - target_reduction)
     state = {g.name: 0 for g in graph.groups}
     current = {g.name: g.channels for g in graph.groups}
@@ -111,13 +136,13 @@ def allocate_by_sensitivity(
         now = cost.predict(current)["macs"]
         for g in graph.groups:
             i = state[g.name]
-            if i + 1 >= len(level_counts[g.name]) or len(drops[g.name]) <= i + 1:
+            if i + 1 >= len(level_counts[g.name]) or len(curves[g.name]) <= i + 1:
                 continue
             trial = dict(current, **{g.name: level_counts[g.name][i + 1]})
             saved = now - cost.predict(trial)["macs"]
             if saved <= 0:
                 continue
-            rate = max(drops[g.name][i + 1] - drops[g.name][i], 0.0) / saved
+            rate = max(curves[g.name][i + 1] - curves[g.name][i], 0.0) / saved
             if rate < best_rate:
                 best, best_rate = g.name, rate
         if best is None:
@@ -137,5 +162,6 @@ def allocate_by_sensitivity(
             current[best] = lo
             met = True
     keep = np.array([current[g.name] / g.channels for g in graph.groups])
-    importance = {g.name: float(np.mean(drops[g.name])) for g in graph.groups}
-    return finish("sensitivity", graph, cost, current, keep, importance, met, details={"drops": drops})
+    importance = {g.name: float(np.mean(curves[g.name])) for g in graph.groups}
+    return finish("sensitivity", graph, cost, current, keep, importance, met,
+                  details={"drops": curves, "levels": [float(lv) for lv in levels]})

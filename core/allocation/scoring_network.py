@@ -86,12 +86,13 @@ def allocate_by_scoring_network(
     logits = torch.zeros(len(graph.groups), requires_grad=True)
     optimiser = torch.optim.Adam([logits], lr=settings.lr)
     k_min = settings.k_min
+    free = _free_groups(graph, limits)  # protected groups stay whole while the scorer learns too
     history = []
     with _FrozenWeights(model), ChannelMasks(graph, ranks) as masks:
         for step in range(settings.steps):
             frac = step / max(settings.steps - 1, 1)
             tau = settings.tau_start * (settings.tau_end / settings.tau_start) ** frac
-            keep = k_min + (1 - k_min) * torch.sigmoid(logits)
+            keep = _keep(logits, k_min, free)
             masks.set_soft(keep.to(device), tau)
             images, targets = batches[step % len(batches)]
             out = model(images.to(device))
@@ -106,7 +107,7 @@ def allocate_by_scoring_network(
                 break
         final_logits = logits.detach().clone()
         class_importance = _class_importance(model, graph, masks, final_logits, k_min, settings.tau_end,
-                                             batches, class_names, device)
+                                             batches, class_names, device, free)
 
     allocation = allocation_from_logits(graph, cost, final_logits.numpy(), target_reduction, k_min, limits)
     allocation.class_importance = class_importance
@@ -122,8 +123,10 @@ def allocation_from_logits(graph: PruningGraph, cost: CostModel, logits: Sequenc
     limits = limits or AllocationLimits()
     base = torch.as_tensor(np.asarray(logits, dtype=np.float64))
 
+    free = _free_groups(graph, limits)
+
     def keep_at(offset: float) -> np.ndarray:
-        return (k_min + (1 - k_min) * torch.sigmoid(base + offset)).numpy()
+        return _keep(base + offset, k_min, free).numpy()
 
     target = cost.macs0 * (1.0 - target_reduction)
     offset, kept, met = meet_budget(cost, lambda o: counts_for(graph, keep_at(o), limits), target, -30.0, 30.0)
@@ -135,9 +138,18 @@ def allocation_from_logits(graph: PruningGraph, cost: CostModel, logits: Sequenc
     return finish("scoring-network", graph, cost, kept, keep, importance, met, details={"offset": offset})
 
 
+def _free_groups(graph: PruningGraph, limits: AllocationLimits) -> torch.Tensor:
+    return torch.tensor([not limits.protected(g) for g in graph.groups])
+
+
+def _keep(logits: torch.Tensor, k_min: float, free: torch.Tensor) -> torch.Tensor:
+    """k = k_min + (1 - k_min) sigmoid(a) for free groups; protected groups keep everything."""
+    return torch.where(free, k_min + (1 - k_min) * torch.sigmoid(logits), 1.0)
+
+
 def _class_importance(
     model: nn.Module, graph: PruningGraph, masks: ChannelMasks, logits: torch.Tensor, k_min: float,
-    tau: float, batches: Sequence[Batch], class_names: Sequence[str], device: torch.device,
+    tau: float, batches: Sequence[Batch], class_names: Sequence[str], device: torch.device, free: torch.Tensor,
 ) -> dict[str, dict[str, float]]:
     """Group x defect-class importance: minus the gradient of each defect class's loss (CE on
     that class's pixels) with respect to the group's logit, scaled to [-1, 1] per class.
@@ -145,7 +157,7 @@ def _class_importance(
     a = logits.clone().requires_grad_(True)
     grads = {name: torch.zeros(len(graph.groups)) for name in class_names[1:]}
     for images, targets in batches[: max(1, min(len(batches), 4))]:
-        masks.set_soft((k_min + (1 - k_min) * torch.sigmoid(a)).to(device), tau)
+        masks.set_soft(_keep(a, k_min, free).to(device), tau)
         out = model(images.to(device))
         pixel_loss = F.cross_entropy(out.float(), targets.to(device), reduction="none")
         for c, name in enumerate(class_names[1:], start=1):

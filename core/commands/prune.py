@@ -47,6 +47,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--calibration-images", type=positive_int, default=64)
     parser.add_argument("--max-prune-ratio", type=fraction, default=0.9, help="largest share cut from one layer")
     parser.add_argument("--round-to", type=positive_int, default=1, help="keep channel counts multiples of this")
+    parser.add_argument("--cut-head-input", action="store_true",
+                        help="let allocators cut the layer the classifier reads (kept whole by default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="folder for the rounds' checkpoints and rounds.json")
     add_device_argument(parser)
@@ -91,7 +93,8 @@ def loop_settings_from_args(args: argparse.Namespace, device: str) -> LoopSettin
         calibration_images=args.calibration_images, seed=args.seed,
         step_settings=StepSettings(
             beta=args.beta, seed=args.seed, scoring=ScoringNetworkSettings(steps=args.scoring_steps, seed=args.seed),
-            limits=AllocationLimits(max_prune_ratio=args.max_prune_ratio, round_to=args.round_to)),
+            limits=AllocationLimits(max_prune_ratio=args.max_prune_ratio, round_to=args.round_to,
+                                   protect_head_input=not args.cut_head_input)),
         finetune=TrainConfig(epochs=max(args.finetune_epochs, 1), batch_size=args.batch_size, lr=args.lr,
                              patience=None, seed=args.seed, num_threads=args.threads, device=str(device),
                              num_workers=args.workers),

@@ -45,6 +45,9 @@ class PrunableGroup:
     segments: list[list[int]] = field(default_factory=list)
     channel_step: int = 1  # kept counts must be multiples of this (GroupNorm groups)
     scale: int = 1  # output stride of the root conv's feature map (input height / its height)
+    # the classifier conv reads these channels: cutting them starves every class at once, and a
+    # frozen-weight scorer underrates that (AllocationLimits.protect_head_input keeps them whole)
+    feeds_classifier: bool = False
 
     @property
     def role(self) -> str:
@@ -66,10 +69,12 @@ class PruningGraph:
             raise PruningError(f"{type(model).__name__} has no segmentation_head conv to protect")
         self.dependency_graph, trace = graph_and_trace(model, example_inputs.shape[-2:], example_inputs.shape[1])
         self.groups: list[PrunableGroup] = []
+        head = {self.names[m] for m in self.ignored}
         for index, tp_group in enumerate(torch_groups(model, self.dependency_graph, self.ignored, trace.order)):
             group = self._describe(tp_group)
             group.index = index
             group.scale = int(trace.scales.get(group.name, 1))
+            group.feeds_classifier = any(conv in head for conv, _ in group.in_convs)
             self.groups.append(group)
         self.by_name = {g.name: g for g in self.groups}
 
