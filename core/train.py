@@ -11,9 +11,12 @@ defect counts as much as a common one:
 - the Dice term is the mean over every defect class (present in the batch or not, so that
   predicting an absent class is penalised), background excluded: each defect class weighs
   the same whatever its pixel count;
-- the cross-entropy weights each class by its inverse pixel frequency in the training split,
-  ``w_c = 1 / (C * f_c)`` (every class then carries the same total weight), clipped at
-  ``max_class_weight`` so that a class with a handful of pixels cannot dominate the gradient.
+- the cross-entropy weights each class by its inverse pixel frequency in the training split
+  relative to the most frequent class (background), ``w_c = f_max / f_c``, clipped at
+  ``max_class_weight``: a rare defect counts up to that many times a background pixel, never
+  more. (Normalising to a mean weight of 1 instead, ``1 / (C f_c)``, gave background 0.17
+  against 10 for every defect on magnetic tile, where defects are under 1% of the pixels: the
+  model painted a quarter of the image as defect and reached 4 validation defect mIoU.)
 
 Early stopping watches the validation defect mIoU and the best weights are restored at the
 end, also when the user stops the loop.
@@ -242,16 +245,14 @@ def class_pixel_counts(dataset: Dataset, num_classes: int) -> np.ndarray:
 
 
 def class_weights_from_counts(counts: Sequence[int] | np.ndarray, max_weight: float = 10.0) -> np.ndarray:
-    """Inverse-frequency weights ``1 / (C * f_c)`` (pixel-weighted mean 1), clipped at
-    ``max_weight``; a class without pixels gets ``max_weight`` (it never appears as a target,
-    so only the clip matters)."""
+    """Inverse-frequency weights relative to the most frequent class, ``max(n) / n_c`` (that
+    class weighs 1), clipped at ``max_weight``; a class without pixels gets ``max_weight`` (it
+    never appears as a target, so only the clip matters)."""
     counts = np.asarray(counts, np.float64)
-    total = counts.sum()
-    if total <= 0:
+    if counts.max(initial=0.0) <= 0:
         return np.ones(counts.size)
-    freq = counts / total
     with np.errstate(divide="ignore"):
-        weights = np.where(freq > 0, 1.0 / (counts.size * freq), max_weight)
+        weights = np.where(counts > 0, counts.max() / counts, max_weight)
     return np.minimum(weights, max_weight)
 
 

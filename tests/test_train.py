@@ -224,9 +224,13 @@ def test_evaluate_callback_can_stop(tiny_index):
 
 
 def test_class_weights_and_loss():
-    weights = class_weights_from_counts([900, 90, 10, 0], max_weight=10.0)
-    # 1 / (4 f): background 1/3.6, a 1/0.36, b 1/0.04 = 25 clipped to 10, absent -> 10
-    np.testing.assert_allclose(weights, [1 / 3.6, 1 / 0.36, 10.0, 10.0])
+    weights = class_weights_from_counts([900, 45, 10, 0], max_weight=10.0)
+    # 900 / n: background 1, a 20 and b 90 clipped to 10, absent -> 10
+    np.testing.assert_allclose(weights, [1.0, 10.0, 10.0, 10.0])
+    np.testing.assert_allclose(class_weights_from_counts([500, 100, 250]), [1.0, 5.0, 2.0])
+    # a rare defect never outweighs background by more than the clip (magnetic tile: < 1% defect)
+    rare = class_weights_from_counts([99_000, 400, 300, 200, 100], max_weight=10.0)
+    assert rare.max() / rare.min() == pytest.approx(10.0)
     loss = SegmentationLoss([1.0, 1.0, 1.0])
     target = torch.tensor([[[0, 1], [2, 0]]])
     perfect = 20 * (2 * nn.functional.one_hot(target, 3).permute(0, 3, 1, 2).float() - 1)
