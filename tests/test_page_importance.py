@@ -81,3 +81,45 @@ def test_the_preview_shows_masks_without_changing_the_totals(tiny_model):
     assert not at.exception and not at.error
     assert len(at.get("image")) == 9  # 3 images x (unpruned, pruned copy, ground truth)
     assert macs_metric(at) == before
+
+
+def run_inline(job_id: int) -> None:
+    """Run a queued job here, as the worker would."""
+    store = api.open_store()
+    assert store.claim_next_job(worker_pid=os.getpid()).id == job_id
+    assert execute_job(store, job_id) == "succeeded", store.get_job(job_id).error
+
+
+def test_sensitivity_without_curves_says_what_to_do_then_answers_live(tiny_model, monkeypatch):
+    monkeypatch.setattr(api, "ensure_worker", lambda *a, **k: None)
+    at = page(tiny_model)
+    at.radio(key="importance_allocator").set_value("sensitivity").run()
+    assert not at.exception and not at.error
+    assert any("No sensitivity curves for this model yet" in info.value for info in at.info)
+    assert not any(t.startswith("Share of channels kept") for t in chart_titles(at))
+    at.button(key="importance_sensitivity_run").click().run()
+    assert not at.exception and not at.error
+    job_id = at.session_state["sensitivity_job"]
+    job = api.get_job(job_id)
+    assert job.kind == "score" and job.params["allocator"] == "sensitivity"
+    assert at.query_params["sensitivity"] == str(job_id)  # a refreshed tab finds it again
+    # while it waits: progress, no button, no chart
+    assert any(f"job {job_id}" in p.proto.text for p in at.get("progress"))
+    assert not [b for b in at.button if b.key == "importance_sensitivity_run"]
+    api.stop(job_id)  # a queued job stops at once; the test measures with fewer images below
+    at.run()
+    assert any("was stopped" in w.value for w in at.warning)
+    measured = api.submit("score", {"checkpoint": tiny_model, "method": "uniform-l1", "allocator": "sensitivity",
+                                    "calibration_images": 8})
+    run_inline(measured.id)
+    at.run()
+    assert not at.exception and not at.error
+    assert not any("No sensitivity curves" in info.value for info in at.info)
+    at.slider(key="importance_target").set_value(0.5).run()
+    half = figure(at, "Share of channels kept per layer (sensitivity)")
+    half_macs = macs_metric(at)
+    at.slider(key="importance_target").set_value(0.8).run()
+    assert not at.exception and not at.error
+    tight = figure(at, "Share of channels kept per layer (sensitivity)")
+    assert macs_metric(at) != half_macs
+    assert [trace["y"] for trace in half["data"]] != [trace["y"] for trace in tight["data"]]

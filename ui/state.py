@@ -24,6 +24,14 @@ class DatasetOptionsError(DefectPruneError):
     pass
 
 
+class JobIdError(DefectPruneError):
+    """A job id in the page's address is not a job id."""
+
+
+class JobResultError(DefectPruneError):
+    """A finished job's result file is gone or unreadable."""
+
+
 @dataclass(frozen=True)
 class DatasetChoice:
     format: str = DEFAULT_FORMAT
@@ -93,9 +101,22 @@ def cached_checkpoint(path: str, mtime: float):
     return load_checkpoint(path)
 
 
+def weights_mtime(path: str) -> float:
+    """The version of a checkpoint's weights (the cache key); a checkpoint whose folder or
+    weights file is gone is a named error, not an OSError."""
+    from core.models.checkpoint import WEIGHTS_FILE, CheckpointMissingFileError
+
+    file = Path(path, WEIGHTS_FILE)
+    try:
+        return file.stat().st_mtime
+    except OSError:
+        where = f"{file} is missing" if Path(path).is_dir() else f"checkpoint folder {path} does not exist"
+        raise CheckpointMissingFileError(f"{where}; load another checkpoint on the Model page") from None
+
+
 def checkpoint_at(path: str):
     """A checkpoint, loaded once per version of its weights."""
-    return cached_checkpoint(path, Path(path, "weights.safetensors").stat().st_mtime)
+    return cached_checkpoint(path, weights_mtime(path))
 
 
 def current_checkpoint():
@@ -119,7 +140,42 @@ def cached_cost_model(path: str, mtime: float):
 
 def current_cost_model():
     path = st.session_state.get("model")
-    return cached_cost_model(path, Path(path, "weights.safetensors").stat().st_mtime)
+    return cached_cost_model(path, weights_mtime(path))
+
+
+def query_job_id(key: str) -> int | None:
+    """The job id in the page's address (``?key=12``: a refreshed or reopened tab finds its
+    job again), or None."""
+    value = st.query_params.get(key)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise JobIdError(f"?{key}={value} in the address is not a job id (a whole number); "
+                         "remove it from the address") from None
+
+
+def job_json(job, key: str) -> dict:
+    """The JSON file a finished job names in its result under ``key`` (e.g. a score job's
+    ``scores``), cached by modification time."""
+    path = (job.result or {}).get(key)
+    if not path:
+        raise JobResultError(f"job {job.id} ({job.kind}) finished without a {key} file; run it again")
+    try:
+        mtime = Path(path).stat().st_mtime
+    except OSError:
+        raise JobResultError(f"{path}, the {key} file of job {job.id}, is gone (was the workspace cleaned?); "
+                             "run the job again") from None
+    return cached_json(path, mtime)
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def cached_json(path: str, mtime: float) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise JobResultError(f"{path} is not readable JSON ({exc}); run the job that wrote it again") from None
 
 
 def require_model(missing: str = "No model yet: train or load one on the Model page."):

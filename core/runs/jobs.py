@@ -490,7 +490,9 @@ def run_score(ctx: JobContext) -> dict[str, Any]:
         groups.append({"name": g.name, "index": g.index, "channels": g.channels, "kept": allocation.kept[g.name],
                        "scale": g.scale, "role": g.role, "scores": [float(s) for s in scores],
                        "removed": sorted(int(i) for i in removed)})
-    details = {k: v for k, v in allocation.details.items() if k in ("history", "offset", "logits")}
+    # what the dashboard's live tuning needs to answer any target without rerunning the job:
+    # the scoring network's logits, or the sensitivity curves (per-group loss rise per level)
+    details = {k: v for k, v in allocation.details.items() if k in ("history", "offset", "logits", "drops", "levels")}
     payload = {"checkpoint": str(Path(args.checkpoint).resolve()), "method": args.method,
                "allocator": method.allocator, "criterion": method.criterion, "target": args.target,
                "input_size": list(size), "calibration_images": sum(int(x.shape[0]) for x, _ in batches),

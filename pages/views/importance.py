@@ -1,10 +1,10 @@
 """Layer importance: what the scoring network thinks of each layer and scale, and live tuning
 of the pruning ratios (allocation, MACs, parameters and size answer from the closed-form cost
-model without pruning anything)."""
+model without pruning anything). Allocators that need measurements (the scoring network's
+logits, the sensitivity curves) take them from a score job run once in the background."""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -12,16 +12,15 @@ import numpy as np
 import pandas as pd
 import plotly.express as px
 import streamlit as st
-import torch
 
-from core.allocation.baselines import allocate_global, allocate_uniform
-from core.allocation.scoring_network import allocation_from_logits
-from core.importance.criteria import ContributionImportance
-from core.data.dataset import SegmentationDataset, normalise
-from core.pruning.step import pruned_copy
+from core.data.dataset import SegmentationDataset
+from core.live import group_l1_scores, live_allocation, preview_pruned
 from core.runs import api
-from core.visual import overlay_mask
-from ui.state import current_cost_model, current_dataset, dataset_index, error_box, require_model
+from core.runs.store import JobRecord
+from ui.state import (
+    current_cost_model, current_dataset, dataset_index, error_box, job_json, query_job_id, require_model,
+    weights_mtime,
+)
 from ui.widgets import image_grid, load_style
 
 load_style()
@@ -34,44 +33,74 @@ graph, cost = current_cost_model()
 groups = pd.DataFrame([{"group": g.name, "index": g.index, "scale": f"stride {g.scale}", "role": g.role,
                         "channels": g.channels} for g in graph.groups])
 
+# the score jobs this page starts: (session key, address key, parameters, what the user reads)
+SCORING = ("score_job", "score", {"method": "collaborative", "target": 0.8}, "The scoring network")
+SENSITIVITY = ("sensitivity_job", "sensitivity",
+               {"method": "uniform-l1", "allocator": "sensitivity", "target": 0.8}, "Measuring the sensitivity curves")
 
-@st.cache_data(show_spinner=False)
+
+@st.cache_data(show_spinner="Scoring every channel by group L1 (once per model)...")
 def l1_scores(path: str, mtime: float) -> dict[str, np.ndarray]:
-    importance = ContributionImportance()
-    return {g.name: importance.contribution(graph.tp_group(g, range(g.channels))) for g in graph.groups}
+    return group_l1_scores(graph)
 
 
-def score_result(job_id: int) -> dict | None:
-    job = api.get_job(job_id)
-    if job.state != "succeeded" or not job.result:
-        return None
-    return json.loads(Path(job.result["scores"]).read_text())
+def followed_job(kind: tuple) -> JobRecord | None:
+    """The newest job of ``kind`` for this model among the one started here, the one in the
+    address (a refreshed or reopened tab) and the recent ones in the run store."""
+    session_key, query_key, params, _what = kind
+    resolved = str(Path(checkpoint).resolve())
+
+    def ours(job: JobRecord) -> bool:
+        return (job.kind == "score" and job.params.get("checkpoint") == resolved
+                and job.params.get("allocator") == params.get("allocator"))
+
+    named = [api.get_job(int(i)) for i in (st.session_state.get(session_key), query_job_id(query_key)) if i is not None]
+    found = [job for job in named + api.list_jobs(kind="score", limit=50) if ours(job)]
+    return max(found, key=lambda job: job.id, default=None)
+
+
+def start_job(kind: tuple) -> None:
+    session_key, query_key, params, _what = kind
+    job = api.submit("score", {"checkpoint": checkpoint, **params})
+    api.ensure_worker()
+    st.session_state[session_key] = job.id
+    st.query_params[query_key] = str(job.id)
+    st.rerun()
 
 
 @st.fragment(run_every=2.0)
-def scoring_progress(job_id: int) -> None:
+def job_progress(job_id: int, what: str) -> None:
     job = api.get_job(job_id)
-    if job.state in ("queued", "running"):
-        st.progress(min(max(job.progress, 0.0), 1.0), text=f"Scoring network, job {job.id}: {job.message}")
-    elif job.state == "failed":
-        st.error(f"The scoring network failed: {job.error}")
-    elif job.state == "succeeded" and not st.session_state.get("scores_shown") == job_id:
-        st.session_state["scores_shown"] = job_id
-        st.rerun()
+    if job.finished:
+        st.rerun()  # the whole page draws the results (or the failure)
+    st.progress(min(max(job.progress, 0.0), 1.0), text=f"{what}, job {job.id}: {job.message or job.state}")
+
+
+def job_status(job: JobRecord | None, kind: tuple) -> dict | None:
+    """The job's scores.json when it succeeded; otherwise its progress or failure, and None."""
+    what = kind[3]
+    if job is None:
+        return None
+    if job.state == "failed":
+        st.error(f"{what} failed (job {job.id}): {job.error}")
+    elif job.state == "stopped":
+        st.warning(f"{what} was stopped (job {job.id}); start it again.")
+    elif not job.finished:
+        job_progress(job.id, what)
+    else:
+        return job_json(job, "scores")
+    return None
 
 
 st.markdown("#### The scoring network")
-if st.button("Run the scoring network (background job)", key="importance_run"):
+score_job, scores = None, None
+with error_box("Reading the scoring job"):
+    score_job = followed_job(SCORING)
+    scores = job_status(score_job, SCORING)
+if (score_job is None or score_job.finished) and st.button("Run the scoring network (background job)",
+                                                           key="importance_run"):
     with error_box("Starting the scoring network"):
-        job = api.submit("score", {"checkpoint": checkpoint, "method": "collaborative", "target": 0.8})
-        api.ensure_worker()
-        st.session_state["score_job"] = job.id
-score_job = st.session_state.get("score_job")
-scores = None
-if score_job:
-    with error_box("Reading the scoring job"):
-        scoring_progress(int(score_job))
-        scores = score_result(int(score_job))
+        start_job(SCORING)
 if scores:
     allocation = scores["allocation"]
     frame = groups.assign(importance=[allocation["group_importance"][g] for g in groups["group"]])
@@ -92,58 +121,72 @@ else:
             "(a few minutes on a CPU). Uniform and global allocations below work without it.")
 
 st.markdown("#### Live pruning-ratio tuning")
+ALLOCATORS = {"uniform": "uniform", "global (L1)": "global", "scoring network": "scoring-network",
+              "sensitivity": "sensitivity"}
 c1, c2 = st.columns(2)
 target = c1.slider("Fewer MACs", 0.05, 0.95, 0.8, 0.05, key="importance_target")
-allocators = ["uniform", "global (L1)"] + (["scoring network"] if scores else [])
-allocator = c2.radio("Allocator", allocators, horizontal=True, key="importance_allocator")
-with error_box("Allocating"):
-    start = time.perf_counter()
-    if allocator == "uniform":
-        live = allocate_uniform(graph, cost, target)
-    elif allocator == "global (L1)":
-        live = allocate_global(graph, cost, l1_scores(checkpoint, Path(checkpoint).stat().st_mtime), target)
-    else:
-        live = allocation_from_logits(graph, cost, scores["details"]["logits"], target)
-    kept = dict(live.kept)
-    with st.expander("Per-layer overrides"):
-        st.caption("Type a channel count to keep for any layer; the totals follow at once.")
-        table = groups.assign(kept=[kept[g] for g in groups["group"]])[["group", "scale", "channels", "kept"]]
-        edited = st.data_editor(table, disabled=["group", "scale", "channels"], hide_index=True,
-                                key="importance_overrides")
-        for name, channels, value in zip(edited["group"], edited["channels"], edited["kept"]):
-            kept[name] = int(min(max(int(value), 1), int(channels)))
-    predicted = cost.predict(kept)
-    elapsed_ms = (time.perf_counter() - start) * 1000
-    m1, m2, m3, m4 = st.columns(4)
-    m1.metric("MACs", f"{predicted['macs'] / 1e6:.1f} M", f"-{predicted['macs_reduction']:.1%}")
-    m2.metric("Parameters", f"{predicted['params'] / 1e6:.2f} M", f"-{predicted['params_reduction']:.1%}")
-    m3.metric("Size (float32)", f"{predicted['params'] * 4 / 2**20:.1f} MiB")
-    m4.metric("Answered in", f"{elapsed_ms:.0f} ms")
-    if not live.budget_met:
-        st.warning("The per-layer limits (at most 90% of a layer, at least 2 channels) cannot reach this target.")
-    share = groups.assign(keep=[kept[g] / c for g, c in zip(groups["group"], groups["channels"])])
-    st.plotly_chart(px.bar(share, x="group", y="keep", color="scale", range_y=[0, 1],
-                           title=f"Share of channels kept per layer ({allocator})"), width="stretch")
+allocator = c2.radio("Allocator", list(ALLOCATORS), horizontal=True, key="importance_allocator")
+
+curves = None
+if allocator == "sensitivity":
+    sensitivity_job = None
+    with error_box("Reading the sensitivity job"):
+        sensitivity_job = followed_job(SENSITIVITY)
+        details = (job_status(sensitivity_job, SENSITIVITY) or {}).get("details") or {}
+        curves = details if details.get("drops") else None  # {"drops": {group: [loss rise per level]}, "levels"}
+    if curves is None and (sensitivity_job is None or sensitivity_job.finished):
+        st.info("No sensitivity curves for this model yet. Sensitivity analysis prunes each layer alone at "
+                "30, 50, 70 and 90% and measures the loss on calibration images: too slow to redo for every "
+                "slider position, so it is measured once in the background (a few minutes on a CPU); "
+                "afterwards every target answers at once.")
+        if st.button("Measure the sensitivity curves (background job)", key="importance_sensitivity_run"):
+            with error_box("Starting the sensitivity measurement"):
+                start_job(SENSITIVITY)
+elif allocator == "scoring network" and not scores:
+    st.info("The scoring-network allocation answers from a scoring job's results: run the scoring network "
+            "above (a background job), then choose it here.")
+
+kept = None
+if allocator in ("uniform", "global (L1)") or (allocator == "scoring network" and scores) or curves:
+    with error_box("Allocating"):
+        start = time.perf_counter()
+        live = live_allocation(
+            ALLOCATORS[allocator], graph, cost, target,
+            l1_scores=l1_scores(checkpoint, weights_mtime(checkpoint)) if allocator == "global (L1)" else None,
+            logits=scores["details"]["logits"] if allocator == "scoring network" else None,
+            drops=curves["drops"] if curves else None,
+            **({"levels": curves["levels"]} if curves and curves.get("levels") else {}))
+        kept = dict(live.kept)
+        with st.expander("Per-layer overrides"):
+            st.caption("Type a channel count to keep for any layer; the totals follow at once.")
+            table = groups.assign(kept=[kept[g] for g in groups["group"]])[["group", "scale", "channels", "kept"]]
+            edited = st.data_editor(table, disabled=["group", "scale", "channels"], hide_index=True,
+                                    key="importance_overrides")
+            for name, channels, value in zip(edited["group"], edited["channels"], edited["kept"]):
+                kept[name] = int(min(max(int(value), 1), int(channels)))
+        predicted = cost.predict(kept)
+        elapsed_ms = (time.perf_counter() - start) * 1000
+        m1, m2, m3, m4 = st.columns(4)
+        m1.metric("MACs", f"{predicted['macs'] / 1e6:.1f} M", f"-{predicted['macs_reduction']:.1%}")
+        m2.metric("Parameters", f"{predicted['params'] / 1e6:.2f} M", f"-{predicted['params_reduction']:.1%}")
+        m3.metric("Size (float32)", f"{predicted['params'] * 4 / 2**20:.1f} MiB")
+        m4.metric("Answered in", f"{elapsed_ms:.0f} ms")
+        if not live.budget_met:
+            st.warning("The per-layer limits (at most 90% of a layer, at least 2 channels) cannot reach this target.")
+        share = groups.assign(keep=[kept[g] / c for g, c in zip(groups["group"], groups["channels"])])
+        st.plotly_chart(px.bar(share, x="group", y="keep", color="scale", range_y=[0, 1],
+                               title=f"Share of channels kept per layer ({allocator})"), width="stretch")
 
 st.markdown("#### Live preview")
 st.caption("Prunes a copy at this setting (group L1 within each layer, no fine-tuning) and shows its masks "
            "beside the unpruned model's. Fine-tuning on the Prune page recovers most of what is lost here.")
-if st.button("Preview this setting", key="importance_preview"):
+if kept is None:
+    st.caption("Choose an allocator with an answer above to preview it.")
+elif st.button("Preview this setting", key="importance_preview"):
     with error_box("Previewing"):
         spec = loaded.spec
         index = dataset_index(current_dataset())
         val = SegmentationDataset(index, "val", tuple(spec.input_size), spec.in_channels, limit=3)
-        start = time.perf_counter()
-        pruned = pruned_copy(loaded.model, spec.input_size, spec.in_channels, kept)
-        pictures, captions = [], []
-        with torch.no_grad():
-            for i in range(len(val)):
-                image, truth = val.raw(i)
-                x = normalise(image, spec.in_channels)[None]
-                for label, net in (("unpruned", loaded.model), ("pruned copy", pruned)):
-                    pictures.append(overlay_mask(image, net(x).argmax(1)[0].numpy().astype("uint8")))
-                    captions.append(f"{label} {i + 1}")
-                pictures.append(overlay_mask(image, truth))
-                captions.append(f"ground truth {i + 1}")
-        image_grid(pictures, captions, columns=3)
-        st.caption(f"Pruned and predicted in {time.perf_counter() - start:.1f} s.")
+        preview = preview_pruned(loaded.model, spec.input_size, spec.in_channels, kept, val)
+        image_grid(preview.pictures, preview.captions, columns=3)
+        st.caption(f"Pruned and predicted in {preview.seconds:.1f} s.")
