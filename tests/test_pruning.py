@@ -15,6 +15,7 @@ from core.data.dataset import SegmentationDataset
 from core.data.registry import load_index
 from core.models.checkpoint import load_checkpoint, save_checkpoint
 from core.models.zoo import ARCHITECTURES, ModelSpec, build_model
+from core.pruning.graph import PruningError
 from core.pruning.loop import LoopSettings, read_rounds, run_prune_loop
 from core.pruning.methods import METHODS, resolve_method
 from core.pruning.step import StepSettings, prune_step
@@ -120,6 +121,24 @@ def test_loop_stops_at_the_target_and_is_deterministic(tiny_data, tmp_path):
     b = load_checkpoint(second.result["checkpoint"]).model
     for pa, pb in zip(a.state_dict().values(), b.state_dict().values()):
         assert torch.equal(pa, pb)
+
+
+def test_rounds_land_on_the_milestones_on_their_way_to_the_target(tiny_data, tmp_path):
+    from core.runs.jobs import parse_params
+
+    train, val, _, classes = tiny_data
+    model, spec = fresh(classes)
+    # step 0.45 alone would give 45%, 70%; the milestones stop rounds at 30% and 50% first
+    result = run_prune_loop(model, spec, [], train, val, None, tmp_path,
+                            loop_settings(target=0.7, step=0.45, milestones=(0.5, 0.3)),
+                            evaluator=ScriptedEvaluator([50.0]))
+    assert result.stopped == "target"
+    assert [round(r.macs_reduction, 2) for r in result.rounds] == pytest.approx([0.3, 0.5, 0.7], abs=0.01)
+    with pytest.raises(PruningError, match="milestones"):
+        loop_settings(milestones=(0.5, 1.2)).validate()
+    # the run store's prune job takes them as a JSON list
+    args = parse_params("prune", {"checkpoint": "c", "milestones": [0.5, 0.7]}, out="o")
+    assert args.milestones == [0.5, 0.7]
 
 
 def test_loop_resumes_after_its_last_finished_round(tiny_data, tmp_path):

@@ -39,6 +39,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-tolerance-stop", action="store_true",
                         help="keep going past the tolerance (trace the whole frontier)")
     parser.add_argument("--step", type=fraction, default=0.3, help="share of the remaining MACs removed per round")
+    parser.add_argument("--milestones", type=fraction, nargs="+", default=[], metavar="REDUCTION",
+                        help="MACs reductions a round lands on exactly on its way to the target (0.5 0.7)")
     parser.add_argument("--finetune-epochs", type=non_negative_int, default=2)
     parser.add_argument("--max-rounds", type=positive_int, default=10)
     parser.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate")
@@ -88,7 +90,8 @@ def loop_settings_from_args(args: argparse.Namespace, device: str) -> LoopSettin
     kind, target = ("params", args.target_params) if args.target_params else ("macs", args.target_macs or 0.8)
     return LoopSettings(
         method=args.method, allocator=args.allocator, criterion=args.criterion, target=target,
-        target_kind=kind, tolerance=args.tolerance, step=args.step, finetune_epochs=args.finetune_epochs,
+        target_kind=kind, tolerance=args.tolerance, step=args.step, milestones=tuple(args.milestones),
+        finetune_epochs=args.finetune_epochs,
         max_rounds=args.max_rounds, stop_at_tolerance=not args.no_tolerance_stop,
         calibration_images=args.calibration_images, seed=args.seed,
         step_settings=StepSettings(

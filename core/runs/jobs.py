@@ -141,6 +141,8 @@ def params_to_argv(kind: str, params: dict[str, Any]) -> list[str]:
                 argv += [flag, item]
         elif value is None:
             continue
+        elif action.nargs in ("+", "*") and isinstance(value, list):
+            argv += [flag, *(str(v) for v in value)]
         elif isinstance(value, (dict, list)):
             raise JobParameterError(f"{kind} job parameter {key} must be a single value, not {value!r}")
         else:
