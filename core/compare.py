@@ -10,8 +10,10 @@ import numpy as np
 import pandas as pd
 from torch.utils.data import Dataset
 
+from core.errors import DefectPruneError
 from core.metrics import SegmentationMetrics, batch_confusion, per_image_table
 from core.models.checkpoint import load_checkpoint
+from core.models.zoo import ModelSpec
 from core.predictions import cached_predictions
 from core.profile import profile_model
 
@@ -26,6 +28,26 @@ class Comparison:
     per_class: pd.DataFrame  # class, iou_before, iou_after, change
     metrics_before: SegmentationMetrics
     metrics_after: SegmentationMetrics
+
+
+class ComparisonError(DefectPruneError):
+    """Two models that cannot be compared image by image."""
+
+
+def check_comparable(before: ModelSpec, after: ModelSpec) -> None:
+    """Refuse a comparison whose numbers would mean nothing: the same images go through both
+    models and the same class ids are scored, so classes, image channels and input size must
+    agree (a pruned model keeps all three of its baseline's)."""
+    problems = []
+    if list(before.classes) != list(after.classes):
+        problems.append(f"classes {list(before.classes)} against {list(after.classes)}")
+    if before.in_channels != after.in_channels:
+        problems.append(f"{before.in_channels} against {after.in_channels} image channels")
+    if tuple(before.input_size) != tuple(after.input_size):
+        problems.append(f"input size {tuple(before.input_size)} against {tuple(after.input_size)}")
+    if problems:
+        raise ComparisonError("the two models differ in " + "; ".join(problems) + ": compare a model with its own "
+                              "pruned rounds, or two models trained on the same dataset at the same size")
 
 
 def compare_models(before: str | Path, after: str | Path, dataset: Dataset, class_names: list[str]) -> Comparison:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -63,3 +64,56 @@ def test_two_models_are_compared_with_cost_and_downloads(tmp_path):
     assert cost["MACs (M)"].iloc[1] < cost["MACs (M)"].iloc[0]
     assert (cost["ONNX Runtime ms"] > 0).all()
     assert len(at.get("download_button")) == 3
+
+
+# ---------------------------------------------------------------- bad input
+def saved(folder, classes=CLASSES, size=(64, 64)) -> str:
+    torch.manual_seed(0)
+    spec = ModelSpec(classes=classes, input_size=size, in_channels=1, dataset_format="synthetic-steel")
+    return str(save_checkpoint(folder, build_model(spec).eval(), spec))
+
+
+def two_models_page(before: str, after: str) -> AppTest:
+    from core.runs import api
+
+    store = api.open_store()
+    for path in (before, after):
+        store.register_model(path, arch="unet", encoder="resnet18")
+    at = page()
+    at.session_state["model"] = before
+    at.run()
+    return at
+
+
+@pytest.mark.parametrize("other, expected", [
+    ({"classes": ["background", "crack"]}, "differ in classes"),
+    ({"size": (96, 96)}, "input size (64, 64) against (96, 96)"),
+])
+def test_models_that_cannot_be_compared_are_refused_by_name(tmp_path, other, expected):
+    before = saved(tmp_path / "before")
+    after = saved(tmp_path / "after", **other)
+    at = two_models_page(before, after)
+    at.selectbox(key="compare_before").set_value(before)
+    at.selectbox(key="compare_after").set_value(after).run()
+    assert not at.exception
+    assert at.error and expected in at.error[0].value, [e.value for e in at.error]
+    assert not at.get("plotly_chart")  # nothing drawn from a meaningless comparison
+    assert at.selectbox(key="compare_before").value == before
+    assert at.selectbox(key="compare_after").value == after
+    assert at.session_state["model"] == before
+
+
+def test_a_model_whose_checkpoint_was_damaged_shows_an_error(tmp_path):
+    before = saved(tmp_path / "before")
+    after = saved(tmp_path / "after")
+    weights = Path(after, "weights.safetensors")
+    weights.write_bytes(weights.read_bytes()[:100])
+    at = two_models_page(before, after)
+    at.selectbox(key="compare_after").set_value(after).run()
+    assert not at.exception
+    assert at.error and "not a readable safetensors file" in at.error[0].value, [e.value for e in at.error]
+    assert at.selectbox(key="compare_after").value == after
+    Path(after).rename(tmp_path / "moved")  # then the folder went away altogether
+    at.run()
+    assert not at.exception
+    assert at.error and f"checkpoint folder {after} does not exist" in at.error[0].value

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
@@ -43,3 +48,45 @@ def test_heatmap_bars_and_selections_follow_the_widgets(tiny_model):
     # each method removes exactly the slider's count
     assert counts["Removed by L1 only"] + counts["Removed by both"] == remove
     assert counts["Removed by the method only"] + counts["Removed by both"] == remove
+
+
+# ---------------------------------------------------------------- bad input
+def tiny_neu_seg(root: Path, per_split: int = 4) -> Path:
+    """A NEU-Seg-layout folder of a few 64 px grey images with one defect square each."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val", "test"):
+        (root / "img_dir" / split).mkdir(parents=True)
+        (root / "ann_dir" / split).mkdir(parents=True)
+        for i in range(per_split):
+            image = rng.integers(80, 160, (64, 64), dtype=np.uint8)
+            mask = np.zeros((64, 64), np.uint8)
+            mask[16:32, 16:32] = 1 + i % 3
+            cv2.imwrite(str(root / "img_dir" / split / f"{split}_{i}.jpg"), image)
+            cv2.imwrite(str(root / "ann_dir" / split / f"{split}_{i}.png"), mask)
+    return root
+
+
+def test_a_dataset_folder_that_vanished_shows_an_error_and_keeps_the_choices(tiny_model, tmp_path):
+    root = tiny_neu_seg(tmp_path / "neu")
+    at = open_page("correlation", tiny_model, run=False)
+    at.session_state["dataset"] = {"format": "neu-seg", "root": str(root), "seed": 0, "options": ""}
+    at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    at.selectbox(key="correlation_group").set_value("encoder.layer1.0.conv1").run()
+    shutil.rmtree(root)  # deleted while the dashboard had it open
+    at.run()
+    assert not at.exception
+    assert at.error and f"dataset folder {root} does not exist (any more)" in at.error[0].value, [e.value for e in at.error]
+    assert at.session_state["dataset"]["root"] == str(root)
+    assert at.session_state["model"] == tiny_model
+    assert at.selectbox(key="correlation_group").value == "encoder.layer1.0.conv1"
+
+
+def test_a_checkpoint_without_its_weights_shows_an_error(tiny_model):
+    at = page(tiny_model)
+    Path(tiny_model, "weights.safetensors").unlink()
+    at.run()
+    assert not at.exception
+    assert at.error and "weights.safetensors is missing" in at.error[0].value, [e.value for e in at.error]
+    assert any("Repair or replace that checkpoint" in info.value for info in at.info)
+    assert at.session_state["model"] == tiny_model

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 from streamlit.testing.v1 import AppTest
@@ -123,3 +124,64 @@ def test_sensitivity_without_curves_says_what_to_do_then_answers_live(tiny_model
     tight = figure(at, "Share of channels kept per layer (sensitivity)")
     assert macs_metric(at) != half_macs
     assert [trace["y"] for trace in half["data"]] != [trace["y"] for trace in tight["data"]]
+
+
+# ---------------------------------------------------------------- bad input
+def test_a_corrupt_checkpoint_shows_an_error_and_keeps_the_model_chosen(tiny_model):
+    at = page(tiny_model)
+    weights = Path(tiny_model, "weights.safetensors")
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) // 3])  # a copy cut short
+    at.run()
+    assert not at.exception
+    assert at.error and "not a readable safetensors file" in at.error[0].value, [e.value for e in at.error]
+    assert any("Repair or replace that checkpoint" in info.value for info in at.info)
+    assert at.session_state["model"] == tiny_model
+    weights.write_bytes(good)  # repaired: the page comes back without choosing the model again
+    at.run()
+    assert not at.exception and not at.error
+    figure(at, "Share of channels kept per layer (uniform)")
+
+
+def test_a_missing_job_in_the_address_is_an_error_and_live_tuning_still_answers(tiny_model):
+    at = open_page("importance", tiny_model, run=False)
+    at.query_params["score"] = "98765"
+    at.run()
+    assert not at.exception
+    assert at.error and "there is no job 98765" in at.error[0].value
+    figure(at, "Share of channels kept per layer (uniform)")
+    at.query_params["score"] = "latest"
+    at.run()
+    assert not at.exception
+    assert at.error and "?score=latest in the address is not a job id" in at.error[0].value
+    assert at.session_state["model"] == tiny_model
+
+
+def test_a_failed_sensitivity_job_says_why_and_offers_to_run_it_again(tiny_model, tmp_path):
+    # the model's dataset folder vanished before the worker read it
+    job = api.submit("score", {"checkpoint": tiny_model, "method": "uniform-l1", "allocator": "sensitivity",
+                               "format": "neu-seg", "root": str(tmp_path / "vanished")})
+    store = api.open_store()
+    assert store.claim_next_job(worker_pid=os.getpid()).id == job.id
+    assert execute_job(store, job.id) == "failed"
+    at = page(tiny_model)
+    at.slider(key="importance_target").set_value(0.6).run()
+    at.radio(key="importance_allocator").set_value("sensitivity").run()
+    assert not at.exception
+    errors = [e.value for e in at.error]
+    assert any(f"Measuring the sensitivity curves failed (job {job.id})" in e and "vanished" in e for e in errors)
+    assert [b for b in at.button if b.key == "importance_sensitivity_run"]  # run it again from here
+    assert at.slider(key="importance_target").value == 0.6  # what the user set is kept
+
+
+def test_a_score_job_whose_results_were_deleted_says_so(tiny_model):
+    job = api.submit("score", {"checkpoint": tiny_model, "method": "collaborative", "target": 0.8})
+    store = api.open_store()
+    assert store.claim_next_job(worker_pid=os.getpid()).id == job.id
+    gone = store.job_dir(job.id) / "scores.json"
+    store.finish_job(job.id, "succeeded", result={"scores": str(gone)})  # then the workspace was cleaned
+    at = page(tiny_model)
+    assert not at.exception
+    assert at.error and "is gone (was the workspace cleaned?)" in at.error[0].value
+    assert any("Run the scoring network" in info.value for info in at.info)
+    assert [b for b in at.button if b.key == "importance_run"]

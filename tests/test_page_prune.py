@@ -66,3 +66,47 @@ def test_a_launched_run_is_drawn_round_by_round(tiny_model, monkeypatch):
     assert "Accuracy against cost, one line per run" in titles
     rounds = figures[titles.index("Validation defect mIoU against MACs, round by round")]["data"][0]
     assert rounds["text"] == ["r0", "r1"]  # the unpruned model, then round 1
+
+
+# ---------------------------------------------------------------- bad input
+def test_a_run_in_the_address_that_does_not_exist_is_an_error_and_the_form_stays(tiny_model):
+    at = page()
+    at.session_state["model"] = tiny_model
+    at.query_params["run"] = "98765"
+    at.run()
+    assert not at.exception
+    assert at.error and "there is no job 98765" in at.error[0].value, [e.value for e in at.error]
+    assert at.selectbox(key="prune_method").value  # the form is still there to launch one
+    at.query_params["run"] = "12abc"
+    at.run()
+    assert not at.exception
+    assert at.error and "?run=12abc in the address is not a job id" in at.error[0].value
+    assert at.session_state["model"] == tiny_model
+
+
+def test_a_job_that_is_not_a_prune_run_is_refused_by_name(tiny_model):
+    job = api.submit("score", {"checkpoint": tiny_model})
+    api.stop(job.id)  # a queued job stops at once: no worker of the session's store runs it
+    at = page()
+    at.session_state["model"] = tiny_model
+    at.query_params["run"] = str(job.id)
+    at.run()
+    assert not at.exception
+    assert at.error and f"job {job.id} is a score job, not a prune run" in at.error[0].value
+
+
+def test_a_failed_run_says_why_and_offers_to_resume(tiny_model, tmp_path):
+    # the dataset folder vanished before the worker read it
+    job = api.submit("prune", {"checkpoint": tiny_model, "method": "uniform-l1", "format": "neu-seg",
+                               "root": str(tmp_path / "vanished"), "max_rounds": 1, "finetune_epochs": 0})
+    store = api.open_store()
+    assert store.claim_next_job(worker_pid=os.getpid()).id == job.id
+    assert execute_job(store, job.id) == "failed"
+    at = page()
+    at.session_state["model"] = tiny_model
+    at.session_state["run"] = job.id
+    at.run()
+    assert not at.exception
+    assert at.error and "The run failed" in at.error[0].value and "vanished" in at.error[0].value
+    assert [b for b in at.button if b.key == f"resume_{job.id}"]
+    assert at.session_state["run"] == job.id and at.session_state["model"] == tiny_model

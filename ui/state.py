@@ -13,7 +13,7 @@ from pathlib import Path
 import streamlit as st
 from streamlit.runtime.scriptrunner_utils.exceptions import RerunException, StopException
 
-from core.data.base import DatasetIndex
+from core.data.base import DatasetIndex, DatasetRootMissingError
 from core.data.registry import DEFAULT_FORMAT, is_synthetic, load_index
 from core.errors import DefectPruneError
 
@@ -72,6 +72,10 @@ def cached_index(format_name: str, root: str | None, seed: int, options: str) ->
 
 
 def dataset_index(choice: DatasetChoice) -> DatasetIndex:
+    if choice.root and not Path(choice.root).is_dir():
+        # the cached index would fail on its first image with a less telling message
+        raise DatasetRootMissingError(f"dataset folder {choice.root} does not exist (any more); restore it or "
+                                      "choose another dataset on the Data page")
     return cached_index(choice.format, choice.root, choice.seed, choice.options)
 
 
@@ -179,12 +183,15 @@ def cached_json(path: str, mtime: float) -> dict:
 
 
 def require_model(missing: str = "No model yet: train or load one on the Model page."):
-    """The current model, loaded; or an info box saying what to do, and the page stops."""
+    """The current model, loaded; or an info box saying what to do, and the page stops. A
+    chosen model that fails to load stays chosen (the error box says why): replacing its
+    files and rerunning brings the page back."""
     loaded = None
     with error_box("Loading the model"):
         loaded = current_checkpoint()
     if loaded is None:
-        st.info(missing)
+        st.info("Repair or replace that checkpoint, or choose another model on the Model page."
+                if st.session_state.get("model") else missing)
         st.stop()
     return loaded
 

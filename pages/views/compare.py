@@ -14,12 +14,12 @@ import plotly.express as px
 import streamlit as st
 from plotly.subplots import make_subplots
 
-from core.compare import compare_models, cost_row
+from core.compare import check_comparable, compare_models, cost_row
 from core.data.dataset import SegmentationDataset
 from core.profile import export_onnx
 from core.runs import api
 from core.visual import diff_overlay, overlay_mask
-from ui.state import checkpoint_at, current_dataset, dataset_index, error_box
+from ui.state import checkpoint_at, current_dataset, dataset_index, error_box, weights_mtime
 from ui.widgets import load_style
 
 load_style()
@@ -59,16 +59,9 @@ def costs(path: str, mtime: float) -> dict:
     return cost_row(path, runs=10)
 
 
-def weights_mtime(path: str) -> float:
-    return Path(path, "weights.safetensors").stat().st_mtime
-
-
 result = None
 with error_box("Comparing"):
-    spec_before = checkpoint_at(before).spec
-    spec_after = checkpoint_at(after).spec
-    if list(spec_before.classes) != list(spec_after.classes):
-        raise ValueError("the two models predict different classes")
+    check_comparable(checkpoint_at(before).spec, checkpoint_at(after).spec)
     choice = current_dataset()
     result, dataset = comparison(before, after, split, (choice.format, choice.root, choice.seed, choice.options))
 if result is None:

@@ -10,7 +10,7 @@ import streamlit as st
 
 from core.pruning.methods import METHODS
 from core.runs import api
-from ui.state import current_dataset, error_box, require_model
+from ui.state import JobIdError, current_dataset, error_box, query_job_id, require_model
 from ui.widgets import load_style
 
 load_style()
@@ -99,10 +99,14 @@ if launch:
         st.query_params["run"] = str(job.id)
         st.rerun()  # the sidebar names the new run
 
-run_id = st.session_state.get("run") or st.query_params.get("run")
-if run_id:
-    with error_box("Reading the run"):
-        run_progress(int(run_id))
+with error_box("Reading the run"):
+    run_id = st.session_state.get("run") or query_job_id("run")
+    if run_id:
+        job = api.get_job(int(run_id))
+        if job.kind != "prune":
+            raise JobIdError(f"job {job.id} is a {job.kind} job, not a prune run; launch a run above or open "
+                             "one from the frontier below")
+        run_progress(job.id)
 
 st.markdown("#### All runs on one frontier")
 points = []
