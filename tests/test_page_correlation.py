@@ -76,7 +76,7 @@ def test_a_dataset_folder_that_vanished_shows_an_error_and_keeps_the_choices(tin
     shutil.rmtree(root)  # deleted while the dashboard had it open
     at.run()
     assert not at.exception
-    assert at.error and f"dataset folder {root} does not exist (any more)" in at.error[0].value, [e.value for e in at.error]
+    assert at.error and f"dataset folder {root} does not exist (any more)" in at.error[0].value, at.error
     assert at.session_state["dataset"]["root"] == str(root)
     assert at.session_state["model"] == tiny_model
     assert at.selectbox(key="correlation_group").value == "encoder.layer1.0.conv1"
