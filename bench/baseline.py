@@ -32,6 +32,8 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 DATASETS = {"neu-seg": "neu-seg", "magnetic-tile": "magnetic-tile"}  # format -> folder
+SHARED_DEFAULT = REPO.parent / "shared" / "datasets"
+CACHE_DEFAULT = REPO / "bench" / "cache" / "baseline"
 
 
 def run_core(args: list[str]) -> dict:
@@ -90,7 +92,8 @@ def benchmark_dataset(fmt: str, root: Path, args: argparse.Namespace, cache: Pat
                                 runs=args.latency_runs)
     except ImportError as exc:  # the profiler is optional for this report
         print(f"[{fmt}] no profile: {exc}", flush=True)
-    return {"format": fmt, "root": str(root), "train_cmd": display(train_cmd), "eval_cmd": display(eval_cmd),
+    return {"format": fmt, "root": str(root), "checkpoint": str(checkpoint),
+            "train_cmd": display(train_cmd), "eval_cmd": display(eval_cmd),
             "history": history, "test": test, "profile": profile, "reused": reused,
             "classes": loaded.spec.classes}
 
@@ -152,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "datasets")
+    parser.add_argument("--data", type=Path, default=SHARED_DEFAULT)
     parser.add_argument("--arch", default="unet")
     parser.add_argument("--encoder", default="resnet18")
     parser.add_argument("--size", default="128")
@@ -166,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--limit", type=int, default=None, help="images per split (smoke run)")
     parser.add_argument("--latency-runs", type=int, default=20)
-    parser.add_argument("--cache", type=Path, default=REPO / "bench" / "cache" / "baseline")
+    parser.add_argument("--cache", type=Path, default=CACHE_DEFAULT)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "baseline.md")
     args = parser.parse_args(argv)
 

@@ -1,0 +1,383 @@
+"""Compression benchmark: the method against every baseline on real defect data, one prune run
+per method walking through every MACs target, the ablation of the method, and a control row.
+
+    .venv/bin/python bench/compression.py [--datasets neu-seg magnetic-tile] [--format F --root DIR]
+        [--arch unet] [--second-arch fpn --second-arch-dataset neu-seg] [--size 128]
+        [--targets 0.5 0.7 0.8 0.9] [--methods ...] [--no-ablation] [--step 0.4]
+        [--finetune-epochs 1] [--scoring-steps 100] [--epochs 15] [--limit 1000]
+        [--threads 2] [--device auto]
+
+For each dataset and architecture: the baseline is trained (or reused) by `bench/baseline.py`'s
+cached `python -m core train` (early stopping on validation); every method runs `python -m core
+prune` without the tolerance stop, its rounds landing on each target (`--milestones`), so one
+run traces the whole frontier and nothing is retrained per target; each target's point is the
+first round that reaches it, after its fine-tuning. The control row (`none`) fine-tunes the
+unpruned model for as many epochs as a pruning run spends, and drops are taken against the
+better of the baseline and the control. Test-split accuracy, checkpoint size and batch-1 CPU
+latency (torch and ONNX Runtime, one thread, median of 30) are measured per point.
+
+Resumable: prune runs resume from their last finished round (the loop's rounds.json, the same
+record the run store's prune jobs resume from), and every measured point, the control and the
+baselines are cached under `--work` (git-ignored), so rerunning the command continues where an
+interrupted run stopped. Writes `compression.md`, `compression.csv` and `compression_frontier.png`
+to `--out-dir`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from bench.baseline import CACHE_DEFAULT, SHARED_DEFAULT, benchmark_dataset, run_core  # noqa: E402
+
+METHODS = ["collaborative", "uniform-l1", "global-l1", "fpgm", "bn-scale", "random"]
+# the ablation of the method, each step against uniform allocation; the last step is the method
+ABLATION = [("l1", "uniform", "l1"), ("+ substitutability", "uniform", "substitutability"),
+            ("+ collaborative removal", "uniform", "collaborative"),
+            ("+ scoring-network allocation", None, None)]
+COLUMNS = ["dataset", "arch", "size", "method", "target", "defect_miou", "drop", "macs_reduction",
+           "params_reduction", "size_bytes", "latency_torch_ms", "latency_ort_ms", "wall_s"]
+
+
+@dataclass
+class Run:
+    label: str  # the CSV's method column
+    method: str
+    allocator: str | None = None
+    criterion: str | None = None
+
+    def resolved(self) -> tuple[str, str]:
+        from core.pruning.methods import resolve_method
+
+        spec = resolve_method(self.method, self.allocator, self.criterion)
+        return spec.allocator, spec.criterion
+
+
+def runs_for(methods: list[str], ablation: bool) -> tuple[list[Run], dict[str, str]]:
+    """Every prune run to do (methods first, then the ablation steps no method already covers)
+    and, per ablation step, the label of the run that holds it."""
+    runs = [Run(m, m) for m in methods]
+    steps: dict[str, str] = {}
+    if ablation:
+        by_setting = {r.resolved(): r.label for r in runs}
+        for name, allocator, criterion in ABLATION:
+            run = Run(f"{allocator}-{criterion}" if allocator else "collaborative", "collaborative", allocator, criterion)
+            if run.resolved() not in by_setting:
+                runs.append(run)
+                by_setting[run.resolved()] = run.label
+            steps[name] = by_setting[run.resolved()]
+    return runs, steps
+
+
+def common_args(args: argparse.Namespace) -> list[str]:
+    out = ["--size", str(args.size), "--batch-size", str(args.batch_size), "--device", args.device]
+    if args.threads:
+        out += ["--threads", str(args.threads)]
+    if args.limit:
+        out += ["--limit", str(args.limit)]
+    return out
+
+
+def prune(run: Run, checkpoint: Path, out: Path, args: argparse.Namespace) -> tuple[dict, str]:
+    targets = sorted(args.targets)
+    command = ["prune", "--checkpoint", str(checkpoint), "--method", run.method, "--target-macs", str(targets[-1]),
+               "--no-tolerance-stop", "--step", str(args.step),
+               "--finetune-epochs", str(args.finetune_epochs), "--max-rounds", str(args.max_rounds),
+               "--scoring-steps", str(args.scoring_steps), "--seed", str(args.seed), "--out", str(out),
+               *common_args(args)]
+    if run.allocator:
+        command += ["--allocator", run.allocator]
+    if run.criterion:
+        command += ["--criterion", run.criterion]
+    if len(targets) > 1:
+        command += ["--milestones", *map(str, targets[:-1])]
+    state = out / "rounds.json"
+    if not (state.is_file() and "result" in json.loads(state.read_text())):
+        print(f"  {run.label}: python -m core {shlex.join(command)}", flush=True)
+        run_core(command)  # resumes after the last finished round when interrupted before
+    return json.loads(state.read_text()), "python -m core " + shlex.join(command)
+
+
+def measure(checkpoint: str | Path, test_ds, args: argparse.Namespace) -> dict:
+    """Test defect mIoU, size and batch-1 latency of one checkpoint (cached beside it)."""
+    from core.models.checkpoint import load_checkpoint
+    from core.profile import checkpoint_size_bytes, export_onnx, measure_latency, measure_onnx_latency
+    from core.train import evaluate
+
+    cache = Path(f"{checkpoint}.bench.json")
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    loaded = load_checkpoint(checkpoint)
+    model, spec = loaded.model.eval(), loaded.spec
+    size, channels = tuple(spec.input_size), spec.in_channels
+    metrics = evaluate(model, test_ds, batch_size=args.batch_size, class_names=spec.classes, per_image=False).metrics
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = export_onnx(model, Path(tmp) / "model.onnx", size, channels)
+        ort = measure_onnx_latency(onnx_path, size, channels, runs=args.latency_runs, threads=1).median_ms
+    point = {"defect_miou": metrics.defect_miou, "per_class_iou": metrics.per_class_iou,
+             "size_bytes": checkpoint_size_bytes(checkpoint), "latency_ort_ms": ort,
+             "latency_torch_ms": measure_latency(model, size, channels, runs=args.latency_runs, threads=1).median_ms}
+    cache.write_text(json.dumps(point, indent=2))
+    return point
+
+
+def control(checkpoint: Path, epochs: int, train_ds, val_ds, out: Path, args: argparse.Namespace) -> tuple[Path, float]:
+    """The unpruned model fine-tuned as long as a pruning run fine-tunes (cached)."""
+    from core.models.checkpoint import load_checkpoint, save_checkpoint
+    from core.train import TrainConfig, fine_tune
+
+    done = out / "control.json"
+    if done.is_file() and json.loads(done.read_text())["epochs"] == epochs:
+        return out / "checkpoint", json.loads(done.read_text())["wall_s"]
+    start = time.perf_counter()
+    loaded = load_checkpoint(checkpoint)
+    config = TrainConfig(epochs=epochs, batch_size=args.batch_size, patience=None, seed=args.seed,
+                         num_threads=args.threads, device=args.device)
+    print(f"  none (control): fine-tuning the unpruned model for {epochs} epoch(s)", flush=True)
+    fine_tune(loaded.model, train_ds, val_ds, config, class_names=loaded.spec.classes)
+    save_checkpoint(out / "checkpoint", loaded.model, loaded.spec, loaded.history)
+    wall = time.perf_counter() - start
+    done.write_text(json.dumps({"epochs": epochs, "wall_s": wall}))
+    return out / "checkpoint", wall
+
+
+def datasets_for(checkpoint: Path, args: argparse.Namespace):
+    from core.commands.evaluate import index_for_checkpoint
+    from core.data.dataset import SegmentationDataset
+    from core.models.checkpoint import read_spec
+
+    spec = read_spec(checkpoint)
+    index, _ = index_for_checkpoint(checkpoint, spec, None, None, None, None)
+    size = tuple(spec.input_size)
+    return {split: SegmentationDataset(index, split, size, spec.in_channels, augment=split == "train",
+                                       seed=args.seed, limit=args.limit) for split in ("train", "val", "test")}
+
+
+def benchmark_setting(fmt: str, root: Path, arch: str, methods: list[str], ablation: bool,
+                      args: argparse.Namespace) -> dict:
+    tag = f"{fmt}-{arch}-{args.encoder}-{args.size}"
+    print(f"[{tag}] baseline", flush=True)
+    base_args = argparse.Namespace(**{**vars(args), "arch": arch, "workers": 0, "patience": args.patience,
+                                      "lr": 1e-3, "latency_runs": args.latency_runs})
+    baseline = benchmark_dataset(fmt, root, base_args, args.baseline_cache)
+    checkpoint = Path(baseline["checkpoint"])
+    splits = datasets_for(checkpoint, args)
+    base = measure(checkpoint, splits["test"], args)
+    runs, ablation_steps = runs_for(methods, ablation)
+    results, commands = {}, {}
+    for run in runs:
+        state, commands[run.label] = prune(run, checkpoint, args.work / tag / run.label, args)
+        results[run.label] = state
+    rounds_spent = max(len(s["rounds"]) for s in results.values())
+    control_ckpt, control_wall = control(checkpoint, rounds_spent * args.finetune_epochs, splits["train"],
+                                         splits["val"], args.work / tag / "none", args)
+    ctrl = measure(control_ckpt, splits["test"], args)
+    reference = max(base["defect_miou"], ctrl["defect_miou"])
+    common = {"dataset": fmt, "arch": arch, "size": args.size}
+    rows = [{**common, "method": "none", "target": 0.0, "defect_miou": ctrl["defect_miou"],
+             "drop": reference - ctrl["defect_miou"], "macs_reduction": 0.0, "params_reduction": 0.0,
+             "size_bytes": ctrl["size_bytes"], "latency_torch_ms": ctrl["latency_torch_ms"],
+             "latency_ort_ms": ctrl["latency_ort_ms"], "wall_s": control_wall}]
+    for label, state in results.items():
+        wall = 0.0
+        walked = []
+        for r in state["rounds"]:
+            wall += r["wall_s"]
+            walked.append((r, wall))
+        for target in sorted(args.targets):
+            hit = next(((r, w) for r, w in walked if r["macs_reduction"] >= target - 1e-3), None)
+            if hit is None:
+                continue
+            r, w = hit
+            point = measure(r["checkpoint"], splits["test"], args)
+            rows.append({**common, "method": label, "target": target, "defect_miou": point["defect_miou"],
+                         "drop": reference - point["defect_miou"], "macs_reduction": r["macs_reduction"],
+                         "params_reduction": r["params_reduction"], "size_bytes": point["size_bytes"],
+                         "latency_torch_ms": point["latency_torch_ms"], "latency_ort_ms": point["latency_ort_ms"],
+                         "wall_s": w})
+    return {"tag": tag, "fmt": fmt, "arch": arch, "encoder": args.encoder, "baseline": baseline, "base": base, "control": ctrl,
+            "reference": reference, "rows": rows, "commands": commands, "ablation": ablation_steps,
+            "rounds": rounds_spent}
+
+
+# ------------------------------------------------------------------ report
+def fmt_pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def table(setting: dict, targets: list[float]) -> list[str]:
+    base = setting["base"]
+    lines = [f"### {setting['fmt']}, {setting['arch']}-{setting['encoder']}, "
+             f"{setting['rows'][0]['size']} px", "",
+             f"Baseline test defect mIoU {base['defect_miou']:.2f} (torch {base['latency_torch_ms']:.1f} ms, "
+             f"ORT {base['latency_ort_ms']:.1f} ms, {base['size_bytes'] / 1e6:.1f} MB); control (`none`, "
+             f"{setting['rounds']} fine-tune round(s) without pruning) {setting['control']['defect_miou']:.2f}; "
+             f"drops against {setting['reference']:.2f}.", "",
+             "| method | target | defect mIoU | drop | MACs red. | params red. | size MB | torch ms (gain) | ORT ms (gain) | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in setting["rows"]:
+        torch_gain = 1 - row["latency_torch_ms"] / base["latency_torch_ms"]
+        ort_gain = 1 - row["latency_ort_ms"] / base["latency_ort_ms"]
+        lines.append(f"| {row['method']} | {fmt_pct(row['target'])} | {row['defect_miou']:.2f} | {row['drop']:+.2f} | "
+                     f"{fmt_pct(row['macs_reduction'])} | {fmt_pct(row['params_reduction'])} | "
+                     f"{row['size_bytes'] / 1e6:.2f} | {row['latency_torch_ms']:.1f} ({fmt_pct(torch_gain)}) | "
+                     f"{row['latency_ort_ms']:.1f} ({fmt_pct(ort_gain)}) | {row['wall_s']:.0f} |")
+    return lines + [""]
+
+
+def findings(setting: dict, targets: list[float], main: str = "collaborative") -> list[str]:
+    """The issue's goals, checked and said plainly (reported, never asserted)."""
+    at = {(r["method"], r["target"]): r for r in setting["rows"]}
+    lines = []
+    goal = at.get((main, 0.8))
+    if goal:
+        ok = goal["params_reduction"] >= 0.9 and goal["drop"] <= 1.0
+        lines.append(f"- At 80% fewer MACs, {main}: {fmt_pct(goal['params_reduction'])} fewer parameters, drop "
+                     f"{goal['drop']:+.2f} points: goal (>= 90%, <= 1.0) {'met' if ok else 'NOT met'}.")
+    methods = sorted({r["method"] for r in setting["rows"]} - {"none", main})
+    for target in targets:
+        if (main, target) not in at:
+            continue
+        ahead = [m for m in methods if (m, target) in at and at[(m, target)]["defect_miou"] >= at[(main, target)]["defect_miou"]]
+        lines.append(f"- {fmt_pct(target)}: {main} {at[(main, target)]['defect_miou']:.2f}; "
+                     + ("ahead of every other run." if not ahead else
+                        "NOT ahead of " + ", ".join(f"{m} ({at[(m, target)]['defect_miou']:.2f})" for m in ahead) + "."))
+    if setting["ablation"]:
+        lines += ["", "Ablation (test defect mIoU per target; each step against uniform allocation):", "",
+                  "| step | run | " + " | ".join(fmt_pct(t) for t in targets) + " |",
+                  "|---|---|" + "---|" * len(targets)]
+        for step, label in setting["ablation"].items():
+            cells = [f"{at[(label, t)]['defect_miou']:.2f}" if (label, t) in at else "n/a" for t in targets]
+            lines.append(f"| {step} | {label} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def frontier_png(settings: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4.5), squeeze=False)
+    for ax, setting in zip(axes[0], settings):
+        rows = setting["rows"]
+        for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "none"):
+            points = [(0.0, setting["base"]["defect_miou"])] + sorted(
+                (r["macs_reduction"], r["defect_miou"]) for r in rows if r["method"] == method)
+            ax.plot([100 * (1 - x) for x, _ in points], [y for _, y in points], marker="o",
+                    linewidth=2.5 if method == "collaborative" else 1.2, label=method)
+        ax.axhline(setting["reference"], color="grey", linestyle="--", linewidth=1, label="reference (best unpruned)")
+        ax.set_xlabel("MACs left (% of the unpruned model)")
+        ax.set_ylabel("test defect mIoU")
+        ax.set_title(setting["tag"])
+        ax.invert_xaxis()
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(settings: list[dict], skipped: list[str], args: argparse.Namespace, argv: list[str], wall: float) -> str:
+    targets = sorted(args.targets)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    lines = ["# Compression benchmark", "",
+             "Command: `" + shlex.join(["python", "bench/compression.py", *argv]) + "`", "",
+             f"Machine: {platform.machine()}, {os.cpu_count()} CPU(s), torch {torch.__version__}, device {device}"
+             f"{' (' + torch.cuda.get_device_name(0) + ')' if device == 'cuda' else ''}, training threads "
+             f"{args.threads or torch.get_num_threads()}; latency at batch 1 on the CPU, 1 thread, median of "
+             f"{args.latency_runs}. Wall time of this invocation {wall / 60:.1f} min (cached parts not redone). "
+             f"Date {time.strftime('%Y-%m-%d')}.", "",
+             f"Settings: step {args.step} of the remaining MACs per round, rounds landing on "
+             f"{', '.join(fmt_pct(t) for t in targets)}; {args.finetune_epochs} fine-tune epoch(s) per round; "
+             f"scoring network {args.scoring_steps} steps; every split capped at {args.limit or 'all'} images; "
+             f"seed {args.seed}. MACs reduction targets; the point of a target is the first round reaching it.", ""]
+    if args.limit:
+        lines += [f"**Reduced data: every split is a seeded sample of at most {args.limit} images.**", ""]
+    lines += [f"- skipped: {s}" for s in skipped] + ([""] if skipped else [])
+    for setting in settings:
+        lines += table(setting, targets) + ["Findings:", ""] + findings(setting, targets)
+        lines += ["Commands:", "", "```", setting["baseline"]["train_cmd"],
+                  *setting["commands"].values(), "```", ""]
+    lines += ["![frontier](compression_frontier.png)", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--datasets", nargs="*", default=["neu-seg", "magnetic-tile"], choices=["neu-seg", "magnetic-tile"])
+    parser.add_argument("--data", type=Path, default=SHARED_DEFAULT, help="folder holding the shared datasets")
+    parser.add_argument("--format", default=None, help="also run on a dataset of this format (with --root)")
+    parser.add_argument("--root", type=Path, default=None)
+    parser.add_argument("--arch", default="unet")
+    parser.add_argument("--encoder", default="resnet18")
+    parser.add_argument("--second-arch", default="fpn", help="second architecture ('' for none)")
+    parser.add_argument("--second-arch-dataset", default="neu-seg")
+    parser.add_argument("--second-arch-methods", nargs="+", default=["collaborative", "uniform-l1"])
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--no-ablation", dest="ablation", action="store_false")
+    parser.add_argument("--targets", nargs="+", type=float, default=[0.5, 0.7, 0.8, 0.9])
+    parser.add_argument("--step", type=float, default=0.4)
+    parser.add_argument("--max-rounds", type=int, default=10)
+    parser.add_argument("--finetune-epochs", type=int, default=1)
+    parser.add_argument("--scoring-steps", type=int, default=100)
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--epochs", type=int, default=15, help="baseline epochs (early stopping on validation)")
+    parser.add_argument("--patience", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--limit", type=int, default=1000, help="images per split (0: all)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--latency-runs", type=int, default=30)
+    parser.add_argument("--baseline-cache", type=Path, default=CACHE_DEFAULT, help="shared with bench/baseline.py")
+    parser.add_argument("--work", type=Path, default=REPO / "bench" / "cache" / "compression")
+    parser.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results")
+    args = parser.parse_args(argv)
+    args.limit = args.limit or None
+    start = time.perf_counter()
+    plan = [(fmt, args.data / fmt, args.arch, args.methods, args.ablation) for fmt in args.datasets]
+    if args.second_arch and args.second_arch_dataset in args.datasets:
+        plan.append((args.second_arch_dataset, args.data / args.second_arch_dataset, args.second_arch,
+                     args.second_arch_methods, False))
+    if args.format:
+        plan.append((args.format, args.root, args.arch, args.methods, args.ablation))
+    settings, skipped = [], []
+    for fmt, root, arch, methods, ablation in plan:
+        if root is not None and not Path(root).exists() and not fmt.startswith("synthetic"):
+            skipped.append(f"{fmt}: {root} is absent (the real datasets live in ../shared/datasets)")
+            print(f"[{fmt}] skipped: {skipped[-1]}", flush=True)
+            continue
+        settings.append(benchmark_setting(fmt, Path(root) if root else args.work / "synthetic", arch, methods,
+                                          ablation, args))
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    with open(args.out_dir / "compression.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for setting in settings:
+            for row in setting["rows"]:
+                writer.writerow({k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()})
+    if settings:
+        frontier_png(settings, args.out_dir / "compression_frontier.png")
+    (args.out_dir / "compression.md").write_text(report(settings, skipped, args, argv, time.perf_counter() - start))
+    print(f"wrote {args.out_dir / 'compression.md'}", flush=True)
+    return 0 if settings else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

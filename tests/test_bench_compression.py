@@ -1,0 +1,55 @@
+"""bench/compression.py end to end on tiny synthetic data: the CSV the issue names, the report,
+the frontier plot, and a rerun that picks up the cached work instead of pruning again."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_compression", REPO / "bench" / "compression.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.timeout(400)
+def test_compression_benchmark_on_tiny_synthetic_data(tmp_path, capsys):
+    bench = load_bench()
+    argv = ["--datasets", "--format", "synthetic-steel", "--size", "64", "--limit", "8", "--epochs", "1",
+            "--methods", "uniform-l1", "--targets", "0.3", "0.5", "--step", "0.3", "--scoring-steps", "2",
+            "--latency-runs", "2", "--threads", "1", "--batch-size", "4", "--work", str(tmp_path / "work"),
+            "--baseline-cache", str(tmp_path / "base"), "--out-dir", str(tmp_path / "out")]
+    assert bench.main(argv) == 0
+    with open(tmp_path / "out" / "compression.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == bench.COLUMNS
+    # the control row, then one point per target of the one method and of each ablation run
+    assert rows[0]["method"] == "none" and float(rows[0]["macs_reduction"]) == 0.0
+    runs = {r["method"] for r in rows[1:]}
+    assert runs == {"uniform-l1", "uniform-substitutability", "uniform-collaborative", "collaborative"}
+    for row in rows[1:]:
+        assert float(row["macs_reduction"]) == pytest.approx(float(row["target"]), abs=0.01)
+        assert 0 < float(row["params_reduction"]) < 1 and int(row["size_bytes"]) > 0
+        assert float(row["latency_torch_ms"]) > 0 and float(row["latency_ort_ms"]) > 0
+    reference = max(float(r["defect_miou"]) + float(r["drop"]) for r in rows)
+    assert all(float(r["defect_miou"]) + float(r["drop"]) == pytest.approx(reference) for r in rows)
+    report = (tmp_path / "out" / "compression.md").read_text()
+    assert "python bench/compression.py --datasets --format synthetic-steel" in report
+    assert "| + scoring-network allocation | collaborative |" in report
+    assert (tmp_path / "out" / "compression_frontier.png").stat().st_size > 1000
+    capsys.readouterr()
+
+    # a rerun prunes nothing again: every run, point and the control come from the cache
+    assert bench.main(argv) == 0
+    assert "python -m core prune" not in capsys.readouterr().out
+    with open(tmp_path / "out" / "compression.csv") as handle:
+        assert list(csv.DictReader(handle)) == rows
