@@ -4,7 +4,7 @@ per method walking through every MACs target, the ablation of the method, and a 
     .venv/bin/python bench/compression.py [--datasets neu-seg magnetic-tile] [--format F --root DIR]
         [--arch unet] [--second-arch fpn --second-arch-dataset neu-seg] [--size 128]
         [--targets 0.5 0.7 0.8 0.9] [--methods ...] [--no-ablation] [--step 0.4]
-        [--finetune-epochs 1] [--scoring-steps 100] [--epochs 15] [--limit 1000]
+        [--finetune-epochs 1] [--scoring-steps 100] [--epochs 15] [--baseline-limit 1000] [--limit 500]
         [--threads 2] [--device auto]
 
 For each dataset and architecture: the baseline is trained (or reused) by `bench/baseline.py`'s
@@ -171,8 +171,8 @@ def benchmark_setting(fmt: str, root: Path, arch: str, methods: list[str], ablat
                       args: argparse.Namespace) -> dict:
     tag = f"{fmt}-{arch}-{args.encoder}-{args.size}"
     print(f"[{tag}] baseline", flush=True)
-    base_args = argparse.Namespace(**{**vars(args), "arch": arch, "workers": 0, "patience": args.patience,
-                                      "lr": 1e-3, "latency_runs": args.latency_runs})
+    base_args = argparse.Namespace(**{**vars(args), "arch": arch, "workers": 0, "lr": 1e-3,
+                                      "limit": args.baseline_limit})
     baseline = benchmark_dataset(fmt, root, base_args, args.baseline_cache)
     checkpoint = Path(baseline["checkpoint"])
     splits = datasets_for(checkpoint, args)
@@ -304,10 +304,12 @@ def report(settings: list[dict], skipped: list[str], args: argparse.Namespace, a
              f"Date {time.strftime('%Y-%m-%d')}.", "",
              f"Settings: step {args.step} of the remaining MACs per round, rounds landing on "
              f"{', '.join(fmt_pct(t) for t in targets)}; {args.finetune_epochs} fine-tune epoch(s) per round; "
-             f"scoring network {args.scoring_steps} steps; every split capped at {args.limit or 'all'} images; "
+             f"scoring network {args.scoring_steps} steps; pruning, fine-tuning and test on splits capped at "
+             f"{args.limit or 'all'} images, baselines trained on splits capped at {args.baseline_limit or 'all'}; "
              f"seed {args.seed}. MACs reduction targets; the point of a target is the first round reaching it.", ""]
     if args.limit:
-        lines += [f"**Reduced data: every split is a seeded sample of at most {args.limit} images.**", ""]
+        lines += [f"**Reduced run: fine-tuning and validation on seeded samples of at most {args.limit} images "
+                  "per split, to fit the CPU budget; not the paper's protocol.**", ""]
     lines += [f"- skipped: {s}" for s in skipped] + ([""] if skipped else [])
     for setting in settings:
         lines += table(setting, targets) + ["Findings:", ""] + findings(setting, targets)
@@ -340,7 +342,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=15, help="baseline epochs (early stopping on validation)")
     parser.add_argument("--patience", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--limit", type=int, default=1000, help="images per split (0: all)")
+    parser.add_argument("--limit", type=int, default=500,
+                        help="images per split for pruning, fine-tuning, the control and the test (0: all)")
+    parser.add_argument("--baseline-limit", type=int, default=1000, help="images per split for the baselines (0: all)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--seed", type=int, default=0)
@@ -349,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=REPO / "bench" / "cache" / "compression")
     parser.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args(argv)
-    args.limit = args.limit or None
+    args.limit, args.baseline_limit = args.limit or None, args.baseline_limit or None
     start = time.perf_counter()
     plan = [(fmt, args.data / fmt, args.arch, args.methods, args.ablation) for fmt in args.datasets]
     if args.second_arch and args.second_arch_dataset in args.datasets:

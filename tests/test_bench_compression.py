@@ -24,7 +24,7 @@ def load_bench():
 @pytest.mark.timeout(400)
 def test_compression_benchmark_on_tiny_synthetic_data(tmp_path, capsys):
     bench = load_bench()
-    argv = ["--datasets", "--format", "synthetic-steel", "--size", "64", "--limit", "8", "--epochs", "1",
+    argv = ["--datasets", "--format", "synthetic-steel", "--size", "64", "--limit", "8", "--baseline-limit", "8", "--epochs", "1",
             "--methods", "uniform-l1", "--targets", "0.3", "0.5", "--step", "0.3", "--scoring-steps", "2",
             "--latency-runs", "2", "--threads", "1", "--batch-size", "4", "--work", str(tmp_path / "work"),
             "--baseline-cache", str(tmp_path / "base"), "--out-dir", str(tmp_path / "out")]

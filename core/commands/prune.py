@@ -132,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
     bar = LoopBar()
     try:
         result = prune_from_args(args, progress=bar)
+        bar(1.0, f"stopped: {result.stopped}")  # rounds are budgeted for the round limit; fewer may do
     finally:
         bar.close()
     payload = result.to_dict()
