@@ -1,0 +1,469 @@
+"""Latency benchmark: does cutting MACs cut CPU latency? The unpruned and pruned default model
+(Unet-resnet18) at batch 1, timed with PyTorch and ONNX Runtime at several input sizes and
+thread counts, median of 30 timed runs after warm-up.
+
+    .venv/bin/python bench/latency.py [--sizes 128 256] [--threads 1 2] [--runs 30] [--warmup 5]
+        [--targets 0.5 0.8 0.9] [--allocators uniform scoring-network] [--round-to 1 8 16]
+        [--scoring-steps 30] [--checkpoint DIR ...] [--quick] [--out bench/results/latency.md]
+
+By default a fresh copy of the default model (random weights: accuracy is not the point,
+cost is) is pruned in-process by the engine to each MACs-reduction target, for each allocator
+and each channel rounding (`AllocationLimits(round_to=...)`: kept counts as multiples of 1, 8
+or 16, widths vector units and GEMM kernels like). The scoring network (the method's
+allocator) needs data: without a trained model and dataset it is trained for a few steps on
+seeded random calibration batches, so its allocation shows the shapes the method produces,
+not the ones it would pick on a real dataset. Which filters go does not change cost, so every
+pruned copy keeps the group-L1 largest filters (`core.pruning.step.pruned_copy`).
+
+With `--checkpoint DIR` (repeatable) the given checkpoints are timed instead (for example the
+rounds of bench/compression.py's runs, bench/cache/compression/<setting>/<method>/round_NN),
+each against a fresh unpruned model of its own architecture.
+
+Reported per model: MACs and parameter reduction, latency per engine, thread count and size,
+the latency gain (1 - pruned / unpruned latency) and that gain divided by the MACs reduction
+(the issue's goal: at least 0.8 at 256 px on the CPU). Writes a Markdown report with the
+exact command, the machine and the date. `--quick` is a smoke run (64 px, few runs) written
+to bench/cache/ unless `--out` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+from core.allocation.base import Allocation, AllocationLimits  # noqa: E402
+from core.allocation.baselines import allocate_uniform  # noqa: E402
+from core.allocation.cost import CostModel  # noqa: E402
+from core.allocation.masks import ranks_from_scores  # noqa: E402
+from core.allocation.scoring_network import (  # noqa: E402
+    ScoringNetworkSettings, allocate_by_scoring_network, allocation_from_logits,
+)
+from core.live import group_l1_scores  # noqa: E402
+from core.models.zoo import ModelSpec, build_model  # noqa: E402
+from core.profile import (  # noqa: E402
+    count_macs, count_params, export_onnx, measure_latency, measure_onnx_latency,
+)
+from core.pruning.graph import PruningGraph  # noqa: E402
+from core.pruning.step import example_input, pruned_copy  # noqa: E402
+
+ENGINES = ("torch", "onnxruntime")
+ENGINE_LABEL = {"torch": "torch", "onnxruntime": "ORT"}
+ALLOCATOR_CHOICES = ("uniform", "scoring-network")
+GOAL_RATIO = 0.8  # latency gain / MACs gain the issue asks for at 256 px
+GOAL_SIZE = 256
+DEFAULT_CLASSES = ["background", "inclusion", "patches", "scratches"]  # NEU-Seg's, grayscale
+QUICK_OUT = REPO / "bench" / "cache" / "latency-quick.md"
+
+
+@dataclass
+class Timed:
+    """One model's costs and timings. ``latency`` is keyed by (engine, threads, size)."""
+
+    label: str
+    allocator: str  # "none" for the unpruned reference, "checkpoint" for a given one
+    round_to: int | None
+    target: float | None
+    params: int
+    macs: dict[int, int]  # per input size
+    latency: dict[tuple[str, int, int], float] = field(default_factory=dict)  # median ms
+    spread: dict[tuple[str, int, int], float] = field(default_factory=dict)  # (p90 - p10) / median
+    budget_met: bool = True
+    reference: "Timed | None" = None  # the unpruned model it is compared with
+    # the unpruned model timed again after every other model: how far the machine drifted
+    retimed: dict[tuple[str, int, int], float] = field(default_factory=dict)
+
+    def macs_reduction(self, size: int) -> float:
+        if self.reference is None:
+            return 0.0
+        return 1.0 - self.macs[size] / self.reference.macs[size]
+
+    @property
+    def params_reduction(self) -> float:
+        return 0.0 if self.reference is None else 1.0 - self.params / self.reference.params
+
+    def latency_gain(self, key: tuple[str, int, int]) -> float | None:
+        if self.reference is None or key not in self.latency or key not in self.reference.latency:
+            return None
+        return 1.0 - self.latency[key] / self.reference.latency[key]
+
+    def gain_ratio(self, key: tuple[str, int, int]) -> float | None:
+        """Latency gain divided by MACs gain (1.0: latency falls exactly as MACs do)."""
+        gain, macs = self.latency_gain(key), self.macs_reduction(key[2])
+        if gain is None or macs <= 1e-9:
+            return None
+        return gain / macs
+
+
+# ------------------------------------------------------------------ models to time
+def default_spec(args: argparse.Namespace) -> ModelSpec:
+    size = min(args.sizes)
+    return ModelSpec(classes=list(args.classes), arch=args.arch, encoder=args.encoder,
+                     in_channels=args.in_channels, input_size=(size, size))
+
+
+def random_calibration(spec: ModelSpec, count: int, batch: int, size: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Seeded noise images with random rectangles of every defect class as masks: enough for
+    the scoring network to run (its losses are meaningless on random weights anyway)."""
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(count, spec.in_channels, size, size, generator=generator)
+    masks = torch.zeros(count, size, size, dtype=torch.long)
+    for i in range(count):
+        for c in range(1, spec.num_classes):
+            h, w = (int(v) for v in torch.randint(size // 8, size // 3, (2,), generator=generator))
+            top, left = (int(v) for v in torch.randint(0, size - max(h, w), (2,), generator=generator))
+            masks[i, top:top + h, left:left + w] = c
+    return [(images[i:i + batch], masks[i:i + batch]) for i in range(0, count, batch)]
+
+
+def trained_logits(model: nn.Module, graph: PruningGraph, cost: CostModel, spec: ModelSpec,
+                   args: argparse.Namespace) -> list[float]:
+    """The scoring network's per-group logits after a few steps on random calibration batches
+    (the budget is met afterwards per target, so one training serves every target)."""
+    ranks = {name: ranks_from_scores(s) for name, s in group_l1_scores(graph).items()}
+    batches = random_calibration(spec, args.calibration_images, 4, args.calibration_size, args.seed)
+    allocation = allocate_by_scoring_network(
+        model, graph, cost, ranks, batches, max(args.targets), list(spec.classes),
+        settings=ScoringNetworkSettings(steps=args.scoring_steps, seed=args.seed), limits=AllocationLimits())
+    return list(allocation.details["logits"])
+
+
+def allocation_for(allocator: str, graph: PruningGraph, cost: CostModel, target: float, round_to: int,
+                   logits: Sequence[float] | None) -> Allocation:
+    limits = AllocationLimits(round_to=round_to)
+    if allocator == "uniform":
+        return allocate_uniform(graph, cost, target, limits)
+    return allocation_from_logits(graph, cost, logits, target, limits=limits)
+
+
+def engine_models(args: argparse.Namespace) -> Iterator[tuple[dict, nn.Module, ModelSpec]]:
+    """The unpruned default model first, then one pruned copy per allocator x rounding x target."""
+    torch.manual_seed(args.seed)
+    spec = default_spec(args)
+    model = build_model(spec).eval()
+    yield {"label": "unpruned", "allocator": "none", "round_to": None, "target": None}, model, spec
+    graph = PruningGraph(model, example_input(model, spec.input_size, spec.in_channels))
+    cost = CostModel(graph)
+    logits = None
+    if "scoring-network" in args.allocators:
+        start = time.perf_counter()
+        logits = trained_logits(model, graph, cost, spec, args)
+        print(f"scoring network: {args.scoring_steps} steps on random batches in {time.perf_counter() - start:.0f} s",
+              flush=True)
+    for allocator in args.allocators:
+        for round_to in args.round_to:
+            for target in sorted(args.targets):
+                allocation = allocation_for(allocator, graph, cost, target, round_to, logits)
+                pruned = pruned_copy(model, spec.input_size, spec.in_channels, allocation.kept).eval()
+                label = f"{allocator} r{round_to} {target:.0%}"
+                yield ({"label": label, "allocator": allocator, "round_to": round_to, "target": target,
+                        "budget_met": allocation.budget_met, "kept": dict(allocation.kept)}, pruned, spec)
+
+
+def checkpoint_models(args: argparse.Namespace) -> Iterator[tuple[dict, nn.Module, ModelSpec]]:
+    """Each checkpoint, preceded by a fresh unpruned model of its architecture when that
+    architecture has not been seen yet."""
+    from core.models.checkpoint import load_checkpoint
+
+    seen = set()
+    for path in args.checkpoint:
+        loaded = load_checkpoint(path)
+        spec = loaded.spec
+        key = (spec.arch, spec.encoder, spec.in_channels, spec.num_classes)
+        if key not in seen:
+            seen.add(key)
+            torch.manual_seed(args.seed)
+            yield ({"label": f"unpruned {spec.arch}-{spec.encoder}", "allocator": "none", "round_to": None,
+                    "target": None, "key": key}, build_model(spec).eval(), spec)
+        label = "/".join(Path(path).resolve().parts[-2:])
+        yield ({"label": label, "allocator": "checkpoint", "round_to": None, "target": None, "key": key},
+               loaded.model.eval(), spec)
+
+
+# ------------------------------------------------------------------ timing
+def time_model(meta: dict, model: nn.Module, spec: ModelSpec, args: argparse.Namespace) -> Timed:
+    sizes = sorted(args.sizes)
+    timed = Timed(label=meta["label"], allocator=meta["allocator"], round_to=meta.get("round_to"),
+                  target=meta.get("target"), params=count_params(model),
+                  macs={s: count_macs(model, (s, s), spec.in_channels) for s in sizes},
+                  budget_met=meta.get("budget_met", True))
+    with tempfile.TemporaryDirectory(prefix="defectprune-latency-") as folder:
+        for size in sizes:
+            for engine in args.engines:
+                onnx_path = None
+                if engine == "onnxruntime":
+                    onnx_path = export_onnx(model, Path(folder) / f"model-{size}.onnx", (size, size), spec.in_channels)
+                for threads in args.threads:
+                    if engine == "torch":
+                        result = measure_latency(model, (size, size), spec.in_channels, runs=args.runs,
+                                                 warmup=args.warmup, threads=threads)
+                    else:
+                        result = measure_onnx_latency(onnx_path, (size, size), spec.in_channels, runs=args.runs,
+                                                      warmup=args.warmup, threads=threads)
+                    key = (engine, threads, size)
+                    timed.latency[key] = result.median_ms
+                    timed.spread[key] = (result.p90_ms - result.p10_ms) / result.median_ms if result.median_ms else 0.0
+    return timed
+
+
+def run(args: argparse.Namespace) -> list[Timed]:
+    models = checkpoint_models(args) if args.checkpoint else engine_models(args)
+    rows: list[Timed] = []
+    references: dict = {}
+    unpruned: dict = {}
+    for meta, model, spec in models:
+        start = time.perf_counter()
+        timed = time_model(meta, model, spec, args)
+        key = meta.get("key", "default")
+        if meta["allocator"] == "none":
+            references[key] = timed
+            unpruned[key] = (meta, model, spec)
+        else:
+            timed.reference = references[key]
+        rows.append(timed)
+        size = max(args.sizes)
+        print(f"{timed.label}: MACs -{timed.macs_reduction(size):.1%}, params -{timed.params_reduction:.1%}, "
+              + ", ".join(f"{ENGINE_LABEL[e]} {t}t {s}px {ms:.1f} ms" for (e, t, s), ms in timed.latency.items()
+                          if s == size)
+              + f" ({time.perf_counter() - start:.0f} s)", flush=True)
+        del model
+    for key, (meta, model, spec) in unpruned.items():
+        references[key].retimed = time_model(meta, model, spec, args).latency
+    return rows
+
+
+# ------------------------------------------------------------------ report
+def pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def ratio_cell(x: float | None) -> str:
+    if x is None:
+        return "n/a"
+    return f"**{x:.2f}**" if x >= GOAL_RATIO else f"{x:.2f}"
+
+
+def keys_for(args: argparse.Namespace, size: int) -> list[tuple[str, int, int]]:
+    return [(e, t, size) for e in args.engines for t in sorted(args.threads)]
+
+
+def key_label(key: tuple[str, int, int]) -> str:
+    engine, threads, _ = key
+    return f"{ENGINE_LABEL[engine]} {threads}t"
+
+
+def models_table(rows: list[Timed], args: argparse.Namespace) -> list[str]:
+    size = min(args.sizes)
+    lines = ["## Models", "",
+             f"| model | allocator | round to | target | MACs red. | params red. | GMACs @{size} px | params M | budget met |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r.label} | {r.allocator} | {r.round_to or '-'} | {pct(r.target) if r.target else '-'} | "
+                     f"{pct(r.macs_reduction(size))} | {pct(r.params_reduction)} | {r.macs[size] / 1e9:.3f} | "
+                     f"{r.params / 1e6:.2f} | {'yes' if r.budget_met else 'no'} |")
+    return lines + [""]
+
+
+def latency_tables(rows: list[Timed], args: argparse.Namespace, size: int) -> list[str]:
+    keys = keys_for(args, size)
+    head = " | ".join(key_label(k) for k in keys)
+    lines = [f"## {size} px", "",
+             "Median ms at batch 1 (latency gain against the unpruned model):", "",
+             f"| model | MACs red. | {head} |", "|---|---|" + "---|" * len(keys)]
+    for r in rows:
+        cells = []
+        for k in keys:
+            gain = r.latency_gain(k)
+            cells.append(f"{r.latency[k]:.1f}" + (f" ({pct(gain)})" if gain is not None else ""))
+        lines.append(f"| {r.label} | {pct(r.macs_reduction(size))} | " + " | ".join(cells) + " |")
+    lines += ["", f"Latency gain / MACs gain (bold: at least {GOAL_RATIO}):", "",
+              f"| model | MACs red. | {head} |", "|---|---|" + "---|" * len(keys)]
+    for r in rows:
+        if r.reference is None:
+            continue
+        lines.append(f"| {r.label} | {pct(r.macs_reduction(size))} | "
+                     + " | ".join(ratio_cell(r.gain_ratio(k)) for k in keys) + " |")
+    return lines + [""]
+
+
+def rounding_table(rows: list[Timed], args: argparse.Namespace, size: int) -> list[str]:
+    """Per allocator and target, the gain ratio at each rounding side by side."""
+    roundings = sorted({r.round_to for r in rows if r.round_to})
+    if len(roundings) < 2:
+        return []
+    keys = keys_for(args, size)
+    at = {(r.allocator, r.round_to, r.target): r for r in rows if r.round_to}
+    lines = [f"## Does rounding help? ({size} px)", "",
+             "Latency gain / MACs gain per channel rounding (" + " / ".join(f"r{x}" for x in roundings)
+             + "); the MACs reduction reached differs a little between roundings, the ratio normalises it.", "",
+             "| allocator | target | " + " | ".join(key_label(k) for k in keys) + " |",
+             "|---|---|" + "---|" * len(keys)]
+    better = {x: 0 for x in roundings[1:]}
+    compared = 0
+    for allocator in dict.fromkeys(r.allocator for r in rows if r.round_to):
+        for target in sorted({r.target for r in rows if r.round_to}):
+            cells = []
+            for k in keys:
+                values = [at[(allocator, x, target)].gain_ratio(k) if (allocator, x, target) in at else None
+                          for x in roundings]
+                cells.append(" / ".join("n/a" if v is None else f"{v:.2f}" for v in values))
+                if values[0] is not None:
+                    compared += 1
+                    for x, v in zip(roundings[1:], values[1:]):
+                        better[x] += v is not None and v > values[0]
+            lines.append(f"| {allocator} | {pct(target)} | " + " | ".join(cells) + " |")
+    lines += [""] + [f"- r{x} gives a higher ratio than r{roundings[0]} in {better[x]} of {compared} "
+                     "allocator x target x engine x threads cells." for x in better] + [""]
+    return lines
+
+
+def goal_lines(rows: list[Timed], args: argparse.Namespace) -> list[str]:
+    size = GOAL_SIZE if GOAL_SIZE in args.sizes else max(args.sizes)
+    keys = keys_for(args, size)
+    pruned = [r for r in rows if r.reference is not None]
+    if not pruned:
+        return []
+    lines = [f"## Goal: latency gain at least {GOAL_RATIO} of the MACs gain at {size} px", ""]
+    for k in keys:
+        ratios = [(r, r.gain_ratio(k)) for r in pruned if r.gain_ratio(k) is not None]
+        met = [r.label for r, v in ratios if v >= GOAL_RATIO]
+        worst = min(ratios, key=lambda rv: rv[1]) if ratios else None
+        lines.append(f"- {key_label(k)}: met by {len(met)} of {len(ratios)} pruned models"
+                     + (f"; lowest {worst[1]:.2f} ({worst[0].label})" if worst else "") + ".")
+    return lines + [""]
+
+
+def drift_lines(rows: list[Timed], args: argparse.Namespace) -> list[str]:
+    """The unpruned model's medians at the start against the end of the run: gains smaller than
+    this drift are within the machine's noise."""
+    lines = []
+    for r in rows:
+        if not r.retimed:
+            continue
+        drifts = {k: r.retimed[k] / r.latency[k] - 1.0 for k in r.latency if k in r.retimed and r.latency[k] > 0}
+        if not drifts:
+            continue
+        worst = max(drifts, key=lambda k: abs(drifts[k]))
+        lines.append(f"Drift: {r.label} timed again after every other model: largest change "
+                     f"{drifts[worst]:+.1%} ({key_label(worst)}, {worst[2]} px: {r.latency[worst]:.1f} -> "
+                     f"{r.retimed[worst]:.1f} ms); gains are against the first timing.")
+    return lines + ([""] if lines else [])
+
+
+def machine_line(args: argparse.Namespace, load_start: tuple, load_end: tuple, wall: float) -> str:
+    import onnxruntime
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"Machine: {cpu}, {os.cpu_count()} CPU(s), {platform.system()} {platform.release()}, Python "
+            f"{platform.python_version()}, torch {torch.__version__}, onnxruntime {onnxruntime.__version__}; "
+            f"load average {load_start[0]:.2f} at the start, {load_end[0]:.2f} at the end (other work on the "
+            f"machine skews latency). Wall time {wall / 60:.1f} min. Date {time.strftime('%Y-%m-%d %H:%M')}.")
+
+
+def report(rows: list[Timed], args: argparse.Namespace, argv: list[str], machine: str) -> str:
+    lines = ["# Latency benchmark", "",
+             "Command: `" + shlex.join(["python", "bench/latency.py", *argv]) + "`", "", machine, ""]
+    if args.quick:
+        lines += ["**Quick smoke run (`--quick`): tiny settings, the numbers mean nothing.**", ""]
+    spread = max((v for r in rows for v in r.spread.values()), default=0.0)
+    lines += [f"Batch 1 on the CPU, median of {args.runs} timed runs after {args.warmup} warm-up runs per model, "
+              "engine, thread count and size (torch: eval, inference mode; ONNX Runtime: the TorchScript export at "
+              "opset 17, all graph optimisations). Latency gain = 1 - pruned / unpruned median; MACs reduction "
+              "counted by Torch-Pruning on the pruned model; ratio = latency gain / MACs reduction. Largest "
+              f"(p90 - p10) / median of any measurement: {spread:.0%}.", ""]
+    if args.checkpoint:
+        lines += ["Models: the given checkpoints, each against a freshly built unpruned model of its architecture.", ""]
+    else:
+        spec = default_spec(args)
+        lines += [f"Models: {spec.arch}-{spec.encoder}, {spec.in_channels} input channel(s), {spec.num_classes} "
+                  f"classes, random weights (seed {args.seed}), pruned in-process in one shot to each target for "
+                  "each allocator and channel rounding (r8: every kept count a multiple of 8; the group the "
+                  "classifier reads stays whole). The scoring network (the method's allocator) was trained "
+                  f"{args.scoring_steps} steps on {args.calibration_images} seeded random calibration images "
+                  f"({args.calibration_size} px noise with random defect rectangles), not on a dataset: its "
+                  "allocation has the method's shape, not the one it would choose for real data. Pruned copies "
+                  "keep the group-L1 largest filters; which filters go does not change cost.", ""]
+    lines += drift_lines(rows, args)
+    lines += models_table(rows, args)
+    for size in sorted(args.sizes, reverse=True):
+        lines += latency_tables(rows, args, size)
+    lines += goal_lines(rows, args)
+    lines += rounding_table(rows, args, GOAL_SIZE if GOAL_SIZE in args.sizes else max(args.sizes))
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", nargs="+", type=int, default=None, help="input sizes, px (default 128 256)")
+    parser.add_argument("--threads", nargs="+", type=int, default=None, help="thread counts (default 1 2)")
+    parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
+    parser.add_argument("--runs", type=int, default=None, help="timed runs per measurement (default 30)")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up runs (default 5)")
+    parser.add_argument("--targets", nargs="+", type=float, default=None, help="MACs reductions (default 0.5 0.8 0.9)")
+    parser.add_argument("--allocators", nargs="+", default=list(ALLOCATOR_CHOICES), choices=ALLOCATOR_CHOICES)
+    parser.add_argument("--round-to", nargs="+", type=int, default=None, help="channel roundings (default 1 8 16)")
+    parser.add_argument("--scoring-steps", type=int, default=None, help="scoring-network steps (default 30)")
+    parser.add_argument("--calibration-images", type=int, default=8)
+    parser.add_argument("--calibration-size", type=int, default=None, help="px (default: the smallest size)")
+    parser.add_argument("--arch", default="unet")
+    parser.add_argument("--encoder", default="resnet18")
+    parser.add_argument("--in-channels", type=int, default=1)
+    parser.add_argument("--classes", nargs="+", default=DEFAULT_CLASSES)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkpoint", type=Path, action="append", default=[],
+                        help="time this checkpoint instead of in-process pruned copies (repeatable)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 64 px, 1 thread, 3 runs, one target")
+    parser.add_argument("--out", type=Path, default=None, help="report (default bench/results/latency.md)")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    defaults = {"sizes": [64] if quick else [128, 256], "threads": [1] if quick else [1, 2],
+                "runs": 3 if quick else 30, "warmup": 1 if quick else 5, "targets": [0.8] if quick else [0.5, 0.8, 0.9],
+                "round_to": [1, 8] if quick else [1, 8, 16], "scoring_steps": 3 if quick else 30,
+                "out": QUICK_OUT if quick else REPO / "bench" / "results" / "latency.md"}
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.calibration_size is None:
+        args.calibration_size = min(args.sizes)
+    if any(s < 32 or s % 32 for s in args.sizes):
+        parser.error(f"every size must be a multiple of 32 (the encoder's output stride), not {args.sizes}")
+    if any(not 0 < t < 1 for t in args.targets):
+        parser.error(f"targets are MACs reductions between 0 and 1, not {args.targets}")
+    if any(r < 1 for r in args.round_to) or any(t < 1 for t in args.threads):
+        parser.error("--round-to and --threads take whole numbers of at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    start, load_start = time.perf_counter(), os.getloadavg()
+    rows = run(args)
+    machine = machine_line(args, load_start, os.getloadavg(), time.perf_counter() - start)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(report(rows, args, argv, machine) + "\n")
+    print(f"wrote {args.out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
