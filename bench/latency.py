@@ -42,7 +42,6 @@ from typing import Iterator, Sequence
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
@@ -66,6 +65,7 @@ ENGINE_LABEL = {"torch": "torch", "onnxruntime": "ORT"}
 ALLOCATOR_CHOICES = ("uniform", "scoring-network")
 GOAL_RATIO = 0.8  # latency gain / MACs gain the issue asks for at 256 px
 GOAL_SIZE = 256
+NOISY_DRIFT = 0.10  # the reference's latency moving more than this during a run marks it noisy
 DEFAULT_CLASSES = ["background", "inclusion", "patches", "scratches"]  # NEU-Seg's, grayscale
 QUICK_OUT = REPO / "bench" / "cache" / "latency-quick.md"
 
@@ -82,7 +82,7 @@ class Timed:
     macs: dict[int, int]  # per input size
     latency: dict[tuple[str, int, int], float] = field(default_factory=dict)  # median ms
     spread: dict[tuple[str, int, int], float] = field(default_factory=dict)  # (p90 - p10) / median
-    budget_met: bool = True
+    budget_met: bool | None = None  # None: not pruned here (the unpruned model, a checkpoint)
     reference: "Timed | None" = None  # the unpruned model it is compared with
     # the unpruned model timed again after every other model: how far the machine drifted
     retimed: dict[tuple[str, int, int], float] = field(default_factory=dict)
@@ -200,7 +200,7 @@ def time_model(meta: dict, model: nn.Module, spec: ModelSpec, args: argparse.Nam
     timed = Timed(label=meta["label"], allocator=meta["allocator"], round_to=meta.get("round_to"),
                   target=meta.get("target"), params=count_params(model),
                   macs={s: count_macs(model, (s, s), spec.in_channels) for s in sizes},
-                  budget_met=meta.get("budget_met", True))
+                  budget_met=meta.get("budget_met"))
     with tempfile.TemporaryDirectory(prefix="defectprune-latency-") as folder:
         for size in sizes:
             for engine in args.engines:
@@ -274,7 +274,7 @@ def models_table(rows: list[Timed], args: argparse.Namespace) -> list[str]:
     for r in rows:
         lines.append(f"| {r.label} | {r.allocator} | {r.round_to or '-'} | {pct(r.target) if r.target else '-'} | "
                      f"{pct(r.macs_reduction(size))} | {pct(r.params_reduction)} | {r.macs[size] / 1e9:.3f} | "
-                     f"{r.params / 1e6:.2f} | {'yes' if r.budget_met else 'no'} |")
+                     f"{r.params / 1e6:.2f} | {'-' if r.budget_met is None else 'yes' if r.budget_met else 'no'} |")
     return lines + [""]
 
 
@@ -361,6 +361,9 @@ def drift_lines(rows: list[Timed], args: argparse.Namespace) -> list[str]:
         lines.append(f"Drift: {r.label} timed again after every other model: largest change "
                      f"{drifts[worst]:+.1%} ({key_label(worst)}, {worst[2]} px: {r.latency[worst]:.1f} -> "
                      f"{r.retimed[worst]:.1f} ms); gains are against the first timing.")
+        if abs(drifts[worst]) > NOISY_DRIFT:
+            lines += ["", f"**Noisy run: the unpruned model's latency moved by more than {NOISY_DRIFT:.0%} during "
+                      "the run (other work on the machine); do not read gains from it. Rerun on a quiet machine.**"]
     return lines + ([""] if lines else [])
 
 
