@@ -49,10 +49,14 @@ def display(command: list[str]) -> str:
     return "python -m core " + shlex.join(command)
 
 
+def baseline_tag(fmt: str, args: argparse.Namespace) -> str:
+    """The cache folder name of a baseline: every setting that changes its training."""
+    return f"{fmt}-{args.arch}-{args.encoder}-{args.size}-e{args.epochs}-s{args.seed}" + (
+        f"-l{args.limit}" if args.limit else "")
+
+
 def benchmark_dataset(fmt: str, root: Path, args: argparse.Namespace, cache: Path) -> dict:
-    tag = f"{fmt}-{args.arch}-{args.encoder}-{args.size}-e{args.epochs}-s{args.seed}"
-    if args.limit:
-        tag += f"-l{args.limit}"
+    tag = baseline_tag(fmt, args)
     checkpoint = cache / tag
     common = ["--size", str(args.size), "--batch-size", str(args.batch_size), "--device", args.device,
               "--workers", str(args.workers)]

@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from bench.baseline import CACHE_DEFAULT, SHARED_DEFAULT, benchmark_dataset, run_core  # noqa: E402
+from bench.baseline import CACHE_DEFAULT, SHARED_DEFAULT, baseline_tag, benchmark_dataset, run_core  # noqa: E402
 
 METHODS = ["collaborative", "uniform-l1", "global-l1", "fpgm", "bn-scale", "random"]
 # the ablation of the method, each step against uniform allocation; the last step is the method
@@ -106,10 +106,23 @@ def prune(run: Run, checkpoint: Path, out: Path, args: argparse.Namespace) -> tu
     if len(targets) > 1:
         command += ["--milestones", *map(str, targets[:-1])]
     state = out / "rounds.json"
-    if not (state.is_file() and "result" in json.loads(state.read_text())):
+    finished = state.is_file() and "result" in json.loads(state.read_text())
+    if not finished and not args.report_only:
         print(f"  {run.label}: python -m core {shlex.join(command)}", flush=True)
         run_core(command)  # resumes after the last finished round when interrupted before
-    return json.loads(state.read_text()), "python -m core " + shlex.join(command)
+    loaded = json.loads(state.read_text()) if state.is_file() else None  # partial with --report-only
+    return loaded, "python -m core " + shlex.join(command)
+
+
+def planned_rounds(targets: list[float], step: float) -> int:
+    """Rounds a run takes through every target (the loop's schedule: a step of the remaining
+    MACs, stopping at each milestone): what the control fine-tunes for."""
+    left, rounds = 1.0, 0
+    for target in sorted(targets):
+        while left > (1.0 - target) * (1 + 1e-3):
+            left = max(left * (1.0 - step), 1.0 - target)
+            rounds += 1
+    return rounds
 
 
 def measure(checkpoint: str | Path, test_ds, args: argparse.Namespace) -> dict:
@@ -135,7 +148,8 @@ def measure(checkpoint: str | Path, test_ds, args: argparse.Namespace) -> dict:
     return point
 
 
-def control(checkpoint: Path, epochs: int, train_ds, val_ds, out: Path, args: argparse.Namespace) -> tuple[Path, float]:
+def control(checkpoint: Path, epochs: int, train_ds, val_ds, out: Path,
+            args: argparse.Namespace) -> tuple[Path | None, float]:
     """The unpruned model fine-tuned as long as a pruning run fine-tunes (cached)."""
     from core.models.checkpoint import load_checkpoint, save_checkpoint
     from core.train import TrainConfig, fine_tune
@@ -143,6 +157,8 @@ def control(checkpoint: Path, epochs: int, train_ds, val_ds, out: Path, args: ar
     done = out / "control.json"
     if done.is_file() and json.loads(done.read_text())["epochs"] == epochs:
         return out / "checkpoint", json.loads(done.read_text())["wall_s"]
+    if args.report_only:
+        return None, 0.0
     start = time.perf_counter()
     loaded = load_checkpoint(checkpoint)
     config = TrainConfig(epochs=epochs, batch_size=args.batch_size, patience=None, seed=args.seed,
@@ -173,6 +189,9 @@ def benchmark_setting(fmt: str, root: Path, arch: str, methods: list[str], ablat
     print(f"[{tag}] baseline", flush=True)
     base_args = argparse.Namespace(**{**vars(args), "arch": arch, "workers": 0, "lr": 1e-3,
                                       "limit": args.baseline_limit})
+    if args.report_only and not (args.baseline_cache / baseline_tag(fmt, base_args) / "training_history.json").is_file():
+        print(f"[{tag}] no trained baseline yet: left out of the report", flush=True)
+        return None
     baseline = benchmark_dataset(fmt, root, base_args, args.baseline_cache)
     checkpoint = Path(baseline["checkpoint"])
     splits = datasets_for(checkpoint, args)
@@ -181,17 +200,19 @@ def benchmark_setting(fmt: str, root: Path, arch: str, methods: list[str], ablat
     results, commands = {}, {}
     for run in runs:
         state, commands[run.label] = prune(run, checkpoint, args.work / tag / run.label, args)
-        results[run.label] = state
-    rounds_spent = max(len(s["rounds"]) for s in results.values())
-    control_ckpt, control_wall = control(checkpoint, rounds_spent * args.finetune_epochs, splits["train"],
+        if state is not None:
+            results[run.label] = state
+    rounds = planned_rounds(args.targets, args.step)
+    control_ckpt, control_wall = control(checkpoint, rounds * args.finetune_epochs, splits["train"],
                                          splits["val"], args.work / tag / "none", args)
-    ctrl = measure(control_ckpt, splits["test"], args)
-    reference = max(base["defect_miou"], ctrl["defect_miou"])
+    ctrl = measure(control_ckpt, splits["test"], args) if control_ckpt else None
+    reference = max(base["defect_miou"], ctrl["defect_miou"] if ctrl else base["defect_miou"])
     common = {"dataset": fmt, "arch": arch, "size": args.size}
-    rows = [{**common, "method": "none", "target": 0.0, "defect_miou": ctrl["defect_miou"],
-             "drop": reference - ctrl["defect_miou"], "macs_reduction": 0.0, "params_reduction": 0.0,
-             "size_bytes": ctrl["size_bytes"], "latency_torch_ms": ctrl["latency_torch_ms"],
-             "latency_ort_ms": ctrl["latency_ort_ms"], "wall_s": control_wall}]
+    rows = [] if ctrl is None else [
+        {**common, "method": "none", "target": 0.0, "defect_miou": ctrl["defect_miou"],
+         "drop": reference - ctrl["defect_miou"], "macs_reduction": 0.0, "params_reduction": 0.0,
+         "size_bytes": ctrl["size_bytes"], "latency_torch_ms": ctrl["latency_torch_ms"],
+         "latency_ort_ms": ctrl["latency_ort_ms"], "wall_s": control_wall}]
     for label, state in results.items():
         wall = 0.0
         walked = []
@@ -209,9 +230,9 @@ def benchmark_setting(fmt: str, root: Path, arch: str, methods: list[str], ablat
                          "params_reduction": r["params_reduction"], "size_bytes": point["size_bytes"],
                          "latency_torch_ms": point["latency_torch_ms"], "latency_ort_ms": point["latency_ort_ms"],
                          "wall_s": w})
-    return {"tag": tag, "fmt": fmt, "arch": arch, "encoder": args.encoder, "baseline": baseline, "base": base, "control": ctrl,
+    return {"tag": tag, "fmt": fmt, "arch": arch, "encoder": args.encoder, "size": args.size, "baseline": baseline, "base": base, "control": ctrl,
             "reference": reference, "rows": rows, "commands": commands, "ablation": ablation_steps,
-            "rounds": rounds_spent}
+            "rounds": rounds, "finished": {label: "result" in state for label, state in results.items()}}
 
 
 # ------------------------------------------------------------------ report
@@ -221,12 +242,16 @@ def fmt_pct(x: float | None) -> str:
 
 def table(setting: dict, targets: list[float]) -> list[str]:
     base = setting["base"]
-    lines = [f"### {setting['fmt']}, {setting['arch']}-{setting['encoder']}, "
-             f"{setting['rows'][0]['size']} px", "",
+    control = (f"control (`none`, {setting['rounds']} fine-tune epoch(s) without pruning) "
+               f"{setting['control']['defect_miou']:.2f}" if setting["control"] else "control not run yet")
+    unfinished = [label for label, done in setting["finished"].items() if not done]
+    lines = [f"### {setting['fmt']}, {setting['arch']}-{setting['encoder']}, {setting['size']} px", "",
              f"Baseline test defect mIoU {base['defect_miou']:.2f} (torch {base['latency_torch_ms']:.1f} ms, "
-             f"ORT {base['latency_ort_ms']:.1f} ms, {base['size_bytes'] / 1e6:.1f} MB); control (`none`, "
-             f"{setting['rounds']} fine-tune round(s) without pruning) {setting['control']['defect_miou']:.2f}; "
-             f"drops against {setting['reference']:.2f}.", "",
+             f"ORT {base['latency_ort_ms']:.1f} ms, {base['size_bytes'] / 1e6:.1f} MB); {control}; "
+             f"drops against {setting['reference']:.2f}.", ""]
+    if unfinished:
+        lines += [f"**Unfinished runs (their finished rounds are shown): {', '.join(unfinished)}.**", ""]
+    lines += [
              "| method | target | defect mIoU | drop | MACs red. | params red. | size MB | torch ms (gain) | ORT ms (gain) | wall s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for row in setting["rows"]:
@@ -333,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--second-arch-methods", nargs="+", default=["collaborative", "uniform-l1"])
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument("--no-ablation", dest="ablation", action="store_false")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train and prune nothing: report what is finished (e.g. while a run goes on)")
     parser.add_argument("--targets", nargs="+", type=float, default=[0.5, 0.7, 0.8, 0.9])
     parser.add_argument("--step", type=float, default=0.4)
     parser.add_argument("--max-rounds", type=int, default=10)
@@ -367,8 +394,10 @@ def main(argv: list[str] | None = None) -> int:
             skipped.append(f"{fmt}: {root} is absent (the real datasets live in ../shared/datasets)")
             print(f"[{fmt}] skipped: {skipped[-1]}", flush=True)
             continue
-        settings.append(benchmark_setting(fmt, Path(root) if root else args.work / "synthetic", arch, methods,
-                                          ablation, args))
+        setting = benchmark_setting(fmt, Path(root) if root else args.work / "synthetic", arch, methods,
+                                    ablation, args)
+        if setting is not None:
+            settings.append(setting)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     with open(args.out_dir / "compression.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")

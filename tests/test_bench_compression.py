@@ -4,6 +4,7 @@ the frontier plot, and a rerun that picks up the cached work instead of pruning 
 from __future__ import annotations
 
 import csv
+import json
 import importlib.util
 import sys
 from pathlib import Path
@@ -53,3 +54,23 @@ def test_compression_benchmark_on_tiny_synthetic_data(tmp_path, capsys):
     assert "python -m core prune" not in capsys.readouterr().out
     with open(tmp_path / "out" / "compression.csv") as handle:
         assert list(csv.DictReader(handle)) == rows
+
+    # --report-only while a run is unfinished: its finished rounds are reported, nothing runs
+    state = tmp_path / "work" / "synthetic-steel-unet-resnet18-64" / "uniform-l1" / "rounds.json"
+    unfinished = json.loads(state.read_text())
+    del unfinished["result"]
+    unfinished["rounds"] = unfinished["rounds"][:1]
+    state.write_text(json.dumps(unfinished))
+    assert bench.main([*argv, "--report-only"]) == 0
+    assert "python -m core prune" not in capsys.readouterr().out
+    assert "**Unfinished runs (their finished rounds are shown): uniform-l1.**" in (
+        tmp_path / "out" / "compression.md").read_text()
+    with open(tmp_path / "out" / "compression.csv") as handle:
+        partial = [(r["method"], r["target"]) for r in csv.DictReader(handle)]
+    assert ("uniform-l1", "0.3") in partial and ("uniform-l1", "0.5") not in partial
+
+
+def test_planned_rounds_follow_the_loops_schedule():
+    bench = load_bench()
+    assert bench.planned_rounds([0.3, 0.5], 0.3) == 2  # 70% left, then 49% -> held at the 50% milestone
+    assert bench.planned_rounds([0.5, 0.7, 0.8, 0.9], 0.4) == 6  # 60, 50, 30, 20, 12, 10% left
