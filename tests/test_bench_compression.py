@@ -5,26 +5,17 @@ from __future__ import annotations
 
 import csv
 import json
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
+from bench import compression as bench
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_compression", REPO / "bench" / "compression.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.timeout(400)
 def test_compression_benchmark_on_tiny_synthetic_data(tmp_path, capsys):
-    bench = load_bench()
     argv = ["--datasets", "--format", "synthetic-steel", "--size", "64", "--limit", "8", "--baseline-limit", "8", "--epochs", "1",
             "--methods", "uniform-l1", "--targets", "0.3", "0.5", "--step", "0.3", "--scoring-steps", "2",
             "--latency-runs", "2", "--threads", "1", "--batch-size", "4", "--work", str(tmp_path / "work"),
@@ -71,6 +62,5 @@ def test_compression_benchmark_on_tiny_synthetic_data(tmp_path, capsys):
 
 
 def test_planned_rounds_follow_the_loops_schedule():
-    bench = load_bench()
     assert bench.planned_rounds([0.3, 0.5], 0.3) == 2  # 70% left, then 49% -> held at the 50% milestone
     assert bench.planned_rounds([0.5, 0.7, 0.8, 0.9], 0.4) == 6  # 60, 50, 30, 20, 12, 10% left

@@ -4,22 +4,14 @@ pruned copy per allocator x rounding), their reductions and gain ratios, rounded
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+
+from bench import latency as bench
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_latency", REPO / "bench" / "latency.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 def table_after(report: str, heading: str, caption: str | None = None) -> list[dict[str, str]]:
@@ -47,7 +39,6 @@ TINY = ["--sizes", "64", "--runs", "2", "--warmup", "0", "--targets", "0.5", "--
 
 @pytest.mark.timeout(120)
 def test_latency_report_rows(tmp_path, capsys):
-    bench = load_bench()
     out = tmp_path / "latency.md"
     argv = [*TINY, "--round-to", "1", "8", "--out", str(out)]
     assert bench.main(argv) == 0
@@ -84,7 +75,6 @@ def test_latency_report_rows(tmp_path, capsys):
 
 
 def test_rounded_allocations_keep_multiples_of_eight():
-    bench = load_bench()
     args = bench.parse_args([*TINY, "--round-to", "8", "--allocators", "uniform"])
     models = bench.engine_models(args)
     next(models)  # the unpruned model
@@ -106,7 +96,6 @@ def test_checkpoint_mode_times_the_given_checkpoint(tmp_path, capsys):
     from core.pruning.methods import METHODS
     from core.pruning.step import prune_step
 
-    bench = load_bench()
     spec = ModelSpec(classes=["background", "scratch"], in_channels=1, input_size=(64, 64))
     torch.manual_seed(0)
     model = build_model(spec).eval()
