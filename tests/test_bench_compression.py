@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import csv
 import json
-from pathlib import Path
 
 import pytest
 
 from bench import compression as bench
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.timeout(400)

@@ -4,14 +4,12 @@ pruned copy per allocator x rounding), their reductions and gain ratios, rounded
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 
 from bench import latency as bench
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def table_after(report: str, heading: str, caption: str | None = None) -> list[dict[str, str]]:
