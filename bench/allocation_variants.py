@@ -1,7 +1,7 @@
 """Diagnose the scoring network on NEU-Seg: one shot to 80% fewer MACs (L1 within groups, 2
 fine-tune epochs, the METHOD.md part 2 setting) with one setting of the scoring network changed.
 
-    .venv/bin/python bench/allocation_variants.py NAME --checkpoint DIR [--steps 300] [--pressure 1.0]
+    .venv/bin/python bench/allocation_variants.py NAME --checkpoint DIR [--steps 300] [--pressure 0.3]
         [--lr 0.1] [--max-prune-ratio 0.9] [--allocator scoring-network] [--no-protect-head-input]
         [--threads 1]
 
@@ -38,7 +38,7 @@ def main() -> None:
     parser.add_argument("name")
     parser.add_argument("--checkpoint", required=True, type=Path, help="a trained NEU-Seg baseline")
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--pressure", type=float, default=1.0)
+    parser.add_argument("--pressure", type=float, default=ScoringNetworkSettings.pressure)
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--max-prune-ratio", type=float, default=0.9)
     parser.add_argument("--no-protect-head-input", dest="protect_head_input", action="store_false")
