@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset, WeightedRandomSampler
 
 from core.errors import DefectPruneError
 from core.metrics import (
@@ -108,6 +108,9 @@ class TrainConfig:
     eval_batch_size: int | None = None  # default: batch_size
     max_class_weight: float = 10.0
     dice_weight: float = 1.0
+    # images with a defect make at least this share of each epoch's draws (with replacement),
+    # where the split has fewer; None or 0: plain shuffling
+    defect_share: float | None = 0.5
 
     def validate(self) -> None:
         problems = []
@@ -127,6 +130,8 @@ class TrainConfig:
             problems.append(f"threads must be at least 1 (got {self.num_threads})")
         if self.num_workers < 0:
             problems.append(f"workers must be 0 or more (got {self.num_workers})")
+        if self.defect_share is not None and not 0.0 <= self.defect_share < 1.0:
+            problems.append(f"defect share must be from 0 to below 1 (got {self.defect_share})")
         if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
             problems.append(f"max steps per epoch must be at least 1 (got {self.max_steps_per_epoch})")
         if problems:
@@ -222,26 +227,43 @@ def dataset_image_paths(dataset: Dataset) -> list[str] | None:
     return [paths[i] for i in rows] if rows is not None else paths
 
 
-def class_pixel_counts(dataset: Dataset, num_classes: int) -> np.ndarray:
-    """Pixels of each class over the dataset: from the index's ``pixel_counts`` when the
-    dataset has one (no image is read), otherwise by reading every mask once."""
+def image_pixel_counts(dataset: Dataset, num_classes: int) -> np.ndarray:
+    """Pixels of each class in each image, shape (images, classes): from the index's
+    ``pixel_counts`` when the dataset has one (no image is read), otherwise by reading every
+    mask once."""
     base, rows = base_dataset(dataset)
     samples = getattr(base, "samples", None)
+    counts = np.zeros((len(dataset), num_classes), np.int64)
     if samples is not None and "pixel_counts" in getattr(samples, "columns", ()):
         counts_column = list(samples["pixel_counts"])
         if rows is not None:
             counts_column = [counts_column[i] for i in rows]
-        counts = np.zeros(num_classes, np.int64)
-        for item in counts_column:
+        for row, item in zip(counts, counts_column):
             values = np.asarray(item, np.int64)[:num_classes]
-            counts[: values.size] += values
+            row[: values.size] = values
         return counts
-    counts = np.zeros(num_classes, np.int64)
     for i in range(len(dataset)):
         mask = torch.as_tensor(dataset[i][1]).long().ravel()
         mask = mask[(mask >= 0) & (mask < num_classes)]
-        counts += torch.bincount(mask, minlength=num_classes).numpy()
+        counts[i] = torch.bincount(mask, minlength=num_classes).numpy()
     return counts
+
+
+def class_pixel_counts(dataset: Dataset, num_classes: int) -> np.ndarray:
+    """Pixels of each class over the dataset."""
+    return image_pixel_counts(dataset, num_classes).sum(axis=0)
+
+
+def defect_sampling_weights(per_image: np.ndarray, defect_share: float | None) -> np.ndarray | None:
+    """Per-image draw weights that make images with a defect at least ``defect_share`` of the
+    draws, or None where they already are (or there are none, or no share is asked for).
+    Magnetic tile is 70% defect-free images with defects under 1% of the pixels: shuffled
+    plainly, most batches teach the model that nothing is ever a defect."""
+    has_defect = per_image[:, 1:].sum(axis=1) > 0
+    share = has_defect.mean() if len(has_defect) else 0.0
+    if not defect_share or share >= defect_share or share == 0.0 or share == 1.0:
+        return None
+    return np.where(has_defect, defect_share / share, (1.0 - defect_share) / (1.0 - share))
 
 
 def class_weights_from_counts(counts: Sequence[int] | np.ndarray, max_weight: float = 10.0) -> np.ndarray:
@@ -414,12 +436,16 @@ def fit(
 
     with TorchThreads(config.num_threads):
         seed_everything(config.seed)
-        weights = class_weights_from_counts(class_pixel_counts(train_ds, num_classes), config.max_class_weight)
+        per_image = image_pixel_counts(train_ds, num_classes)
+        weights = class_weights_from_counts(per_image.sum(axis=0), config.max_class_weight)
         criterion = SegmentationLoss(weights, dice_weight=config.dice_weight).to(device)
         model.to(device)
         generator = torch.Generator().manual_seed(config.seed)
+        draw = defect_sampling_weights(per_image, config.defect_share)
+        sampler = None if draw is None else WeightedRandomSampler(
+            torch.as_tensor(draw, dtype=torch.double), num_samples=len(train_ds), replacement=True, generator=generator)
         loader = DataLoader(
-            train_ds, batch_size=config.batch_size, shuffle=True, generator=generator,
+            train_ds, batch_size=config.batch_size, shuffle=sampler is None, sampler=sampler, generator=generator,
             # a last batch of one image breaks BatchNorm after global pooling (DeepLab's ASPP)
             drop_last=len(train_ds) > config.batch_size,
             num_workers=config.num_workers, worker_init_fn=_worker_init if config.num_workers else None,

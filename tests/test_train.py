@@ -238,9 +238,30 @@ def test_class_weights_and_loss():
     assert loss(-perfect, target).item() > 1.0
 
 
+def test_defect_images_make_at_least_the_asked_share_of_the_draws():
+    from core.train import defect_sampling_weights
+
+    # 3 defect images of 10 (magnetic tile is 3 in 10): drawn as often as the 7 clean ones
+    per_image = np.zeros((10, 3), np.int64)
+    per_image[:, 0] = 100
+    per_image[[1, 4, 7], 2] = 5
+    weights = defect_sampling_weights(per_image, 0.5)
+    has_defect = per_image[:, 1:].sum(1) > 0
+    assert weights[has_defect].sum() / weights.sum() == pytest.approx(0.5)
+    draws = torch.multinomial(torch.as_tensor(weights), 20000, replacement=True,
+                              generator=torch.Generator().manual_seed(0))
+    assert has_defect[draws.numpy()].mean() == pytest.approx(0.5, abs=0.02)
+    # nothing to change: already half or more defect images, none at all, or not asked
+    assert defect_sampling_weights(per_image, 0.2) is None
+    assert defect_sampling_weights(per_image[[0, 2, 3]], 0.5) is None
+    assert defect_sampling_weights(per_image, None) is None
+
+
 def test_bad_config_and_device():
     with pytest.raises(InvalidTrainConfigError, match="epochs"):
         TrainConfig(epochs=0).validate()
+    with pytest.raises(InvalidTrainConfigError, match="defect share"):
+        TrainConfig(defect_share=1.0).validate()
     with pytest.raises(InvalidTrainConfigError, match="schedule"):
         TrainConfig(schedule="step").validate()
     assert resolve_device("cpu").type == "cpu"

@@ -63,6 +63,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-early-stop", action="store_true", help="train every epoch")
     parser.add_argument("--max-steps-per-epoch", type=positive_int, default=None)
     parser.add_argument("--no-augment", action="store_true", help="train without augmentation")
+    parser.add_argument("--defect-share", type=float, default=TrainConfig.defect_share,
+                        help="images with a defect make at least this share of the draws (0: plain shuffling)")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights, order and augmentation")
     parser.add_argument("--out", required=True, help="checkpoint folder to write")
     add_device_argument(parser)
@@ -91,7 +93,7 @@ def train_from_args(args: argparse.Namespace, progress: ProgressCallback | None 
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         schedule=args.schedule, patience=None if args.no_early_stop else args.patience,
         seed=args.seed, num_threads=args.threads, device=str(device),
-        max_steps_per_epoch=args.max_steps_per_epoch, num_workers=args.workers,
+        max_steps_per_epoch=args.max_steps_per_epoch, num_workers=args.workers, defect_share=args.defect_share,
     )
     config.validate()
     spec = ModelSpec(
