@@ -172,7 +172,8 @@ if allocator in ("uniform", "global (L1)") or (allocator == "scoring network" an
         m3.metric("Size (float32)", f"{predicted['params'] * 4 / 2**20:.1f} MiB")
         m4.metric("Answered in", f"{elapsed_ms:.0f} ms")
         if not live.budget_met:
-            st.warning("The per-layer limits (at most 90% of a layer, at least 2 channels) cannot reach this target.")
+            st.warning("The per-layer limits (at most 90% of a layer, at least 2 channels, the layer the classifier "
+                       "reads kept whole) cannot reach this target.")
         share = groups.assign(keep=[kept[g] / c for g, c in zip(groups["group"], groups["channels"])])
         st.plotly_chart(px.bar(share, x="group", y="keep", color="scale", range_y=[0, 1],
                                title=f"Share of channels kept per layer ({allocator})"), width="stretch")
