@@ -119,7 +119,7 @@ def planned_rounds(targets: list[float], step: float) -> int:
     MACs, stopping at each milestone): what the control fine-tunes for."""
     left, rounds = 1.0, 0
     for target in sorted(targets):
-        while left > (1.0 - target) * (1 + 1e-3):
+        while 1.0 - left < target - 1e-3:
             left = max(left * (1.0 - step), 1.0 - target)
             rounds += 1
     return rounds

@@ -136,6 +136,13 @@ def test_rounds_land_on_the_milestones_on_their_way_to_the_target(tiny_data, tmp
     assert [round(r.macs_reduction, 2) for r in result.rounds] == pytest.approx([0.3, 0.5, 0.7], abs=0.01)
     with pytest.raises(PruningError, match="milestones"):
         loop_settings(milestones=(0.5, 1.2)).validate()
+    # a round that lands a hair short of a milestone (rounded channels) counts as on it, as for
+    # the target: no extra round of a few channels (and an extra fine-tune) to close the gap
+    from core.pruning.loop import _milestone_macs
+
+    settings = loop_settings(target=0.9, milestones=(0.7,))
+    assert _milestone_macs(settings, {"macs": 1000.0}, 300.4) == []
+    assert _milestone_macs(settings, {"macs": 1000.0}, 302.0) == pytest.approx([300.0])
     # the run store's prune job takes them as a JSON list
     args = parse_params("prune", {"checkpoint": "c", "milestones": [0.5, 0.7]}, out="o")
     assert args.milestones == [0.5, 0.7]
