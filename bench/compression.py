@@ -4,7 +4,7 @@ per method walking through every MACs target, the ablation of the method, and a 
     .venv/bin/python bench/compression.py [--datasets neu-seg magnetic-tile] [--format F --root DIR]
         [--arch unet] [--second-arch fpn --second-arch-dataset neu-seg] [--size 128]
         [--targets 0.5 0.7 0.8 0.9] [--methods ...] [--no-ablation] [--step 0.4]
-        [--finetune-epochs 1] [--scoring-steps 100] [--epochs 15] [--baseline-limit 1000] [--limit 500]
+        [--finetune-epochs 1] [--scoring-steps 100] [--round-to 1] [--epochs 15] [--baseline-limit 1000] [--limit 500]
         [--threads 2] [--device auto]
 
 For each dataset and architecture: the baseline is trained (or reused) by `bench/baseline.py`'s
@@ -105,6 +105,8 @@ def prune(run: Run, checkpoint: Path, out: Path, args: argparse.Namespace) -> tu
         command += ["--criterion", run.criterion]
     if len(targets) > 1:
         command += ["--milestones", *map(str, targets[:-1])]
+    if args.round_to > 1:
+        command += ["--round-to", str(args.round_to)]
     state = out / "rounds.json"
     finished = state.is_file() and "result" in json.loads(state.read_text())
     if not finished and not args.report_only:
@@ -185,7 +187,7 @@ def datasets_for(checkpoint: Path, args: argparse.Namespace):
 
 def benchmark_setting(fmt: str, root: Path, arch: str, methods: list[str], ablation: bool,
                       args: argparse.Namespace) -> dict:
-    tag = f"{fmt}-{arch}-{args.encoder}-{args.size}"
+    tag = f"{fmt}-{arch}-{args.encoder}-{args.size}" + (f"-r{args.round_to}" if args.round_to > 1 else "")
     print(f"[{tag}] baseline", flush=True)
     base_args = argparse.Namespace(**{**vars(args), "arch": arch, "workers": 0, "lr": 1e-3,
                                       "limit": args.baseline_limit})
@@ -331,7 +333,9 @@ def report(settings: list[dict], skipped: list[str], args: argparse.Namespace, a
              f"{', '.join(fmt_pct(t) for t in targets)}; {args.finetune_epochs} fine-tune epoch(s) per round; "
              f"scoring network {args.scoring_steps} steps; pruning, fine-tuning and test on splits capped at "
              f"{args.limit or 'all'} images, baselines trained on splits capped at {args.baseline_limit or 'all'}; "
-             f"seed {args.seed}. MACs reduction targets; the point of a target is the first round reaching it.", ""]
+             f"seed {args.seed}"
+             f"{f'; kept channels rounded to multiples of {args.round_to}' if args.round_to > 1 else ''}. "
+             "MACs reduction targets; the point of a target is the first round reaching it.", ""]
     if args.limit:
         lines += [f"**Reduced run: fine-tuning and validation on seeded samples of at most {args.limit} images "
                   "per split, to fit the CPU budget; not the paper's protocol.**", ""]
@@ -365,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-rounds", type=int, default=10)
     parser.add_argument("--finetune-epochs", type=int, default=1)
     parser.add_argument("--scoring-steps", type=int, default=100)
+    parser.add_argument("--round-to", type=int, default=1,
+                        help="kept channel counts as multiples of this (bench/results/latency.md: 16 speeds CPUs up)")
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=15, help="baseline epochs (early stopping on validation)")
     parser.add_argument("--patience", type=int, default=8)

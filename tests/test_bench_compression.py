@@ -3,6 +3,7 @@ the frontier plot, and a rerun that picks up the cached work instead of pruning 
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 
@@ -62,3 +63,16 @@ def test_compression_benchmark_on_tiny_synthetic_data(tmp_path, capsys):
 def test_planned_rounds_follow_the_loops_schedule():
     assert bench.planned_rounds([0.3, 0.5], 0.3) == 2  # 70% left, then 49% -> held at the 50% milestone
     assert bench.planned_rounds([0.5, 0.7, 0.8, 0.9], 0.4) == 6  # 60, 50, 30, 20, 12, 10% left
+
+
+def test_prune_commands_carry_the_settings(tmp_path):
+    args = argparse.Namespace(
+        targets=[0.5, 0.8], step=0.4, finetune_epochs=1, max_rounds=10, scoring_steps=5, seed=0, size=64,
+        batch_size=4, device="cpu", threads=1, limit=8, round_to=16, report_only=True)
+    state, command = bench.prune(bench.Run("uniform-substitutability", "collaborative", "uniform", "substitutability"),
+                                 tmp_path / "base", tmp_path / "run", args)
+    assert state is None  # --report-only runs nothing
+    assert command.startswith("python -m core prune --checkpoint")
+    for part in ("--method collaborative", "--target-macs 0.8", "--milestones 0.5", "--round-to 16",
+                 "--allocator uniform", "--criterion substitutability", "--no-tolerance-stop", "--limit 8"):
+        assert part in command
