@@ -37,7 +37,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -45,14 +45,13 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-from core.allocation.base import Allocation, AllocationLimits  # noqa: E402
-from core.allocation.baselines import allocate_uniform  # noqa: E402
+from core.allocation.base import AllocationLimits  # noqa: E402
 from core.allocation.cost import CostModel  # noqa: E402
 from core.allocation.masks import ranks_from_scores  # noqa: E402
 from core.allocation.scoring_network import (  # noqa: E402
-    ScoringNetworkSettings, allocate_by_scoring_network, allocation_from_logits,
+    ScoringNetworkSettings, allocate_by_scoring_network,
 )
-from core.live import group_l1_scores  # noqa: E402
+from core.live import group_l1_scores, live_allocation  # noqa: E402
 from core.models.zoo import ModelSpec, build_model  # noqa: E402
 from core.profile import (  # noqa: E402
     count_macs, count_params, export_onnx, measure_latency, measure_onnx_latency,
@@ -142,14 +141,6 @@ def trained_logits(model: nn.Module, graph: PruningGraph, cost: CostModel, spec:
     return list(allocation.details["logits"])
 
 
-def allocation_for(allocator: str, graph: PruningGraph, cost: CostModel, target: float, round_to: int,
-                   logits: Sequence[float] | None) -> Allocation:
-    limits = AllocationLimits(round_to=round_to)
-    if allocator == "uniform":
-        return allocate_uniform(graph, cost, target, limits)
-    return allocation_from_logits(graph, cost, logits, target, limits=limits)
-
-
 def engine_models(args: argparse.Namespace) -> Iterator[tuple[dict, nn.Module, ModelSpec]]:
     """The unpruned default model first, then one pruned copy per allocator x rounding x target."""
     torch.manual_seed(args.seed)
@@ -167,7 +158,8 @@ def engine_models(args: argparse.Namespace) -> Iterator[tuple[dict, nn.Module, M
     for allocator in args.allocators:
         for round_to in args.round_to:
             for target in sorted(args.targets):
-                allocation = allocation_for(allocator, graph, cost, target, round_to, logits)
+                allocation = live_allocation(allocator, graph, cost, target, logits=logits,
+                                             limits=AllocationLimits(round_to=round_to))
                 pruned = pruned_copy(model, spec.input_size, spec.in_channels, allocation.kept).eval()
                 label = f"{allocator} r{round_to} {target:.0%}"
                 yield ({"label": label, "allocator": allocator, "round_to": round_to, "target": target,
