@@ -6,6 +6,7 @@ table. With DEFECTPRUNE_SCREENSHOTS=<folder> it also saves a screenshot of every
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -145,6 +146,9 @@ def test_a_zip_uploaded_in_the_browser_becomes_the_dataset(server, tmp_path):
         expect(page.get_by_text("Per-class statistics")).to_be_visible()
         page.get_by_text("Upload a zip").click()
         page.locator("input[type=file]").set_input_files(str(archive))
+        # The uploader shows the file's size once the upload finished (a progress bar before);
+        # pressing earlier submits the form without the file.
+        expect(page.get_by_text(re.compile(r"^\d+(\.\d+)?\s?[KMG]?B$"))).to_be_visible()
         page.get_by_role("button", name="Unpack and load").click()
         expect(page.get_by_text("Dataset: folder")).to_be_visible()
         expect(page.get_by_text("000.png", exact=False).first).to_be_visible()

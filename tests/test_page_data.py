@@ -90,3 +90,11 @@ def test_bad_format_options_show_an_error_box(app, tmp_path):
     app.button[0].click().run()
     assert not app.exception
     assert app.error and "not valid JSON" in app.error[0].value
+
+
+def test_pressing_unpack_without_an_upload_says_so_and_keeps_the_dataset(app):
+    app.radio(key="data_source").set_value("Upload a zip").run()
+    app.button[0].click().run()
+    assert not app.exception and not app.error
+    assert app.warning and "No zip has arrived yet" in app.warning[0].value
+    assert app.session_state["dataset"]["format"] == "synthetic-steel"

@@ -40,7 +40,10 @@ elif source == "Upload a zip":
         upload_options = st.text_input("Class map (JSON, optional)", key="data_upload_options",
                                        help='e.g. {"class_names": ["background", "scratch"]}')
         unpack = st.form_submit_button("Unpack and load")
-    if unpack and upload is not None:
+    if unpack and upload is None:
+        # A press while the browser is still sending the file reaches us without it.
+        st.warning("No zip has arrived yet: choose one, wait until its size shows, then press the button again.")
+    elif unpack:
         with error_box("Loading the upload"):
             folder = extract_dataset_zip(upload, workspace_dir() / "datasets" / "uploads", upload.name)
             choice = DatasetChoice(format="folder", root=str(folder), seed=chosen.seed, options=upload_options)
