@@ -3,7 +3,7 @@ and magnetic tile at 128 px: test-split accuracy, training time per epoch, and t
 profile (parameters, MACs, size, batch-1 CPU latency). This is the unpruned reference every
 pruning result is compared with.
 
-    .venv/bin/python bench/baseline.py [--datasets neu-seg magnetic-tile] [--epochs 40]
+    .venv/bin/python bench/baseline.py [--datasets neu-seg magnetic-tile] [--epochs 40 [magnetic-tile=30]]
         [--size 128] [--batch-size 16] [--threads 2] [--device auto] [--limit N]
 
 Training and evaluation run the command line itself (``python -m core train`` / ``evaluate``,
@@ -49,9 +49,27 @@ def display(command: list[str]) -> str:
     return "python -m core " + shlex.join(command)
 
 
+def epochs_option(values: list[str]) -> dict[str | None, int]:
+    """``--epochs 15 magnetic-tile=30``: a default and per-dataset overrides (key None: the default)."""
+    epochs: dict[str | None, int] = {}
+    for value in values:
+        fmt, _, count = value.rpartition("=")
+        try:
+            epochs[fmt or None] = int(count)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--epochs takes N or FORMAT=N, not {value!r}") from None
+    if None not in epochs:
+        raise argparse.ArgumentTypeError("--epochs needs a default N beside any FORMAT=N")
+    return epochs
+
+
+def epochs_for(fmt: str, args: argparse.Namespace) -> int:
+    return args.epochs.get(fmt, args.epochs[None])
+
+
 def baseline_tag(fmt: str, args: argparse.Namespace) -> str:
     """The cache folder name of a baseline: every setting that changes its training."""
-    return f"{fmt}-{args.arch}-{args.encoder}-{args.size}-e{args.epochs}-s{args.seed}" + (
+    return f"{fmt}-{args.arch}-{args.encoder}-{args.size}-e{epochs_for(fmt, args)}-s{args.seed}" + (
         f"-l{args.limit}" if args.limit else "")
 
 
@@ -65,7 +83,7 @@ def benchmark_dataset(fmt: str, root: Path, args: argparse.Namespace, cache: Pat
     if args.limit:
         common += ["--limit", str(args.limit)]
     train_cmd = ["train", "--format", fmt, "--root", str(root), "--arch", args.arch,
-                 "--encoder", args.encoder, "--epochs", str(args.epochs), "--seed", str(args.seed),
+                 "--encoder", args.encoder, "--epochs", str(epochs_for(fmt, args)), "--seed", str(args.seed),
                  "--lr", str(args.lr), "--patience", str(args.patience), "--out", str(checkpoint), *common]
     eval_cmd = ["evaluate", "--checkpoint", str(checkpoint), "--split", "test", *common]
     history_file = checkpoint / "training_history.json"
@@ -110,7 +128,8 @@ def report(results: list[dict], skipped: list[tuple[str, str]], args: argparse.N
     lines = ["# Baseline: unpruned Unet-ResNet-18, trained from scratch", ""]
     if args.limit:
         lines += [f"**Reduced run: every split capped at {args.limit} images (a seeded sample, `--limit`), "
-                  f"at most {args.epochs} epoch(s); not the full datasets.**", ""]
+                  f"at most {', '.join(str(r['history']['config']['epochs']) for r in results)} epoch(s) "
+                  f"({', '.join(r['format'] for r in results)}); not the full datasets.**", ""]
     lines += [
         "Command: `" + shlex.join(["python", "bench/baseline.py", *argv]) + "`",
         "",
@@ -163,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", default="unet")
     parser.add_argument("--encoder", default="resnet18")
     parser.add_argument("--size", default="128")
-    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--epochs", nargs="+", default=["40"], metavar="N|FORMAT=N",
+                        help="most epochs (early stopping on validation); FORMAT=N for one dataset")
     parser.add_argument("--patience", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -176,6 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=CACHE_DEFAULT)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "baseline.md")
     args = parser.parse_args(argv)
+    try:
+        args.epochs = epochs_option(args.epochs)
+    except argparse.ArgumentTypeError as exc:
+        parser.error(str(exc))
 
     args.cache.mkdir(parents=True, exist_ok=True)
     results, skipped = [], []

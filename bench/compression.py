@@ -4,7 +4,7 @@ per method walking through every MACs target, the ablation of the method, and a 
     .venv/bin/python bench/compression.py [--datasets neu-seg magnetic-tile] [--format F --root DIR]
         [--arch unet] [--second-arch fpn --second-arch-dataset neu-seg] [--size 128]
         [--targets 0.5 0.7 0.8 0.9] [--methods ...] [--no-ablation] [--step 0.4]
-        [--finetune-epochs 1] [--scoring-steps 100] [--round-to 1] [--epochs 15] [--baseline-limit 1000] [--limit 500]
+        [--finetune-epochs 1] [--scoring-steps 100] [--round-to 1] [--epochs 15 magnetic-tile=30] [--baseline-limit 1000] [--limit 500]
         [--threads 2] [--device auto]
 
 For each dataset and architecture: the baseline is trained (or reused) by `bench/baseline.py`'s
@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from bench.baseline import CACHE_DEFAULT, SHARED_DEFAULT, baseline_tag, benchmark_dataset, run_core  # noqa: E402
+from bench.baseline import CACHE_DEFAULT, SHARED_DEFAULT, baseline_tag, benchmark_dataset, epochs_option, run_core  # noqa: E402
 
 METHODS = ["collaborative", "uniform-l1", "global-l1", "fpgm", "bn-scale", "random"]
 # the ablation of the method, each step against uniform allocation; the last step is the method
@@ -372,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--round-to", type=int, default=1,
                         help="kept channel counts as multiples of this (bench/results/latency.md: 16 speeds CPUs up)")
     parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--epochs", type=int, default=15, help="baseline epochs (early stopping on validation)")
+    parser.add_argument("--epochs", nargs="+", default=["15", "magnetic-tile=30"], metavar="N|FORMAT=N",
+                        help="baseline epochs (early stopping on validation); FORMAT=N for one dataset")
     parser.add_argument("--patience", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--limit", type=int, default=500,
@@ -386,6 +387,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=REPO / "bench" / "cache" / "compression")
     parser.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args(argv)
+    try:
+        args.epochs = epochs_option(args.epochs)
+    except argparse.ArgumentTypeError as exc:
+        parser.error(str(exc))
     args.limit, args.baseline_limit = args.limit or None, args.baseline_limit or None
     start = time.perf_counter()
     plan = [(fmt, args.data / fmt, args.arch, args.methods, args.ablation) for fmt in args.datasets]

@@ -76,3 +76,15 @@ def test_prune_commands_carry_the_settings(tmp_path):
     for part in ("--method collaborative", "--target-macs 0.8", "--milestones 0.5", "--round-to 16",
                  "--allocator uniform", "--criterion substitutability", "--no-tolerance-stop", "--limit 8"):
         assert part in command
+
+
+def test_baseline_epochs_take_a_default_and_per_dataset_overrides():
+    from bench.baseline import baseline_tag, epochs_option
+
+    epochs = epochs_option(["15", "magnetic-tile=30"])
+    args = argparse.Namespace(epochs=epochs, arch="unet", encoder="resnet18", size=128, seed=0, limit=1000)
+    assert baseline_tag("neu-seg", args) == "neu-seg-unet-resnet18-128-e15-s0-l1000"
+    assert baseline_tag("magnetic-tile", args) == "magnetic-tile-unet-resnet18-128-e30-s0-l1000"
+    for bad in (["magnetic-tile=30"], ["fifteen"], ["15", "magnetic-tile=x"]):
+        with pytest.raises(argparse.ArgumentTypeError):
+            epochs_option(bad)

@@ -161,6 +161,12 @@ def test_loop_resumes_after_its_last_finished_round(tiny_data, tmp_path):
     assert resumed.stopped == "target"
     state = json.loads((tmp_path / "rounds.json").read_text())
     assert state["result"]["checkpoint"].endswith("round_03")
+    # the same folder handed another starting model (a retrained baseline, same shapes) is refused
+    torch.manual_seed(1)
+    other = build_model(spec).eval()
+    with pytest.raises(PruningError, match="started from another model"):
+        run_prune_loop(other, spec, [], train, val, None, tmp_path, loop_settings(max_rounds=6),
+                       evaluator=ScriptedEvaluator([50.0]))
 
 
 def test_comparison_of_a_model_with_itself_and_with_a_pruned_copy(tiny_data, tmp_path):

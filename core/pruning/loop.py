@@ -13,6 +13,7 @@ Every finished round is written to ``<out>/rounds.json`` (atomically) with its c
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -38,6 +39,17 @@ from core.train import (
 
 LoopProgress = Callable[[float, str], "bool | None"]
 ROUNDS_FILE = "rounds.json"
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """SHA-256 over the names, shapes and values of the state dict: tells a resumed run whether
+    it was handed the model it started from (a retrained baseline has the same shapes)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        value = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(value.shape)}:{value.dtype};".encode())
+        digest.update(value.numpy().tobytes() if value.dtype != torch.bfloat16 else value.float().numpy().tobytes())
+    return digest.hexdigest()
 
 
 @dataclass
@@ -178,14 +190,18 @@ def run_prune_loop(
 
     state_path = out_dir / ROUNDS_FILE
     rounds = read_rounds(out_dir)
+    fingerprint = model_fingerprint(model)
     if state_path.is_file():
         saved = json.loads(state_path.read_text())
         base = saved["base"]
+        if base.get("fingerprint", fingerprint) != fingerprint:
+            raise PruningError(f"{out_dir} holds a run that started from another model: resuming it would "
+                               "continue that run; choose a new output folder (or delete this one)")
     else:
         base_val = validate_model(model)
         base = {"macs": count_macs(model, size, in_channels), "params": count_params(model),
                 "defect_miou": base_val["defect_miou"], "val": base_val, "history": history,
-                "method": settings.method, "settings": _settings_dict(settings)}
+                "method": settings.method, "settings": _settings_dict(settings), "fingerprint": fingerprint}
     accepted = [r for r in rounds if r.accepted]
     if accepted:
         loaded = load_checkpoint(accepted[-1].checkpoint, device=device)
