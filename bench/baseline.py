@@ -128,8 +128,8 @@ def report(results: list[dict], skipped: list[tuple[str, str]], args: argparse.N
     lines = ["# Baseline: unpruned Unet-ResNet-18, trained from scratch", ""]
     if args.limit:
         lines += [f"**Reduced run: every split capped at {args.limit} images (a seeded sample, `--limit`), "
-                  f"at most {', '.join(str(r['history']['config']['epochs']) for r in results)} epoch(s) "
-                  f"({', '.join(r['format'] for r in results)}); not the full datasets.**", ""]
+                  "at most " + ", ".join(f"{r['history']['config']['epochs']} epochs ({r['format']})" for r in results)
+                  + "; not the full datasets.**", ""]
     lines += [
         "Command: `" + shlex.join(["python", "bench/baseline.py", *argv]) + "`",
         "",

@@ -4,7 +4,8 @@ per method walking through every MACs target, the ablation of the method, and a 
     .venv/bin/python bench/compression.py [--datasets neu-seg magnetic-tile] [--format F --root DIR]
         [--arch unet] [--second-arch fpn --second-arch-dataset neu-seg] [--size 128]
         [--targets 0.5 0.7 0.8 0.9] [--methods ...] [--no-ablation] [--step 0.4]
-        [--finetune-epochs 1] [--scoring-steps 100] [--round-to 1] [--epochs 15 magnetic-tile=30] [--baseline-limit 1000] [--limit 500]
+        [--finetune-epochs 1] [--finetune-lr 0.001] [--scoring-steps 100] [--round-to 1]
+        [--epochs 15 magnetic-tile=30] [--baseline-limit 1000] [--limit 500]
         [--threads 2] [--device auto]
 
 For each dataset and architecture: the baseline is trained (or reused) by `bench/baseline.py`'s
@@ -44,6 +45,7 @@ import torch  # noqa: E402
 
 from bench.baseline import CACHE_DEFAULT, SHARED_DEFAULT, baseline_tag, benchmark_dataset, epochs_option, run_core  # noqa: E402
 
+DEFAULT_FINETUNE_LR = 1e-3  # TrainConfig's default, which every cached run used
 METHODS = ["collaborative", "uniform-l1", "global-l1", "fpgm", "bn-scale", "random"]
 # the ablation of the method, each step against uniform allocation; the last step is the method
 ABLATION = [("l1", "uniform", "l1"), ("+ substitutability", "uniform", "substitutability"),
@@ -96,7 +98,8 @@ def prune(run: Run, checkpoint: Path, out: Path, args: argparse.Namespace) -> tu
     targets = sorted(args.targets)
     command = ["prune", "--checkpoint", str(checkpoint), "--method", run.method, "--target-macs", str(targets[-1]),
                "--no-tolerance-stop", "--step", str(args.step),
-               "--finetune-epochs", str(args.finetune_epochs), "--max-rounds", str(args.max_rounds),
+               "--finetune-epochs", str(args.finetune_epochs), "--lr", str(args.finetune_lr),
+               "--max-rounds", str(args.max_rounds),
                "--scoring-steps", str(args.scoring_steps), "--seed", str(args.seed), "--out", str(out),
                *common_args(args)]
     if run.allocator:
@@ -163,8 +166,8 @@ def control(checkpoint: Path, epochs: int, train_ds, val_ds, out: Path,
         return None, 0.0
     start = time.perf_counter()
     loaded = load_checkpoint(checkpoint)
-    config = TrainConfig(epochs=epochs, batch_size=args.batch_size, patience=None, seed=args.seed,
-                         num_threads=args.threads, device=args.device)
+    config = TrainConfig(epochs=epochs, batch_size=args.batch_size, lr=args.finetune_lr, patience=None,
+                         seed=args.seed, num_threads=args.threads, device=args.device)
     print(f"  none (control): fine-tuning the unpruned model for {epochs} epoch(s)", flush=True)
     fine_tune(loaded.model, train_ds, val_ds, config, class_names=loaded.spec.classes)
     save_checkpoint(out / "checkpoint", loaded.model, loaded.spec, loaded.history)
@@ -187,7 +190,8 @@ def datasets_for(checkpoint: Path, args: argparse.Namespace):
 
 def benchmark_setting(fmt: str, root: Path, arch: str, methods: list[str], ablation: bool,
                       args: argparse.Namespace) -> dict:
-    tag = f"{fmt}-{arch}-{args.encoder}-{args.size}" + (f"-r{args.round_to}" if args.round_to > 1 else "")
+    tag = (f"{fmt}-{arch}-{args.encoder}-{args.size}" + (f"-r{args.round_to}" if args.round_to > 1 else "")
+           + (f"-lr{args.finetune_lr:g}" if args.finetune_lr != DEFAULT_FINETUNE_LR else ""))
     print(f"[{tag}] baseline", flush=True)
     base_args = argparse.Namespace(**{**vars(args), "arch": arch, "workers": 0, "lr": 1e-3,
                                       "limit": args.baseline_limit})
@@ -330,7 +334,8 @@ def report(settings: list[dict], skipped: list[str], args: argparse.Namespace, a
              f"{args.latency_runs}. Wall time of this invocation {wall / 60:.1f} min (cached parts not redone). "
              f"Date {time.strftime('%Y-%m-%d')}.", "",
              f"Settings: step {args.step} of the remaining MACs per round, rounds landing on "
-             f"{', '.join(fmt_pct(t) for t in targets)}; {args.finetune_epochs} fine-tune epoch(s) per round; "
+             f"{', '.join(fmt_pct(t) for t in targets)}; {args.finetune_epochs} fine-tune epoch(s) per round "
+             f"(learning rate {args.finetune_lr:g}); "
              f"scoring network {args.scoring_steps} steps; pruning, fine-tuning and test on splits capped at "
              f"{args.limit or 'all'} images, baselines trained on splits capped at {args.baseline_limit or 'all'}; "
              f"seed {args.seed}"
@@ -368,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step", type=float, default=0.4)
     parser.add_argument("--max-rounds", type=int, default=10)
     parser.add_argument("--finetune-epochs", type=int, default=1)
+    parser.add_argument("--finetune-lr", type=float, default=DEFAULT_FINETUNE_LR,
+                        help="learning rate of every fine-tune (pruning rounds and the control)")
     parser.add_argument("--scoring-steps", type=int, default=100)
     parser.add_argument("--round-to", type=int, default=1,
                         help="kept channel counts as multiples of this (bench/results/latency.md: 16 speeds CPUs up)")

@@ -67,14 +67,14 @@ def test_planned_rounds_follow_the_loops_schedule():
 
 def test_prune_commands_carry_the_settings(tmp_path):
     args = argparse.Namespace(
-        targets=[0.5, 0.8], step=0.4, finetune_epochs=1, max_rounds=10, scoring_steps=5, seed=0, size=64,
+        targets=[0.5, 0.8], step=0.4, finetune_epochs=1, finetune_lr=1e-4, max_rounds=10, scoring_steps=5, seed=0, size=64,
         batch_size=4, device="cpu", threads=1, limit=8, round_to=16, report_only=True)
     state, command = bench.prune(bench.Run("uniform-substitutability", "collaborative", "uniform", "substitutability"),
                                  tmp_path / "base", tmp_path / "run", args)
     assert state is None  # --report-only runs nothing
     assert command.startswith("python -m core prune --checkpoint")
     for part in ("--method collaborative", "--target-macs 0.8", "--milestones 0.5", "--round-to 16",
-                 "--allocator uniform", "--criterion substitutability", "--no-tolerance-stop", "--limit 8"):
+                 "--allocator uniform", "--criterion substitutability", "--lr 0.0001", "--no-tolerance-stop", "--limit 8"):
         assert part in command
 
 
