@@ -63,6 +63,16 @@ def epochs_option(values: list[str]) -> dict[str | None, int]:
     return epochs
 
 
+class EpochsAction(argparse.Action):
+    """``--epochs`` parsed by :func:`epochs_option`; a bad value is a usage error."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            setattr(namespace, self.dest, epochs_option(values))
+        except argparse.ArgumentTypeError as exc:
+            parser.error(str(exc))
+
+
 def epochs_for(fmt: str, args: argparse.Namespace) -> int:
     return args.epochs.get(fmt, args.epochs[None])
 
@@ -182,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", default="unet")
     parser.add_argument("--encoder", default="resnet18")
     parser.add_argument("--size", default="128")
-    parser.add_argument("--epochs", nargs="+", default=["40"], metavar="N|FORMAT=N",
+    parser.add_argument("--epochs", nargs="+", action=EpochsAction, default=epochs_option(["40"]), metavar="N|FORMAT=N",
                         help="most epochs (early stopping on validation); FORMAT=N for one dataset")
     parser.add_argument("--patience", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -196,10 +206,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=CACHE_DEFAULT)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "baseline.md")
     args = parser.parse_args(argv)
-    try:
-        args.epochs = epochs_option(args.epochs)
-    except argparse.ArgumentTypeError as exc:
-        parser.error(str(exc))
 
     args.cache.mkdir(parents=True, exist_ok=True)
     results, skipped = [], []

@@ -43,7 +43,9 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from bench.baseline import CACHE_DEFAULT, SHARED_DEFAULT, baseline_tag, benchmark_dataset, epochs_option, run_core  # noqa: E402
+from bench.baseline import (  # noqa: E402
+    CACHE_DEFAULT, SHARED_DEFAULT, EpochsAction, baseline_tag, benchmark_dataset, epochs_option, run_core,
+)
 
 DEFAULT_FINETUNE_LR = 1e-3  # TrainConfig's default, which every cached run used
 METHODS = ["collaborative", "uniform-l1", "global-l1", "fpgm", "bn-scale", "random"]
@@ -379,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--round-to", type=int, default=1,
                         help="kept channel counts as multiples of this (bench/results/latency.md: 16 speeds CPUs up)")
     parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--epochs", nargs="+", default=["15", "magnetic-tile=30"], metavar="N|FORMAT=N",
+    parser.add_argument("--epochs", nargs="+", action=EpochsAction, default=epochs_option(["15", "magnetic-tile=30"]),
+                        metavar="N|FORMAT=N",
                         help="baseline epochs (early stopping on validation); FORMAT=N for one dataset")
     parser.add_argument("--patience", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -394,10 +397,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=REPO / "bench" / "cache" / "compression")
     parser.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args(argv)
-    try:
-        args.epochs = epochs_option(args.epochs)
-    except argparse.ArgumentTypeError as exc:
-        parser.error(str(exc))
     args.limit, args.baseline_limit = args.limit or None, args.baseline_limit or None
     start = time.perf_counter()
     plan = [(fmt, args.data / fmt, args.arch, args.methods, args.ablation) for fmt in args.datasets]
