@@ -36,12 +36,19 @@ SHARED_DEFAULT = REPO.parent / "shared" / "datasets"
 CACHE_DEFAULT = REPO / "bench" / "cache" / "baseline"
 
 
-def run_core(args: list[str]) -> dict:
-    """Run ``python -m core ... --json``; progress bars pass through to this terminal."""
+def run_core(args: list[str], log: Path | None = None) -> dict:
+    """Run ``python -m core ... --json``; progress bars pass through to this terminal, or go to
+    ``log`` (appended) when several commands run at once."""
     command = [sys.executable, "-m", "core", *args, "--json"]
-    proc = subprocess.run(command, cwd=REPO, stdout=subprocess.PIPE, text=True)
+    if log is None:
+        proc = subprocess.run(command, cwd=REPO, stdout=subprocess.PIPE, text=True)
+    else:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a") as stderr:
+            proc = subprocess.run(command, cwd=REPO, stdout=subprocess.PIPE, stderr=stderr, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"{shlex.join(command)} failed with exit code {proc.returncode}")
+        where = f" (its output: {log})" if log else ""
+        raise RuntimeError(f"{shlex.join(command)} failed with exit code {proc.returncode}{where}")
     return json.loads(proc.stdout)
 
 
@@ -83,27 +90,37 @@ def baseline_tag(fmt: str, args: argparse.Namespace) -> str:
         f"-l{args.limit}" if args.limit else "")
 
 
-def benchmark_dataset(fmt: str, root: Path, args: argparse.Namespace, cache: Path) -> dict:
-    tag = baseline_tag(fmt, args)
-    checkpoint = cache / tag
+def _common(args: argparse.Namespace) -> list[str]:
     common = ["--size", str(args.size), "--batch-size", str(args.batch_size), "--device", args.device,
               "--workers", str(args.workers)]
     if args.threads:
         common += ["--threads", str(args.threads)]
     if args.limit:
         common += ["--limit", str(args.limit)]
+    return common
+
+
+def train_baseline(fmt: str, root: Path, args: argparse.Namespace, cache: Path,
+                   log: Path | None = None) -> tuple[Path, list[str], bool]:
+    """Train the baseline unless its cached checkpoint is there: (checkpoint, command, reused)."""
+    checkpoint = cache / baseline_tag(fmt, args)
     train_cmd = ["train", "--format", fmt, "--root", str(root), "--arch", args.arch,
                  "--encoder", args.encoder, "--epochs", str(epochs_for(fmt, args)), "--seed", str(args.seed),
-                 "--lr", str(args.lr), "--patience", str(args.patience), "--out", str(checkpoint), *common]
-    eval_cmd = ["evaluate", "--checkpoint", str(checkpoint), "--split", "test", *common]
-    history_file = checkpoint / "training_history.json"
-    reused = history_file.is_file()
+                 "--lr", str(args.lr), "--patience", str(args.patience), "--out", str(checkpoint), *_common(args)]
+    reused = (checkpoint / "training_history.json").is_file()
     if reused:
         print(f"[{fmt}] reusing the trained checkpoint {checkpoint}", flush=True)
     else:
         print(f"[{fmt}] training: {display(train_cmd)}", flush=True)
-        run_core(train_cmd)
-    history = json.loads(history_file.read_text())
+        run_core(train_cmd, log)
+    return checkpoint, train_cmd, reused
+
+
+def benchmark_dataset(fmt: str, root: Path, args: argparse.Namespace, cache: Path) -> dict:
+    tag = baseline_tag(fmt, args)
+    checkpoint, train_cmd, reused = train_baseline(fmt, root, args, cache)
+    eval_cmd = ["evaluate", "--checkpoint", str(checkpoint), "--split", "test", *_common(args)]
+    history = json.loads((checkpoint / "training_history.json").read_text())
     eval_file = checkpoint.parent / f"{tag}.test.json"
     if eval_file.is_file() and reused:
         test = json.loads(eval_file.read_text())

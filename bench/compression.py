@@ -6,13 +6,16 @@ per method walking through every MACs target, the ablation of the method, and a 
         [--targets 0.5 0.7 0.8 0.9] [--methods ...] [--no-ablation] [--step 0.4]
         [--finetune-epochs 1] [--finetune-lr 0.001] [--scoring-steps 100] [--round-to 1]
         [--epochs 15 magnetic-tile=30] [--baseline-limit 1000] [--limit 500]
-        [--threads 2] [--device auto]
+        [--jobs 2] [--threads 1] [--device auto]
 
 For each dataset and architecture: the baseline is trained (or reused) by `bench/baseline.py`'s
 cached `python -m core train` (early stopping on validation); every method runs `python -m core
 prune` without the tolerance stop, its rounds landing on each target (`--milestones`), so one
 run traces the whole frontier and nothing is retrained per target; each target's point is the
-first round that reaches it, after its fine-tuning. The control row (`none`) fine-tunes the
+first round that reaches it, after its fine-tuning. Baselines, prune runs and controls run
+`--jobs` at a time (each with `--threads` torch threads; a setting's runs start as soon as its
+baseline is trained): on a 2-core CPU two one-thread jobs do about 1.3 times the work of one
+two-thread job. Measuring comes after, one point at a time on the quiet machine. The control row (`none`) fine-tunes the
 unpruned model for as many epochs as a pruning run spends, and drops are taken against the
 better of the baseline and the control. Test-split accuracy, checkpoint size and batch-1 CPU
 latency (torch and ONNX Runtime, one thread, median of 30) are measured per point.
@@ -34,7 +37,9 @@ import platform
 import shlex
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +49,8 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from bench.baseline import (  # noqa: E402
-    CACHE_DEFAULT, SHARED_DEFAULT, EpochsAction, baseline_tag, benchmark_dataset, epochs_option, run_core,
+    CACHE_DEFAULT, SHARED_DEFAULT, EpochsAction, baseline_tag, benchmark_dataset, epochs_for, epochs_option,
+    run_core, train_baseline,
 )
 
 DEFAULT_FINETUNE_LR = 1e-3  # TrainConfig's default, which every cached run used
@@ -53,6 +59,7 @@ METHODS = ["collaborative", "uniform-l1", "global-l1", "fpgm", "bn-scale", "rand
 ABLATION = [("l1", "uniform", "l1"), ("+ substitutability", "uniform", "substitutability"),
             ("+ collaborative removal", "uniform", "collaborative"),
             ("+ scoring-network allocation", None, None)]
+STOPPING = threading.Event()  # set when the benchmark stops: in-process controls end their epoch loop
 COLUMNS = ["dataset", "arch", "size", "method", "target", "defect_miou", "drop", "macs_reduction",
            "params_reduction", "size_bytes", "latency_torch_ms", "latency_ort_ms", "wall_s"]
 
@@ -96,7 +103,8 @@ def common_args(args: argparse.Namespace) -> list[str]:
     return out
 
 
-def prune(run: Run, checkpoint: Path, out: Path, args: argparse.Namespace) -> tuple[dict, str]:
+def prune(run: Run, checkpoint: Path, out: Path, args: argparse.Namespace,
+          log: Path | None = None) -> tuple[dict, str]:
     targets = sorted(args.targets)
     command = ["prune", "--checkpoint", str(checkpoint), "--method", run.method, "--target-macs", str(targets[-1]),
                "--no-tolerance-stop", "--step", str(args.step),
@@ -116,7 +124,7 @@ def prune(run: Run, checkpoint: Path, out: Path, args: argparse.Namespace) -> tu
     finished = state.is_file() and "result" in json.loads(state.read_text())
     if not finished and not args.report_only:
         print(f"  {run.label}: python -m core {shlex.join(command)}", flush=True)
-        run_core(command)  # resumes after the last finished round when interrupted before
+        run_core(command, log)  # resumes after the last finished round when interrupted before
     loaded = json.loads(state.read_text()) if state.is_file() else None  # partial with --report-only
     return loaded, "python -m core " + shlex.join(command)
 
@@ -157,7 +165,8 @@ def measure(checkpoint: str | Path, test_ds, args: argparse.Namespace) -> dict:
 
 def control(checkpoint: Path, epochs: int, train_ds, val_ds, out: Path,
             args: argparse.Namespace) -> tuple[Path | None, float]:
-    """The unpruned model fine-tuned as long as a pruning run fine-tunes (cached)."""
+    """The unpruned model fine-tuned as long as a pruning run fine-tunes (cached); the splits are
+    built from the checkpoint when not given."""
     from core.models.checkpoint import load_checkpoint, save_checkpoint
     from core.train import TrainConfig, fine_tune
 
@@ -167,11 +176,17 @@ def control(checkpoint: Path, epochs: int, train_ds, val_ds, out: Path,
     if args.report_only:
         return None, 0.0
     start = time.perf_counter()
+    if train_ds is None:
+        splits = datasets_for(checkpoint, args)
+        train_ds, val_ds = splits["train"], splits["val"]
     loaded = load_checkpoint(checkpoint)
     config = TrainConfig(epochs=epochs, batch_size=args.batch_size, lr=args.finetune_lr, patience=None,
                          seed=args.seed, num_threads=args.threads, device=args.device)
     print(f"  none (control): fine-tuning the unpruned model for {epochs} epoch(s)", flush=True)
-    fine_tune(loaded.model, train_ds, val_ds, config, class_names=loaded.spec.classes)
+    result = fine_tune(loaded.model, train_ds, val_ds, config, class_names=loaded.spec.classes,
+                       progress=lambda _: STOPPING.is_set())
+    if result.stopped_by_user:
+        raise KeyboardInterrupt("the control was stopped with the benchmark")
     save_checkpoint(out / "checkpoint", loaded.model, loaded.spec, loaded.history)
     wall = time.perf_counter() - start
     done.write_text(json.dumps({"epochs": epochs, "wall_s": wall}))
@@ -190,13 +205,76 @@ def datasets_for(checkpoint: Path, args: argparse.Namespace):
                                        seed=args.seed, limit=args.limit) for split in ("train", "val", "test")}
 
 
-def benchmark_setting(fmt: str, root: Path, arch: str, methods: list[str], ablation: bool,
-                      args: argparse.Namespace) -> dict:
-    tag = (f"{fmt}-{arch}-{args.encoder}-{args.size}" + (f"-r{args.round_to}" if args.round_to > 1 else "")
-           + (f"-lr{args.finetune_lr:g}" if args.finetune_lr != DEFAULT_FINETUNE_LR else ""))
+@dataclass
+class Setting:
+    """One dataset x architecture: its baseline and the prune runs on it."""
+    fmt: str
+    root: Path
+    arch: str
+    methods: list[str]
+    ablation: bool
+
+    def tag(self, args: argparse.Namespace) -> str:
+        return (f"{self.fmt}-{self.arch}-{args.encoder}-{args.size}" + (f"-r{args.round_to}" if args.round_to > 1 else "")
+                + (f"-lr{args.finetune_lr:g}" if args.finetune_lr != DEFAULT_FINETUNE_LR else ""))
+
+    def baseline_args(self, args: argparse.Namespace) -> argparse.Namespace:
+        return argparse.Namespace(**{**vars(args), "arch": self.arch, "workers": 0, "lr": 1e-3,
+                                     "limit": args.baseline_limit})
+
+
+def train_all(settings: list[Setting], args: argparse.Namespace) -> None:
+    """Train every baseline, prune run and control that is not cached yet, `--jobs` at a time.
+
+    Longest first: baselines by epochs, then per setting the control and the runs as soon as its
+    baseline is there. With more than one job, each command's progress goes to a log file beside
+    its output and a bar counts finished jobs. A failed job stops the benchmark once the running
+    ones end (their work stays cached, so a rerun continues)."""
+    from tqdm.auto import tqdm
+
+    def log(setting: Setting, name: str) -> Path | None:
+        return args.work / setting.tag(args) / f"{name}.log" if args.jobs > 1 else None
+
+    STOPPING.clear()
+    jobs: dict = {}  # future -> (setting, job name)
+    total = sum(2 + len(runs_for(s.methods, s.ablation)[0]) for s in settings)
+    with ThreadPoolExecutor(args.jobs) as pool, tqdm(total=total, desc="training jobs", unit="job") as bar:
+        def submit(setting: Setting, name: str, fn, *fn_args) -> None:
+            jobs[pool.submit(fn, *fn_args)] = (setting, name)
+
+        for setting in sorted(settings, key=lambda s: -epochs_for(s.fmt, s.baseline_args(args))):
+            submit(setting, "baseline", train_baseline, setting.fmt, setting.root, setting.baseline_args(args),
+                   args.baseline_cache, log(setting, "baseline"))
+        try:
+            while jobs:
+                done, _ = wait(jobs, return_when=FIRST_COMPLETED)
+                for future in done:
+                    setting, name = jobs.pop(future)
+                    if future.exception() is not None:
+                        bar.write(f"[{setting.tag(args)}] {name} failed; waiting for the running jobs to end")
+                        raise future.exception()
+                    bar.update()
+                    bar.write(f"[{setting.tag(args)}] {name} done")
+                    if name == "baseline":
+                        checkpoint, work = future.result()[0], args.work / setting.tag(args)
+                        epochs = planned_rounds(args.targets, args.step) * args.finetune_epochs
+                        submit(setting, "none", control, checkpoint, epochs, None, None, work / "none", args)
+                        for run in runs_for(setting.methods, setting.ablation)[0]:
+                            submit(setting, run.label, prune, run, checkpoint, work / run.label, args,
+                                   log(setting, run.label))
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            STOPPING.set()  # Ctrl-C reaches the commands too; the in-process control needs telling
+            raise
+
+
+def benchmark_setting(setting: Setting, args: argparse.Namespace) -> dict:
+    """Measure and tabulate one setting (what `train_all` left cached; with --report-only, what
+    is finished so far)."""
+    fmt, root, arch, methods, ablation = setting.fmt, setting.root, setting.arch, setting.methods, setting.ablation
+    tag = setting.tag(args)
     print(f"[{tag}] baseline", flush=True)
-    base_args = argparse.Namespace(**{**vars(args), "arch": arch, "workers": 0, "lr": 1e-3,
-                                      "limit": args.baseline_limit})
+    base_args = setting.baseline_args(args)
     if args.report_only and not (args.baseline_cache / baseline_tag(fmt, base_args) / "training_history.json").is_file():
         print(f"[{tag}] no trained baseline yet: left out of the report", flush=True)
         return None
@@ -331,8 +409,8 @@ def report(settings: list[dict], skipped: list[str], args: argparse.Namespace, a
     lines = ["# Compression benchmark", "",
              "Command: `" + shlex.join(["python", "bench/compression.py", *argv]) + "`", "",
              f"Machine: {platform.machine()}, {os.cpu_count()} CPU(s), torch {torch.__version__}, device {device}"
-             f"{' (' + torch.cuda.get_device_name(0) + ')' if device == 'cuda' else ''}, training threads "
-             f"{args.threads or torch.get_num_threads()}; latency at batch 1 on the CPU, 1 thread, median of "
+             f"{' (' + torch.cuda.get_device_name(0) + ')' if device == 'cuda' else ''}, training "
+             f"{args.jobs} job(s) at a time, {args.threads} torch thread(s) each; latency at batch 1 on the CPU, 1 thread, median of "
              f"{args.latency_runs}. Wall time of this invocation {wall / 60:.1f} min (cached parts not redone). "
              f"Date {time.strftime('%Y-%m-%d')}.", "",
              f"Settings: step {args.step} of the remaining MACs per round, rounds landing on "
@@ -389,7 +467,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=500,
                         help="images per split for pruning, fine-tuning, the control and the test (0: all)")
     parser.add_argument("--baseline-limit", type=int, default=1000, help="images per split for the baselines (0: all)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--jobs", type=int, default=2, help="trainings and prune runs at once")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of each job")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--latency-runs", type=int, default=30)
@@ -399,22 +478,27 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.limit, args.baseline_limit = args.limit or None, args.baseline_limit or None
     start = time.perf_counter()
-    plan = [(fmt, args.data / fmt, args.arch, args.methods, args.ablation) for fmt in args.datasets]
+    if args.jobs < 1 or args.threads < 1:
+        parser.error("--jobs and --threads take 1 or more")
+    plan = [Setting(fmt, args.data / fmt, args.arch, args.methods, args.ablation) for fmt in args.datasets]
     if args.second_arch and args.second_arch_dataset in args.datasets:
-        plan.append((args.second_arch_dataset, args.data / args.second_arch_dataset, args.second_arch,
-                     args.second_arch_methods, False))
+        plan.append(Setting(args.second_arch_dataset, args.data / args.second_arch_dataset, args.second_arch,
+                            args.second_arch_methods, False))
     if args.format:
-        plan.append((args.format, args.root, args.arch, args.methods, args.ablation))
-    settings, skipped = [], []
-    for fmt, root, arch, methods, ablation in plan:
-        if root is not None and not Path(root).exists() and not fmt.startswith("synthetic"):
-            skipped.append(f"{fmt}: {root} is absent (the real datasets live in ../shared/datasets)")
-            print(f"[{fmt}] skipped: {skipped[-1]}", flush=True)
-            continue
-        setting = benchmark_setting(fmt, Path(root) if root else args.work / "synthetic", arch, methods,
-                                    ablation, args)
-        if setting is not None:
-            settings.append(setting)
+        plan.append(Setting(args.format, Path(args.root) if args.root else args.work / "synthetic", args.arch,
+                            args.methods, args.ablation))
+    runnable, skipped = [], []
+    for setting in plan:
+        if not setting.root.exists() and not setting.fmt.startswith("synthetic"):
+            skipped.append(f"{setting.fmt}: {setting.root} is absent (the real datasets live in ../shared/datasets)")
+            print(f"[{setting.fmt}] skipped: {skipped[-1]}", flush=True)
+        else:
+            runnable.append(setting)
+    if not args.report_only:
+        threads = torch.get_num_threads()
+        train_all(runnable, args)
+        torch.set_num_threads(threads)  # in-process controls set it while they ran
+    settings = [s for s in (benchmark_setting(setting, args) for setting in runnable) if s is not None]
     args.out_dir.mkdir(parents=True, exist_ok=True)
     with open(args.out_dir / "compression.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
