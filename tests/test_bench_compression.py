@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import threading
+import time
 
 import pytest
 
@@ -88,3 +90,65 @@ def test_baseline_epochs_take_a_default_and_per_dataset_overrides():
     for bad in (["magnetic-tile=30"], ["fifteen"], ["15", "magnetic-tile=x"]):
         with pytest.raises(argparse.ArgumentTypeError):
             epochs_option(bad)
+
+
+def _scheduling_args(tmp_path, jobs):
+    return argparse.Namespace(
+        jobs=jobs, work=tmp_path / "work", baseline_cache=tmp_path / "base", encoder="resnet18", size=64, round_to=1,
+        finetune_lr=bench.DEFAULT_FINETUNE_LR, targets=[0.5], step=0.5, finetune_epochs=1, seed=0,
+        epochs={None: 1, "synthetic-crack": 3}, baseline_limit=8)
+
+
+def _fake_jobs(monkeypatch, tmp_path, fail=None):
+    """Replace the three kinds of job with timed no-ops that record when each ran."""
+    lock, running, events = threading.Lock(), [], []
+
+    def job(name):
+        with lock:
+            running.append(name)
+            events.append(("start", name, len(running)))
+        time.sleep(0.05)
+        with lock:
+            running.remove(name)
+            events.append(("end", name, len(running)))
+        if name == fail:
+            raise RuntimeError(f"{name} failed")
+
+    def baseline(fmt, root, args, cache, log):
+        job(f"{fmt}-{args.arch}/baseline")
+        return tmp_path / fmt, [], False
+
+    monkeypatch.setattr(bench, "train_baseline", baseline)
+    monkeypatch.setattr(bench, "prune", lambda run, ckpt, out, args, log: job(f"{out.parent.name.split('-resnet')[0]}/{run.label}"))
+    monkeypatch.setattr(bench, "control", lambda ckpt, epochs, tr, va, out, args: job(f"{out.parent.name.split('-resnet')[0]}/none"))
+    return events
+
+
+def test_jobs_run_side_by_side_and_each_run_waits_for_its_baseline(tmp_path, monkeypatch):
+    events = _fake_jobs(monkeypatch, tmp_path)
+    settings = [bench.Setting("synthetic-steel", tmp_path, "unet", ["uniform-l1", "random"], False),
+                bench.Setting("synthetic-crack", tmp_path, "fpn", ["uniform-l1"], False)]
+    bench.train_all(settings, _scheduling_args(tmp_path, jobs=2))
+    started = [name for kind, name, _ in events if kind == "start"]
+    assert sorted(started) == sorted(["synthetic-steel-unet/baseline", "synthetic-steel-unet/none",
+                                      "synthetic-steel-unet/uniform-l1", "synthetic-steel-unet/random",
+                                      "synthetic-crack-fpn/baseline", "synthetic-crack-fpn/none",
+                                      "synthetic-crack-fpn/uniform-l1"])
+    assert started[0] == "synthetic-crack-fpn/baseline"  # the baseline with the most epochs goes first
+    assert max(count for _, _, count in events) == 2  # two at a time, never more
+    order = [(kind, name) for kind, name, _ in events]
+    for name in started:
+        setting, job = name.split("/")
+        if job != "baseline":
+            assert order.index(("start", name)) > order.index(("end", f"{setting}/baseline"))
+
+
+def test_a_failed_job_stops_the_queue_and_is_raised(tmp_path, monkeypatch):
+    events = _fake_jobs(monkeypatch, tmp_path, fail="synthetic-steel-unet/none")
+    settings = [bench.Setting("synthetic-steel", tmp_path, "unet", ["uniform-l1", "random"], False)]
+    with pytest.raises(RuntimeError, match="none failed"):
+        bench.train_all(settings, _scheduling_args(tmp_path, jobs=1))
+    started = [name for kind, name, _ in events if kind == "start"]
+    # the control fails; the run the worker had already taken ends, the queued one never starts
+    assert started[:2] == ["synthetic-steel-unet/baseline", "synthetic-steel-unet/none"]
+    assert "synthetic-steel-unet/random" not in started
