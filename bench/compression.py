@@ -129,6 +129,31 @@ def prune(run: Run, checkpoint: Path, out: Path, args: argparse.Namespace,
     return loaded, "python -m core " + shlex.join(command)
 
 
+def first_round(state: dict, target: float) -> tuple[dict, float] | None:
+    """The first round of a run that reaches ``target`` and the run's wall time up to its end."""
+    wall = 0.0
+    for r in state["rounds"]:
+        wall += r["wall_s"]
+        if r["macs_reduction"] >= target - 1e-3:
+            return r, wall
+    return None
+
+
+def recovery_jobs(label: str, state: dict | None, work: Path,
+                  args: argparse.Namespace) -> list[tuple[float, str, Path]]:
+    """``--recover-epochs``: (target, checkpoint, output folder) of the longer fine-tunes of a
+    run's points, or of the control (label ``none``, target 0)."""
+    n = args.recover_epochs
+    if not n:
+        return []
+    if label == "none":
+        return [(0.0, str(work / "none" / "checkpoint"), work / "none" / f"recover-e{n}")]
+    if label not in args.recover_methods or state is None:
+        return []
+    hits = [(t, first_round(state, t)) for t in sorted(args.recover_targets)]
+    return [(t, hit[0]["checkpoint"], work / label / f"recover-{t:g}-e{n}") for t, hit in hits if hit is not None]
+
+
 def planned_rounds(targets: list[float], step: float) -> int:
     """Rounds a run takes through every target (the loop's schedule: a step of the remaining
     MACs, stopping at each milestone): what the control fine-tunes for."""
@@ -163,33 +188,33 @@ def measure(checkpoint: str | Path, test_ds, args: argparse.Namespace) -> dict:
     return point
 
 
-def control(checkpoint: Path, epochs: int, train_ds, val_ds, out: Path,
-            args: argparse.Namespace) -> tuple[Path | None, float]:
-    """The unpruned model fine-tuned as long as a pruning run fine-tunes (cached); the splits are
-    built from the checkpoint when not given."""
+def fine_tune_copy(checkpoint: str | Path, epochs: int, out: Path, args: argparse.Namespace,
+                   splits: dict | None = None, lr: float | None = None) -> tuple[Path | None, float]:
+    """A copy of ``checkpoint`` fine-tuned for ``epochs`` more epochs (cached in ``out``): the
+    control (the unpruned model fine-tuned as long as a pruning run fine-tunes) and the longer
+    fine-tunes of ``--recover-epochs``. The splits are built from the checkpoint when not given."""
     from core.models.checkpoint import load_checkpoint, save_checkpoint
     from core.train import TrainConfig, fine_tune
 
-    done = out / "control.json"
-    if done.is_file() and json.loads(done.read_text())["epochs"] == epochs:
-        return out / "checkpoint", json.loads(done.read_text())["wall_s"]
+    lr = args.finetune_lr if lr is None else lr
+    done = out / "fine_tune.json"
+    if done.is_file() and (saved := json.loads(done.read_text()))["epochs"] == epochs and saved.get("lr", lr) == lr:
+        return out / "checkpoint", saved["wall_s"]
     if args.report_only:
         return None, 0.0
     start = time.perf_counter()
-    if train_ds is None:
-        splits = datasets_for(checkpoint, args)
-        train_ds, val_ds = splits["train"], splits["val"]
+    splits = splits or datasets_for(checkpoint, args)
     loaded = load_checkpoint(checkpoint)
-    config = TrainConfig(epochs=epochs, batch_size=args.batch_size, lr=args.finetune_lr, patience=None,
+    config = TrainConfig(epochs=epochs, batch_size=args.batch_size, lr=lr, patience=None,
                          seed=args.seed, num_threads=args.threads, device=args.device)
-    print(f"  none (control): fine-tuning the unpruned model for {epochs} epoch(s)", flush=True)
-    result = fine_tune(loaded.model, train_ds, val_ds, config, class_names=loaded.spec.classes,
+    print(f"  {out.relative_to(args.work)}: fine-tuning {checkpoint} for {epochs} epoch(s)", flush=True)
+    result = fine_tune(loaded.model, splits["train"], splits["val"], config, class_names=loaded.spec.classes,
                        progress=lambda _: STOPPING.is_set())
     if result.stopped_by_user:
-        raise KeyboardInterrupt("the control was stopped with the benchmark")
+        raise KeyboardInterrupt("the fine-tune was stopped with the benchmark")
     save_checkpoint(out / "checkpoint", loaded.model, loaded.spec, loaded.history)
     wall = time.perf_counter() - start
-    done.write_text(json.dumps({"epochs": epochs, "wall_s": wall}))
+    done.write_text(json.dumps({"epochs": epochs, "lr": lr, "wall_s": wall}))
     return out / "checkpoint", wall
 
 
@@ -237,7 +262,13 @@ def train_all(settings: list[Setting], args: argparse.Namespace) -> None:
 
     STOPPING.clear()
     jobs: dict = {}  # future -> (setting, job name)
-    total = sum(2 + len(runs_for(s.methods, s.ablation)[0]) for s in settings)
+    def count(setting: Setting) -> int:
+        labels = [run.label for run in runs_for(setting.methods, setting.ablation)[0]]
+        if not args.recover_epochs:
+            return 2 + len(labels)
+        return 3 + len(labels) + len(set(labels) & set(args.recover_methods)) * len(args.recover_targets)
+
+    total = sum(count(s) for s in settings)
     with ThreadPoolExecutor(args.jobs) as pool, tqdm(total=total, desc="training jobs", unit="job") as bar:
         def submit(setting: Setting, name: str, fn, *fn_args) -> None:
             jobs[pool.submit(fn, *fn_args)] = (setting, name)
@@ -255,13 +286,19 @@ def train_all(settings: list[Setting], args: argparse.Namespace) -> None:
                         raise future.exception()
                     bar.update()
                     bar.write(f"[{setting.tag(args)}] {name} done")
+                    work = args.work / setting.tag(args)
                     if name == "baseline":
-                        checkpoint, work = future.result()[0], args.work / setting.tag(args)
+                        checkpoint = future.result()[0]
                         epochs = planned_rounds(args.targets, args.step) * args.finetune_epochs
-                        submit(setting, "none", control, checkpoint, epochs, None, None, work / "none", args)
+                        submit(setting, "none", fine_tune_copy, checkpoint, epochs, work / "none", args)
                         for run in runs_for(setting.methods, setting.ablation)[0]:
                             submit(setting, run.label, prune, run, checkpoint, work / run.label, args,
                                    log(setting, run.label))
+                    elif args.recover_epochs and "+" not in name:  # a run or the control: its longer fine-tunes
+                        state = future.result()[0] if name != "none" else None
+                        for target, checkpoint, out in recovery_jobs(name, state, work, args):
+                            submit(setting, f"{name}@{target:g}+{args.recover_epochs}", fine_tune_copy, checkpoint,
+                                   args.recover_epochs, out, args)
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             STOPPING.set()  # Ctrl-C reaches the commands too; the in-process control needs telling
@@ -289,8 +326,8 @@ def benchmark_setting(setting: Setting, args: argparse.Namespace) -> dict:
         if state is not None:
             results[run.label] = state
     rounds = planned_rounds(args.targets, args.step)
-    control_ckpt, control_wall = control(checkpoint, rounds * args.finetune_epochs, splits["train"],
-                                         splits["val"], args.work / tag / "none", args)
+    control_ckpt, control_wall = fine_tune_copy(checkpoint, rounds * args.finetune_epochs, args.work / tag / "none",
+                                                args, splits)
     ctrl = measure(control_ckpt, splits["test"], args) if control_ckpt else None
     reference = max(base["defect_miou"], ctrl["defect_miou"] if ctrl else base["defect_miou"])
     common = {"dataset": fmt, "arch": arch, "size": args.size}
@@ -300,13 +337,8 @@ def benchmark_setting(setting: Setting, args: argparse.Namespace) -> dict:
          "size_bytes": ctrl["size_bytes"], "latency_torch_ms": ctrl["latency_torch_ms"],
          "latency_ort_ms": ctrl["latency_ort_ms"], "wall_s": control_wall}]
     for label, state in results.items():
-        wall = 0.0
-        walked = []
-        for r in state["rounds"]:
-            wall += r["wall_s"]
-            walked.append((r, wall))
         for target in sorted(args.targets):
-            hit = next(((r, w) for r, w in walked if r["macs_reduction"] >= target - 1e-3), None)
+            hit = first_round(state, target)
             if hit is None:
                 continue
             r, w = hit
@@ -318,7 +350,28 @@ def benchmark_setting(setting: Setting, args: argparse.Namespace) -> dict:
                          "wall_s": w})
     return {"tag": tag, "fmt": fmt, "arch": arch, "encoder": args.encoder, "size": args.size, "baseline": baseline, "base": base, "control": ctrl,
             "reference": reference, "rows": rows, "commands": commands, "ablation": ablation_steps,
-            "rounds": rounds, "finished": {label: "result" in state for label, state in results.items()}}
+            "rounds": rounds, "finished": {label: "result" in state for label, state in results.items()},
+            "recovery": recovery(results, rows, base, splits["test"], args.work / tag, args)}
+
+
+def recovery(results: dict, rows: list[dict], base: dict, test_ds, work: Path, args: argparse.Namespace) -> dict | None:
+    """``--recover-epochs``: test defect mIoU of each chosen point (and of the control) before
+    and after the longer fine-tune, drops against the best unpruned model including the control
+    fine-tuned as much longer."""
+    if not args.recover_epochs:
+        return None
+    before = {(r["method"], r["target"]): r for r in rows}
+    points = []
+    for label in ["none", *results]:
+        for target, checkpoint, out in recovery_jobs(label, results.get(label), work, args):
+            done, wall = fine_tune_copy(checkpoint, args.recover_epochs, out, args)
+            if done is not None and (label, target) in before:
+                points.append({**before[(label, target)], "after": measure(done, test_ds, args)["defect_miou"],
+                               "recover_wall_s": wall})
+    control = next((p["after"] for p in points if p["method"] == "none"), None)
+    reference = max([base["defect_miou"], *(r["defect_miou"] for r in rows if r["method"] == "none"),
+                     *([control] if control is not None else [])])
+    return {"epochs": args.recover_epochs, "reference": reference, "points": points}
 
 
 # ------------------------------------------------------------------ report
@@ -347,6 +400,22 @@ def table(setting: dict, targets: list[float]) -> list[str]:
                      f"{fmt_pct(row['macs_reduction'])} | {fmt_pct(row['params_reduction'])} | "
                      f"{row['size_bytes'] / 1e6:.2f} | {row['latency_torch_ms']:.1f} ({fmt_pct(torch_gain)}) | "
                      f"{row['latency_ort_ms']:.1f} ({fmt_pct(ort_gain)}) | {row['wall_s']:.0f} |")
+    return lines + [""]
+
+
+def recovery_table(setting: dict) -> list[str]:
+    rec = setting.get("recovery")
+    if not rec or not rec["points"]:
+        return []
+    lines = [f"Longer fine-tune (`--recover-epochs {rec['epochs']}`: each point below fine-tuned {rec['epochs']} more "
+             f"epoch(s) on the same split; drops against {rec['reference']:.2f}, the best of the baseline, the control "
+             "and the control fine-tuned as much longer):", "",
+             "| method | target | params red. | defect mIoU before | after | drop after | extra wall s |",
+             "|---|---|---|---|---|---|---|"]
+    for p in rec["points"]:
+        lines.append(f"| {p['method']} | {fmt_pct(p['target'])} | {fmt_pct(p['params_reduction'])} | "
+                     f"{p['defect_miou']:.2f} | {p['after']:.2f} | {rec['reference'] - p['after']:+.2f} | "
+                     f"{p['recover_wall_s']:.0f} |")
     return lines + [""]
 
 
@@ -426,7 +495,7 @@ def report(settings: list[dict], skipped: list[str], args: argparse.Namespace, a
                   "per split, to fit the CPU budget; not the paper's protocol.**", ""]
     lines += [f"- skipped: {s}" for s in skipped] + ([""] if skipped else [])
     for setting in settings:
-        lines += table(setting, targets) + ["Findings:", ""] + findings(setting, targets)
+        lines += table(setting, targets) + ["Findings:", ""] + findings(setting, targets) + recovery_table(setting)
         lines += ["Commands:", "", "```", setting["baseline"]["train_cmd"],
                   *setting["commands"].values(), "```", ""]
     lines += ["![frontier](compression_frontier.png)", ""]
@@ -455,6 +524,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--finetune-epochs", type=int, default=1)
     parser.add_argument("--finetune-lr", type=float, default=DEFAULT_FINETUNE_LR,
                         help="learning rate of every fine-tune (pruning rounds and the control)")
+    parser.add_argument("--recover-epochs", type=int, default=0,
+                        help="also fine-tune chosen points and the control this many more epochs (0: off)")
+    parser.add_argument("--recover-targets", nargs="+", type=float, default=[0.8])
+    parser.add_argument("--recover-methods", nargs="+", default=["collaborative", "uniform-l1"])
     parser.add_argument("--scoring-steps", type=int, default=100)
     parser.add_argument("--round-to", type=int, default=1,
                         help="kept channel counts as multiples of this (bench/results/latency.md: 16 speeds CPUs up)")

@@ -20,6 +20,7 @@ def test_compression_benchmark_on_tiny_synthetic_data(tmp_path, capsys):
     argv = ["--datasets", "--format", "synthetic-steel", "--size", "64", "--limit", "8", "--baseline-limit", "8", "--epochs", "1",
             "--methods", "uniform-l1", "--targets", "0.3", "0.5", "--step", "0.3", "--scoring-steps", "2",
             "--latency-runs", "2", "--threads", "1", "--batch-size", "4", "--work", str(tmp_path / "work"),
+            "--recover-epochs", "1", "--recover-targets", "0.5", "--recover-methods", "uniform-l1",
             "--baseline-cache", str(tmp_path / "base"), "--out-dir", str(tmp_path / "out")]
     assert bench.main(argv) == 0
     with open(tmp_path / "out" / "compression.csv") as handle:
@@ -39,6 +40,10 @@ def test_compression_benchmark_on_tiny_synthetic_data(tmp_path, capsys):
     assert "python bench/compression.py --datasets --format synthetic-steel" in report
     assert "| + scoring-network allocation | collaborative |" in report
     assert (tmp_path / "out" / "compression_frontier.png").stat().st_size > 1000
+    # --recover-epochs: the method's 50% point and the control, each fine-tuned once more
+    recovered = report.split("Longer fine-tune (`--recover-epochs 1`")[1].split("\n\n")[1].splitlines()[2:]
+    assert [line.split(" | ")[:2] for line in recovered] == [["| none", "0.0%"], ["| uniform-l1", "50.0%"]]
+    assert (tmp_path / "work" / "synthetic-steel-unet-resnet18-64" / "uniform-l1" / "recover-0.5-e1" / "checkpoint").is_dir()
     capsys.readouterr()
 
     # a rerun prunes nothing again: every run, point and the control come from the cache
@@ -96,7 +101,7 @@ def _scheduling_args(tmp_path, jobs):
     return argparse.Namespace(
         jobs=jobs, work=tmp_path / "work", baseline_cache=tmp_path / "base", encoder="resnet18", size=64, round_to=1,
         finetune_lr=bench.DEFAULT_FINETUNE_LR, targets=[0.5], step=0.5, finetune_epochs=1, seed=0,
-        epochs={None: 1, "synthetic-crack": 3}, baseline_limit=8)
+        epochs={None: 1, "synthetic-crack": 3}, baseline_limit=8, recover_epochs=0)
 
 
 def _fake_jobs(monkeypatch, tmp_path, fail=None):
@@ -120,7 +125,7 @@ def _fake_jobs(monkeypatch, tmp_path, fail=None):
 
     monkeypatch.setattr(bench, "train_baseline", baseline)
     monkeypatch.setattr(bench, "prune", lambda run, ckpt, out, args, log: job(f"{out.parent.name.split('-resnet')[0]}/{run.label}"))
-    monkeypatch.setattr(bench, "control", lambda ckpt, epochs, tr, va, out, args: job(f"{out.parent.name.split('-resnet')[0]}/none"))
+    monkeypatch.setattr(bench, "fine_tune_copy", lambda ckpt, epochs, out, args: job(f"{out.parent.name.split('-resnet')[0]}/none"))
     return events
 
 
