@@ -5,6 +5,7 @@ per method walking through every MACs target, the ablation of the method, and a 
         [--arch unet] [--second-arch fpn --second-arch-dataset neu-seg] [--size 128]
         [--targets 0.5 0.7 0.8 0.9] [--methods ...] [--no-ablation] [--step 0.4]
         [--finetune-epochs 1] [--finetune-lr 0.001] [--scoring-steps 100] [--round-to 1]
+        [--recover-epochs 0 [--recover-targets 0.8] [--recover-methods collaborative uniform-l1]]
         [--epochs 15 magnetic-tile=30] [--baseline-limit 1000] [--limit 500]
         [--jobs 2] [--threads 1] [--device auto]
 
@@ -12,12 +13,15 @@ For each dataset and architecture: the baseline is trained (or reused) by `bench
 cached `python -m core train` (early stopping on validation); every method runs `python -m core
 prune` without the tolerance stop, its rounds landing on each target (`--milestones`), so one
 run traces the whole frontier and nothing is retrained per target; each target's point is the
-first round that reaches it, after its fine-tuning. Baselines, prune runs and controls run
-`--jobs` at a time (each with `--threads` torch threads; a setting's runs start as soon as its
-baseline is trained): on a 2-core CPU two one-thread jobs do about 1.3 times the work of one
-two-thread job. Measuring comes after, one point at a time on the quiet machine. The control row (`none`) fine-tunes the
+first round that reaches it, after its fine-tuning. The control row (`none`) fine-tunes the
 unpruned model for as many epochs as a pruning run spends, and drops are taken against the
-better of the baseline and the control. Test-split accuracy, checkpoint size and batch-1 CPU
+better of the baseline and the control. `--recover-epochs N` also fine-tunes chosen points and
+the control N more epochs, to show how much of a drop is fine-tune budget.
+
+Baselines, prune runs and fine-tunes run `--jobs` at a time (each with `--threads` torch
+threads; a setting's runs start as soon as its baseline is trained): on a 2-core CPU two
+one-thread jobs do about 1.3 times the work of one two-thread job. Measuring comes after, one
+point at a time on the quiet machine. Test-split accuracy, checkpoint size and batch-1 CPU
 latency (torch and ONNX Runtime, one thread, median of 30) are measured per point.
 
 Resumable: prune runs resume from their last finished round (the loop's rounds.json, the same
@@ -189,14 +193,14 @@ def measure(checkpoint: str | Path, test_ds, args: argparse.Namespace) -> dict:
 
 
 def fine_tune_copy(checkpoint: str | Path, epochs: int, out: Path, args: argparse.Namespace,
-                   splits: dict | None = None, lr: float | None = None) -> tuple[Path | None, float]:
+                   splits: dict | None = None) -> tuple[Path | None, float]:
     """A copy of ``checkpoint`` fine-tuned for ``epochs`` more epochs (cached in ``out``): the
     control (the unpruned model fine-tuned as long as a pruning run fine-tunes) and the longer
     fine-tunes of ``--recover-epochs``. The splits are built from the checkpoint when not given."""
     from core.models.checkpoint import load_checkpoint, save_checkpoint
     from core.train import TrainConfig, fine_tune
 
-    lr = args.finetune_lr if lr is None else lr
+    lr = args.finetune_lr
     done = out / "fine_tune.json"
     if done.is_file() and (saved := json.loads(done.read_text()))["epochs"] == epochs and saved.get("lr", lr) == lr:
         return out / "checkpoint", saved["wall_s"]
@@ -260,14 +264,14 @@ def train_all(settings: list[Setting], args: argparse.Namespace) -> None:
     def log(setting: Setting, name: str) -> Path | None:
         return args.work / setting.tag(args) / f"{name}.log" if args.jobs > 1 else None
 
-    STOPPING.clear()
-    jobs: dict = {}  # future -> (setting, job name)
     def count(setting: Setting) -> int:
         labels = [run.label for run in runs_for(setting.methods, setting.ablation)[0]]
         if not args.recover_epochs:
             return 2 + len(labels)
         return 3 + len(labels) + len(set(labels) & set(args.recover_methods)) * len(args.recover_targets)
 
+    STOPPING.clear()
+    jobs: dict = {}  # future -> (setting, job name)
     total = sum(count(s) for s in settings)
     with ThreadPoolExecutor(args.jobs) as pool, tqdm(total=total, desc="training jobs", unit="job") as bar:
         def submit(setting: Setting, name: str, fn, *fn_args) -> None:
