@@ -271,38 +271,38 @@ def train_all(settings: list[Setting], args: argparse.Namespace) -> None:
         return 3 + len(labels) + len(set(labels) & set(args.recover_methods)) * len(args.recover_targets)
 
     STOPPING.clear()
-    jobs: dict = {}  # future -> (setting, job name)
+    jobs: dict = {}  # future -> (setting, job name, kind: baseline, control, run or recovery)
     total = sum(count(s) for s in settings)
     with ThreadPoolExecutor(args.jobs) as pool, tqdm(total=total, desc="training jobs", unit="job") as bar:
-        def submit(setting: Setting, name: str, fn, *fn_args) -> None:
-            jobs[pool.submit(fn, *fn_args)] = (setting, name)
+        def submit(setting: Setting, name: str, kind: str, fn, *fn_args) -> None:
+            jobs[pool.submit(fn, *fn_args)] = (setting, name, kind)
 
         for setting in sorted(settings, key=lambda s: -epochs_for(s.fmt, s.baseline_args(args))):
-            submit(setting, "baseline", train_baseline, setting.fmt, setting.root, setting.baseline_args(args),
+            submit(setting, "baseline", "baseline", train_baseline, setting.fmt, setting.root, setting.baseline_args(args),
                    args.baseline_cache, log(setting, "baseline"))
         try:
             while jobs:
                 done, _ = wait(jobs, return_when=FIRST_COMPLETED)
                 for future in done:
-                    setting, name = jobs.pop(future)
+                    setting, name, kind = jobs.pop(future)
                     if future.exception() is not None:
                         bar.write(f"[{setting.tag(args)}] {name} failed; waiting for the running jobs to end")
                         raise future.exception()
                     bar.update()
                     bar.write(f"[{setting.tag(args)}] {name} done")
                     work = args.work / setting.tag(args)
-                    if name == "baseline":
+                    if kind == "baseline":
                         checkpoint = future.result()[0]
                         epochs = planned_rounds(args.targets, args.step) * args.finetune_epochs
-                        submit(setting, "none", fine_tune_copy, checkpoint, epochs, work / "none", args)
+                        submit(setting, "none", "control", fine_tune_copy, checkpoint, epochs, work / "none", args)
                         for run in runs_for(setting.methods, setting.ablation)[0]:
-                            submit(setting, run.label, prune, run, checkpoint, work / run.label, args,
+                            submit(setting, run.label, "run", prune, run, checkpoint, work / run.label, args,
                                    log(setting, run.label))
-                    elif args.recover_epochs and "+" not in name:  # a run or the control: its longer fine-tunes
-                        state = future.result()[0] if name != "none" else None
+                    elif kind in ("run", "control") and args.recover_epochs:  # its longer fine-tunes
+                        state = future.result()[0] if kind == "run" else None
                         for target, checkpoint, out in recovery_jobs(name, state, work, args):
-                            submit(setting, f"{name}@{target:g}+{args.recover_epochs}", fine_tune_copy, checkpoint,
-                                   args.recover_epochs, out, args)
+                            submit(setting, f"{name}@{target:g}+{args.recover_epochs}", "recovery", fine_tune_copy,
+                                   checkpoint, args.recover_epochs, out, args)
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             STOPPING.set()  # Ctrl-C reaches the commands too; the in-process control needs telling
