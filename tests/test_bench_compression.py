@@ -40,7 +40,7 @@ def test_compression_benchmark_on_tiny_synthetic_data(tmp_path, capsys):
     assert "python bench/compression.py --datasets --format synthetic-steel" in report
     assert "| + scoring-network allocation | collaborative |" in report
     assert (tmp_path / "out" / "compression_frontier.png").stat().st_size > 1000
-    # --recover-epochs: the method's 50% point and the control, each fine-tuned once more
+    # --recover-epochs: uniform-l1's 50% point and the control, each fine-tuned once more
     recovered = report.split("Longer fine-tune (`--recover-epochs 1`")[1].split("\n\n")[1].splitlines()[2:]
     assert [line.split(" | ")[:2] for line in recovered] == [["| none", "0.0%"], ["| uniform-l1", "50.0%"]]
     assert (tmp_path / "work" / "synthetic-steel-unet-resnet18-64" / "uniform-l1" / "recover-0.5-e1" / "checkpoint").is_dir()
