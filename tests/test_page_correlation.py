@@ -30,17 +30,26 @@ def test_without_a_model_the_page_says_what_to_do():
     assert any("No model yet" in info.value for info in page().info)
 
 
-def test_heatmap_bars_and_selections_follow_the_widgets(tiny_model):
+def test_heatmap_bars_and_selections_follow_the_widgets(tiny_model, monkeypatch):
+    import core.importance.inspect as inspect
+
+    measured = []  # the forward passes over calibration images, one entry per call
+    real = inspect.measure_group
+    monkeypatch.setattr(inspect, "measure_group", lambda *a, **k: measured.append(a[2]) or real(*a, **k))
     at = page(tiny_model)
     assert not at.error
     charts = titles(at)
     heat = next(v for k, v in charts.items() if k.startswith("|correlation|"))
     assert heat["data"][0]["type"] == "heatmap"
-    assert any(k.startswith("Combined score S = c(1 - 0.5 s)") for k in charts)
+    scores = next(v for k, v in charts.items() if k.startswith("Combined score S = c(1 - 0.5 s)"))
     at.slider(key="correlation_beta").set_value(1.0).run()
-    assert any(k.startswith("Combined score S = c(1 - 1 s)") for k in titles(at))
+    rescored = next(v for k, v in titles(at).items() if k.startswith("Combined score S = c(1 - 1 s)"))
+    assert [t["y"] for t in rescored["data"]] != [t["y"] for t in scores["data"]]  # S itself changed
+    at.slider(key="correlation_remove").set_value(3).run()
+    assert len(measured) == 1, measured  # beta and the count rescore the cached measurement
     at.selectbox(key="correlation_group").set_value("encoder.layer1.0.conv1").run()
     assert not at.exception and not at.error
+    assert measured[-1] == "encoder.layer1.0.conv1" and len(measured) == 2
     heat = next(v for k, v in titles(at).items() if k.startswith("|correlation|"))
     assert len(heat["data"][0]["x"]) == 64  # that layer's 64 filters
     counts = {m.label: int(m.value) for m in at.metric}

@@ -9,15 +9,32 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from core.data.dataset import SegmentationDataset
-from core.importance.inspect import analyse_group
+from core.importance.inspect import GroupMeasurement, measure_group, score_group
 from core.pruning.loop import calibration_batches
-from ui.state import current_cost_model, current_dataset, dataset_index, error_box, require_model
+from ui.state import current_cost_model, current_dataset, dataset_index, error_box, require_model, weights_mtime
 from ui.widgets import load_style
 
 load_style()
 st.title("Filter correlation")
 st.caption("Filters whose responses correlate can stand in for each other: the method scores a filter by its "
            "contribution (L1) discounted by how replaceable it is, and removes them one at a time.")
+
+# Correlations come from this many training images, in batches of this size, chosen with this seed.
+CALIBRATION = (16, 8, 0)
+
+
+@st.cache_data(show_spinner="Measuring filter correlations on training images...", max_entries=32)
+def measured(path: str, mtime: float, group_name: str, dataset_key: tuple, calibration: tuple,
+             _model, _graph, _index) -> GroupMeasurement:
+    """The forward passes, once per checkpoint version, layer, dataset and calibration
+    setting (the underscored objects are not hashed: the arguments before them name them).
+    Moving beta or the count of filters only rescores this."""
+    count, batch_size, seed = calibration
+    spec = _model.spec
+    train = SegmentationDataset(_index, "train", tuple(spec.input_size), spec.in_channels)
+    batches = [x for x, _ in calibration_batches(train, count, batch_size, seed=seed)]
+    return measure_group(_model.model, _graph, group_name, batches, seed=seed)
+
 
 loaded = require_model()
 graph, _cost = current_cost_model()
@@ -35,10 +52,12 @@ remove = c3.slider("Filters to remove", 1, max(1, channels - 1), max(1, channels
 analysis = None
 with error_box("Measuring correlations"):
     choice = current_dataset()
-    index = dataset_index(choice)
-    train = SegmentationDataset(index, "train", tuple(spec.input_size), spec.in_channels)
-    batches = [x for x, _ in calibration_batches(train, 16, 8, seed=0)]
-    analysis = analyse_group(loaded.model, graph, group_name, batches, beta=beta, remove=remove)
+    index = dataset_index(choice)  # checked on every run: a vanished folder says so
+    path = st.session_state["model"]
+    measurement = measured(path, weights_mtime(path), group_name,
+                           (choice.format, choice.root, choice.seed, choice.options), CALIBRATION,
+                           loaded, graph, index)
+    analysis = score_group(measurement, graph.by_name[group_name], beta=beta, remove=remove)
 if analysis is None:
     st.stop()
 
@@ -73,5 +92,5 @@ m1, m2, m3 = st.columns(3)
 m1.metric("Removed by L1 only", len(set(analysis.removed_l1) - collaborative))
 m2.metric("Removed by the method only", len(collaborative - set(analysis.removed_l1)))
 m3.metric("Removed by both", analysis.overlap)
-st.caption(f"Correlations from 16 training images of {choice.label}; the method recomputes s after each "
-           "removal, so of two filters that duplicate each other it keeps one.")
+st.caption(f"Correlations from {CALIBRATION[0]} training images of {choice.label}; the method recomputes s "
+           "after each removal, so of two filters that duplicate each other it keeps one.")
