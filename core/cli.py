@@ -2,7 +2,8 @@
 
 Each command lives in ``core/commands/<name>.py`` with ``add_parser(subparsers)`` (which sets
 ``func``) so that commands are added without touching each other. Errors a user can act on
-(`DefectPruneError`) print one line and exit 2; bad arguments exit 2 through argparse.
+(`DefectPruneError`) and file-system errors (`OSError`: a folder that cannot be written, a full
+disk) print one line and exit 2; so do bad arguments (`OneLineParser`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from core.errors import DefectPruneError
 COMMAND_MODULES = ["data", "train", "evaluate", "prune", "profile", "export_onnx", "jobs", "worker"]
 
 
-def _number(convert: type, what: str, ok, requirement: str):
+def checked_number(convert: type, what: str, ok, requirement: str):
     """An argparse type: ``convert`` the text, then check it, with a message saying why not."""
 
     def parse(text: str):
@@ -33,23 +34,30 @@ def _number(convert: type, what: str, ok, requirement: str):
     return parse
 
 
-positive_int = _number(int, "a whole number", lambda v: v >= 1, "at least 1")
-non_negative_int = _number(int, "a whole number", lambda v: v >= 0, "0 or more")
-non_negative_float = _number(float, "a number", lambda v: v >= 0, "0 or more")
-fraction = _number(float, "a number", lambda v: 0.0 < v < 1.0, "between 0 and 1 (e.g. 0.8 = 80% fewer)")
+positive_int = checked_number(int, "a whole number", lambda v: v >= 1, "at least 1")
+non_negative_int = checked_number(int, "a whole number", lambda v: v >= 0, "0 or more")
+non_negative_float = checked_number(float, "a number", lambda v: v >= 0, "0 or more")
+fraction = checked_number(float, "a number", lambda v: 0.0 < v < 1.0, "between 0 and 1 (e.g. 0.8 = 80% fewer)")
 
 
 def print_json(payload: Any) -> None:
     print(json.dumps(payload, indent=2, default=str))
 
 
-def add_device_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                        help="where to compute (auto: CUDA when present)")
+def add_device_argument(parser: argparse.ArgumentParser, default: str = "auto",
+                        help: str = "where to compute (auto: CUDA when present)") -> None:
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=default, help=help)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with a one-line error (argparse prints its whole usage block first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m core", description="DefectPrune engine")
+    parser = OneLineParser(prog="python -m core", description="DefectPrune engine")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
         try:
@@ -67,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except DefectPruneError as exc:
+    except (DefectPruneError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

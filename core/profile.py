@@ -10,6 +10,7 @@ machine and the thread count changes the number more than anything else.
 from __future__ import annotations
 
 import contextlib
+import copy
 import statistics
 import sys
 import tempfile
@@ -35,6 +36,8 @@ DEFAULT_RUNS = 20
 DEFAULT_WARMUP = 3
 DEFAULT_THREADS = 1
 DEFAULT_OPSET = 17
+MIN_OPSET = 17  # the oldest opset the product promises (and the default)
+MAX_OPSET = 20  # the newest the TorchScript exporter writes (torch 2.14)
 
 
 class ProfileError(DefectPruneError):
@@ -58,6 +61,7 @@ class LatencyResult:
     runs: int
     warmup: int
     threads: int
+    device: str = "cpu"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -110,7 +114,8 @@ def checkpoint_size_bytes(path: str | Path) -> int:
 
 # ---------------------------------------------------------------- latency
 
-def _summarise(engine: str, times_ms: list[float], warmup: int, threads: int) -> LatencyResult:
+def _summarise(engine: str, times_ms: list[float], warmup: int, threads: int,
+               device: str = "cpu") -> LatencyResult:
     values = np.asarray(times_ms, dtype=float)
     return LatencyResult(
         engine=engine,
@@ -122,6 +127,7 @@ def _summarise(engine: str, times_ms: list[float], warmup: int, threads: int) ->
         runs=len(times_ms),
         warmup=warmup,
         threads=threads,
+        device=device,
     )
 
 
@@ -136,21 +142,30 @@ def _check_timing(runs: int, warmup: int, threads: int) -> None:
 
 def measure_latency(model: nn.Module, input_size: Sequence[int], in_channels: int,
                     runs: int = DEFAULT_RUNS, warmup: int = DEFAULT_WARMUP,
-                    threads: int = DEFAULT_THREADS, progress: bool = False) -> LatencyResult:
-    """PyTorch CPU latency of one image (batch 1), model in eval mode without autograd.
+                    threads: int = DEFAULT_THREADS, progress: bool = False,
+                    device: str | torch.device = "cpu") -> LatencyResult:
+    """PyTorch latency of one image (batch 1) on ``device`` (the CPU unless asked otherwise:
+    the edge target), model in eval mode without autograd.
 
-    The model is timed where it is; pass a CPU model for CPU latency."""
+    A model that lives elsewhere is timed as a copy on ``device``, so a model fine-tuned on a
+    GPU still reports CPU latency; CUDA timings wait for the kernels to finish."""
     _check_timing(runs, warmup, threads)
-    example = _example(input_size, in_channels, model_device(model))
+    device = torch.device(device)
+    if model_device(model) != device:
+        model = copy.deepcopy(model).to(device)
+    example = _example(input_size, in_channels, device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times: list[float] = []
     with eval_mode(model), TorchThreads(threads), torch.inference_mode():
         for _ in range(warmup):
             model(example)
+        sync()
         for _ in tqdm(range(runs), desc="torch latency", disable=None if progress else True, leave=False):
             start = time.perf_counter()
             model(example)
+            sync()
             times.append((time.perf_counter() - start) * 1000.0)
-    return _summarise("torch", times, warmup, threads)
+    return _summarise("torch", times, warmup, threads, str(device))
 
 
 # ---------------------------------------------------------------- ONNX
@@ -164,6 +179,8 @@ def export_onnx(model: nn.Module, path: str | Path, input_size: Sequence[int], i
     on opset 18 and splits weights into a side file. The file is written beside the target and
     renamed into place, so a failed export never leaves a half-written model at ``path``."""
     path = Path(path)
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise OnnxExportError(f"opset {opset} is not supported; choose {MIN_OPSET} to {MAX_OPSET}")
     if path.is_dir():
         raise OnnxExportError(f"{path} is a folder; give a file name such as {path / 'model.onnx'}")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -233,8 +250,10 @@ def measure_onnx_latency(onnx_path: str | Path, input_size: Sequence[int], in_ch
 def profile_model(model: nn.Module, spec: Any, checkpoint_dir: str | Path | None = None,
                   runs: int = DEFAULT_RUNS, warmup: int = DEFAULT_WARMUP,
                   threads: int = DEFAULT_THREADS, input_size: Sequence[int] | None = None,
-                  onnx: bool = True, progress: bool = False) -> dict[str, Any]:
-    """Parameters, MACs (and FLOPs = 2 x MACs), size and batch-1 CPU latency of ``model``.
+                  onnx: bool = True, progress: bool = False,
+                  device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Parameters, MACs (and FLOPs = 2 x MACs), size and batch-1 latency of ``model`` (PyTorch on
+    ``device``, the CPU by default; ONNX Runtime on the CPU).
 
     ``spec`` is the model's `ModelSpec` (input size and channels). ``size_bytes`` is the
     checkpoint folder's size on disk when ``checkpoint_dir`` is given, else the state dict's
@@ -248,7 +267,7 @@ def profile_model(model: nn.Module, spec: Any, checkpoint_dir: str | Path | None
         size_bytes, size_source = checkpoint_size_bytes(checkpoint_dir), "checkpoint"
     else:
         size_bytes, size_source = state_dict_bytes(model), "state_dict"
-    torch_result = measure_latency(model, size, channels, runs, warmup, threads, progress)
+    torch_result = measure_latency(model, size, channels, runs, warmup, threads, progress, device)
     latency = {"torch": torch_result.to_dict()}
     if onnx:
         with tempfile.TemporaryDirectory(prefix="defectprune-onnx-") as folder:

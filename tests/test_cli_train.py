@@ -143,8 +143,17 @@ def test_bad_arguments_are_one_line_errors(trained, tmp_path, capsys):
         assert_one_line_error(in_process(capsys, "evaluate", "--checkpoint", str(out), "--device", "cuda"), "CUDA")
     bad_epochs = in_process(capsys, "train", "--format", "neu-seg", "--root", str(root), "--epochs", "0",
                             "--out", str(tmp_path / "y"))
-    assert bad_epochs.returncode == 2 and "Traceback" not in bad_epochs.stderr
-    assert "must be at least 1" in bad_epochs.stderr
+    assert_one_line_error(bad_epochs, "--epochs", "must be at least 1")
+    assert bad_epochs.returncode == 2
+    assert_one_line_error(in_process(capsys, "export-onnx", "--checkpoint", str(out), "--out",
+                                     str(tmp_path / "m.onnx"), "--opset", "9"), "--opset", "17 to 20")
+    assert_one_line_error(in_process(capsys, "profile", "--checkpoint", str(out), "--threads", "0"), "--threads")
+    # a place that cannot be written (a file stands where the folder should be): one line
+    blocker = tmp_path / "a-file"
+    blocker.write_text("mine")
+    assert_one_line_error(in_process(capsys, "export-onnx", "--checkpoint", str(out), "--out",
+                                     str(blocker / "m.onnx")), "a-file")
+    assert blocker.read_text() == "mine"
 
 
 def test_prediction_cache(trained, tmp_path):

@@ -7,11 +7,13 @@ import argparse
 import sys
 from typing import Any
 
-from core.cli import print_json
+from core.cli import checked_number, print_json
 from core.data.base import parse_size
 from core.models.checkpoint import load_checkpoint
 from core.models.groups import example_input
-from core.profile import DEFAULT_OPSET, export_onnx, onnx_max_abs_diff
+from core.profile import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, export_onnx, onnx_max_abs_diff
+
+opset_number = checked_number(int, "a whole number", lambda v: MIN_OPSET <= v <= MAX_OPSET, f"{MIN_OPSET} to {MAX_OPSET}")
 
 # Float32 logits of the same network in two runtimes differ by rounding only.
 DIFF_WARNING = 1e-3
@@ -22,7 +24,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder")
     parser.add_argument("--out", required=True, help="ONNX file to write")
     parser.add_argument("--size", default=None, help="input size N or HxW (default: the checkpoint's)")
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset")
+    parser.add_argument("--opset", type=opset_number, default=DEFAULT_OPSET,
+                        help=f"ONNX opset ({MIN_OPSET} to {MAX_OPSET})")
     parser.add_argument("--json", action="store_true")
     parser.set_defaults(func=run)
 

@@ -4,12 +4,12 @@ scratch and save it as a checkpoint whose spec remembers the dataset and its val
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from core.atomic import write_json_atomic
 from core.cli import add_device_argument, non_negative_int, positive_int, print_json
 from core.data.base import parse_size
 from core.data.dataset import SegmentationDataset
@@ -117,13 +117,13 @@ def train_from_args(args: argparse.Namespace, progress: ProgressCallback | None 
     spec.metrics = {"split": "val", **(result.best_val or {})}
 
     checkpoint = Path(save_checkpoint(out, model.cpu(), spec))
-    (checkpoint / TRAINING_HISTORY_FILE).write_text(json.dumps({
+    write_json_atomic(checkpoint / TRAINING_HISTORY_FILE, {
         "config": {k: v for k, v in vars(config).items()},
         "dataset": {"format": index.format, "root": str(index.root), "split_seed": args.split_seed, "options": options,
                     "train_images": len(train_ds), "val_images": len(val_ds), "size": list(size)},
         "torch_threads": args.threads or torch.get_num_threads(),
         **{k: v for k, v in result.to_dict().items() if k != "val"},
-    }, indent=2, default=str))
+    }, default=str)
     return {
         "checkpoint": str(checkpoint),
         "epochs_run": result.epochs_run,
