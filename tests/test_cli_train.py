@@ -87,9 +87,10 @@ def test_evaluate_uses_spec_defaults_and_matches_training(trained, tmp_path):
 
 
 def test_evaluate_test_split_and_size(trained, capsys):
-    _root, out, _ = trained
-    proc = in_process(capsys, "evaluate", "--checkpoint", str(out), "--split", "test", "--size", "96x64",
-                      "--threads", "1", "--device", "cpu", "--json")
+    root, out, _ = trained
+    # the documented form, dataset named on the command line
+    proc = in_process(capsys, "evaluate", "--checkpoint", str(out), "--format", "neu-seg", "--root", str(root),
+                      "--split", "test", "--size", "96x64", "--threads", "1", "--device", "cpu", "--json")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["split"] == "test" and result["size"] == [96, 64] and result["images"] == 3
