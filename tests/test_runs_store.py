@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
+import signal
 import sqlite3
 import threading
 import time
@@ -16,11 +18,12 @@ from core.runs import api
 from core.runs.artifacts import atomic_write_bytes, atomic_write_json
 from core.runs.jobs import JobParameterError, params_to_argv, parse_params
 from core.runs.store import (
-    DB_FILE, FAILED, QUEUED, RUNNING, SCHEMA_VERSION, STOPPED, V1_SCHEMA, JobNotFoundError, JobStateError, Store,
-    StoreError,
+    DB_FILE, FAILED, QUEUED, RUNNING, SCHEMA_VERSION, STOPPED, JobNotFoundError, JobNotResumableError, JobStateError,
+    Store, StoreError,
 )
 
 pytestmark = pytest.mark.timeout(120)
+V1_SQL = Path(__file__).parent / "fixtures" / "run_store_v1.sql"  # frozen: not the code's V1_SCHEMA
 
 
 @pytest.fixture
@@ -32,8 +35,7 @@ def make_v1_database(path: Path) -> None:
     """A workspace file exactly as the first release wrote it, with one job and one dataset."""
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path)
-    for statement in V1_SCHEMA:
-        conn.execute(statement)
+    conn.executescript(V1_SQL.read_text())
     conn.execute("INSERT INTO schema_version (version, applied_at, description) VALUES (1, 0, 'v1')")
     conn.execute("INSERT INTO datasets (format, root, split_seed, options_json, created_at) "
                  "VALUES ('neu-seg', '/data/neu', 0, '{}', 1.0)")
@@ -69,6 +71,22 @@ def test_opening_a_v1_database_migrates_it_and_keeps_its_rows(tmp_path):
     again = Store(path)
     assert again.migrate() == 2
     assert [r["version"] for r in again.query("SELECT version FROM schema_version ORDER BY version")] == [1, 2]
+
+
+def schema_of(store: Store) -> dict[str, list[tuple]]:
+    """Every table's and index's columns (name, type, not null, default, key), by name."""
+    objects = store.query("SELECT type, name FROM sqlite_master WHERE name NOT LIKE 'sqlite_%' ORDER BY name")
+    return {f"{o['type']} {o['name']}": [tuple(r)[1:] for r in store.query(
+        f"PRAGMA {'table_info' if o['type'] == 'table' else 'index_info'}({o['name']})")] for o in objects}
+
+
+def test_a_migrated_v1_database_has_the_schema_of_a_new_one(tmp_path):
+    # an edit to the first release's schema in the code (instead of a new migration) makes new
+    # workspaces differ from migrated old ones: this notices it
+    make_v1_database(tmp_path / "old" / DB_FILE)
+    migrated, new = Store(tmp_path / "old" / DB_FILE), Store(tmp_path / "new" / DB_FILE)
+    assert schema_of(migrated) == schema_of(new)
+    assert "table workers" in schema_of(new) and len(schema_of(new)) >= 9
 
 
 def test_a_newer_schema_is_refused(tmp_path):
@@ -114,17 +132,33 @@ def test_stop_a_queued_job_at_once_and_a_running_one_by_request(store):
     assert store.get_job(running).state == STOPPED and store.get_job(running).error is None
 
 
-def test_resume_only_a_failed_or_stopped_job(store):
+def test_resume_only_a_failed_or_stopped_prune_job_which_keeps_its_place(store):
     job_id = store.create_job("prune", {})
+    later = store.create_job("evaluate", {})
     with pytest.raises(JobStateError, match="queued"):
         store.requeue(job_id)
     store.claim_next_job(worker_pid=1)
     store.finish_job(job_id, FAILED, error="boom")
     again = api.resume(job_id, store)
     assert again.state == QUEUED and again.error is None and not again.stop_requested
-    assert store.claim_next_job(worker_pid=1).attempts == 2
+    claimed = store.claim_next_job(worker_pid=1)
+    assert (claimed.id, claimed.attempts) == (job_id, 2)  # before the job submitted after it
+    assert store.claim_next_job(worker_pid=1).id == later
     with pytest.raises(JobNotFoundError):
         api.resume(999, store)
+
+
+@pytest.mark.parametrize("kind", ["train", "score", "evaluate", "export"])
+def test_resume_refuses_the_kinds_that_would_start_over(store, kind):
+    job_id = store.create_job(kind, {})
+    store.claim_next_job(worker_pid=1)
+    store.finish_job(job_id, FAILED, error="boom")
+    with pytest.raises(JobNotResumableError, match=f"job {job_id} is a {kind} job, which cannot be resumed: it would "
+                                                   f"start over .* submit a new {kind} job"):
+        api.resume(job_id, store)
+    job = store.get_job(job_id)
+    assert (job.state, job.error, job.attempts) == (FAILED, "boom", 1)  # untouched
+    assert store.claim_next_job(worker_pid=1) is None
 
 
 def test_a_stale_heartbeat_fails_the_job_with_the_time_it_stopped(store):
@@ -293,16 +327,20 @@ def test_readers_and_writers_beside_a_busy_writer_never_see_a_locked_database(st
 def test_jobs_command_lists_shows_stops_and_resumes(store, capsys):
     from core.cli import main
 
-    job_id = store.create_job("evaluate", {"checkpoint": "/c"})
+    job_id = store.create_job("prune", {"checkpoint": "/c"})
     db = ["jobs", "--db", str(store.path)]
     assert main([*db, "list", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
-    assert [(j["id"], j["kind"], j["state"]) for j in listed] == [(job_id, "evaluate", "queued")]
+    assert [(j["id"], j["kind"], j["state"]) for j in listed] == [(job_id, "prune", "queued")]
     assert main([*db, "stop", str(job_id), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["state"] == "stopped"
     assert main([*db, "resume", str(job_id)]) == 0
     out = capsys.readouterr().out
     assert "queued" in out and "no worker is running" in out
+    evaluate = store.create_job("evaluate", {"checkpoint": "/c"})
+    store.request_stop(evaluate)
+    assert main([*db, "resume", str(evaluate)]) == 2
+    assert "cannot be resumed" in capsys.readouterr().err
     assert main([*db, "show", str(job_id), "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["folder"].endswith(f"runs/{job_id}") and shown["artifacts"] == []
@@ -310,3 +348,15 @@ def test_jobs_command_lists_shows_stops_and_resumes(store, capsys):
     assert capsys.readouterr().err.startswith("error: there is no job 999")
     assert main([*db, "submit", "train", "--params", '{"format": "neu-seg", "epochs": -1}']) == 2
     assert "train job parameters" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- starting a worker
+def test_ensure_worker_starts_one_worker_however_often_the_dashboard_calls_it(store):
+    pid = api.ensure_worker(store, idle_exit=0)
+    try:
+        assert pid and not api.worker_alive(store)  # still starting: it has not taken the lock yet
+        # a dashboard fragment calls it every 2 s; the worker takes seconds to start
+        assert [api.ensure_worker(store) for _ in range(20)] == [None] * 20
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        api._started.pop(store.path)[0].wait(timeout=60)

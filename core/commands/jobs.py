@@ -23,7 +23,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     for name, text in (("show", "one job with its artifacts (and rounds for a prune job)"),
                        ("stop", "stop a queued or running job"),
-                       ("resume", "queue a failed or stopped job again (a prune job continues after its last round)")):
+                       ("resume", "queue a failed or stopped prune job again: it continues after its last finished round "
+                                 "(other kinds cannot resume: submit a new job)")):
         command = jobs_sub.add_parser(name, help=text)
         command.add_argument("job_id", type=int, metavar="ID")
         if name == "resume":

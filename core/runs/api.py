@@ -8,16 +8,21 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
-from core.runs.store import FAILED, RUNS_DIR, STOPPED, JobRecord, JobStateError, Store, default_db_path
+from core.runs.store import RUNS_DIR, JobRecord, Store, default_db_path
 from core.runs.worker import _child_env, default_heartbeat_timeout, worker_running
 
 DEFAULT_IDLE_EXIT = 600.0  # a worker started on demand leaves after 10 idle minutes
+RESPAWN_BACKOFF = 30.0  # seconds before starting another worker after one crashed
 WORKER_LOG = "worker.log"
 
 _stores: dict[Path, Store] = {}
+_started: dict[Path, tuple[subprocess.Popen, float]] = {}  # the worker this process last started, and when
+_start_lock = threading.Lock()
 
 
 def open_store(path: str | Path | None = None) -> Store:
@@ -95,13 +100,10 @@ def stop(job_id: int, store: Store | None = None) -> JobRecord:
 
 
 def resume(job_id: int, store: Store | None = None) -> JobRecord:
-    """Queue a failed or stopped job again under the same id and folder: a prune job
-    continues after its last finished round, other kinds start over."""
-    store = _store(store)
-    job = store.get_job(job_id)
-    if job.state not in (FAILED, STOPPED):
-        raise JobStateError(f"job {job_id} is {job.state}; only a failed or stopped job can be resumed")
-    return store.requeue(job_id, message="queued again (resume)")
+    """Queue a failed or stopped prune job again under the same id and folder: it continues
+    after its last finished round. Other kinds would start over and overwrite their outputs,
+    so they are refused (`JobNotResumableError`): submit a new job instead."""
+    return _store(store).requeue(job_id, message="queued again (resume)")
 
 
 def recover_stale_jobs(store: Store | None = None, heartbeat_timeout: float | None = None) -> list[int]:
@@ -115,28 +117,42 @@ def recover_stale_jobs(store: Store | None = None, heartbeat_timeout: float | No
 
 
 def worker_alive(store: Store | None = None) -> bool:
+    """Whether a worker serves the workspace (one non-blocking lock probe: cheap enough for
+    every rerun of a page)."""
     return worker_running(_store(store))
 
 
 def ensure_worker(store: Store | None = None, idle_exit: float | None = DEFAULT_IDLE_EXIT,
                   extra_args: list[str] | None = None) -> int | None:
     """Start ``python -m core worker`` in the background unless one is running; returns the
-    new worker's pid (None when one was already running). The worker outlives the caller
-    (its own session) and leaves after ``idle_exit`` idle seconds."""
+    new worker's pid (None when one was already running or starting). The worker outlives
+    the caller (its own session) and leaves after ``idle_exit`` idle seconds.
+
+    Safe to call every few seconds (a dashboard fragment does): a worker this process started
+    counts as running while it is alive, although it takes a few seconds to import and take
+    the workspace lock, so no second one is spawned meanwhile; one that has ended is reaped."""
     store = _store(store)
-    if worker_running(store):
-        return None
-    recover_stale_jobs(store)
-    folder = store.workspace / RUNS_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "core", "worker", "--db", str(store.path)]
-    if idle_exit is not None:
-        command += ["--idle-exit", str(idle_exit)]
-    command += list(extra_args or [])
-    with open(folder / WORKER_LOG, "ab") as log:
-        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                   env=_child_env(store), start_new_session=True, cwd=os.getcwd())
-    return process.pid
+    with _start_lock:  # Streamlit sessions are threads of one process
+        started = _started.get(store.path)
+        if started is not None:
+            process, when = started
+            code = process.poll()
+            if code is None or (code != 0 and time.monotonic() - when < RESPAWN_BACKOFF):
+                return None  # still starting, or it crashed just now: not one every call (see worker.log)
+        if worker_running(store):
+            return None
+        recover_stale_jobs(store)
+        folder = store.workspace / RUNS_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, "-m", "core", "worker", "--db", str(store.path)]
+        if idle_exit is not None:
+            command += ["--idle-exit", str(idle_exit)]
+        command += list(extra_args or [])
+        with open(folder / WORKER_LOG, "ab") as log:
+            process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                       env=_child_env(store), start_new_session=True, cwd=os.getcwd())
+        _started[store.path] = (process, time.monotonic())
+        return process.pid
 
 
 def list_models(store: Store | None = None) -> list[dict[str, Any]]:

@@ -541,15 +541,15 @@ def run_export(ctx: JobContext) -> dict[str, Any]:
 class JobKind:
     run: Callable[[JobContext], dict[str, Any]]
     description: str
-    resumable: bool  # resuming continues where it stopped (others start again)
 
 
+# which kinds can be resumed is `core.runs.store.RESUMABLE_KINDS` (the store refuses the others)
 KINDS: dict[str, JobKind] = {
-    "train": JobKind(run_train, "train a model from scratch and save a checkpoint", False),
-    "score": JobKind(run_score, "filter scores and the method's allocation, nothing cut", False),
-    "prune": JobKind(run_prune, "iterative prune-retrain; resumes after its last finished round", True),
-    "evaluate": JobKind(run_evaluate, "metrics and per-image table of a checkpoint on a split", False),
-    "export": JobKind(run_export, "ONNX export checked with ONNX Runtime, and the profile", False),
+    "train": JobKind(run_train, "train a model from scratch and save a checkpoint"),
+    "score": JobKind(run_score, "filter scores and the method's allocation, nothing cut"),
+    "prune": JobKind(run_prune, "iterative prune-retrain; resumes after its last finished round"),
+    "evaluate": JobKind(run_evaluate, "metrics and per-image table of a checkpoint on a split"),
+    "export": JobKind(run_export, "ONNX export checked with ONNX Runtime, and the profile"),
 }
 
 

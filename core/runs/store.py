@@ -39,6 +39,9 @@ RUNS_DIR = "runs"
 BUSY_TIMEOUT_MS = 30_000
 
 JOB_KINDS = ("train", "score", "prune", "evaluate", "export")
+# kinds that continue where they stopped when resumed (a prune run after its last finished
+# round); the others would start over in the same folder and overwrite what they wrote
+RESUMABLE_KINDS = ("prune",)
 QUEUED, RUNNING, SUCCEEDED, FAILED, STOPPED = "queued", "running", "succeeded", "failed", "stopped"
 JOB_STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, STOPPED)
 FINAL_STATES = (SUCCEEDED, FAILED, STOPPED)
@@ -54,6 +57,17 @@ class JobNotFoundError(DefectPruneError):
 
 class JobStateError(DefectPruneError):
     """The job is not in a state that allows what was asked (e.g. resume a running job)."""
+
+
+class JobNotResumableError(JobStateError):
+    """Resume was asked for a kind of job that cannot continue where it stopped."""
+
+
+def retry_advice(kind: str, job_id: int) -> str:
+    """What to do after a job of ``kind`` failed for a reason the user can fix."""
+    if kind in RESUMABLE_KINDS:
+        return f"resume the job (`python -m core jobs resume {job_id}`); it continues after its last finished round"
+    return f"submit a new {kind} job (its parameters: `python -m core jobs show {job_id}`)"
 
 
 # ---------------------------------------------------------------- schema and migrations
@@ -400,9 +414,9 @@ class Store:
             row = conn.execute(
                 "UPDATE jobs SET state = ?, started_at = ?, heartbeat_at = ?, finished_at = NULL, worker_pid = ?, "
                 "pid = NULL, attempts = attempts + 1, message = 'starting', error = NULL "
-                "WHERE id = (SELECT id FROM jobs WHERE state = ? ORDER BY id LIMIT 1) AND state = ? RETURNING id",
+                "WHERE id = (SELECT id FROM jobs WHERE state = ? ORDER BY id LIMIT 1) AND state = ? RETURNING *",
                 (RUNNING, now, now, worker_pid, QUEUED, QUEUED)).fetchone()
-        return self.get_job(row[0]) if row else None
+        return _job(row) if row else None  # from the claim itself: no read after it that could fail
 
     def set_job_pid(self, job_id: int, pid: int) -> None:
         with self.write() as conn:
@@ -463,15 +477,20 @@ class Store:
         return self.get_job(job_id)
 
     def requeue(self, job_id: int, message: str = "queued again (resume)") -> JobRecord:
-        """Put a failed or stopped job back at the end of the queue, keeping its outputs."""
+        """Queue a failed or stopped job of a resumable kind again, keeping its id, folder and
+        outputs. The queue is ordered by id, so it runs before the jobs submitted after it
+        first was (it keeps its place rather than going to the end)."""
         with self.write() as conn:
-            row = conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            row = conn.execute("SELECT state, kind FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
                 raise JobNotFoundError(f"there is no job {job_id} in {self.path}")
+            if row["kind"] not in RESUMABLE_KINDS:
+                raise JobNotResumableError(
+                    f"job {job_id} is a {row['kind']} job, which cannot be resumed: it would start over in the "
+                    f"same folder and overwrite its outputs (only {', '.join(RESUMABLE_KINDS)} jobs continue "
+                    f"where they stopped); {retry_advice(row['kind'], job_id)} instead")
             if row["state"] not in (FAILED, STOPPED):
                 raise JobStateError(f"job {job_id} is {row['state']}; only a failed or stopped job can be resumed")
-            # the same id keeps the job's folder (a prune run continues from its rounds); the
-            # claim order is by id, so a resumed job runs before jobs submitted after it
             conn.execute("UPDATE jobs SET state = ?, message = ?, error = NULL, stop_requested = 0, "
                          "stop_requested_at = NULL, finished_at = NULL, eta_seconds = NULL, pid = NULL, "
                          "worker_pid = NULL WHERE id = ?", (QUEUED, message, job_id))
