@@ -13,7 +13,7 @@ from core.data.base import (
     CorruptImageError, DatasetRootMissingError, InvalidOptionError, MaskSizeMismatchError,
     MaskValueError, MissingMaskError, NoImagesFoundError, read_image,
 )
-from core.data.registry import load_index
+from core.data.registry import format_module, load_index
 from core.errors import DefectPruneError
 from test_data_formats import (
     make_crackforest, make_folder, make_kolektorsdd, make_magnetic_tile, make_mvtec, make_neu_seg,
@@ -66,6 +66,9 @@ def test_empty_folder(tmp_path: Path, format_name: str) -> None:
     with pytest.raises(NoImagesFoundError) as info:
         load(format_name, root)
     assert str(root) in str(info.value)
+    # the fix, not a vague hint (MVTec says which of its two layouts it looked for)
+    hint = {"mvtec": "<category>/test/<defect>/"}.get(format_name, f"it should hold {format_module(format_name).LAYOUT}")
+    assert hint in str(info.value)
 
 
 def test_folder_without_its_masks_folder(tmp_path: Path) -> None:
@@ -245,6 +248,12 @@ def test_unknown_option_is_refused(tmp_path: Path, format_name: str) -> None:
     root = MAKERS[format_name](tmp_path / "data")
     with pytest.raises(InvalidOptionError, match="no option categroy"):
         load(format_name, root, categroy="bottle")
+
+
+def test_unknown_option_of_a_synthetic_family_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(InvalidOptionError, match="synthetic-steel has no option num_imags; its options: num_images"):
+        load_index("synthetic-steel", tmp_path, num_imags=10)
+    assert not any(tmp_path.iterdir())  # refused before generating anything
 
 
 def test_mvtec_category_choice(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 import pytest
 import scipy.io
+import torch
 
 from core.data.registry import FORMAT_MODULES, load_index
 
@@ -177,6 +178,27 @@ def test_default_sizes_follow_the_aspect_of_each_dataset() -> None:
 
 
 # ---------------------------------------------------------------- magnetic tile
+def test_neu_seg_official_split_and_class_ids(tmp_path: Path) -> None:
+    root = make_neu_seg(tmp_path / "neu")  # 4 train, 2 val, 2 test; image n holds class 1 + n % 3
+    before = snapshot(root)
+    index = load_index("neu-seg", root, seed=0)
+    assert snapshot(root) == before
+    assert index.classes == ["background", "inclusion", "patches", "scratches"]
+    # the published split, whatever the seed (no seeded re-split)
+    assert index.split_counts() == {"train": 4, "val": 2, "test": 2}
+    for seed in (1, 7):
+        assert list(load_index("neu-seg", root, seed=seed).samples["split"]) == list(index.samples["split"])
+    for _, row in index.samples.iterrows():
+        split = Path(row["image"]).parent.name
+        assert row["split"] == split and Path(row["mask"]) == root / "ann_dir" / split / f"{Path(row['image']).stem}.png"
+        expected = 1 + int(Path(row["image"]).stem) % 3
+        mask = index.mask_of(row)
+        assert set(np.unique(mask)) == {0, expected}  # class ids read as stored, background 0
+        assert int((mask == expected).sum()) == 15 * 15
+    assert index.images_per_class() == {"background": 8, "inclusion": 3, "patches": 3, "scratches": 2}
+    assert index.native_channels == 1
+
+
 def test_magnetic_tile_classes_counts_and_threshold(tmp_path: Path) -> None:
     root = make_magnetic_tile(tmp_path / "mt")
     (root / "MT_Crack" / "Imgs" / "Thumbs.db").write_bytes(b"not an image")
@@ -367,6 +389,8 @@ def test_real_neu_seg() -> None:
     assert index.split_counts() == {"train": 3129, "val": 894, "test": 447}
     test = index.split("test")
     assert len(test) == 447
+    present = {c for classes in test["classes"] for c in classes if c}
+    assert present == {1, 2, 3}  # inclusion, patches and scratches all occur in the test split
     # every image shows a defect; 927 of them show two or three classes (the README's "one
     # defect class each" is the image-level label of the NEU classification set)
     defects = index.samples["classes"].map(lambda cls: len([c for c in cls if c]))
@@ -410,3 +434,32 @@ def test_new_formats_feed_the_segmentation_dataset(tmp_path: Path) -> None:
     good = SegmentationDataset(mvtec, "train", size=(64, 64))
     masks = [good[i][1] for i in range(len(good))]
     assert any(int(m.sum()) == 0 for m in masks) and any(int(m.sum()) > 0 for m in masks)
+
+
+def test_segmentation_dataset_channels_masks_and_seeded_augmentation(tmp_path: Path) -> None:
+    from core.data.dataset import SegmentationDataset
+
+    index = load_index("neu-seg", make_neu_seg(tmp_path / "neu"))
+    grey3 = SegmentationDataset(index, "train", size=(64, 96), in_channels=3)
+    grey1 = SegmentationDataset(index, "train", size=(64, 96), in_channels=1)
+    scratches = next(i for i, classes in enumerate(grey3.samples["classes"]) if 3 in classes)
+    image3, mask = grey3[scratches]
+    image1, _ = grey1[scratches]
+    assert image3.dtype == torch.float32 and tuple(image3.shape) == (3, 64, 96)
+    assert tuple(image1.shape) == (1, 64, 96)
+    torch.testing.assert_close(image3, image1.expand(3, -1, -1))  # grey repeated, not three different channels
+    # nearest neighbour: the 40 px mask stretched to 64x96 keeps exactly {0, 3}; a smoothing
+    # resize would leave 1s and 2s (other classes) along the edges
+    assert mask.dtype == torch.int64 and set(mask.unique().tolist()) == {0, 3}
+
+    augmented = SegmentationDataset(index, "train", size=(64, 64), augment=True, seed=3)
+    same = SegmentationDataset(index, "train", size=(64, 64), augment=True, seed=3)
+    other = SegmentationDataset(index, "train", size=(64, 64), augment=True, seed=4)
+    pairs = [augmented[i] for i in range(len(augmented))]
+    for i, (image, mask) in enumerate(pairs):
+        again = same[i]
+        torch.testing.assert_close(image, again[0])
+        assert torch.equal(mask, again[1])
+    assert any(not torch.equal(image, other[i][0]) for i, (image, _) in enumerate(pairs))  # the seed matters
+    augmented.set_epoch(1)
+    assert any(not torch.equal(image, augmented[i][0]) for i, (image, _) in enumerate(pairs))  # and the epoch

@@ -328,6 +328,7 @@ def build_index(
     ratios: tuple[float, float, float] = (0.7, 0.15, 0.15),
     skipped: Sequence[dict] = (),
     require_masks: bool = False,
+    layout: str = "",
 ) -> DatasetIndex:
     """Read every image and mask once, validate, compute per-class pixels, assign splits.
 
@@ -337,8 +338,9 @@ def build_index(
     (missing mask, size mismatch, values outside the class map) raises its own named error
     naming the file."""
     if not records:
+        expected = f"it should hold {layout}" if layout else "check the folder layout"
         raise NoImagesFoundError(
-            f"no images found under {root} for format {format_name}; check the folder layout "
+            f"no images found under {root} for format {format_name}; {expected} "
             "(see the README's dataset formats)"
         )
     if require_masks:

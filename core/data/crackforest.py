@@ -28,6 +28,7 @@ from core.data.base import (
 FORMAT = "crackforest"
 CLASSES = ["background", "crack"]
 DEFAULT_SIZE = (128, 192)  # the images are 480 wide by 320 high
+LAYOUT = "image/ and groundTruth/"  # what --root must hold
 STRUCT = "groundTruth"
 FIELD = "Segmentation"
 GT_VALUES = {1: 0, 2: 1}  # CrackForest's Segmentation value -> class id
@@ -78,7 +79,7 @@ def read_ground_truth(path: str | None, label: int, shape: tuple[int, int]) -> n
 
 def build(root: Path, seed: int = 0, **options) -> DatasetIndex:
     reject_options(FORMAT, options)
-    root = require_root(root, "image/ and groundTruth/")
+    root = require_root(root, LAYOUT)
     image_dir, truth_dir = root / "image", root / "groundTruth"
     records: list[SampleRecord] = []
     skipped: list[dict] = []
@@ -106,5 +107,5 @@ def build(root: Path, seed: int = 0, **options) -> DatasetIndex:
         )
     return build_index(
         FORMAT, root, CLASSES, records, read_ground_truth, DEFAULT_SIZE,
-        native_channels=3, seed=seed, skipped=skipped,
+        native_channels=3, seed=seed, skipped=skipped, layout=LAYOUT,
     )

@@ -33,6 +33,7 @@ from core.data.base import (
 FORMAT = "folder"
 CLASSES = ["background", "defect"]  # the default class map; `class_names` replaces it
 DEFAULT_SIZE = (256, 256)  # the index's default keeps the first image's aspect ratio
+LAYOUT = "images/ and masks/ (or pass options images= and masks=)"  # what --root must hold
 MASK_PRIORITY = (".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg")  # lossless first
 
 
@@ -157,7 +158,7 @@ def build(
     **options,
 ) -> DatasetIndex:
     reject_options(FORMAT, options, ["images", "masks", "class_names", "colours", "threshold"])
-    root = require_root(root, "images/ and masks/ (or pass options images= and masks=)")
+    root = require_root(root, LAYOUT)
     names, parsed = _check_options(class_names, colours, threshold)
     image_dir, mask_dir = _folder(root, images, "images"), _folder(root, masks, "masks")
     for what, folder, option in (("images", image_dir, "images"), ("masks", mask_dir, "masks")):
@@ -197,7 +198,7 @@ def build(
         reader = values_reader(names)
     index = build_index(
         FORMAT, root, names, records, reader, DEFAULT_SIZE, native_channels=3, seed=seed,
-        skipped=skipped, require_masks=True,
+        skipped=skipped, require_masks=True, layout=LAYOUT,
     )
     height, width, channels = probe_image(index.samples["image"].iloc[0])
     index.native_channels = channels

@@ -22,13 +22,14 @@ from core.data.base import (
 FORMAT = "kolektorsdd"
 CLASSES = ["background", "crack"]
 DEFAULT_SIZE = (320, 128)  # the parts are about 2.5 times taller than wide
+LAYOUT = "the kosNN folders (kos01 ... kos50)"  # what --root must hold
 LABEL_SUFFIX = "_label"
 LABEL_EXTENSION = ".bmp"
 
 
 def build(root: Path, seed: int = 0, **options) -> DatasetIndex:
     reject_options(FORMAT, options)
-    root = require_root(root, "the kosNN folders (kos01 ... kos50)")
+    root = require_root(root, LAYOUT)
     records: list[SampleRecord] = []
     skipped: list[dict] = []
     for other in sorted(p for p in root.iterdir() if p.is_file()):
@@ -55,5 +56,5 @@ def build(root: Path, seed: int = 0, **options) -> DatasetIndex:
                 warn_skipped(path, "not an image", skipped)
     return build_index(
         FORMAT, root, CLASSES, records, binary_mask_reader(1), DEFAULT_SIZE,
-        native_channels=1, seed=seed, skipped=skipped, require_masks=True,
+        native_channels=1, seed=seed, skipped=skipped, require_masks=True, layout=LAYOUT,
     )

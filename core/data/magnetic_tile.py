@@ -24,6 +24,7 @@ from core.data.base import (
 FORMAT = "magnetic-tile"
 CLASSES = ["background", "blowhole", "break", "crack", "fray", "uneven"]
 DEFAULT_SIZE = (256, 256)
+LAYOUT = "the MT_<Class> folders (MT_Blowhole, ..., MT_Free)"  # what --root must hold
 THRESHOLD = 128  # masks are anti-aliased: the annotated region is where they reach half scale
 FREE_FOLDER = "MT_Free"
 IMAGE_SUFFIX = ".jpg"
@@ -41,7 +42,7 @@ def folder_label(name: str) -> int | None:
 
 def build(root: Path, seed: int = 0, **options) -> DatasetIndex:
     reject_options(FORMAT, options)
-    root = require_root(root, "the MT_<Class> folders (MT_Blowhole, ..., MT_Free)")
+    root = require_root(root, LAYOUT)
     records: list[SampleRecord] = []
     skipped: list[dict] = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
@@ -73,7 +74,7 @@ def build(root: Path, seed: int = 0, **options) -> DatasetIndex:
                 warn_skipped(path, "not an image", skipped)
     index = build_index(
         FORMAT, root, CLASSES, records, binary_mask_reader(THRESHOLD), DEFAULT_SIZE,
-        native_channels=1, seed=seed, skipped=skipped, require_masks=True,
+        native_channels=1, seed=seed, skipped=skipped, require_masks=True, layout=LAYOUT,
     )
     empty = index.samples[(index.samples["label"] > 0) & (index.samples["classes"].map(max) == 0)]
     for image in empty["image"]:

@@ -29,6 +29,7 @@ from core.data.base import (
 FORMAT = "mvtec"
 CLASSES = ["background"]  # then the category's defect folders, sorted: see `category_classes`
 DEFAULT_SIZE = (256, 256)  # MVTec images are square; a category of other shape keeps its aspect
+LAYOUT = "an MVTec AD category (bottle/, carpet/, ...) or the categories"  # what --root must hold
 GOOD = "good"
 MASK_SUFFIX = "_mask"
 THRESHOLD = 128
@@ -83,7 +84,7 @@ def _images(folder: Path, skipped: list[dict]) -> list[Path]:
 
 def build(root: Path, seed: int = 0, category: str | None = None, **options) -> DatasetIndex:
     reject_options(FORMAT, options, ["category"])
-    root = require_root(root, "an MVTec AD category (bottle/, carpet/, ...) or the categories")
+    root = require_root(root, LAYOUT)
     folder = category_folder(root, str(category) if category is not None else None)
     classes = category_classes(folder)
     records: list[SampleRecord] = []
@@ -116,7 +117,7 @@ def build(root: Path, seed: int = 0, category: str | None = None, **options) -> 
                     warn_skipped(mask, f"mask without its image test/{sub.name}/{stem}.png", skipped)
     index = build_index(
         FORMAT, folder, classes, records, binary_mask_reader(THRESHOLD), DEFAULT_SIZE,
-        native_channels=3, seed=seed, skipped=skipped,
+        native_channels=3, seed=seed, skipped=skipped, layout=LAYOUT,
     )
     height, width, channels = probe_image(index.samples["image"].iloc[0])
     index.native_channels = channels

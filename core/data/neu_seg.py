@@ -22,11 +22,12 @@ from core.data.base import (
 FORMAT = "neu-seg"
 CLASSES = ["background", "inclusion", "patches", "scratches"]
 DEFAULT_SIZE = (128, 128)
+LAYOUT = "img_dir/ and ann_dir/"  # what --root must hold
 
 
 def build(root: Path, seed: int = 0, **options) -> DatasetIndex:
     reject_options(FORMAT, options)
-    root = require_root(root, "img_dir/ and ann_dir/")
+    root = require_root(root, LAYOUT)
     records, skipped = [], []
     for split in SPLITS:
         image_dir, mask_dir = root / "img_dir" / split, root / "ann_dir" / split
@@ -45,5 +46,5 @@ def build(root: Path, seed: int = 0, **options) -> DatasetIndex:
                 warn_skipped(other, "not an image", skipped)
     return build_index(
         FORMAT, root, CLASSES, records, index_mask_reader, DEFAULT_SIZE,
-        native_channels=1, seed=seed, skipped=skipped,
+        native_channels=1, seed=seed, skipped=skipped, layout=LAYOUT,
     )

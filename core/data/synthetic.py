@@ -44,7 +44,7 @@ import numpy as np
 
 from core import config
 from core.data.base import (
-    DatasetError, DatasetIndex, SampleRecord, UnknownFormatError, build_index, index_mask_reader,
+    DatasetError, DatasetIndex, SampleRecord, UnknownFormatError, build_index, index_mask_reader, reject_options,
 )
 
 FORMAT_PREFIX = "synthetic-"
@@ -661,13 +661,14 @@ def ensure_generated(
 
 def build(
     root: str | Path | None = None, seed: int = 0, family: str = "steel",
-    num_images: int = DEFAULT_NUM_IMAGES, image_size: int = DEFAULT_IMAGE_SIZE, **_options,
+    num_images: int = DEFAULT_NUM_IMAGES, image_size: int = DEFAULT_IMAGE_SIZE, **options,
 ) -> DatasetIndex:
     """Generate (or reuse) a synthetic family in the cache and index it.
 
     The seed picks both the images and the 70/15/15 split; `root` None means the workspace's
     synthetic cache (`core.config.synthetic_cache_dir`)."""
     classes = _check_family(family)
+    reject_options(FORMAT_PREFIX + family, options, ["num_images", "image_size"])
     count, size = _validate_options(num_images, image_size)
     folder = ensure_generated(root, family, count, size, seed)
     records = []
