@@ -16,6 +16,7 @@ from core.models.checkpoint import load_checkpoint
 from core.models.zoo import ModelSpec
 from core.predictions import cached_predictions
 from core.profile import profile_model
+from core.visual import diff_masks
 
 
 @dataclass
@@ -81,6 +82,22 @@ def compare_models(before: str | Path, after: str | Path, dataset: Dataset, clas
     return Comparison(class_names=list(class_names), truth=truth, before=masks_before, after=masks_after,
                       per_image=per_image, per_class=per_class, metrics_before=metrics_before,
                       metrics_after=metrics_after)
+
+
+ALL_CLASSES = "all classes"
+
+
+def pixel_changes(truth: np.ndarray, before: np.ndarray, after: np.ndarray, class_names: list[str]) -> pd.DataFrame:
+    """Pixels of one image gained and lost by the second model: a first row over all classes
+    (predicted class = true class), then one row per defect class (membership of that class
+    alone, as `diff_masks` defines it). Columns: class, gained, lost, net."""
+    rows = []
+    for name, class_id in [(ALL_CLASSES, None)] + [(c, i) for i, c in enumerate(class_names) if i > 0]:
+        gained, lost = diff_masks(truth, before, after, class_id)
+        rows.append({"class": name, "gained": int(gained.sum()), "lost": int(lost.sum())})
+    frame = pd.DataFrame(rows, columns=["class", "gained", "lost"])
+    frame["net"] = frame["gained"] - frame["lost"]
+    return frame
 
 
 def cost_row(checkpoint: str | Path, runs: int = 10, threads: int = 1) -> dict:

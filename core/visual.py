@@ -52,12 +52,28 @@ def overlay_mask(image: np.ndarray, mask: np.ndarray, alpha: float = 0.45, outli
     return out.clip(0, 255).astype(np.uint8)
 
 
-def diff_overlay(image: np.ndarray, truth: np.ndarray, before: np.ndarray, after: np.ndarray) -> np.ndarray:
-    """Where a change of model changed correctness: green = pixels the second model gets
-    right that the first got wrong (gained), red = pixels it lost."""
+def diff_masks(truth: np.ndarray, before: np.ndarray, after: np.ndarray,
+               class_id: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels whose correctness a change of model changed: (gained, lost) boolean masks.
+
+    Without ``class_id`` a pixel is right when its predicted class is its true class. With
+    ``class_id`` only that class counts: a pixel is right when prediction and truth agree on
+    whether it belongs to the class, so a false alarm the second model drops is gained just
+    like a defect pixel it finds (the pixels that move that class's IoU)."""
+    if class_id is None:
+        right_before, right_after = before == truth, after == truth
+    else:
+        inside = truth == class_id
+        right_before, right_after = (before == class_id) == inside, (after == class_id) == inside
+    return right_after & ~right_before, right_before & ~right_after
+
+
+def diff_overlay(image: np.ndarray, truth: np.ndarray, before: np.ndarray, after: np.ndarray,
+                 class_id: int | None = None) -> np.ndarray:
+    """The image dimmed, green where the second model is right and the first was wrong
+    (gained), red where it lost; over all classes, or for ``class_id`` alone (`diff_masks`)."""
     rgb = to_rgb(image).astype(np.float32) * 0.6
-    gained = (after == truth) & (before != truth)
-    lost = (after != truth) & (before == truth)
+    gained, lost = diff_masks(truth, before, after, class_id)
     rgb[gained] = (46, 204, 113)
     rgb[lost] = (231, 76, 60)
     return rgb.clip(0, 255).astype(np.uint8)
