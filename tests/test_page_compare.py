@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from core.models.checkpoint import save_checkpoint
 from core.models.zoo import ModelSpec, build_model
 from core.pruning.methods import resolve_method
 from core.pruning.step import prune_step
+from core.visual import class_colour_hex
 
 TIMEOUT = 300
 CLASSES = ["background", "scratch", "inclusion", "patch"]
@@ -38,16 +40,33 @@ def test_with_one_model_the_page_says_what_to_do():
     assert any("needs two models" in info.value for info in at.info)
 
 
-def test_two_models_are_compared_with_cost_and_downloads(tmp_path):
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory) -> tuple[str, str]:
+    """An untrained 64 px baseline and a copy pruned by half (no fine-tuning)."""
+    folder = tmp_path_factory.mktemp("pair")
     torch.manual_seed(0)
     spec = ModelSpec(classes=CLASSES, input_size=(64, 64), in_channels=1, dataset_format="synthetic-steel")
     model = build_model(spec).eval()
-    before = save_checkpoint(tmp_path / "before", model, spec)
+    before = save_checkpoint(folder / "before", model, spec)
     batches = [(torch.randn(2, 1, 64, 64), torch.randint(0, 4, (2, 64, 64)))]
     step = prune_step(model, (64, 64), 1, resolve_method("uniform-l1"), 0.5, batches, CLASSES)
-    after = save_checkpoint(tmp_path / "after", model, spec, step.history)
+    after = save_checkpoint(folder / "after", model, spec, step.history)
+    return str(before), str(after)
+
+
+def charts(at: AppTest) -> dict[str, dict]:
+    return {json.loads(c.proto.spec)["layout"]["title"]["text"]: json.loads(c.proto.spec)
+            for c in at.get("plotly_chart")}
+
+
+def chart(at: AppTest, prefix: str) -> dict:
+    return next(spec for title, spec in charts(at).items() if title.startswith(prefix))
+
+
+def test_two_models_are_compared_with_cost_and_downloads(pair):
+    before, after = pair
     at = page()
-    at.session_state["model"] = str(before)
+    at.session_state["model"] = before
     at.run()
     assert any("needs two models" in info.value for info in at.info)  # one model is not a comparison
     from core.runs import api
@@ -56,7 +75,7 @@ def test_two_models_are_compared_with_cost_and_downloads(tmp_path):
     store.register_model(after, arch="unet", encoder="resnet18", pruned=True)
     at.run()
     assert not at.exception and not at.error, at.error
-    titles = [json.loads(c.proto.spec)["layout"]["title"]["text"] for c in at.get("plotly_chart")]
+    titles = list(charts(at))
     assert any(t.startswith("IoU per defect class") for t in titles)
     assert any(t.startswith("Image ") for t in titles)
     cost = at.table[0].value
@@ -64,6 +83,77 @@ def test_two_models_are_compared_with_cost_and_downloads(tmp_path):
     assert cost["MACs (M)"].iloc[1] < cost["MACs (M)"].iloc[0]
     assert (cost["ONNX Runtime ms"] > 0).all()
     assert len(at.get("download_button")) == 3
+
+
+def test_bars_and_masks_use_the_class_colours_and_follow_the_widgets(pair):
+    before, after = pair
+    at = two_models_page(before, after)
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    bars = chart(at, "IoU per defect class")
+    colours = [class_colour_hex(i) for i in range(1, len(CLASSES))]
+    assert [t["marker"]["color"] for t in bars["data"]] == [colours, colours]  # each class its own colour
+    assert any("dp-chip" in h.proto.body and "scratch" in h.proto.body for h in at.get("html"))  # the legend
+    at.selectbox(key="compare_before").set_value(after)
+    at.selectbox(key="compare_after").set_value(before).run()
+    swapped = chart(at, "IoU per defect class")
+    assert [t["y"] for t in swapped["data"]] == [t["y"] for t in reversed(bars["data"])]
+
+    image = chart(at, "Image ")
+    assert image["layout"]["annotations"][3]["text"].endswith(": all classes")
+    changes = at.dataframe[1].value.set_index("class")
+    assert list(changes.index) == ["all classes"] + CLASSES[1:]
+    busiest = (changes["gained"] + changes["lost"]).drop("all classes").idxmax()
+    at.selectbox(key="compare_overlay").set_value(busiest).run()
+    per_class = chart(at, "Image ")
+    assert per_class["layout"]["annotations"][3]["text"].endswith(f": {busiest}")
+    assert per_class["data"][3] != image["data"][3]  # the diff panel shows that class only
+    assert per_class["data"][:3] == image["data"][:3]
+
+
+def test_a_selected_row_survives_a_class_filter_that_shortens_the_table(pair):
+    before, after = pair
+    at = two_models_page(before, after)
+    table = at.dataframe[0]
+    last = len(table.value) - 1
+    at.session_state[table.key] = {"selection": {"rows": [last]}}  # as a click on the last row
+    at.run()
+    assert chart(at, "Image ")["layout"]["title"]["text"].startswith(f"Image {table.value['index'].iloc[last]}:")
+    at.selectbox(key="compare_class").set_value("patch").run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    shorter = at.dataframe[0].value
+    assert len(shorter) <= last  # the old row number is past its end
+    # the new table's first image, not the old number's (which would name another image)
+    assert chart(at, "Image ")["layout"]["title"]["text"].startswith(f"Image {shorter['index'].iloc[0]}:")
+
+
+def test_the_onnx_offered_is_the_chosen_after_models(pair):
+    before, after = pair
+    at = two_models_page(before, after)
+    at.selectbox(key="compare_after").set_value(after).run()
+    at.button(key="compare_export").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    labels = lambda: [b.proto.label for b in at.get("download_button")]  # noqa: E731
+    assert "model.onnx" in labels()
+    at.selectbox(key="compare_after").set_value(before).run()
+    assert "model.onnx" not in labels()  # not the other model's export
+    at.selectbox(key="compare_after").set_value(after).run()
+    assert "model.onnx" in labels()  # the same version's export is still good
+
+
+def test_a_model_saved_again_at_the_same_path_is_compared_afresh(pair, tmp_path):
+    before, _after = pair
+    again = saved(tmp_path / "again")  # the same weights as before: nothing changes
+    at = two_models_page(before, again)
+    at.selectbox(key="compare_after").set_value(again).run()
+    assert (at.dataframe[0].value["change"] == 0).all()
+    torch.manual_seed(1)
+    spec = ModelSpec(classes=CLASSES, input_size=(64, 64), in_channels=1, dataset_format="synthetic-steel")
+    save_checkpoint(again, build_model(spec).eval(), spec)  # retrained in place
+    weights = Path(again, "weights.safetensors")
+    os.utime(weights, (weights.stat().st_mtime + 10,) * 2)
+    at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert (at.dataframe[0].value["change"] != 0).any()
 
 
 # ---------------------------------------------------------------- bad input

@@ -3,7 +3,8 @@ beside the accuracy; downloads of the pruned checkpoint, its ONNX export and a r
 
 from __future__ import annotations
 
-import io
+import functools
+import hashlib
 import json
 import shutil
 import tempfile
@@ -11,16 +12,17 @@ from pathlib import Path
 
 import pandas as pd
 import plotly.express as px
+import plotly.graph_objects as go
 import streamlit as st
 from plotly.subplots import make_subplots
 
-from core.compare import check_comparable, compare_models, cost_row
+from core.compare import ALL_CLASSES, check_comparable, compare_models, cost_row, pixel_changes
 from core.data.dataset import SegmentationDataset
 from core.profile import export_onnx
 from core.runs import api
-from core.visual import diff_overlay, overlay_mask
+from core.visual import class_colour_hex, diff_overlay, overlay_mask
 from ui.state import checkpoint_at, current_dataset, dataset_index, error_box, weights_mtime
-from ui.widgets import load_style
+from ui.widgets import class_legend, load_style
 
 load_style()
 st.title("Compare")
@@ -47,7 +49,9 @@ split = c3.selectbox("Split", ["val", "test"], key="compare_split")
 
 
 @st.cache_resource(show_spinner="Predicting both models (cached on disk afterwards)...", max_entries=4)
-def comparison(before: str, after: str, split: str, dataset_key: tuple):
+def comparison(before: str, before_mtime: float, after: str, after_mtime: float, split: str, dataset_key: tuple):
+    """Keyed by both checkpoints' versions: a model retrained or re-pruned at the same path is
+    compared afresh, not shown from memory."""
     spec = checkpoint_at(before).spec
     index = dataset_index(current_dataset())
     dataset = SegmentationDataset(index, split, tuple(spec.input_size), spec.in_channels)
@@ -59,20 +63,33 @@ def costs(path: str, mtime: float) -> dict:
     return cost_row(path, runs=10)
 
 
+def zipped_checkpoint(folder: str) -> bytes:
+    """The checkpoint folder as a zip, made when the download button is pressed."""
+    with tempfile.TemporaryDirectory() as scratch:
+        return Path(shutil.make_archive(str(Path(scratch) / "checkpoint"), "zip", folder)).read_bytes()
+
+
 result = None
 with error_box("Comparing"):
     check_comparable(checkpoint_at(before).spec, checkpoint_at(after).spec)
     choice = current_dataset()
-    result, dataset = comparison(before, after, split, (choice.format, choice.root, choice.seed, choice.options))
+    versions = (before, weights_mtime(before), after, weights_mtime(after), split,
+                (choice.format, choice.root, choice.seed, choice.options))
+    result, dataset = comparison(*versions)
 if result is None:
     st.stop()
 names = result.class_names
+colours = [class_colour_hex(i) for i in range(1, len(names))]
 
 st.markdown("#### Per class")
-per_class = result.per_class[result.per_class["class"] != names[0]].melt(
-    id_vars="class", value_vars=["iou_before", "iou_after"], var_name="model", value_name="IoU")
-st.plotly_chart(px.bar(per_class, x="class", y="IoU", color="model", barmode="group",
-                       title=f"IoU per defect class on {split} (%)"), width="stretch")
+defects = result.per_class[result.per_class["class"] != names[0]]
+bars = go.Figure([
+    go.Bar(x=defects["class"], y=defects["iou_before"], name="before (plain)", marker={"color": colours}),
+    go.Bar(x=defects["class"], y=defects["iou_after"], name="after (hatched)",
+           marker={"color": colours, "pattern": {"shape": "/"}}),
+])
+bars.update_layout(barmode="group", title=f"IoU per defect class on {split} (%)", yaxis_title="IoU")
+st.plotly_chart(bars, width="stretch")
 m1, m2, m3 = st.columns(3)
 before_miou, after_miou = result.metrics_before.defect_miou, result.metrics_after.defect_miou
 m1.metric("Defect mIoU before", f"{before_miou or 0:.2f}")
@@ -81,29 +98,43 @@ m3.metric("Images", len(result.per_image))
 
 st.markdown("#### Per image (worst change first; click a row)")
 only = st.selectbox("Images with", ["any class"] + names[1:], key="compare_class")
-table = result.per_image
-if only != "any class":
-    table = table[table[f"present {only}"]]
-shown = table[["index", "image", "defect_miou before", "defect_miou after", "change"]].assign(
-    image=lambda f: f["image"].map(lambda p: Path(p).name))
-selection = st.dataframe(shown, hide_index=True, on_select="rerun", selection_mode="single-row",
-                         key="compare_table")
-rows = selection.selection.rows if selection is not None else []
-chosen = int(shown.iloc[rows[0]]["index"]) if rows else (int(shown.iloc[0]["index"]) if len(shown) else 0)
-image, _mask = dataset.raw(chosen)
-panels = [("ground truth", overlay_mask(image, result.truth[chosen])),
-          ("before", overlay_mask(image, result.before[chosen])),
-          ("after", overlay_mask(image, result.after[chosen])),
-          ("gained (green) / lost (red)", diff_overlay(image, result.truth[chosen], result.before[chosen],
-                                                       result.after[chosen]))]
-figure = make_subplots(rows=1, cols=4, subplot_titles=[t for t, _ in panels], shared_xaxes=True, shared_yaxes=True)
-for col, (_title, picture) in enumerate(panels, start=1):
-    figure.add_trace(px.imshow(picture).data[0], row=1, col=col)
-figure.update_yaxes(autorange="reversed", matches="y")
-figure.update_xaxes(matches="x")
-figure.update_layout(title=f"Image {chosen}: zoom one panel, the others follow", height=360,
-                     margin={"l": 10, "r": 10, "t": 60, "b": 10})
-st.plotly_chart(figure, width="stretch")
+with error_box("Showing the image"):
+    table = result.per_image
+    if only != "any class":
+        table = table[table[f"present {only}"]]
+    shown = table[["index", "image", "defect_miou before", "defect_miou after", "change"]].assign(
+        image=lambda f: f["image"].map(lambda p: Path(p).name))
+    # A keyed table keeps its selected row number when its rows change, where the number
+    # names another image or none: each table (models, split, class filter) has its own key.
+    table_key = hashlib.sha1(repr((versions, only)).encode()).hexdigest()[:12]
+    selection = st.dataframe(shown, hide_index=True, on_select="rerun", selection_mode="single-row",
+                             key=f"compare_table_{table_key}")
+    rows = [r for r in selection.selection.rows if r < len(shown)]
+    if shown.empty:
+        st.info(f"No {split} image has {only}; choose another class.")
+    else:
+        chosen = int(shown.iloc[rows[0] if rows else 0]["index"])
+        image, _mask = dataset.raw(chosen)
+        truth, was, now = result.truth[chosen], result.before[chosen], result.after[chosen]
+        overlay = st.selectbox("Gained and lost pixels of", [ALL_CLASSES] + names[1:], key="compare_overlay")
+        class_legend(names)
+        panels = [("ground truth", overlay_mask(image, truth)), ("before", overlay_mask(image, was)),
+                  ("after", overlay_mask(image, now)),
+                  (f"gained (green) / lost (red): {overlay}",
+                   diff_overlay(image, truth, was, now, None if overlay == ALL_CLASSES else names.index(overlay)))]
+        figure = make_subplots(rows=1, cols=4, subplot_titles=[t for t, _ in panels], shared_xaxes=True,
+                               shared_yaxes=True)
+        for col, (_title, picture) in enumerate(panels, start=1):
+            figure.add_trace(px.imshow(picture).data[0], row=1, col=col)
+        figure.update_yaxes(autorange="reversed", matches="y")
+        figure.update_xaxes(matches="x")
+        figure.update_layout(title=f"Image {chosen}: zoom one panel, the others follow", height=360,
+                             margin={"l": 10, "r": 10, "t": 60, "b": 10})
+        st.plotly_chart(figure, width="stretch")
+        st.caption(f"Pixels of image {chosen} the after model gets right and the before model got wrong "
+                   "(gained) or the other way round (lost); per class, a pixel counts when the two models "
+                   "disagree on whether it belongs to that class.")
+        st.dataframe(pixel_changes(truth, was, now, names), hide_index=True)
 
 st.markdown("#### Cost")
 cost = None
@@ -120,20 +151,20 @@ with error_box("Measuring cost"):
 
 st.markdown("#### Downloads")
 d1, d2, d3, d4 = st.columns(4)
-with error_box("Preparing downloads"):
-    archive = io.BytesIO()
-    with tempfile.TemporaryDirectory() as folder:
-        zipped = shutil.make_archive(str(Path(folder) / "checkpoint"), "zip", after)
-        archive.write(Path(zipped).read_bytes())
-    d1.download_button("Pruned checkpoint (zip)", archive.getvalue(), file_name="checkpoint.zip", key="dl_ckpt")
+with error_box("Exporting ONNX"):
+    exported_for = (after, weights_mtime(after))  # the ONNX offered is always the chosen after model's
     if d2.button("Export ONNX", key="compare_export"):
         with tempfile.TemporaryDirectory() as folder:
             loaded = checkpoint_at(after)
             onnx = export_onnx(loaded.model, Path(folder) / "model.onnx", loaded.spec.input_size,
                                loaded.spec.in_channels)
-            st.session_state["onnx_bytes"] = onnx.read_bytes()
-    if st.session_state.get("onnx_bytes"):
-        d2.download_button("model.onnx", st.session_state["onnx_bytes"], file_name="model.onnx", key="dl_onnx")
+            st.session_state["compare_onnx"] = {"model": exported_for, "bytes": onnx.read_bytes()}
+    exported = st.session_state.get("compare_onnx")
+    if exported and exported["model"] == exported_for:
+        d2.download_button("model.onnx", exported["bytes"], file_name="model.onnx", key="dl_onnx")
+with error_box("Preparing downloads"):
+    d1.download_button("Pruned checkpoint (zip)", functools.partial(zipped_checkpoint, after),
+                       file_name="checkpoint.zip", mime="application/zip", key="dl_ckpt")
     report = {"before": before, "after": after, "split": split, "per_class": result.per_class.to_dict("records"),
               "cost": cost.to_dict("records") if cost is not None else None,
               "defect_miou": {"before": before_miou, "after": after_miou}}
