@@ -4,7 +4,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from ui.state import sidebar_workspace
+from ui.state import restore_from_address, sidebar_workspace
 
 ASSETS = Path(__file__).parent / "assets"
 
@@ -20,6 +20,8 @@ pages = [
     st.Page("pages/views/compare.py", title="Compare", icon=":material/compare:"),
 ]
 navigation = st.navigation(pages)
+# A refreshed or reopened tab has an empty session: the job in its address brings the workspace back.
+restore_from_address()
 # Drawn before the page (a page may st.stop()); a page that changes the workspace reruns.
 sidebar_workspace()
 navigation.run()

@@ -16,6 +16,8 @@ from streamlit.runtime.scriptrunner_utils.exceptions import RerunException, Stop
 from core.data.base import DatasetIndex, DatasetRootMissingError
 from core.data.registry import DEFAULT_FORMAT, is_synthetic, load_index
 from core.errors import DefectPruneError
+from core.runs import api
+from core.runs.store import JobNotFoundError, JobRecord
 
 log = logging.getLogger("defectprune.ui")
 
@@ -182,17 +184,18 @@ def cached_json(path: str, mtime: float) -> dict:
         raise JobResultError(f"{path} is not readable JSON ({exc}); run the job that wrote it again") from None
 
 
-def require_model(missing: str = "No model yet: train or load one on the Model page."):
-    """The current model, loaded; or an info box saying what to do, and the page stops. A
-    chosen model that fails to load stays chosen (the error box says why): replacing its
-    files and rerunning brings the page back."""
+def require_model(missing: str = "No model yet: train or load one on the Model page.", stop: bool = True):
+    """The current model, loaded; or an info box saying what to do, and the page stops (with
+    ``stop=False`` it goes on without a model: None). A chosen model that fails to load stays
+    chosen (the error box says why): replacing its files and rerunning brings the page back."""
     loaded = None
     with error_box("Loading the model"):
         loaded = current_checkpoint()
     if loaded is None:
         st.info("Repair or replace that checkpoint, or choose another model on the Model page."
                 if st.session_state.get("model") else missing)
-        st.stop()
+        if stop:
+            st.stop()
     return loaded
 
 
@@ -207,6 +210,57 @@ def require_dataset(choice: DatasetChoice, missing: str) -> DatasetIndex:
     return index
 
 
+# the address keys that name a job (a refreshed or reopened tab finds it again), and its kind
+ADDRESS_JOBS = {"run": "prune", "score": "score", "sensitivity": "score", "job": "train"}
+
+
+def address_job() -> JobRecord | None:
+    """The job the page's address names (``?run=``, ``?score=``, ``?sensitivity=``,
+    ``?job=``), when it names one of the right kind; a bad or unknown id is left to the page
+    that reads that key, which says what is wrong with it."""
+    for key, kind in ADDRESS_JOBS.items():
+        try:
+            job_id = query_job_id(key)
+            job = api.get_job(job_id) if job_id is not None else None
+        except (JobIdError, JobNotFoundError):
+            continue
+        if job is not None and job.kind == kind:
+            return job
+    return None
+
+
+def restore_from_address() -> None:
+    """A refreshed or reopened tab starts with an empty session: the job in its address
+    brings back the workspace that job works on (its dataset; its checkpoint as the model;
+    a prune job as the run). Only a session that has chosen nothing yet is restored: what
+    the user chose in this session wins."""
+    if "model" in st.session_state or "dataset" in st.session_state:
+        return
+    with error_box("Reading the job in the address"):
+        job = address_job()
+        if job is None:
+            return
+        params = job.params
+        if params.get("format"):
+            option = params.get("option")
+            set_dataset(DatasetChoice(format=params["format"], root=params.get("root"),
+                                      seed=int(params.get("split_seed") or 0),
+                                      options=json.dumps(option) if option else ""))
+        if job.kind in ("prune", "score") and params.get("checkpoint"):
+            st.session_state["model"] = params["checkpoint"]
+        if job.kind == "prune":
+            st.session_state["run"] = job.id
+
+
+def run_label(run_id: int) -> str:
+    """A prune run as the sidebar names it: id, method and state."""
+    try:
+        job = api.get_job(int(run_id))
+    except DefectPruneError:
+        return f"#{run_id} (not in the run store)"
+    return f"#{job.id} {job.params.get('method', '')} ({job.state})"
+
+
 def sidebar_workspace() -> None:
     """What the user is working on, on every page."""
     with st.sidebar:
@@ -217,4 +271,4 @@ def sidebar_workspace() -> None:
         short = "/".join(Path(model).parts[-2:]) if model else "— none yet (Model page)"
         st.markdown(f"**Model:** {short}", help=model)
         run = st.session_state.get("run")
-        st.markdown(f"**Run:** {run or '— none yet'}")
+        st.markdown(f"**Run:** {run_label(run) if run else '— none yet (Prune page)'}")

@@ -1,0 +1,43 @@
+"""Following a background job on a page: a fragment that re-reads it from the run store."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import streamlit as st
+
+from core.runs import api
+from core.runs.store import SUCCEEDED, JobRecord
+from ui.state import error_box
+
+POLL_SECONDS = 2.0
+
+
+def follow_job(job: JobRecord, action: str, draw: Callable[[JobRecord], None]) -> None:
+    """Draw ``draw(job)`` in a fragment that re-reads the job from the run store every two
+    seconds while it is queued or running (it runs in the worker, not in this page), and
+    not at all once it is final. When the job reaches a final state, or leaves one (a
+    resume), the whole page reruns: it draws around the new state and the polling stops or
+    starts with it."""
+    st.fragment(_follow, run_every=None if job.finished else POLL_SECONDS)(job.id, job.finished, action, draw)
+
+
+def _follow(job_id: int, was_finished: bool, action: str, draw: Callable[[JobRecord], None]) -> None:
+    # The error box is in here, not around the call: the fragment's timed reruns and the
+    # buttons drawn in it run this function alone, without the page around it.
+    with error_box(action):
+        job = api.get_job(job_id)
+        if not job.finished and not api.worker_alive():
+            # a restarted server or container left the job waiting on a worker that is gone:
+            # a new one first marks failed the jobs that died with the old one, then runs the queue
+            api.ensure_worker()
+            job = api.get_job(job_id)
+        if job.finished != was_finished:
+            st.rerun()
+        draw(job)
+
+
+def job_bar(job: JobRecord, what: str) -> None:
+    """The job's progress bar (full once it succeeded) with its latest message."""
+    fraction = 1.0 if job.state == SUCCEEDED else min(max(job.progress, 0.0), 1.0)
+    st.progress(fraction, text=f"{what}, job {job.id} ({job.state}): {job.message or job.state}")
