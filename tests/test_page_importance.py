@@ -2,27 +2,22 @@
 
 from __future__ import annotations
 
-import os
+import statistics
+import time
 from pathlib import Path
 
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from core.live import group_l1_scores, live_allocation
 from core.runs import api
 from core.runs.worker import execute_job
-from page_helpers import chart_titles, open_page, tiny_steel_model
-
+from page_helpers import chart_titles, claim, figure, open_page, run_inline, tiny_steel_model, values
+from ui.widgets import layer_bars, layer_table
 
 
 def page(model: str | None = None) -> AppTest:
     return open_page("importance", model)
-
-
-def figure(at: AppTest, title_start: str) -> dict:
-    for title, spec in chart_titles(at).items():
-        if title.startswith(title_start):
-            return spec
-    raise AssertionError(f"no chart titled {title_start!r}")
 
 
 def macs_metric(at: AppTest) -> str:
@@ -32,6 +27,35 @@ def macs_metric(at: AppTest) -> str:
 @pytest.fixture()
 def tiny_model(tmp_path) -> str:
     return tiny_steel_model(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def network(tmp_path_factory) -> tuple[str, object, object]:
+    """A tiny model with its pruning graph and cost model, as the page builds them."""
+    from core.allocation.cost import CostModel
+    from core.models.checkpoint import load_checkpoint
+    from core.pruning.graph import PruningGraph
+    from core.pruning.step import example_input
+
+    path = tiny_steel_model(tmp_path_factory.mktemp("network"))
+    loaded = load_checkpoint(path)
+    graph = PruningGraph(loaded.model, example_input(loaded.model, loaded.spec.input_size, loaded.spec.in_channels))
+    return path, graph, CostModel(graph)
+
+
+def bar_heights(spec: dict) -> dict[str, float]:
+    """Layer -> bar height over every trace of a per-layer bar chart."""
+    return {x: float(y) for trace in spec["data"] for x, y in zip(trace["x"], values(trace["y"]))}
+
+
+def assert_network_order(spec: dict, graph) -> None:
+    order = [g.name for g in graph.groups]
+    assert spec["layout"]["xaxis"]["categoryorder"] == "array"
+    assert spec["layout"]["xaxis"]["categoryarray"] == order
+    # the order matters here: this network's scales go down and up again, so the bars
+    # grouped by scale (plotly's order without one) would not be in network order
+    scales = [g.scale for g in graph.groups]
+    assert scales != sorted(scales) and scales != sorted(scales, reverse=True)
 
 
 def test_without_a_model_the_page_says_what_to_do():
@@ -53,18 +77,22 @@ def test_live_tuning_answers_the_slider_and_the_allocator(tiny_model):
     assert uniform["data"] != global_["data"]
 
 
-def test_scoring_network_results_are_drawn(tiny_model):
+def test_scoring_network_results_are_drawn_in_network_order_in_a_reopened_tab(network):
+    tiny_model, graph, _cost = network
     job = api.submit("score", {"checkpoint": tiny_model, "method": "collaborative", "target": 0.8,
                                "scoring_steps": 3, "calibration_images": 8})
-    store = api.open_store()
-    assert store.claim_next_job(worker_pid=os.getpid()).id == job.id
-    assert execute_job(store, job.id) == "succeeded", store.get_job(job.id).error
-    at = open_page("importance", tiny_model, run=False)
-    at.session_state["score_job"] = job.id
+    run_inline(job.id)
+    # a reopened tab: nothing in the session, only the job in the address
+    at = open_page("importance", run=False)
+    at.query_params["score"] = str(job.id)
     at.run()
     assert not at.exception and not at.error
+    assert at.session_state["model"] == str(Path(tiny_model).resolve())  # the job's model is back
     bars = figure(at, "Importance per layer")
     assert {trace["name"].split(",")[0] for trace in bars["data"]} >= {"stride 2", "stride 32"}
+    assert {trace["name"].split(", ")[1] for trace in bars["data"]} == {"encoder", "decoder"}
+    assert_network_order(bars, graph)
+    assert_network_order(figure(at, "Share of channels kept per layer"), graph)
     figure(at, "Importance per scale")
     heatmap = figure(at, "Layer x defect-class importance")
     assert heatmap["data"][0]["type"] == "heatmap"
@@ -73,8 +101,49 @@ def test_scoring_network_results_are_drawn(tiny_model):
     figure(at, "Share of channels kept per layer (scoring network)")
 
 
+def test_a_per_layer_override_changes_the_allocation_chart_and_the_predicted_macs(network):
+    tiny_model, graph, _cost = network
+    at = page(tiny_model)
+    at.slider(key="importance_target").set_value(0.5).run()
+    title = "Share of channels kept per layer (uniform)"
+    before, macs_before = bar_heights(figure(at, title)), macs_metric(at)
+    first = graph.groups[0]
+    assert before[first.name] > 1 / first.channels  # the allocator keeps more than one channel of it
+    # what the data editor sends when the user types 1 into the first layer's "kept" cell
+    at.session_state["importance_overrides"] = {"edited_rows": {0: {"kept": 1}}, "added_rows": [],
+                                                "deleted_rows": []}
+    at.run()
+    assert not at.exception and not at.error
+    after = bar_heights(figure(at, title))
+    assert after[first.name] == pytest.approx(1 / first.channels)
+    assert {k: v for k, v in after.items() if k != first.name} == {k: v for k, v in before.items() if k != first.name}
+    assert macs_metric(at) != macs_before
+
+
+def test_the_live_answer_takes_under_300_ms(network):
+    """The issue's bound, for what the page computes on every slider move: the allocation,
+    the predicted cost and the allocation chart (built and serialised as st.plotly_chart does).
+    The median of five answers is compared with it (typically about 50 ms here: the bound
+    leaves room for the other processes on a shared two-core machine)."""
+    _path, graph, cost = network
+    groups = layer_table(graph)
+    scores = group_l1_scores(graph)  # the page computes these once per model
+
+    def answer(allocator: str) -> float:
+        start = time.perf_counter()
+        live = live_allocation(allocator, graph, cost, 0.6, l1_scores=scores if allocator == "global" else None)
+        cost.predict(dict(live.kept))
+        share = groups.assign(keep=[live.kept[g] / c for g, c in zip(groups["group"], groups["channels"])])
+        layer_bars(share, "keep", range_y=[0, 1], pattern_shape="role", title="share").to_json()
+        return time.perf_counter() - start
+
+    for allocator in ("uniform", "global"):
+        times = [answer(allocator) for _ in range(5)]
+        print(f"{allocator}: best {min(times) * 1000:.0f} ms, median {statistics.median(times) * 1000:.0f} ms")
+        assert statistics.median(times) < 0.3, f"{allocator}: {[round(t * 1000) for t in times]} ms"
+
+
 def test_the_preview_shows_masks_without_changing_the_totals(tiny_model):
-    # (AppTest cannot type into st.data_editor: the per-layer overrides need the browser test)
     at = page(tiny_model)
     at.slider(key="importance_target").set_value(0.5).run()
     before = macs_metric(at)
@@ -82,13 +151,6 @@ def test_the_preview_shows_masks_without_changing_the_totals(tiny_model):
     assert not at.exception and not at.error
     assert len(at.get("image")) == 9  # 3 images x (unpruned, pruned copy, ground truth)
     assert macs_metric(at) == before
-
-
-def run_inline(job_id: int) -> None:
-    """Run a queued job here, as the worker would."""
-    store = api.open_store()
-    assert store.claim_next_job(worker_pid=os.getpid()).id == job_id
-    assert execute_job(store, job_id) == "succeeded", store.get_job(job_id).error
 
 
 def test_sensitivity_without_curves_says_what_to_do_then_answers_live(tiny_model, monkeypatch):
@@ -162,7 +224,7 @@ def test_a_failed_sensitivity_job_says_why_and_offers_to_run_it_again(tiny_model
     job = api.submit("score", {"checkpoint": tiny_model, "method": "uniform-l1", "allocator": "sensitivity",
                                "format": "neu-seg", "root": str(tmp_path / "vanished")})
     store = api.open_store()
-    assert store.claim_next_job(worker_pid=os.getpid()).id == job.id
+    claim(job.id)
     assert execute_job(store, job.id) == "failed"
     at = page(tiny_model)
     at.slider(key="importance_target").set_value(0.6).run()
@@ -177,7 +239,7 @@ def test_a_failed_sensitivity_job_says_why_and_offers_to_run_it_again(tiny_model
 def test_a_score_job_whose_results_were_deleted_says_so(tiny_model):
     job = api.submit("score", {"checkpoint": tiny_model, "method": "collaborative", "target": 0.8})
     store = api.open_store()
-    assert store.claim_next_job(worker_pid=os.getpid()).id == job.id
+    claim(job.id)
     gone = store.job_dir(job.id) / "scores.json"
     store.finish_job(job.id, "succeeded", result={"scores": str(gone)})  # then the workspace was cleaned
     at = page(tiny_model)

@@ -1,4 +1,4 @@
-"""Small drawing helpers used by several pages (legend chips, image grids, CSS)."""
+"""Small drawing helpers used by several pages (legend chips, image grids, per-layer bars, CSS)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
 import streamlit as st
 
 from core.visual import class_colour_hex
@@ -32,3 +35,19 @@ def image_grid(images: Sequence[np.ndarray], captions: Sequence[str], columns: i
         cols = st.columns(columns)
         for col, image, caption in zip(cols, images[start:start + columns], captions[start:start + columns]):
             col.image(image, caption=caption, width="stretch")
+
+
+def layer_table(graph) -> pd.DataFrame:
+    """One row per prunable layer (group) of a pruning graph, in network order: what
+    `layer_bars` draws."""
+    return pd.DataFrame([{"group": g.name, "index": g.index, "scale": f"stride {g.scale}", "role": g.role,
+                          "channels": g.channels} for g in graph.groups])
+
+
+def layer_bars(frame: pd.DataFrame, y: str, title: str, **kwargs) -> go.Figure:
+    """One bar per layer (``frame["group"]``, in the frame's order: network order) coloured
+    by ``frame["scale"]``. Plotly draws each colour as its own trace and would otherwise
+    order a categorical axis by trace, grouping the layers by scale."""
+    return px.bar(frame, x="group", y=y, color="scale", title=title,
+                  category_orders={"group": list(frame["group"]), "scale": list(dict.fromkeys(frame["scale"]))},
+                  **kwargs)

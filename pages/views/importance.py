@@ -17,11 +17,12 @@ from core.data.dataset import SegmentationDataset
 from core.live import group_l1_scores, live_allocation, preview_pruned
 from core.runs import api
 from core.runs.store import JobRecord
+from ui.jobs import follow_job, job_bar
 from ui.state import (
     current_cost_model, current_dataset, dataset_index, error_box, job_json, query_job_id, require_model,
     weights_mtime,
 )
-from ui.widgets import image_grid, load_style
+from ui.widgets import image_grid, layer_bars, layer_table, load_style
 
 load_style()
 st.title("Layer importance")
@@ -30,8 +31,7 @@ st.caption("Importance per layer and per scale from the scoring network, and liv
 loaded = require_model()
 checkpoint = st.session_state["model"]
 graph, cost = current_cost_model()
-groups = pd.DataFrame([{"group": g.name, "index": g.index, "scale": f"stride {g.scale}", "role": g.role,
-                        "channels": g.channels} for g in graph.groups])
+groups = layer_table(graph)
 
 # the score jobs this page starts: (session key, address key, parameters, what the user reads)
 SCORING = ("score_job", "score", {"method": "collaborative", "target": 0.8}, "The scoring network")
@@ -68,14 +68,6 @@ def start_job(kind: tuple) -> None:
     st.rerun()
 
 
-@st.fragment(run_every=2.0)
-def job_progress(job_id: int, what: str) -> None:
-    job = api.get_job(job_id)
-    if job.finished:
-        st.rerun()  # the whole page draws the results (or the failure)
-    st.progress(min(max(job.progress, 0.0), 1.0), text=f"{what}, job {job.id}: {job.message or job.state}")
-
-
 def job_status(job: JobRecord | None, kind: tuple) -> dict | None:
     """The job's scores.json when it succeeded; otherwise its progress or failure, and None."""
     what = kind[3]
@@ -86,7 +78,8 @@ def job_status(job: JobRecord | None, kind: tuple) -> dict | None:
     elif job.state == "stopped":
         st.warning(f"{what} was stopped (job {job.id}); start it again.")
     elif not job.finished:
-        job_progress(job.id, what)
+        # once it is final the whole page reruns and draws the results (or the failure)
+        follow_job(job, f"Following job {job.id}", lambda latest: job_bar(latest, what))
     else:
         return job_json(job, "scores")
     return None
@@ -104,8 +97,8 @@ if (score_job is None or score_job.finished) and st.button("Run the scoring netw
 if scores:
     allocation = scores["allocation"]
     frame = groups.assign(importance=[allocation["group_importance"][g] for g in groups["group"]])
-    st.plotly_chart(px.bar(frame, x="group", y="importance", color="scale", pattern_shape="role",
-                           title="Importance per layer (keep ratio at 80% fewer MACs), network order"),
+    st.plotly_chart(layer_bars(frame, "importance", pattern_shape="role",
+                               title="Importance per layer (keep ratio at 80% fewer MACs), network order"),
                     width="stretch")
     per_scale = pd.DataFrame({"scale": [f"stride {s}" for s in allocation["scale_importance"]],
                               "importance": list(allocation["scale_importance"].values())})
@@ -163,7 +156,8 @@ if allocator in ("uniform", "global (L1)") or (allocator == "scoring network" an
             edited = st.data_editor(table, disabled=["group", "scale", "channels"], hide_index=True,
                                     key="importance_overrides")
             for name, channels, value in zip(edited["group"], edited["channels"], edited["kept"]):
-                kept[name] = int(min(max(int(value), 1), int(channels)))
+                if not pd.isna(value):  # an emptied cell: the allocator's count stands
+                    kept[name] = int(min(max(int(value), 1), int(channels)))
         predicted = cost.predict(kept)
         elapsed_ms = (time.perf_counter() - start) * 1000
         m1, m2, m3, m4 = st.columns(4)
@@ -175,8 +169,8 @@ if allocator in ("uniform", "global (L1)") or (allocator == "scoring network" an
             st.warning("The per-layer limits (at most 90% of a layer, at least 2 channels, the layer the classifier "
                        "reads kept whole) cannot reach this target.")
         share = groups.assign(keep=[kept[g] / c for g, c in zip(groups["group"], groups["channels"])])
-        st.plotly_chart(px.bar(share, x="group", y="keep", color="scale", range_y=[0, 1],
-                               title=f"Share of channels kept per layer ({allocator})"), width="stretch")
+        st.plotly_chart(layer_bars(share, "keep", range_y=[0, 1], pattern_shape="role",
+                                   title=f"Share of channels kept per layer ({allocator})"), width="stretch")
 
 st.markdown("#### Live preview")
 st.caption("Prunes a copy at this setting (group L1 within each layer, no fine-tuning) and shows its masks "
