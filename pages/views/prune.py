@@ -3,6 +3,8 @@ against the tolerance band, stop and resume them, and compare runs on one fronti
 
 from __future__ import annotations
 
+import time
+
 import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
@@ -10,6 +12,8 @@ import streamlit as st
 
 from core.pruning.methods import METHODS
 from core.runs import api
+from core.runs.store import JobRecord
+from ui.jobs import follow_job, job_bar
 from ui.state import JobIdError, current_dataset, error_box, query_job_id, require_model
 from ui.widgets import load_style
 
@@ -18,24 +22,26 @@ st.title("Prune")
 st.caption("Iterative prune-retrain: each round allocates per-layer amounts, cuts filters for real, fine-tunes "
            "and checks the validation defect mIoU against the tolerance.")
 
-loaded = require_model("No model yet: train or load one on the Model page, then come back to prune it.")
-base_checkpoint = st.session_state["model"]
+ROUND_COLUMNS = ["round", "accepted", "macs", "params", "macs_reduction", "params_reduction", "defect_miou", "drop",
+                 "latency_ms", "checkpoint"]
 
 
-def rounds_frame(job_id: int) -> pd.DataFrame:
-    rounds = api.prune_rounds(job_id)
-    frame = pd.DataFrame(rounds, columns=["round", "accepted", "macs", "params", "macs_reduction",
-                                          "params_reduction", "defect_miou", "drop", "latency_ms", "checkpoint"])
+def run_rounds(job_id: int) -> tuple[pd.DataFrame, dict]:
+    """A run's finished rounds and what its starting checkpoint measured before round 1
+    (``base``: MACs, val defect mIoU; empty until the run has measured it), from the run store."""
+    details = api.job_details(job_id)
+    base = (details.get("prune_run") or {}).get("base") or {}
+    frame = pd.DataFrame(details.get("rounds") or [], columns=ROUND_COLUMNS)
     frame["MACs (M)"] = frame["macs"] / 1e6
-    return frame
+    return frame, base
 
 
-def round_chart(frame: pd.DataFrame, base_miou: float | None, tolerance: float) -> go.Figure:
-    if base_miou is not None and len(frame):
-        # round 0 is the unpruned model, so each line starts where the run started
-        first = frame.iloc[0]
-        start = {"round": 0, "accepted": True, "defect_miou": base_miou,
-                 "MACs (M)": first["MACs (M)"] / max(1e-9, 1.0 - first["macs_reduction"])}
+def round_chart(frame: pd.DataFrame, base: dict, tolerance: float) -> go.Figure:
+    """The run's rounds from round 0 (its starting checkpoint) with the tolerance band under
+    that checkpoint's val defect mIoU: the drop each round is judged by."""
+    base_miou = base.get("defect_miou")
+    if base.get("macs") and len(frame):
+        start = {"round": 0, "accepted": True, "defect_miou": base_miou, "MACs (M)": base["macs"] / 1e6}
         frame = pd.concat([pd.DataFrame([start]), frame], ignore_index=True)
     figure = go.Figure()
     if base_miou is not None:
@@ -51,53 +57,56 @@ def round_chart(frame: pd.DataFrame, base_miou: float | None, tolerance: float) 
     return figure
 
 
-@st.fragment(run_every=2.0)
-def run_progress(job_id: int) -> None:
-    job = api.get_job(job_id)
-    st.progress(min(max(job.progress, 0.0), 1.0), text=f"Job {job.id} ({job.state}): {job.message}")
+def draw_run(job: JobRecord) -> None:
+    job_bar(job, f"Prune run ({job.params.get('method')})")
     c1, c2 = st.columns(2)
-    if job.state in ("queued", "running") and c1.button("Stop", key=f"stop_{job.id}"):
+    if job.stop_requested and not job.finished:
+        st.caption("Stop requested: the run stops within seconds and keeps its finished rounds.")
+    elif not job.finished and c1.button("Stop", key=f"stop_{job.id}"):
         api.stop(job.id)
+        st.rerun()
     if job.state in ("failed", "stopped") and c2.button("Resume from the last finished round", key=f"resume_{job.id}"):
         api.resume(job.id)
         api.ensure_worker()
+        st.rerun()  # the page follows it again
     if job.state == "failed":
         st.error(f"The run failed: {job.error}")
-    frame = rounds_frame(job_id)
+    frame, base = run_rounds(job.id)
     if frame.empty:
         st.caption("No round finished yet.")
         return
-    base = (loaded.spec.metrics or {}).get("defect_miou")
     st.plotly_chart(round_chart(frame, base, float(job.params.get("tolerance", 1.0))), width="stretch",
                     key=f"rounds_{job.id}")
     st.dataframe(frame[["round", "accepted", "macs_reduction", "params_reduction", "defect_miou", "drop",
                         "latency_ms"]], hide_index=True)
 
 
-with st.form("prune_form"):
-    c1, c2, c3 = st.columns(3)
-    method = c1.selectbox("Method", list(METHODS), format_func=lambda m: f"{m}: {METHODS[m].description}",
-                          key="prune_method")
-    target = c2.slider("Target: fewer MACs", 0.1, 0.95, 0.8, 0.05, key="prune_target")
-    tolerance = c3.number_input("Tolerance (defect-mIoU points)", 0.0, 50.0, 1.0, 0.5, key="prune_tolerance")
-    c4, c5, c6 = st.columns(3)
-    step = c4.slider("Step: share of the remaining MACs cut per round", 0.1, 0.9, 0.3, 0.05, key="prune_step")
-    epochs = c5.number_input("Fine-tune epochs per round", 0, 50, 2, key="prune_epochs")
-    rounds = c6.number_input("Round limit", 1, 30, 10, key="prune_rounds")
-    launch = st.form_submit_button("Launch in the background")
-if launch:
-    with error_box("Launching the run"):
-        choice = current_dataset()
-        params = {"checkpoint": base_checkpoint, "method": method, "target_macs": float(target),
-                  "tolerance": float(tolerance), "step": float(step), "finetune_epochs": int(epochs),
-                  "max_rounds": int(rounds)}
-        if loaded.spec.dataset_format == choice.format and choice.options:
-            params["option"] = choice.parsed_options()
-        job = api.submit("prune", params)
-        api.ensure_worker()
-        st.session_state["run"] = job.id
-        st.query_params["run"] = str(job.id)
-        st.rerun()  # the sidebar names the new run
+loaded = require_model("No model yet: train or load one on the Model page, then come back to prune it.", stop=False)
+if loaded is not None:
+    with st.form("prune_form"):
+        c1, c2, c3 = st.columns(3)
+        method = c1.selectbox("Method", list(METHODS), format_func=lambda m: f"{m}: {METHODS[m].description}",
+                              key="prune_method")
+        target = c2.slider("Target: fewer MACs", 0.1, 0.95, 0.8, 0.05, key="prune_target")
+        tolerance = c3.number_input("Tolerance (defect-mIoU points)", 0.0, 50.0, 1.0, 0.5, key="prune_tolerance")
+        c4, c5, c6 = st.columns(3)
+        step = c4.slider("Step: share of the remaining MACs cut per round", 0.1, 0.9, 0.3, 0.05, key="prune_step")
+        epochs = c5.number_input("Fine-tune epochs per round", 0, 50, 2, key="prune_epochs")
+        rounds = c6.number_input("Round limit", 1, 30, 10, key="prune_rounds")
+        launch = st.form_submit_button("Launch in the background")
+    if launch:
+        with error_box("Launching the run"):
+            choice = current_dataset()
+            params = {"checkpoint": st.session_state["model"], "method": method, "target_macs": float(target),
+                      "tolerance": float(tolerance), "step": float(step), "finetune_epochs": int(epochs),
+                      "max_rounds": int(rounds)}
+            if loaded.spec.dataset_format == choice.format and choice.options:
+                params["option"] = choice.parsed_options()
+            job = api.submit("prune", params)
+            api.ensure_worker()
+            st.session_state["run"] = job.id
+            st.query_params["run"] = str(job.id)
+            st.rerun()  # the sidebar names the new run
 
 with error_box("Reading the run"):
     run_id = st.session_state.get("run") or query_job_id("run")
@@ -105,19 +114,32 @@ with error_box("Reading the run"):
         job = api.get_job(int(run_id))
         if job.kind != "prune":
             raise JobIdError(f"job {job.id} is a {job.kind} job, not a prune run; launch a run above or open "
-                             "one from the frontier below")
-        run_progress(job.id)
+                             "one from the runs below")
+        follow_job(job, f"Following run {job.id}", draw_run)
 
 st.markdown("#### All runs on one frontier")
-points = []
+runs, points = [], []
 with error_box("Reading the runs"):
-    for job in api.list_jobs(kind="prune"):
-        for r in api.prune_rounds(job.id):
-            if r["accepted"]:
-                points.append({"run": f"#{job.id} {job.params.get('method')}", "MACs reduction": r["macs_reduction"],
-                               "val defect mIoU": r["defect_miou"], "round": r["round"]})
+    runs = api.list_jobs(kind="prune")
+    for run in runs:
+        frame, base = run_rounds(run.id)
+        name = f"#{run.id} {run.params.get('method')}"
+        if base.get("macs") and len(frame):  # each line starts at its starting checkpoint
+            points.append({"run": name, "MACs reduction": 0.0, "val defect mIoU": base.get("defect_miou"), "round": 0})
+        points += [{"run": name, "MACs reduction": r["macs_reduction"], "val defect mIoU": r["defect_miou"],
+                    "round": r["round"]} for r in frame.to_dict("records") if r["accepted"]]
 if points:
     st.plotly_chart(px.line(pd.DataFrame(points), x="MACs reduction", y="val defect mIoU", color="run",
-                            markers=True, title="Accuracy against cost, one line per run"), width="stretch")
+                            markers=True, hover_data=["round"], title="Accuracy against cost, one line per run"),
+                    width="stretch")
 else:
     st.info("Launch a run above; its rounds appear here as they finish.")
+if runs:
+    labels = {run.id: f"#{run.id} {run.params.get('method')} ({run.state}), launched "
+                      f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(run.created_at))}" for run in runs}
+    c1, c2 = st.columns([4, 1], vertical_alignment="bottom")
+    opened = c1.selectbox("Open a run", list(labels), format_func=labels.get, key="prune_open")
+    if c2.button("Open", key="prune_open_run"):
+        st.session_state["run"] = opened
+        st.query_params["run"] = str(opened)
+        st.rerun()
