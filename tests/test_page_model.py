@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import os
-
-import numpy as np
 
 import pytest
 import torch
@@ -16,15 +13,9 @@ from conftest import REPO
 from core.models.checkpoint import save_checkpoint
 from core.models.zoo import ModelSpec, build_model
 from core.runs import api
+from page_helpers import figure, open_page, sidebar_text, tiny_steel_model, values
 
 TIMEOUT = 180
-
-
-def values(array) -> np.ndarray:
-    """Plotly writes numeric arrays as {"dtype", "bdata"} (base64) in figure JSON."""
-    if isinstance(array, dict):
-        return np.frombuffer(base64.b64decode(array["bdata"]), dtype=array["dtype"])
-    return np.asarray(array)
 
 
 @pytest.fixture()
@@ -78,8 +69,73 @@ def test_a_model_shows_its_metrics_and_predictions(app, tmp_path):
     assert len(app.get("image")) == 8  # 4 ground truths + 4 predictions
 
 
+def test_the_split_and_the_number_of_images_change_the_prediction_chart(app, tmp_path):
+    app.session_state["model"] = tiny_steel_model(tmp_path)
+    app.run()
+    assert not app.exception and not app.error
+
+    def shown() -> tuple[str, list]:
+        spec = figure(app, "IoU per defect class on these")
+        truth_pixels = [int(values(trace["customdata"])[0]) for trace in spec["data"]]  # hover: pixels in truth
+        return spec["layout"]["title"]["text"], truth_pixels
+
+    title, four = shown()
+    assert title == "IoU per defect class on these 4 val images (%)"
+    app.slider(key="model_preview_count").set_value(8).run()
+    title, eight = shown()
+    assert title == "IoU per defect class on these 8 val images (%)" and eight != four
+    assert len(app.get("image")) == 16
+    app.selectbox(key="model_preview_split").set_value("test").run()
+    assert not app.exception and not app.error
+    title, test = shown()
+    assert title == "IoU per defect class on these 8 test images (%)" and test != eight
+
+
 def test_a_bad_checkpoint_path_shows_an_error_box(app):
     app.text_input(key="model_path").input("/etc")
     app.button(key="model_load").click().run()
     assert not app.exception
     assert app.error and "outside" in app.error[0].value
+
+
+def test_a_job_id_that_is_not_a_number_is_an_error_box():
+    at = open_page("model", run=False)
+    at.query_params["job"] = "abc"
+    at.run()
+    assert not at.exception
+    assert at.error and "?job=abc in the address is not a job id" in at.error[0].value
+    assert at.button[0]  # the training form is still there
+
+
+def test_a_reopened_tab_finds_the_training_job_and_its_dataset(monkeypatch):
+    started = []
+    monkeypatch.setattr(api, "ensure_worker", lambda *a, **k: started.append(True))
+    monkeypatch.setattr(api, "worker_alive", lambda *a, **k: False)
+    job = api.submit("train", {"format": "synthetic-tile", "size": "64", "epochs": 1})
+    at = open_page("model", run=False)
+    at.query_params["job"] = str(job.id)  # nothing in the session
+    at.run()
+    assert not at.exception and not at.error
+    assert at.session_state["dataset"]["format"] == "synthetic-tile"
+    assert "synthetic-tile" in sidebar_text(at)
+    assert any(f"job {job.id} (queued)" in p.proto.text for p in at.get("progress"))
+    assert started  # queued with no worker alive (a restarted server): one is started
+    at.button(key=f"stop_{job.id}").click().run()
+    assert not at.exception and not at.error
+    assert api.get_job(job.id).state == "stopped"  # a queued job stops at once
+
+
+def test_a_store_read_that_fails_inside_the_training_fragment_is_an_error_box(monkeypatch):
+    job = api.submit("train", {"format": "synthetic-steel", "size": "64", "epochs": 1})
+
+    def unreadable(*_args, **_kwargs):
+        raise OSError("worker lock unreadable")
+
+    monkeypatch.setattr(api, "worker_alive", unreadable)
+    at = open_page("model", run=False)
+    at.session_state["train_job"] = job.id
+    at.run()
+    assert not at.exception
+    assert any("Reading the training job failed unexpectedly (OSError: worker lock unreadable)" in e.value
+               for e in at.error)
+    api.stop(job.id)

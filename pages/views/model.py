@@ -3,6 +3,7 @@ a few predictions beside the ground truth."""
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import plotly.express as px
 import streamlit as st
@@ -10,10 +11,13 @@ import torch
 
 from core.config import confine_to_data_roots, data_roots, workspace_dir
 from core.data.dataset import SegmentationDataset, normalise
+from core.metrics import SegmentationMetrics, batch_confusion
 from core.models.zoo import ARCHITECTURES, DEFAULT_ARCH, DEFAULT_ENCODER, ENCODERS
 from core.runs import api
+from core.runs.store import JobRecord
 from core.visual import class_colour_hex, overlay_mask
-from ui.state import current_checkpoint, current_dataset, error_box, require_dataset
+from ui.jobs import follow_job, job_bar
+from ui.state import JobIdError, current_checkpoint, current_dataset, error_box, query_job_id, require_dataset
 from ui.widgets import class_legend, image_grid, load_style
 
 load_style()
@@ -25,11 +29,9 @@ choice = current_dataset()
 index = require_dataset(choice, "Choose a readable dataset on the Data page first.")
 
 
-@st.fragment(run_every=2.0)
-def training_progress(job_id: int) -> None:
-    """Polls the run store: the job runs in the worker process, not in this page."""
-    job = api.get_job(job_id)
-    st.progress(min(max(job.progress, 0.0), 1.0), text=f"Job {job.id} ({job.state}): {job.message}")
+def draw_training(job: JobRecord) -> None:
+    """What the worker reported of a training job (it runs there, not in this page)."""
+    job_bar(job, "Training")
     if job.metrics:
         cols = st.columns(3)
         cols[0].metric("Epoch", job.metrics.get("epoch", "-"))
@@ -41,9 +43,11 @@ def training_progress(job_id: int) -> None:
         st.plotly_chart(px.line(long, x="epoch", y="value", facet_col="series", markers=True,
                                 title="Training loss and validation defect mIoU per epoch")
                         .update_yaxes(matches=None), width="stretch", key=f"curve_{job.id}")
-    if job.state in ("queued", "running"):
-        if st.button("Stop training", key=f"stop_{job.id}"):
-            api.stop(job.id)
+    if job.stop_requested and not job.finished:
+        st.caption("Stop requested: training stops within seconds and keeps its best checkpoint.")
+    elif not job.finished and st.button("Stop training", key=f"stop_{job.id}"):
+        api.stop(job.id)
+        st.rerun()
     elif job.state == "failed":
         st.error(f"Training failed: {job.error}")
     elif job.state in ("succeeded", "stopped") and job.result and job.result.get("checkpoint"):
@@ -78,10 +82,13 @@ with train_tab:
             api.ensure_worker()
             st.session_state["train_job"] = job.id
             st.query_params["job"] = str(job.id)
-    job_id = st.session_state.get("train_job") or st.query_params.get("job")
-    if job_id:
-        with error_box("Reading the training job"):
-            training_progress(int(job_id))
+    with error_box("Reading the training job"):
+        job_id = st.session_state.get("train_job") or query_job_id("job")
+        if job_id:
+            job = api.get_job(int(job_id))
+            if job.kind != "train":
+                raise JobIdError(f"job {job.id} is a {job.kind} job, not a training job; train one above")
+            follow_job(job, "Reading the training job", draw_training)
 
 with load_tab:
     models = []
@@ -131,16 +138,33 @@ if per_class:
     st.plotly_chart(px.bar(frame, x="class", y="IoU", color="class", color_discrete_map=colours, range_y=[0, 100],
                            title="Validation IoU per defect class (%)"), width="stretch")
 
-st.markdown("#### Predictions on validation images")
-count = st.slider("Images", 2, 8, 4, step=2, key="model_preview_count")
+st.markdown("#### Predictions")
+c1, c2 = st.columns(2)
+split = c1.selectbox("Split", [s for s, n in index.split_counts().items() if n and s != "train"] or ["train"],
+                     key="model_preview_split")
+count = c2.slider("Images", 2, 8, 4, step=2, key="model_preview_count")
 with error_box("Predicting"):
-    val = SegmentationDataset(index, "val", tuple(spec.input_size), spec.in_channels, limit=count)
-    pictures, captions = [], []
+    shown = SegmentationDataset(index, split, tuple(spec.input_size), spec.in_channels, limit=count)
+    pictures, captions, truths, predictions = [], [], [], []
     with torch.no_grad():
-        for i in range(len(val)):
-            image, truth = val.raw(i)
-            prediction = loaded.model(normalise(image, spec.in_channels)[None]).argmax(1)[0].numpy()
-            pictures += [overlay_mask(image, truth), overlay_mask(image, prediction.astype("uint8"))]
+        for i in range(len(shown)):
+            image, truth = shown.raw(i)
+            prediction = loaded.model(normalise(image, spec.in_channels)[None]).argmax(1)[0].numpy().astype("uint8")
+            pictures += [overlay_mask(image, truth), overlay_mask(image, prediction)]
             captions += [f"ground truth {i + 1}", f"prediction {i + 1}"]
+            truths.append(truth)
+            predictions.append(prediction)
     image_grid(pictures, captions, columns=4)
+    confusion = batch_confusion(np.stack(predictions), np.stack(truths), len(spec.classes))
+    shown_metrics = SegmentationMetrics.from_confusion(confusion.sum(axis=0), spec.classes)
+    defects = list(spec.classes[1:])
+    frame = pd.DataFrame({"class": defects, "IoU": [shown_metrics.per_class_iou[name] for name in defects],
+                          "pixels in truth": confusion.sum(axis=(0, 2))[1:],
+                          "pixels predicted": confusion.sum(axis=(0, 1))[1:]})
+    st.plotly_chart(px.bar(frame, x="class", y="IoU", color="class", range_y=[0, 100],
+                           color_discrete_map={name: class_colour_hex(i + 1) for i, name in enumerate(defects)},
+                           hover_data=["pixels in truth", "pixels predicted"],
+                           title=f"IoU per defect class on these {len(shown)} {split} images (%)"),
+                    width="stretch")
+    st.caption("A class in neither the truth nor the prediction of these images has no bar.")
 st.success("Next: the Prune page starts prune-retrain rounds from this model.")
