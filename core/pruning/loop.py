@@ -213,6 +213,9 @@ def run_prune_loop(
     batches = calibration_batches(_unaugmented(train_ds), settings.calibration_images,
                                   settings.calibration_batch, settings.seed)
     final_macs = base["macs"] * (1.0 - settings.target) if settings.target_kind == "macs" else 0.0
+    # a parameter target: rounds step through MACs as usual, and the round that would pass the
+    # target has its cut scaled back to land on it
+    params_floor = base["params"] * (1.0 - settings.target) if settings.target_kind == "params" else None
     stopped = "rounds"
     for round_index in range(len(rounds) + 1, settings.max_rounds + 1):
         macs_now = count_macs(model, size, in_channels)
@@ -229,7 +232,7 @@ def run_prune_loop(
         step_settings = settings.step_settings
         step_settings.seed = settings.seed + round_index
         result = prune_step(model, size, in_channels, method, step_reduction, batches, names, weights,
-                            step_settings, progress=relay)
+                            step_settings, progress=relay, params_floor=params_floor)
         history = history + result.history
         if settings.finetune_epochs > 0:
             config = _finetune_config(settings, round_index)
@@ -282,17 +285,21 @@ def _finish(model, spec, history, rounds, base, test_ds, out_dir, names, device,
     accepted = [r for r in rounds if r.accepted]
     if accepted:
         best = accepted[-1]
-        loaded = load_checkpoint(best.checkpoint, device=device)
-        result_model, checkpoint = loaded.model, best.checkpoint
+        checkpoint = best.checkpoint
         reductions = (best.macs_reduction, best.params_reduction)
         val_miou, drop = best.defect_miou, best.drop
     else:  # even the first round broke tolerance: the unpruned model is the result
-        result_model, checkpoint, reductions, val_miou, drop = None, None, (0.0, 0.0), base["defect_miou"], 0.0
-    test = None
-    if test_ds is not None and len(test_ds) and result_model is not None:
+        checkpoint, reductions, val_miou, drop = None, (0.0, 0.0), base["defect_miou"], 0.0
+    test, test_skipped = None, None
+    if stopped == "user":  # a stop is honoured within seconds: no pass over the test split now
+        test_skipped = "the run was stopped; resume it, or evaluate the result checkpoint on the test split"
+    elif test_ds is not None and len(test_ds) and checkpoint is not None:
+        result_model = load_checkpoint(checkpoint, device=device).model
         test = evaluate(result_model, test_ds, device=device, class_names=names, per_image=False).metrics.to_dict()
     result = {"checkpoint": checkpoint, "macs_reduction": reductions[0], "params_reduction": reductions[1],
               "defect_miou": val_miou, "drop": drop, "test": test, "base_val_defect_miou": base["defect_miou"]}
+    if test_skipped:
+        result["test_skipped"] = test_skipped
     write_json_atomic(Path(out_dir) / ROUNDS_FILE,
                       {"base": base, "rounds": [asdict(r) for r in rounds], "result": result, "stopped": stopped},
                       default=float)
