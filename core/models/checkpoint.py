@@ -14,7 +14,8 @@ graph (so the pruned shapes come from Torch-Pruning, not from the weights file),
 loads the weights strictly. Nothing is unpickled, so a checkpoint from elsewhere cannot run
 code. Saving writes a temporary sibling folder, syncs it, and renames it into place: an
 interrupted save never leaves a partial checkpoint, and an older checkpoint at the same path is
-replaced only once the new one is complete.
+replaced only once the new one is complete (moved aside, then the new one renamed in; a kill
+between the two renames leaves the old one aside, and the next load or save puts it back).
 """
 
 from __future__ import annotations
@@ -100,6 +101,9 @@ def save_checkpoint(path: str | Path, model: nn.Module, spec: ModelSpec,
             "(choose another path or empty the folder)"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
+    restore_interrupted_save(path)  # the previous checkpoint back in place, then the leftovers go
+    for leftover in _save_leftovers(path):
+        shutil.rmtree(leftover, ignore_errors=True)
     token = uuid.uuid4().hex[:8]
     tmp = path.parent / f".{path.name}.tmp-{token}"
     old = path.parent / f".{path.name}.old-{token}"
@@ -129,6 +133,36 @@ def save_checkpoint(path: str | Path, model: nn.Module, spec: ModelSpec,
         raise
     shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def restore_interrupted_save(path: str | Path) -> bool:
+    """Put back the checkpoint a save was replacing when it was killed between its two
+    renames (the old folder moved aside to ``.NAME.old-*``, the new one not yet in place).
+    Returns whether it did. Loading and saving call it; the ``.tmp-*`` and ``.old-*``
+    folders left behind are removed by the next save to the same path."""
+    path = Path(path)
+    if path.exists():
+        return False
+    moved_aside = [p for p in _save_leftovers(path, "old-") if is_checkpoint(p)]
+    if not moved_aside:
+        return False
+    newest = max(moved_aside, key=lambda p: (p / WEIGHTS_FILE).stat().st_mtime_ns)
+    try:
+        os.replace(newest, path)
+    except OSError:  # another process put a checkpoint there meanwhile: that one stands
+        return False
+    fsync_dir(path.parent)
+    return True
+
+
+def _save_leftovers(path: Path, *kinds: str) -> list[Path]:
+    """The temporary (``tmp-``) and moved-aside (``old-``) folders of saves to ``path`` that
+    did not finish."""
+    if not path.parent.is_dir():
+        return []
+    prefix = f".{path.name}."  # as save_checkpoint names them: .NAME.tmp-TOKEN, .NAME.old-TOKEN
+    return sorted(p for p in path.parent.iterdir()
+                  if p.name.startswith(prefix) and p.name[len(prefix):].startswith(kinds or ("tmp-", "old-")))
 
 
 def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -243,6 +277,7 @@ def replay_history(model: nn.Module, history: History, in_channels: int,
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedCheckpoint:
     """Rebuild the model saved at ``path`` (spec, then history, then weights), in eval mode."""
     path = Path(path)
+    restore_interrupted_save(path)
     if not path.is_dir():
         raise CheckpointMissingFileError(
             f"checkpoint folder {path} does not exist (a checkpoint is a folder holding "
