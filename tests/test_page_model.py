@@ -81,6 +81,7 @@ def test_the_split_and_the_number_of_images_change_the_prediction_chart(app, tmp
 
     title, four = shown()
     assert title == "IoU per defect class on these 4 val images (%)"
+    assert "#### Predictions on validation images" in [m.value for m in app.markdown]
     app.slider(key="model_preview_count").set_value(8).run()
     title, eight = shown()
     assert title == "IoU per defect class on these 8 val images (%)" and eight != four
@@ -89,6 +90,7 @@ def test_the_split_and_the_number_of_images_change_the_prediction_chart(app, tmp
     assert not app.exception and not app.error
     title, test = shown()
     assert title == "IoU per defect class on these 8 test images (%)" and test != eight
+    assert "#### Predictions on test images" in [m.value for m in app.markdown]
 
 
 def test_a_bad_checkpoint_path_shows_an_error_box(app):

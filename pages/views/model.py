@@ -138,10 +138,11 @@ if per_class:
     st.plotly_chart(px.bar(frame, x="class", y="IoU", color="class", color_discrete_map=colours, range_y=[0, 100],
                            title="Validation IoU per defect class (%)"), width="stretch")
 
-st.markdown("#### Predictions")
+heading = st.empty()  # named after the split chosen below
 c1, c2 = st.columns(2)
 split = c1.selectbox("Split", [s for s, n in index.split_counts().items() if n and s != "train"] or ["train"],
                      key="model_preview_split")
+heading.markdown(f"#### Predictions on {'validation' if split == 'val' else split} images")
 count = c2.slider("Images", 2, 8, 4, step=2, key="model_preview_count")
 with error_box("Predicting"):
     shown = SegmentationDataset(index, split, tuple(spec.input_size), spec.in_channels, limit=count)
