@@ -1,12 +1,15 @@
 """Jobs run by a real worker process on a tiny model (64 px synthetic steel, one thread):
-order, stop (running, queued, and killed after the grace), a worker killed with SIGKILL in
-the middle of a prune round, resume, and a disk that fills up while a checkpoint is written."""
+order, stop (running, queued, and killed after the grace), a prune job killed with SIGKILL in
+its second round, resume, a run store that fails for a moment, a disk that fills up while a
+checkpoint is written, and a save killed between its two renames."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -16,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from core.runs import api
-from core.runs.store import DB_FILE, FAILED, FINAL_STATES, RUNNING, STOPPED, SUCCEEDED, Store
-from core.runs.worker import _child_env, execute_job
+from core.runs.store import DB_FILE, FAILED, FINAL_STATES, QUEUED, RUNNING, STOPPED, SUCCEEDED, Store, StoreError
+from core.runs.worker import WorkerSettings, _child_env, execute_job, run_worker
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_DATA = {"format": "synthetic-steel", "option": {"num_images": 24, "image_size": 64}, "size": "64",
@@ -121,15 +124,17 @@ def test_prune_killed_in_its_second_round_keeps_the_first_and_resumes(trained, w
                                "calibration_images": 4, "no_tolerance_stop": True}, store)
     assert job.params["option"] == TINY_DATA["option"]  # the model's dataset, from the store
     worker = workers.start("--heartbeat-timeout", "3")
-    # round 1 is mirrored into the store from the loop's first progress report after it is on
-    # disk, so the job is past round 1 and into round 2 when the kill lands. A fast machine may
-    # even have saved round 2's checkpoint folder; the round is finished only once rounds.json
-    # lists it, and resume redoes it.
-    wait_for(lambda: store.list_rounds(job.id), 180, "the first round", interval=0.02)
+    # The loop reports "round 1 done" once round 1's checkpoint and rounds.json are on disk; in
+    # that report the job mirrors the round into the store, writes its progress (metrics: round
+    # 1) and goes on into round 2. The job's process group and its worker are killed the moment
+    # the store shows that progress: round 2 has just begun and cannot have finished, however
+    # fast the machine (killing only the worker would leave the job up to a second to go on).
+    wait_for(lambda: store.get_job(job.id).metrics.get("round") == 1, 180, "the first round", interval=0.02)
     job_pid = store.get_job(job.id).pid
+    os.killpg(job_pid, signal.SIGKILL)
     worker.send_signal(signal.SIGKILL)
     worker.wait(timeout=10)
-    wait_for(lambda: not pid_alive(job_pid), 15, "the job process to end with its worker")
+    wait_for(lambda: not pid_alive(job_pid), 15, "the killed job process to be gone")
 
     out = store.job_dir(job.id) / "prune"
     assert [r.round for r in read_rounds(out)] == [1]
@@ -157,6 +162,57 @@ def test_prune_killed_in_its_second_round_keeps_the_first_and_resumes(trained, w
     assert store.get_prune_run(job.id)["result"]["checkpoint"] == str(out / "round_03")
 
 
+@pytest.mark.timeout(120)
+def test_a_job_process_whose_worker_is_gone_ends_itself(trained):
+    store, _ = trained
+    job = api.submit("train", {**TINY_DATA, "epochs": 500, "max_steps_per_epoch": 1, "no_early_stop": True}, store)
+    assert store.claim_next_job(worker_pid=os.getpid()).id == job.id
+    # started as a worker starts it, but told its worker is pid 1: what the job process sees
+    # once its worker was killed and it was handed to init
+    ended = subprocess.run([sys.executable, "-m", "core", "worker", "--db", str(store.path), "--run-job", str(job.id),
+                            "--parent-pid", "1"], cwd=REPO, env=_child_env(store), capture_output=True, timeout=90)
+    assert ended.returncode == 137, ended.stdout.decode()[-500:]
+    left = store.get_job(job.id)
+    assert left.state == RUNNING and left.pid and left.finished_at is None  # its end unrecorded: stale
+    assert store.fail_stale_jobs(0) == [job.id]
+
+
+@pytest.mark.timeout(120)
+def test_the_worker_rides_out_a_failing_store_and_keeps_its_job(trained):
+    store, checkpoint = trained
+
+    class StoreFailingOnce(Store):
+        """The worker's handle: its first write of the job's pid and of its own heartbeat
+        fail, as with a database locked past the busy timeout or a full disk."""
+
+        def __init__(self, path: Path):
+            super().__init__(path)
+            self.failed: list[str] = []
+
+        def _fail_once(self, name: str, error: Exception) -> None:
+            if name not in self.failed:
+                self.failed.append(name)
+                raise error
+
+        def set_job_pid(self, job_id: int, pid: int) -> None:
+            self._fail_once("set_job_pid", sqlite3.OperationalError("database is locked"))
+            super().set_job_pid(job_id, pid)
+
+        def worker_heartbeat(self, worker_id: int, state: str) -> None:
+            self._fail_once("worker_heartbeat", StoreError("cannot write to the run store: database or disk is full"))
+            super().worker_heartbeat(worker_id, state)
+
+    job = api.submit("evaluate", {"checkpoint": str(checkpoint), "split": "val", "threads": 1}, store)
+    assert [j.id for j in store.list_jobs(states=[QUEUED])] == [job.id]
+    flaky, log = StoreFailingOnce(store.path), io.StringIO()
+    assert run_worker(flaky, WorkerSettings(poll_seconds=0.1, max_jobs=1), log=log) == 0
+    assert flaky.failed == ["set_job_pid", "worker_heartbeat"]
+    assert log.getvalue().count("the run store failed") == 2 and "1 running job(s) go on" in log.getvalue()
+    done = store.get_job(job.id)
+    assert (done.state, done.error, done.attempts) == (SUCCEEDED, None, 1), done.error
+    assert done.result["split"] == "val"
+
+
 @pytest.mark.timeout(240)
 def test_jobs_run_in_order_and_stop_a_running_and_a_queued_job(trained, workers):
     from core.models.checkpoint import load_checkpoint
@@ -176,6 +232,8 @@ def test_jobs_run_in_order_and_stop_a_running_and_a_queued_job(trained, workers)
 
     wait_for(lambda: store.get_job(long.id).metrics.get("val_defect_miou") is not None, 180,
              "the long training to finish an epoch")
+    running = wait_for(lambda: (j := store.get_job(long.id)).eta_seconds is not None and j, 10, "an ETA")
+    assert running.state == RUNNING and running.eta_seconds > 0 and 0 < running.progress < 1
     asked = time.monotonic()
     api.stop(long.id, store)
     stopped = wait_for(lambda: (j := store.get_job(long.id)).state != RUNNING and j, 30, "the stop")
@@ -213,6 +271,8 @@ def test_a_job_that_ignores_the_stop_is_killed_after_the_grace(trained, workers)
 
 @pytest.mark.timeout(120)
 def test_a_full_disk_while_saving_fails_the_job_and_leaves_no_partial_checkpoint(trained, monkeypatch):
+    from safetensors import SafetensorError
+
     import core.models.checkpoint as checkpoint_module
     from core.models.checkpoint import load_checkpoint, save_checkpoint, tensors_digest
 
@@ -223,13 +283,14 @@ def test_a_full_disk_while_saving_fails_the_job_and_leaves_no_partial_checkpoint
         real_save(tensors, filename, metadata=metadata)
         data = Path(filename).read_bytes()
         Path(filename).write_bytes(data[: len(data) // 2])
-        raise OSError(28, "No space left on device", filename)
+        # what safetensors raises on a full disk (seen on a full tmpfs): not an OSError
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
     monkeypatch.setattr(checkpoint_module, "save_file", half_written_then_full)
 
     # over an existing checkpoint: the old one stays, whole
     original = load_checkpoint(checkpoint)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(SafetensorError, match="No space"):
         save_checkpoint(checkpoint, original.model, original.spec)
     assert tensors_digest(load_checkpoint(checkpoint).model.state_dict()) == tensors_digest(original.model.state_dict())
     assert [p.name for p in checkpoint.parent.iterdir() if p.name.startswith(".")] == []
@@ -239,13 +300,82 @@ def test_a_full_disk_while_saving_fails_the_job_and_leaves_no_partial_checkpoint
     assert store.claim_next_job(worker_pid=os.getpid()).id == job.id
     assert execute_job(store, job.id) == FAILED
     failed = store.get_job(job.id)
-    assert failed.error.startswith("no space left on the device while writing") and "resume the job" in failed.error
+    assert failed.error.startswith(f"no space left on the device; earlier results are intact: free space under "
+                                   f"{store.workspace} and submit a new train job")
     folder = store.job_dir(job.id)
     assert not (folder / "checkpoint").exists()
     assert [p.name for p in folder.iterdir() if p.name.startswith(".")] == []
     assert store.find_model(folder / "checkpoint") is None
     assert store.query("PRAGMA integrity_check")[0][0] == "ok"
     assert load_checkpoint(checkpoint).spec.classes == original.spec.classes
+
+
+@pytest.mark.timeout(120)
+def test_a_save_killed_between_its_two_renames_loses_no_checkpoint(trained, tmp_path):
+    import shutil
+
+    from core.models.checkpoint import load_checkpoint, save_checkpoint, tensors_digest
+
+    _, checkpoint = trained
+    target = shutil.copytree(checkpoint, tmp_path / "model")
+    original = tensors_digest(load_checkpoint(target).model.state_dict())
+    # a process saving different weights over it is killed right after the old folder moved aside
+    script = """import os, sys, torch
+import core.models.checkpoint as c
+real, calls = os.replace, []
+def replace(src, dst):
+    calls.append(dst)
+    if len(calls) == 2:
+        os._exit(9)
+    real(src, dst)
+os.replace = replace
+loaded = c.load_checkpoint(sys.argv[1])
+with torch.no_grad():
+    next(loaded.model.parameters()).zero_()
+c.save_checkpoint(sys.argv[1], loaded.model, loaded.spec, loaded.history)
+"""
+    killed = subprocess.run([sys.executable, "-c", script, str(target)], cwd=REPO, env=_child_env(trained[0]),
+                            capture_output=True, text=True, timeout=90)
+    assert killed.returncode == 9, killed.stderr[-500:]
+    assert not target.exists()
+    assert sorted(p.name.split("-")[0] for p in tmp_path.iterdir()) == [".model.old", ".model.tmp"]
+
+    loaded = load_checkpoint(target)  # puts the old one back
+    assert tensors_digest(loaded.model.state_dict()) == original
+    assert sorted(p.name.split("-")[0] for p in tmp_path.iterdir()) == [".model.tmp", "model"]
+    save_checkpoint(target, loaded.model, loaded.spec, loaded.history)  # and the next save sweeps up
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert tensors_digest(load_checkpoint(target).model.state_dict()) == original
+
+
+@pytest.mark.timeout(120)
+def test_a_prune_stopped_while_fine_tuning_skips_the_test_split(trained):
+    from core.data.dataset import SegmentationDataset
+    from core.data.registry import load_index
+    from core.models.checkpoint import load_checkpoint
+    from core.pruning.loop import LoopSettings, read_rounds, run_prune_loop
+    from core.train import TrainConfig
+
+    store, checkpoint = trained
+    loaded = load_checkpoint(checkpoint)
+    index = load_index("synthetic-steel", store.workspace / "synthetic", num_images=24, image_size=64)
+    train, val, test = (SegmentationDataset(index, split, (64, 64), loaded.spec.in_channels)
+                        for split in ("train", "val", "test"))
+    settings = LoopSettings(method="uniform-l1", target=0.8, step=0.3, finetune_epochs=1, max_rounds=3,
+                            calibration_images=4, calibration_batch=2, latency_runs=2,
+                            finetune=TrainConfig(epochs=1, batch_size=4, max_steps_per_epoch=1, patience=None))
+    out = store.workspace / "stopped-prune"
+
+    def stop_in_round_2_fine_tuning(fraction: float, message: str) -> bool:
+        return message.startswith("round 2 fine-tune")
+
+    result = run_prune_loop(loaded.model, loaded.spec, list(loaded.history), train, val, test, out, settings,
+                            progress=stop_in_round_2_fine_tuning,
+                            evaluator=lambda model: {"defect_miou": 50.0, "per_class_iou": {}})
+    assert result.stopped == "user" and [r.round for r in read_rounds(out)] == [1]
+    assert result.result["checkpoint"] == result.rounds[0].checkpoint
+    assert result.result["test"] is None and "stopped" in result.result["test_skipped"]  # round 1 was not tested
+    assert json.loads((out / "rounds.json").read_text())["result"]["test_skipped"] == result.result["test_skipped"]
 
 
 @pytest.mark.timeout(120)

@@ -14,10 +14,12 @@ written atomically and is intact, and ``jobs resume`` continues from there.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -27,11 +29,14 @@ from pathlib import Path
 from typing import IO
 
 from core.errors import DefectPruneError
-from core.runs.store import FAILED, RUNNING, RUNS_DIR, STOPPED, SUCCEEDED, Store
+from core.runs.store import (
+    FAILED, RUNNING, RUNS_DIR, STOPPED, SUCCEEDED, JobRecord, Store, StoreError, retry_advice,
+)
 
 DEFAULT_HEARTBEAT_TIMEOUT = 30.0
 DEFAULT_STOP_GRACE = 10.0
 DEFAULT_POLL = 0.5
+MAX_STORE_BACKOFF = 10.0  # longest pause between retries while the run store fails
 LOCK_FILE = "worker.lock"
 LOG_FILE = "job.log"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -123,6 +128,7 @@ def worker_running(store: Store) -> bool:
 @dataclass
 class _Child:
     job_id: int
+    kind: str
     process: subprocess.Popen
     log: Path
     killed: bool = False
@@ -137,7 +143,7 @@ def _child_env(store: Store) -> dict[str, str]:
     return env
 
 
-def spawn_job_process(store: Store, job_id: int) -> _Child:
+def spawn_job_process(store: Store, job_id: int, kind: str) -> _Child:
     folder = store.job_dir(job_id)
     folder.mkdir(parents=True, exist_ok=True)
     log = folder / LOG_FILE
@@ -148,7 +154,7 @@ def spawn_job_process(store: Store, job_id: int) -> _Child:
             stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT, env=_child_env(store),
             start_new_session=True,  # its own process group: a kill reaches its data loaders too
         )
-    return _Child(job_id, process, log)
+    return _Child(job_id, kind, process, log)
 
 
 def _kill(child: _Child) -> None:
@@ -213,69 +219,80 @@ def run_worker(store: Store, settings: WorkerSettings | None = None, log: IO[str
         for job_id in store.fail_stale_jobs(settings.heartbeat_timeout):
             say(f"job {job_id}: marked failed, its heartbeat stopped (the previous worker died)")
         idle_since = last_sweep = last_beat = time.monotonic()
+        store_failures = 0
         while True:
-            now = time.monotonic()
-            # supervise the running jobs
-            for job_id, child in list(children.items()):
-                code = child.process.poll()
-                if code is None:
-                    job = store.get_job(job_id)
-                    if shutting_down["flag"] and not job.stop_requested:
-                        store.request_stop(job_id)
-                        continue
-                    if job.stop_requested or job.state != RUNNING:
-                        asked = job.stop_requested_at or time.time()
-                        if time.time() - asked > settings.stop_grace:
-                            _kill(child)
-                            store.finish_job(job_id, STOPPED, message=(
-                                f"stopped: the job did not stop within the {settings.stop_grace:g} s grace "
-                                "and was killed"))
-                            say(f"job {job_id}: killed after the stop grace")
+            try:
+                now = time.monotonic()
+                # supervise the running jobs
+                for job_id, child in list(children.items()):
+                    code = child.process.poll()
+                    if code is None:
+                        job = store.get_job(job_id)
+                        if shutting_down["flag"] and not job.stop_requested:
+                            store.request_stop(job_id)
+                            continue
+                        if job.stop_requested or job.state != RUNNING:
+                            asked = job.stop_requested_at or time.time()
+                            if time.time() - asked > settings.stop_grace:
+                                _kill(child)
+                                store.finish_job(job_id, STOPPED, message=(
+                                    f"stopped: the job did not stop within the {settings.stop_grace:g} s grace "
+                                    "and was killed"))
+                                say(f"job {job_id}: killed after the stop grace")
+                            else:
+                                continue
                         else:
                             continue
-                    else:
-                        continue
-                    code = child.process.returncode
-                _record_exit(store, child, code)
-                say(f"job {job_id}: {store.get_job(job_id).state} (exit code {code})")
-                del children[job_id]
-                done += 1
-            if shutting_down["flag"] and not children:
-                break
-            limit_reached = settings.max_jobs is not None and done + len(children) >= settings.max_jobs
-            while not shutting_down["flag"] and not limit_reached and len(children) < settings.concurrency:
-                job = store.claim_next_job(os.getpid())
-                if job is None:
+                        code = child.process.returncode
+                    _record_exit(store, child, code)
+                    say(f"job {job_id}: {store.get_job(job_id).state} (exit code {code})")
+                    del children[job_id]
+                    done += 1
+                if shutting_down["flag"] and not children:
                     break
-                try:
-                    children[job.id] = spawn_job_process(store, job.id)
-                    store.set_job_pid(job.id, children[job.id].process.pid)
-                except OSError as exc:
-                    store.finish_job(job.id, FAILED, message="failed", error=f"cannot start the job process: {exc}")
-                    continue
-                say(f"job {job.id} ({job.kind}): started, pid {children[job.id].process.pid}")
                 limit_reached = settings.max_jobs is not None and done + len(children) >= settings.max_jobs
-            if not children:
-                if limit_reached:
-                    break
-                if settings.idle_exit is not None and now - idle_since > settings.idle_exit:
-                    say(f"idle for {settings.idle_exit:g} s; leaving")
-                    break
-            else:
-                idle_since = now
-            if now - last_beat >= 1.0:
-                store.worker_heartbeat(worker_id, "running" if children else "idle")
-                last_beat = now
-            if now - last_sweep >= max(settings.heartbeat_timeout / 3, 1.0):
-                for job_id in store.fail_stale_jobs(settings.heartbeat_timeout, exclude=list(children)):
-                    say(f"job {job_id}: marked failed, no heartbeat for {settings.heartbeat_timeout:g} s")
-                last_sweep = now
+                while not shutting_down["flag"] and not limit_reached and len(children) < settings.concurrency:
+                    job = store.claim_next_job(os.getpid())
+                    if job is None:
+                        break
+                    try:
+                        children[job.id] = spawn_job_process(store, job.id, job.kind)
+                    except OSError as exc:
+                        store.finish_job(job.id, FAILED, message="failed", error=f"cannot start the job process: {exc}")
+                        continue
+                    store.set_job_pid(job.id, children[job.id].process.pid)
+                    say(f"job {job.id} ({job.kind}): started, pid {children[job.id].process.pid}")
+                    limit_reached = settings.max_jobs is not None and done + len(children) >= settings.max_jobs
+                if not children:
+                    if limit_reached:
+                        break
+                    if settings.idle_exit is not None and now - idle_since > settings.idle_exit:
+                        say(f"idle for {settings.idle_exit:g} s; leaving")
+                        break
+                else:
+                    idle_since = now
+                if now - last_beat >= 1.0:
+                    store.worker_heartbeat(worker_id, "running" if children else "idle")
+                    last_beat = now
+                if now - last_sweep >= max(settings.heartbeat_timeout / 3, 1.0):
+                    for job_id in store.fail_stale_jobs(settings.heartbeat_timeout, exclude=list(children)):
+                        say(f"job {job_id}: marked failed, no heartbeat for {settings.heartbeat_timeout:g} s")
+                    last_sweep = now
+                store_failures = 0
+            except (StoreError, sqlite3.OperationalError) as exc:
+                # a locked or full store: the jobs run on (they keep their own heartbeat), the
+                # loop tries again, more slowly each time; every step above can be repeated
+                store_failures += 1
+                pause = min(MAX_STORE_BACKOFF, max(settings.poll_seconds, DEFAULT_POLL) * 2 ** (store_failures - 1))
+                say(f"the run store failed ({exc}); {len(children)} running job(s) go on; retrying in {pause:g} s")
+                time.sleep(pause)
+                continue
             time.sleep(settings.poll_seconds)
     finally:
         for job_id, child in children.items():  # only on an error in the loop itself
             _kill(child)
             store.finish_job(job_id, FAILED, message="failed",
-                             error="the worker stopped with an error while the job ran; resume it")
+                             error=f"the worker stopped with an error while the job ran; {retry_advice(child.kind, job_id)}")
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         try:
@@ -286,16 +303,33 @@ def run_worker(store: Store, settings: WorkerSettings | None = None, log: IO[str
 
 
 # ---------------------------------------------------------------- inside the job process
-def failure_message(exc: BaseException, store: Store) -> str:
+def failure_message(exc: BaseException, store: Store, job: JobRecord) -> str:
     """One line a user can act on, for the job's error column."""
+    full, filename = _no_space(exc)
+    if full:
+        where = f" while writing {filename}" if filename else ""
+        return (f"no space left on the device{where}; earlier results are intact: free space under "
+                f"{store.workspace} and {retry_advice(job.kind, job.id)}")
     if isinstance(exc, DefectPruneError):
         return str(exc)
-    if isinstance(exc, OSError) and exc.errno == 28:  # ENOSPC
-        where = f" while writing {exc.filename}" if exc.filename else ""
-        return (f"no space left on the device{where}; earlier results are intact: free space under "
-                f"{store.workspace} and resume the job")
     text = str(exc).splitlines()[0] if str(exc) else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _no_space(exc: BaseException | None) -> tuple[bool, str | None]:
+    """Whether ``exc``, or an exception it was raised from, says the disk is full (an
+    ``OSError`` with ENOSPC, or a library's own error quoting it, e.g. safetensors'
+    "I/O error: No space left on device (os error 28)"); and the file, when known."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            return True, exc.filename
+        text = str(exc)
+        if f"os error {errno.ENOSPC})" in text or os.strerror(errno.ENOSPC) in text:
+            return True, None
+        exc = exc.__cause__ or exc.__context__
+    return False, None
 
 
 def execute_job(store: Store, job_id: int, parent_pid: int | None = None) -> str:
@@ -326,7 +360,7 @@ def execute_job(store: Store, job_id: int, parent_pid: int | None = None) -> str
         if context.stop_requested and isinstance(exc, DefectPruneError):
             state, message = STOPPED, f"stopped: {exc}"  # e.g. training stopped before its first epoch
         else:
-            state, message, error = FAILED, "failed", failure_message(exc, store)
+            state, message, error = FAILED, "failed", failure_message(exc, store, job)
             traceback.print_exc()
     finally:
         heartbeat.stop()
