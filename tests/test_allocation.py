@@ -50,14 +50,15 @@ def test_scoring_network_meets_the_budget_after_real_pruning(arch, encoder):
     assert model(torch.zeros(1, 3, SIZE, SIZE)).shape == (1, 3, SIZE, SIZE)
 
 
-def test_predictor_matches_torch_pruning_after_pruning_random_ratios():
+@pytest.mark.parametrize("arch", ["unet", "unetplusplus", "fpn", "deeplabv3plus", "linknet"])
+def test_predictor_matches_torch_pruning_after_pruning_random_ratios(arch):
     torch.manual_seed(0)
-    model = build_model(ModelSpec(classes=CLASSES)).eval()
+    model = build_model(ModelSpec(classes=CLASSES, arch=arch)).eval()
     graph = PruningGraph(model, torch.zeros(1, 3, SIZE, SIZE))
     cost = CostModel(graph)
     assert cost.predict()["macs"] == pytest.approx(real_macs(model), rel=1e-6)
     rng = np.random.default_rng(0)
-    kept = {g.name: kept_count(g.channels, rng.uniform(0.1, 1.0)) for g in graph.groups}
+    kept = {g.name: kept_count(g.channels, rng.uniform(0.1, 1.0), step=g.channel_step) for g in graph.groups}
     predicted = cost.predict(kept)
     graph.prune({g.name: list(range(g.channels - kept[g.name])) for g in graph.groups})
     params = sum(p.numel() for p in model.parameters())
@@ -65,16 +66,40 @@ def test_predictor_matches_torch_pruning_after_pruning_random_ratios():
     assert predicted["params"] == pytest.approx(params, rel=0.02)
 
 
-def test_predictor_answers_in_milliseconds():
-    import time
+def test_a_parameter_floor_scales_the_cut_back_to_land_on_it():
+    from core.allocation.base import cap_at_params
 
+    torch.manual_seed(0)
     model = build_model(ModelSpec(classes=CLASSES)).eval()
-    cost = CostModel(PruningGraph(model, torch.zeros(1, 3, SIZE, SIZE)))
-    start = time.perf_counter()
-    for ratio in np.linspace(0.1, 1.0, 20):
-        cost.macs(torch.full((len(cost.group_names),), float(ratio)))
-    per_call = (time.perf_counter() - start) / 20
-    assert per_call < 0.05  # generous: it is a few small matrix products
+    graph = PruningGraph(model, torch.zeros(1, 3, SIZE, SIZE))
+    cost = CostModel(graph)
+    deep = allocate_uniform(graph, cost, 0.8)
+    floor = cost.params0 * (1 - 0.5)  # a 50% parameter target that the 80%-MACs cut overshoots
+    assert deep.predicted["params"] < floor
+    capped = cap_at_params(cost, graph, deep, floor, AllocationLimits())
+    assert capped.predicted["params"] <= floor  # the target is reached ...
+    assert capped.predicted["params_reduction"] == pytest.approx(0.5, abs=0.01)  # ... not overshot
+    assert all(capped.kept[n] >= deep.kept[n] for n in deep.kept)  # the same cut, scaled back
+    assert cap_at_params(cost, graph, deep, deep.predicted["params"] / 2, AllocationLimits()) is deep
+
+
+def test_sensitivity_measuring_ends_at_a_stop_request():
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(classes=CLASSES)).eval()
+    graph = PruningGraph(model, torch.zeros(1, 3, SIZE, SIZE))
+    rng = np.random.default_rng(0)
+    ranks = {g.name: ranks_from_scores(rng.random(g.channels)) for g in graph.groups}
+    calls = []
+
+    def stop_at_once(fraction, message):
+        calls.append(message)
+        return True
+
+    allocation = allocate_by_sensitivity(model, graph, CostModel(graph), ranks, batches(), 0.5, [1.0, 1.0, 1.0],
+                                         levels=(0.5, 0.9), progress=stop_at_once)
+    assert len(calls) == 1  # not one more group measured after the stop
+    measured = [n for n, curve in allocation.details["drops"].items() if len(curve) > 1]
+    assert measured == [graph.groups[0].name]
 
 
 class TwoBranchNet(nn.Module):

@@ -114,8 +114,12 @@ def test_memory_bound_on_a_large_layer(monkeypatch):
     graph = PruningGraph(net, torch.zeros(1, 3, 32, 32))
     collect_correlations(net, graph, [torch.randn(4, 3, 128, 128)], positions_per_batch=1000)
     assert seen and all(cols <= 1000 and rows == 64 for rows, cols in seen)
-    generator = torch.Generator().manual_seed(0)
-    assert sample_positions(torch.randn(2, 5, 64, 64), 300, generator).shape == (5, 300)
+    response = torch.randn(2, 5, 64, 64)
+    sample = sample_positions(response, 300, torch.Generator().manual_seed(0))
+    assert sample.shape == (5, 300)
+    # the same (image, y, x) columns as drawing from the channels-first flattening
+    idx = torch.randperm(2 * 64 * 64, generator=torch.Generator().manual_seed(0))[:300]
+    torch.testing.assert_close(sample, response.transpose(0, 1).reshape(5, -1)[:, idx])
 
 
 def test_every_criterion_is_a_torch_pruning_importance_with_one_score_per_channel():
@@ -148,6 +152,30 @@ def test_weight_cosine_variant_sees_identical_filters():
     graph = PruningGraph(net, torch.zeros(1, 3, 16, 16))
     cos = weight_cosine_matrix(graph, graph.by_name["conv1"])
     assert cos[0, 1] == pytest.approx(1.0) and abs(cos[0, 3]) < 0.99
+
+
+def test_weight_cosine_is_a_selectable_correlation_source_that_needs_no_data():
+    from core.pruning.step import StepSettings, score_filters
+
+    net = duplicate_filter_net()
+    graph = PruningGraph(net, torch.zeros(1, 3, 16, 16))
+    analysis = score_filters(net, graph, "collaborative", [], StepSettings(correlation="weights"))
+    for g in graph.groups:
+        np.testing.assert_array_equal(analysis.correlations[g.name], weight_cosine_matrix(graph, g))
+    order = np.argsort(analysis.scores["conv1"], kind="stable")
+    assert len({0, 1} & set(order[:4].tolist())) == 1  # the duplicates: one kept, as with responses
+    with pytest.raises(Exception, match="unknown correlation source 'pixels'"):
+        score_filters(net, graph, "collaborative", [], StepSettings(correlation="pixels"))
+
+
+def test_l1_criterion_is_torch_pruning_group_l1_unnormalised():
+    import torch_pruning as tp
+
+    net = duplicate_filter_net()
+    graph = PruningGraph(net, torch.zeros(1, 3, 16, 16))
+    _, tp_group = conv1_group(graph)
+    expected = tp.importance.GroupMagnitudeImportance(p=1, group_reduction="sum", normalizer=None)(tp_group)
+    torch.testing.assert_close(make_importance("l1")(tp_group).float(), expected.float())
 
 
 def test_group_analysis_lays_out_scores_and_both_selections():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -89,6 +89,31 @@ def meet_budget(
         else:
             high = mid
     return best[0], best[1], True
+
+
+def cap_at_params(cost: CostModel, graph: PruningGraph, allocation: Allocation, params_floor: float,
+                  limits: AllocationLimits, iterations: int = 40) -> Allocation:
+    """Stop an allocation at a parameter budget: a MACs-budgeted allocation that would leave
+    fewer than ``params_floor`` parameters is scaled back, every group's cut shrunk by the same
+    factor t (its shape kept), to the smallest t that still reaches the floor. Bisection on t
+    over the predictor; the allocation itself where it stays above the floor."""
+    if cost.predict(allocation.kept)["params"] >= params_floor:
+        return allocation
+    cut = {g.name: 1.0 - allocation.kept[g.name] / g.channels for g in graph.groups}
+
+    def kept_at(t: float) -> dict[str, int]:
+        return {g.name: min(limits.kept(g, 1.0 - t * cut[g.name]), g.channels) for g in graph.groups}
+
+    low, high = 0.0, 1.0  # params(low) >= floor > params(high)
+    for _ in range(iterations):
+        mid = (low + high) / 2
+        if cost.predict(kept_at(mid))["params"] > params_floor:
+            low = mid
+        else:
+            high = mid
+    kept = kept_at(high)
+    return replace(allocation, kept=kept, predicted=cost.predict(kept),
+                   details={**allocation.details, "capped_at_params": float(params_floor), "cut_scale": high})
 
 
 def fill_budget(

@@ -18,6 +18,7 @@ from core.allocation.baselines import ALLOCATORS
 from core.allocation.scoring_network import ScoringNetworkSettings
 from core.importance.criteria import CRITERIA
 from core.pruning.methods import METHODS
+from core.pruning.step import CORRELATION_SOURCES
 from core.train import TorchThreads, TrainConfig, resolve_device
 
 if TYPE_CHECKING:
@@ -45,6 +46,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-rounds", type=positive_int, default=10)
     parser.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate")
     parser.add_argument("--beta", type=float, default=0.5, help="weight of substitutability in the score")
+    parser.add_argument("--correlation", default="activations", choices=list(CORRELATION_SOURCES),
+                        help="substitutability from the channels' responses on calibration images (default) "
+                             "or, without data, from the cosine of the filters' weights")
     parser.add_argument("--scoring-steps", type=positive_int, default=300, help="scoring-network steps per round")
     parser.add_argument("--calibration-images", type=positive_int, default=64)
     parser.add_argument("--max-prune-ratio", type=fraction, default=0.9, help="largest share cut from one layer")
@@ -95,7 +99,7 @@ def loop_settings_from_args(args: argparse.Namespace, device: str) -> LoopSettin
         max_rounds=args.max_rounds, stop_at_tolerance=not args.no_tolerance_stop,
         calibration_images=args.calibration_images, seed=args.seed,
         step_settings=StepSettings(
-            beta=args.beta, seed=args.seed, scoring=ScoringNetworkSettings(steps=args.scoring_steps, seed=args.seed),
+            beta=args.beta, correlation=args.correlation, seed=args.seed, scoring=ScoringNetworkSettings(steps=args.scoring_steps, seed=args.seed),
             limits=AllocationLimits(max_prune_ratio=args.max_prune_ratio, round_to=args.round_to,
                                    protect_head_input=not args.cut_head_input)),
         finetune=TrainConfig(epochs=max(args.finetune_epochs, 1), batch_size=args.batch_size, lr=args.lr,

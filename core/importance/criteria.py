@@ -117,7 +117,9 @@ def make_importance(
     seed: int = 0,
 ) -> tp.importance.Importance:
     if criterion == "l1":
-        return ContributionImportance()
+        # raw group L1 (the ranking within a group is min-max's; the global allocator divides
+        # by the group mean as Torch-Pruning's default global pruning does, not by a min-max span)
+        return GroupL1Importance()
     if criterion in NEEDS_CORRELATION:
         if model is None or correlations is None:
             raise PruningError(f"criterion {criterion} needs the model and measured correlations")

@@ -3,9 +3,12 @@
 Pearson correlation of the group's output-channel responses over a calibration batch. The
 responses are read after the group's normalisation layer (what a removed channel stops
 sending downstream), optionally after ReLU. Memory is bounded: each batch contributes at most
-``positions_per_batch`` randomly chosen spatial positions (seeded), and only the running sums
-(C, C x C in float64) are kept, so a group costs 8 x C^2 bytes plus C x positions_per_batch x 4
-bytes for the batch in flight: 2 MiB + 16 MiB for a 512-channel group at the default 8192.
+``positions_per_batch`` randomly chosen spatial positions (seeded), gathered from the response
+where it lives (no copy of the whole response), and only the running sums (C, C x C in float64)
+are kept, so beyond the forward pass's own activations a group costs 8 x C^2 bytes plus
+C x positions_per_batch x 8 bytes for the sample in flight (float64): 2 MiB + 32 MiB for a
+512-channel group at the default 8192. With ``after_activation`` the ReLU makes one copy of
+the response.
 """
 
 from __future__ import annotations
@@ -49,14 +52,14 @@ class CorrelationAccumulator:
 
 
 def sample_positions(response: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
-    """N x C x H x W -> C x P with P <= count positions drawn without replacement."""
-    c = response.shape[1]
-    flat = response.transpose(0, 1).reshape(c, -1)
-    total = flat.shape[1]
+    """N x C x H x W -> C x P with P <= count positions (image, y, x) drawn without
+    replacement; the positions are gathered where the response lives, without a copy of it."""
+    n, c, h, w = response.shape
+    total = n * h * w
     if total <= count:
-        return flat
-    idx = torch.randperm(total, generator=generator)[:count]
-    return flat[:, idx]
+        return response.transpose(0, 1).reshape(c, -1)
+    idx = torch.randperm(total, generator=generator)[:count].to(response.device)
+    return response.flatten(2)[idx // (h * w), :, idx % (h * w)].T
 
 
 @torch.no_grad()
@@ -78,7 +81,7 @@ def collect_correlations(
     def make_hook(name: str):
         def hook(_module, _inputs, output) -> None:
             out = output.relu() if after_activation else output
-            accumulators[name].update(sample_positions(out.float().cpu(), positions_per_batch, generator))
+            accumulators[name].update(sample_positions(out, positions_per_batch, generator).float().cpu())
         return hook
 
     for g in groups:

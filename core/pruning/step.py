@@ -13,17 +13,21 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from core.allocation.base import Allocation, AllocationLimits, ProgressFn
+from core.allocation.base import Allocation, AllocationLimits, ProgressFn, cap_at_params
 from core.allocation.baselines import allocate_by_sensitivity, allocate_global, allocate_uniform
 from core.allocation.cost import CostModel
 from core.allocation.masks import ranks_from_scores
 from core.allocation.scoring_network import ScoringNetworkSettings, allocate_by_scoring_network
 from core.importance.criteria import NEEDS_CORRELATION, ContributionImportance, make_importance
-from core.importance.substitutability import DEFAULT_POSITIONS, collect_correlations
-from core.pruning.graph import PruningGraph, select_removal
+from core.importance.substitutability import DEFAULT_POSITIONS, collect_correlations, weight_cosine_matrix
+from core.pruning.graph import PruningError, PruningGraph, select_removal
 from core.pruning.methods import MethodSpec
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+# where substitutability's correlation comes from: the channels' responses on calibration
+# images (the method), or the cosine of the filters' weights (no data needed; an approximation)
+CORRELATION_SOURCES = {"activations": "response correlation (calibration images)",
+                       "weights": "weight cosine (no data)"}
 
 
 @dataclass
@@ -31,6 +35,7 @@ class StepSettings:
     beta: float = 0.5
     positions_per_batch: int = DEFAULT_POSITIONS
     after_activation: bool = False
+    correlation: str = "activations"  # a key of CORRELATION_SOURCES
     seed: int = 0
     limits: AllocationLimits = field(default_factory=AllocationLimits)
     scoring: ScoringNetworkSettings = field(default_factory=ScoringNetworkSettings)
@@ -71,7 +76,12 @@ def example_input(model: nn.Module, input_size: Sequence[int], in_channels: int)
 def score_filters(model: nn.Module, graph: PruningGraph, criterion: str, batches: Sequence[Batch],
                   settings: StepSettings) -> GroupAnalysis:
     correlations: dict[str, np.ndarray] = {}
-    if criterion in NEEDS_CORRELATION:
+    if settings.correlation not in CORRELATION_SOURCES:
+        raise PruningError(f"unknown correlation source {settings.correlation!r}; "
+                           f"choose one of {', '.join(CORRELATION_SOURCES)}")
+    if criterion in NEEDS_CORRELATION and settings.correlation == "weights":
+        correlations = {g.name: weight_cosine_matrix(graph, g) for g in graph.groups}
+    elif criterion in NEEDS_CORRELATION:
         correlations = collect_correlations(
             model, graph, (x for x, _ in batches), positions_per_batch=settings.positions_per_batch,
             after_activation=settings.after_activation, seed=settings.seed)
@@ -113,8 +123,10 @@ def prune_step(
     class_weights: Sequence[float] | None = None,
     settings: StepSettings | None = None,
     progress: ProgressFn | None = None,
+    params_floor: float | None = None,
 ) -> StepResult:
-    """Remove ``target_reduction`` of the model's current MACs, in place."""
+    """Remove ``target_reduction`` of the model's current MACs, in place; never below
+    ``params_floor`` parameters when given (a parameter target: the cut is scaled back)."""
     settings = settings or StepSettings()
     weights = class_weights if class_weights is not None else [1.0] * len(class_names)
     graph = PruningGraph(model, example_input(model, input_size, in_channels))
@@ -122,6 +134,8 @@ def prune_step(
     analysis = score_filters(model, graph, method.criterion, batches, settings)
     allocation = allocate(model, graph, cost, method.allocator, analysis, batches, target_reduction,
                           class_names, weights, settings, progress)
+    if params_floor is not None:
+        allocation = cap_at_params(cost, graph, allocation, params_floor, settings.limits)
     removed = {g.name: select_removal(g, analysis.scores[g.name].tolist(), g.channels - allocation.kept[g.name])
                for g in graph.groups}
     history = graph.prune(removed)
