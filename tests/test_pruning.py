@@ -123,6 +123,23 @@ def test_loop_stops_at_the_target_and_is_deterministic(tiny_data, tmp_path):
         assert torch.equal(pa, pb)
 
 
+def test_a_parameter_target_is_landed_on_not_overshot(tiny_data, tmp_path):
+    train, val, _, classes = tiny_data
+    model, spec = fresh(classes)
+    # step 0.5 of the MACs cuts far more than 60% of the parameters in its second round (a
+    # uniform MACs cut removes about the same share of parameters); the round is scaled back
+    result = run_prune_loop(model, spec, [], train, val, None, tmp_path,
+                            loop_settings(target=0.6, target_kind="params", step=0.5),
+                            evaluator=ScriptedEvaluator([50.0]))
+    assert result.stopped == "target"
+    reductions = [r.params_reduction for r in result.rounds]
+    assert reductions[0] < 0.6 <= reductions[-1] + 1e-3
+    assert reductions[-1] == pytest.approx(0.6, abs=0.01)
+    assert result.result["params_reduction"] == pytest.approx(reductions[-1])
+    loaded = load_checkpoint(result.result["checkpoint"])
+    assert sum(p.numel() for p in loaded.model.parameters()) == result.rounds[-1].params
+
+
 def test_rounds_land_on_the_milestones_on_their_way_to_the_target(tiny_data, tmp_path):
     from core.runs.jobs import parse_params
 
