@@ -123,6 +123,27 @@ def test_loop_stops_at_the_target_and_is_deterministic(tiny_data, tmp_path):
         assert torch.equal(pa, pb)
 
 
+def test_a_stop_asked_through_the_progress_callback_records_no_half_scored_round(tiny_data, tmp_path):
+    train, val, _, classes = tiny_data
+    messages = []
+
+    def stop_during_scoring(fraction, message):
+        messages.append(message)
+        return "round 2 prune" in message  # asked while the second round's allocation is trained
+
+    model, spec = fresh(classes)
+    result = run_prune_loop(model, spec, [], train, val, None, tmp_path,
+                            loop_settings(method="collaborative", max_rounds=3, finetune_epochs=1,
+                                          step_settings=StepSettings(scoring=ScoringNetworkSettings(steps=50))),
+                            progress=stop_during_scoring, evaluator=ScriptedEvaluator([50.0]))
+    assert result.stopped == "user"
+    assert [r.round for r in result.rounds] == [1]  # round 2 was cut but never recorded
+    assert not (tmp_path / "round_02").exists()
+    assert any("round 1 fine-tune" in m for m in messages)
+    assert not any("round 2 fine-tune" in m for m in messages)  # nor fine-tuned
+    assert result.result["checkpoint"] == result.rounds[0].checkpoint
+
+
 def test_a_parameter_target_is_landed_on_not_overshot(tiny_data, tmp_path):
     train, val, _, classes = tiny_data
     model, spec = fresh(classes)

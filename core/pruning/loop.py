@@ -145,6 +145,7 @@ class _Relay:
 
     def __init__(self, progress: LoopProgress | None, start: float, width: float, label: str):
         self.progress, self.start, self.width, self.label = progress, start, width, label
+        self.stop_requested = False  # the callback asked to stop (the step only shortens its work)
 
     def __call__(self, report: Progress | float, message: str = "") -> bool:
         if self.progress is None:
@@ -155,7 +156,9 @@ class _Relay:
         else:
             fraction = float(report)
             message = f"{self.label}: {message}"
-        return bool(self.progress(self.start + self.width * min(max(fraction, 0.0), 1.0), message))
+        if self.progress(self.start + self.width * min(max(fraction, 0.0), 1.0), message):
+            self.stop_requested = True
+        return self.stop_requested
 
 
 def run_prune_loop(
@@ -233,6 +236,9 @@ def run_prune_loop(
         step_settings.seed = settings.seed + round_index
         result = prune_step(model, size, in_channels, method, step_reduction, batches, names, weights,
                             step_settings, progress=relay, params_floor=params_floor)
+        if relay.stop_requested:  # cut with a half-trained allocation: never fine-tuned or recorded
+            stopped = "user"
+            break
         history = history + result.history
         if settings.finetune_epochs > 0:
             config = _finetune_config(settings, round_index)
