@@ -59,6 +59,20 @@ def test_heatmap_bars_and_selections_follow_the_widgets(tiny_model, monkeypatch)
     assert counts["Removed by the method only"] + counts["Removed by both"] == remove
 
 
+def test_the_weight_cosine_source_reads_no_images_and_is_labelled(tiny_model, monkeypatch):
+    import core.importance.inspect as inspect
+
+    at = page(tiny_model)
+    responses = next(v for k, v in titles(at).items() if k.startswith("|correlation|"))
+    monkeypatch.setattr(inspect, "collect_correlations",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("images were read")))
+    at.radio(key="correlation_source").set_value("weights").run()
+    assert not at.exception and not at.error
+    title, heat = next((k, v) for k, v in titles(at).items() if k.startswith("|correlation|"))
+    assert "weight cosine (no data)" in title
+    assert heat["data"][0]["z"] != responses["data"][0]["z"]
+
+
 # ---------------------------------------------------------------- bad input
 def tiny_neu_seg(root: Path, per_split: int = 4) -> Path:
     """A NEU-Seg-layout folder of a few 64 px grey images with one defect square each."""

@@ -17,8 +17,8 @@ from core.allocation.base import AllocationLimits
 from core.allocation.baselines import ALLOCATORS
 from core.allocation.scoring_network import ScoringNetworkSettings
 from core.importance.criteria import CRITERIA
+from core.importance.substitutability import CORRELATION_SOURCES
 from core.pruning.methods import METHODS
-from core.pruning.step import CORRELATION_SOURCES
 from core.train import TorchThreads, TrainConfig, resolve_device
 
 if TYPE_CHECKING:
@@ -148,7 +148,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"round {r.round}: MACs -{r.macs_reduction:.1%}, params -{r.params_reduction:.1%}, "
               f"val defect mIoU {r.defect_miou:.2f} (drop {r.drop:+.2f}){status}")
     res = result.result
-    test = res["test"]["defect_miou"] if res.get("test") else None
+    if res.get("test"):
+        test = f"{res['test']['defect_miou']:.2f}"
+    else:
+        test = "not run (stopped)" if res.get("test_skipped") else "not run (no test split)"
     print(f"result: {res['checkpoint']} MACs -{res['macs_reduction']:.1%} params -{res['params_reduction']:.1%} "
-          f"val drop {res['drop']:.2f} test defect mIoU {test if test is None else round(test, 2)} ({result.stopped})")
+          f"val drop {res['drop']:.2f} test defect mIoU {test} ({result.stopped})")
     return 0

@@ -22,6 +22,10 @@ import torch.nn as nn
 from core.pruning.graph import PrunableGroup, PruningGraph
 
 DEFAULT_POSITIONS = 8192
+# where substitutability's correlation comes from: the channels' responses on calibration
+# images (the method), or the cosine of the filters' weights (no data needed; an approximation)
+CORRELATION_SOURCES = {"activations": "response correlation (calibration images)",
+                       "weights": "weight cosine (no data)"}
 
 
 class CorrelationAccumulator:

@@ -19,15 +19,13 @@ from core.allocation.cost import CostModel
 from core.allocation.masks import ranks_from_scores
 from core.allocation.scoring_network import ScoringNetworkSettings, allocate_by_scoring_network
 from core.importance.criteria import NEEDS_CORRELATION, ContributionImportance, make_importance
-from core.importance.substitutability import DEFAULT_POSITIONS, collect_correlations, weight_cosine_matrix
+from core.importance.substitutability import (
+    CORRELATION_SOURCES, DEFAULT_POSITIONS, collect_correlations, weight_cosine_matrix,
+)
 from core.pruning.graph import PruningError, PruningGraph, select_removal
 from core.pruning.methods import MethodSpec
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-# where substitutability's correlation comes from: the channels' responses on calibration
-# images (the method), or the cosine of the filters' weights (no data needed; an approximation)
-CORRELATION_SOURCES = {"activations": "response correlation (calibration images)",
-                       "weights": "weight cosine (no data)"}
 
 
 @dataclass

@@ -10,6 +10,7 @@ import streamlit as st
 
 from core.data.dataset import SegmentationDataset
 from core.importance.inspect import GroupMeasurement, measure_group, score_group
+from core.importance.substitutability import CORRELATION_SOURCES
 from core.pruning.loop import calibration_batches
 from ui.state import current_cost_model, current_dataset, dataset_index, error_box, require_model, weights_mtime
 from ui.widgets import load_style
@@ -24,16 +25,18 @@ CALIBRATION = (16, 8, 0)
 
 
 @st.cache_data(show_spinner="Measuring filter correlations on training images...", max_entries=32)
-def measured(path: str, mtime: float, group_name: str, dataset_key: tuple, calibration: tuple,
+def measured(path: str, mtime: float, group_name: str, source: str, dataset_key: tuple, calibration: tuple,
              _model, _graph, _index) -> GroupMeasurement:
     """The forward passes, once per checkpoint version, layer, dataset and calibration
     setting (the underscored objects are not hashed: the arguments before them name them).
     Moving beta or the count of filters only rescores this."""
     count, batch_size, seed = calibration
     spec = _model.spec
-    train = SegmentationDataset(_index, "train", tuple(spec.input_size), spec.in_channels)
-    batches = [x for x, _ in calibration_batches(train, count, batch_size, seed=seed)]
-    return measure_group(_model.model, _graph, group_name, batches, seed=seed)
+    batches = []
+    if source == "activations":
+        train = SegmentationDataset(_index, "train", tuple(spec.input_size), spec.in_channels)
+        batches = [x for x, _ in calibration_batches(train, count, batch_size, seed=seed)]
+    return measure_group(_model.model, _graph, group_name, batches, seed=seed, source=source)
 
 
 loaded = require_model()
@@ -48,13 +51,17 @@ group_name = c1.selectbox("Layer (prunable group, network order)", names,
 beta = c2.slider("beta (weight of substitutability)", 0.0, 1.0, 0.5, 0.05, key="correlation_beta")
 channels = graph.by_name[group_name].channels
 remove = c3.slider("Filters to remove", 1, max(1, channels - 1), max(1, channels // 2), key="correlation_remove")
+source = st.radio("Correlation from", list(CORRELATION_SOURCES), format_func=CORRELATION_SOURCES.get,
+                  horizontal=True, key="correlation_source",
+                  help="The method correlates the filters' responses on training images; the weight cosine needs "
+                       "no data and ignores what the filters do to it (an approximation).")
 
 analysis = None
 with error_box("Measuring correlations"):
     choice = current_dataset()
     index = dataset_index(choice)  # checked on every run: a vanished folder says so
     path = st.session_state["model"]
-    measurement = measured(path, weights_mtime(path), group_name,
+    measurement = measured(path, weights_mtime(path), group_name, source,
                            (choice.format, choice.root, choice.seed, choice.options), CALIBRATION,
                            loaded, graph, index)
     analysis = score_group(measurement, graph.by_name[group_name], beta=beta, remove=remove)
@@ -69,7 +76,8 @@ collaborative = set(analysis.removed_collaborative)
 heat.add_trace(go.Scatter(x=[f"f{i}" for i in order if i in collaborative],
                           y=[f"f{i}" for i in order if i in collaborative], mode="markers",
                           marker={"symbol": "x", "color": "#e63946", "size": 9}, name="removed (collaborative)"))
-heat.update_layout(title="|correlation| of filter responses, clustered order (x: removed by the method)",
+heat.update_layout(title=f"|correlation| ({CORRELATION_SOURCES[source]}), clustered order "
+                         "(x: removed by the method)",
                    yaxis_autorange="reversed", height=520)
 st.plotly_chart(heat, width="stretch")
 
