@@ -10,9 +10,10 @@ import streamlit as st
 import torch
 
 from core.config import confine_to_data_roots, data_roots, workspace_dir
-from core.data.dataset import SegmentationDataset, normalise
+from core.data.dataset import SegmentationDataset
 from core.metrics import SegmentationMetrics, batch_confusion
 from core.models.zoo import ARCHITECTURES, DEFAULT_ARCH, DEFAULT_ENCODER, ENCODERS
+from core.predictions import predict_split
 from core.runs import api
 from core.runs.store import JobRecord
 from core.visual import class_colour_hex, overlay_mask
@@ -146,17 +147,16 @@ heading.markdown(f"#### Predictions on {'validation' if split == 'val' else spli
 count = c2.slider("Images", 2, 8, 4, step=2, key="model_preview_count")
 with error_box("Predicting"):
     shown = SegmentationDataset(index, split, tuple(spec.input_size), spec.in_channels, limit=count)
-    pictures, captions, truths, predictions = [], [], [], []
-    with torch.no_grad():
-        for i in range(len(shown)):
-            image, truth = shown.raw(i)
-            prediction = loaded.model(normalise(image, spec.in_channels)[None]).argmax(1)[0].numpy().astype("uint8")
-            pictures += [overlay_mask(image, truth), overlay_mask(image, prediction)]
-            captions += [f"ground truth {i + 1}", f"prediction {i + 1}"]
-            truths.append(truth)
-            predictions.append(prediction)
+    with torch.inference_mode():
+        predictions = predict_split(loaded.model, shown)
+    pictures, captions, truths = [], [], []
+    for i, prediction in enumerate(predictions):
+        image, truth = shown.raw(i)
+        pictures += [overlay_mask(image, truth), overlay_mask(image, prediction)]
+        captions += [f"ground truth {i + 1}", f"prediction {i + 1}"]
+        truths.append(truth)
     image_grid(pictures, captions, columns=4)
-    confusion = batch_confusion(np.stack(predictions), np.stack(truths), len(spec.classes))
+    confusion = batch_confusion(predictions, np.stack(truths), len(spec.classes))
     shown_metrics = SegmentationMetrics.from_confusion(confusion.sum(axis=0), spec.classes)
     defects = list(spec.classes[1:])
     frame = pd.DataFrame({"class": defects, "IoU": [shown_metrics.per_class_iou[name] for name in defects],
