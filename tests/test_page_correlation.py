@@ -60,11 +60,11 @@ def test_heatmap_bars_and_selections_follow_the_widgets(tiny_model, monkeypatch)
 
 
 def test_the_weight_cosine_source_reads_no_images_and_is_labelled(tiny_model, monkeypatch):
-    import core.importance.inspect as inspect
+    import core.importance.substitutability as substitutability
 
     at = page(tiny_model)
     responses = next(v for k, v in titles(at).items() if k.startswith("|correlation|"))
-    monkeypatch.setattr(inspect, "collect_correlations",
+    monkeypatch.setattr(substitutability, "collect_correlations",
                         lambda *a, **k: (_ for _ in ()).throw(AssertionError("images were read")))
     at.radio(key="correlation_source").set_value("weights").run()
     assert not at.exception and not at.error

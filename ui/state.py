@@ -258,6 +258,9 @@ def run_label(run_id: int) -> str:
         job = api.get_job(int(run_id))
     except DefectPruneError:
         return f"#{run_id} (not in the run store)"
+    except Exception:  # noqa: BLE001 - drawn on every page, outside any page's error box
+        log.error("reading run %s for the sidebar failed:\n%s", run_id, traceback.format_exc())
+        return f"#{run_id} (run store unreadable: see the server log)"
     return f"#{job.id} {job.params.get('method', '')} ({job.state})"
 
 

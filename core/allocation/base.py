@@ -112,7 +112,8 @@ def cap_at_params(cost: CostModel, graph: PruningGraph, allocation: Allocation, 
         else:
             high = mid
     kept = kept_at(high)
-    return replace(allocation, kept=kept, predicted=cost.predict(kept),
+    keep_ratio = {name: 1.0 - high * (1.0 - ratio) for name, ratio in allocation.keep_ratio.items()}
+    return replace(allocation, kept=kept, keep_ratio=keep_ratio, predicted=cost.predict(kept),
                    details={**allocation.details, "capped_at_params": float(params_floor), "cut_scale": high})
 
 

@@ -150,8 +150,12 @@ def run(args: argparse.Namespace) -> int:
     res = result.result
     if res.get("test"):
         test = f"{res['test']['defect_miou']:.2f}"
+    elif res.get("test_skipped"):
+        test = "not run (stopped)"
+    elif res["checkpoint"] is None:
+        test = "not run (no round kept: the unpruned model is the result)"
     else:
-        test = "not run (stopped)" if res.get("test_skipped") else "not run (no test split)"
+        test = "not run (no test split)"
     print(f"result: {res['checkpoint']} MACs -{res['macs_reduction']:.1%} params -{res['params_reduction']:.1%} "
           f"val drop {res['drop']:.2f} test defect mIoU {test} ({result.stopped})")
     return 0

@@ -15,9 +15,7 @@ from scipy.spatial.distance import squareform
 
 from core.importance.collaborative import collaborative_removal_order, combined_scores
 from core.importance.criteria import ContributionImportance
-from core.importance.substitutability import (
-    CORRELATION_SOURCES, collect_correlations, substitutability, weight_cosine_matrix,
-)
+from core.importance.substitutability import correlations_from, substitutability
 from core.pruning.graph import PrunableGroup, PruningGraph, select_removal
 
 
@@ -65,13 +63,8 @@ def measure_group(model: nn.Module, graph: PruningGraph, group_name: str, batche
                   seed: int = 0, source: str = "activations") -> GroupMeasurement:
     """One group's filter contributions and correlations: of its responses on calibration
     images, or with ``source="weights"`` the cosine of its filters' weights (no data read)."""
-    if source not in CORRELATION_SOURCES:
-        raise ValueError(f"unknown correlation source {source!r}; choose one of {', '.join(CORRELATION_SOURCES)}")
     group = graph.by_name[group_name]
-    if source == "weights":
-        correlation = weight_cosine_matrix(graph, group)
-    else:
-        correlation = collect_correlations(model, graph, batches, groups=[group], seed=seed)[group_name]
+    correlation = correlations_from(source, model, graph, batches, groups=[group], seed=seed)[group_name]
     contribution = ContributionImportance().contribution(graph.tp_group(group, range(group.channels)))
     abs_corr = np.abs(correlation)
     return GroupMeasurement(group=group_name, contribution=contribution, correlation=correlation,

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from core.pruning.graph import PrunableGroup, PruningGraph
+from core.pruning.graph import PrunableGroup, PruningError, PruningGraph
 
 DEFAULT_POSITIONS = 8192
 # where substitutability's correlation comes from: the channels' responses on calibration
@@ -109,9 +109,28 @@ def weight_cosine_matrix(graph: PruningGraph, group: PrunableGroup) -> np.ndarra
     weight = graph.modules[group.name].weight.detach()
     if isinstance(graph.modules[group.name], nn.ConvTranspose2d):
         weight = weight.transpose(0, 1)
-    flat = weight.reshape(weight.shape[0], -1).to(torch.float64)
+    flat = weight.reshape(weight.shape[0], -1).to("cpu", torch.float64)
     flat = flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-12)
     return (flat @ flat.T).numpy()
+
+
+def correlations_from(
+    source: str,
+    model: nn.Module,
+    graph: PruningGraph,
+    batches: Iterable[torch.Tensor],
+    groups: Iterable[PrunableGroup] | None = None,
+    **collect_options,
+) -> dict[str, np.ndarray]:
+    """The correlation matrix of every group (or of ``groups``) from ``source``, a key of
+    `CORRELATION_SOURCES`: the responses to ``batches`` (`collect_correlations`), or the
+    weights' cosine, which reads no batch."""
+    if source not in CORRELATION_SOURCES:
+        raise PruningError(f"unknown correlation source {source!r}; choose one of {', '.join(CORRELATION_SOURCES)}")
+    groups = list(groups if groups is not None else graph.groups)
+    if source == "weights":
+        return {g.name: weight_cosine_matrix(graph, g) for g in groups}
+    return collect_correlations(model, graph, batches, groups=groups, **collect_options)
 
 
 def substitutability(abs_corr: np.ndarray, kept: np.ndarray | None = None) -> np.ndarray:

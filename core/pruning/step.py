@@ -19,10 +19,8 @@ from core.allocation.cost import CostModel
 from core.allocation.masks import ranks_from_scores
 from core.allocation.scoring_network import ScoringNetworkSettings, allocate_by_scoring_network
 from core.importance.criteria import NEEDS_CORRELATION, ContributionImportance, make_importance
-from core.importance.substitutability import (
-    CORRELATION_SOURCES, DEFAULT_POSITIONS, collect_correlations, weight_cosine_matrix,
-)
-from core.pruning.graph import PruningError, PruningGraph, select_removal
+from core.importance.substitutability import DEFAULT_POSITIONS, correlations_from
+from core.pruning.graph import PruningGraph, select_removal
 from core.pruning.methods import MethodSpec
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -33,7 +31,7 @@ class StepSettings:
     beta: float = 0.5
     positions_per_batch: int = DEFAULT_POSITIONS
     after_activation: bool = False
-    correlation: str = "activations"  # a key of CORRELATION_SOURCES
+    correlation: str = "activations"  # a key of core.importance.substitutability.CORRELATION_SOURCES
     seed: int = 0
     limits: AllocationLimits = field(default_factory=AllocationLimits)
     scoring: ScoringNetworkSettings = field(default_factory=ScoringNetworkSettings)
@@ -74,15 +72,11 @@ def example_input(model: nn.Module, input_size: Sequence[int], in_channels: int)
 def score_filters(model: nn.Module, graph: PruningGraph, criterion: str, batches: Sequence[Batch],
                   settings: StepSettings) -> GroupAnalysis:
     correlations: dict[str, np.ndarray] = {}
-    if settings.correlation not in CORRELATION_SOURCES:
-        raise PruningError(f"unknown correlation source {settings.correlation!r}; "
-                           f"choose one of {', '.join(CORRELATION_SOURCES)}")
-    if criterion in NEEDS_CORRELATION and settings.correlation == "weights":
-        correlations = {g.name: weight_cosine_matrix(graph, g) for g in graph.groups}
-    elif criterion in NEEDS_CORRELATION:
-        correlations = collect_correlations(
-            model, graph, (x for x, _ in batches), positions_per_batch=settings.positions_per_batch,
-            after_activation=settings.after_activation, seed=settings.seed)
+    if criterion in NEEDS_CORRELATION:
+        correlations = correlations_from(
+            settings.correlation, model, graph, (x for x, _ in batches),
+            positions_per_batch=settings.positions_per_batch, after_activation=settings.after_activation,
+            seed=settings.seed)
     importance = make_importance(criterion, model, correlations, settings.beta, settings.seed)
     fallback = ContributionImportance()
     scores = {}

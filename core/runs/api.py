@@ -90,10 +90,6 @@ def job_details(job_id: int, store: Store | None = None) -> dict[str, Any]:
     return details
 
 
-def prune_rounds(job_id: int, store: Store | None = None) -> list[dict[str, Any]]:
-    return _store(store).list_rounds(job_id)
-
-
 def stop(job_id: int, store: Store | None = None) -> JobRecord:
     """A queued job stops at once; a running one within seconds (killed after the grace)."""
     return _store(store).request_stop(job_id)

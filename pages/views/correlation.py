@@ -30,12 +30,12 @@ def measured(path: str, mtime: float, group_name: str, source: str, dataset_key:
     """The forward passes, once per checkpoint version, layer, dataset and calibration
     setting (the underscored objects are not hashed: the arguments before them name them).
     Moving beta or the count of filters only rescores this."""
+    if source != "activations":  # from the weights alone: no dataset, no calibration
+        return measure_group(_model.model, _graph, group_name, [], source=source)
     count, batch_size, seed = calibration
     spec = _model.spec
-    batches = []
-    if source == "activations":
-        train = SegmentationDataset(_index, "train", tuple(spec.input_size), spec.in_channels)
-        batches = [x for x, _ in calibration_batches(train, count, batch_size, seed=seed)]
+    train = SegmentationDataset(_index, "train", tuple(spec.input_size), spec.in_channels)
+    batches = [x for x, _ in calibration_batches(train, count, batch_size, seed=seed)]
     return measure_group(_model.model, _graph, group_name, batches, seed=seed, source=source)
 
 
@@ -58,11 +58,13 @@ source = st.radio("Correlation from", list(CORRELATION_SOURCES), format_func=COR
 
 analysis = None
 with error_box("Measuring correlations"):
-    choice = current_dataset()
-    index = dataset_index(choice)  # checked on every run: a vanished folder says so
+    index, dataset_key, calibration = None, None, None
+    if source == "activations":
+        choice = current_dataset()
+        index = dataset_index(choice)  # checked on every run: a vanished folder says so
+        dataset_key, calibration = (choice.format, choice.root, choice.seed, choice.options), CALIBRATION
     path = st.session_state["model"]
-    measurement = measured(path, weights_mtime(path), group_name, source,
-                           (choice.format, choice.root, choice.seed, choice.options), CALIBRATION,
+    measurement = measured(path, weights_mtime(path), group_name, source, dataset_key, calibration,
                            loaded, graph, index)
     analysis = score_group(measurement, graph.by_name[group_name], beta=beta, remove=remove)
 if analysis is None:
@@ -100,5 +102,7 @@ m1, m2, m3 = st.columns(3)
 m1.metric("Removed by L1 only", len(set(analysis.removed_l1) - collaborative))
 m2.metric("Removed by the method only", len(collaborative - set(analysis.removed_l1)))
 m3.metric("Removed by both", analysis.overlap)
-st.caption(f"Correlations from {CALIBRATION[0]} training images of {choice.label}; the method recomputes s "
+where = (f"{CALIBRATION[0]} training images of {current_dataset().label}" if source == "activations"
+         else "the filters' weights (cosine; no images read)")
+st.caption(f"Correlations from {where}; the method recomputes s "
            "after each removal, so of two filters that duplicate each other it keeps one.")

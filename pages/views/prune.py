@@ -135,7 +135,8 @@ if points:
 else:
     st.info("Launch a run above; its rounds appear here as they finish.")
 if runs:
-    labels = {run.id: f"#{run.id} {run.params.get('method')} ({run.state}), launched "
+    # no state in the label: a keyed selectbox can keep showing the label it was first drawn with
+    labels = {run.id: f"#{run.id} {run.params.get('method')}, launched "
                       f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(run.created_at))}" for run in runs}
     c1, c2 = st.columns([4, 1], vertical_alignment="bottom")
     opened = c1.selectbox("Open a run", list(labels), format_func=labels.get, key="prune_open")
