@@ -193,3 +193,28 @@ def test_group_analysis_lays_out_scores_and_both_selections():
     assert len({0, 1} & set(analysis.removed_collaborative)) == 1
     assert analysis.overlap == len(set(analysis.removed_l1) & set(analysis.removed_collaborative))
     np.testing.assert_allclose(analysis.combined, analysis.contribution * (1 - 0.5 * analysis.substitutability))
+
+
+def test_group_l1_sums_groupnorm_weights_too():
+    """FPN's decoder normalises with GroupNorm; its scales count in a channel's group L1."""
+    class GroupNormNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.norm = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.GroupNorm(4, 8)
+            self.segmentation_head = nn.Sequential(nn.Conv2d(8, 2, 1))
+
+        def forward(self, x):
+            return self.segmentation_head(torch.relu(self.norm(self.conv(x))))
+
+    net = GroupNormNet().eval()
+    graph = PruningGraph(net, torch.zeros(1, 3, 16, 16))
+    group = graph.by_name["conv"]
+
+    def l1() -> np.ndarray:
+        return make_importance("l1")(graph.tp_group(group, range(group.channels))).numpy()
+
+    before = l1()
+    with torch.no_grad():
+        net.norm.weight[2] += 5.0
+    after = l1()
+    np.testing.assert_allclose(after - before, np.eye(8)[2] * 5.0, atol=1e-5)

@@ -48,8 +48,26 @@ class _WholeGroupReduce:
 
 
 class GroupL1Importance(_WholeGroupReduce, tp.importance.GroupMagnitudeImportance):
+    """Group L1 summed over every coupled parameter, GroupNorm's affine weights included
+    (Torch-Pruning's magnitude importance covers conv, linear, BatchNorm and LayerNorm only;
+    FPN's decoder normalises with GroupNorm)."""
+
     def __init__(self):
         super().__init__(p=1, group_reduction="sum", normalizer=None)
+
+    def __call__(self, group, **kwargs):
+        self._group_norms = [(dep.layer, idxs, group[i].root_idxs) for i, (dep, idxs) in enumerate(group)
+                             if dep.pruning_fn == tp.prune_groupnorm_out_channels and dep.layer.affine]
+        return super().__call__(group, **kwargs)
+
+    def _reduce(self, group_imp, group_idxs):
+        for layer, idxs, root_idxs in self._group_norms:
+            group_imp.append(layer.weight.data[idxs].abs().pow(self.p))
+            group_idxs.append(root_idxs)
+            if self.bias and layer.bias is not None:
+                group_imp.append(layer.bias.data[idxs].abs().pow(self.p))
+                group_idxs.append(root_idxs)
+        return super()._reduce(group_imp, group_idxs)
 
 
 class FPGMImportance(_WholeGroupReduce, tp.importance.FPGMImportance):
