@@ -1,10 +1,13 @@
 """Checkpoints: JSON spec + Torch-Pruning history + safetensors, rebuilt without unpickling.
 Round trips give identical outputs, also after real pruning; every damaged part is refused with
-a named error saying which file; an interrupted save leaves the previous checkpoint intact."""
+a named error saying which file; an interrupted save leaves the previous checkpoint intact;
+saves to one path take turns, and a load never undoes a save that is still running."""
 
 from __future__ import annotations
 
+import fcntl
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -262,7 +265,7 @@ def test_interrupted_save_keeps_the_previous_checkpoint(pruned, tmp_path: Path,
         save_checkpoint(path, pruned[1], pruned[2], pruned[3])
     monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before
-    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no partial or temporary folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".model.lock", "model"]  # no partial or temporary folder
     assert torch.equal(outputs(first, 1), outputs(load_checkpoint(path).model, 1))
 
     # A failure in the final swap puts the old checkpoint back as well.
@@ -280,13 +283,117 @@ def test_interrupted_save_keeps_the_previous_checkpoint(pruned, tmp_path: Path,
         save_checkpoint(path, pruned[1], pruned[2], pruned[3])
     monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before
-    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".model.lock", "model"]
 
     # A complete save replaces it.
     save_checkpoint(path, pruned[1], pruned[2], pruned[3])
     assert read_spec(path) == pruned[2]
     assert torch.equal(outputs(pruned[1], 1), outputs(load_checkpoint(path).model, 1))
-    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".model.lock", "model"]
+
+
+class PausedSave(threading.Thread):
+    """A save in another thread that stops after the first step (``"replace"`` or
+    ``"save_file"``, and the path it wrote) for which ``pause_at(step, target)`` holds, until
+    `go_on`; flock treats the thread's lock file handle apart from any other, as it would
+    another process's."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, pause_at, *save_args):
+        super().__init__(daemon=True)
+        self.args, self.error = save_args, None
+        self.paused, self.resume = threading.Event(), threading.Event()
+        real_replace, real_save = ckpt.os.replace, ckpt.save_file
+
+        def pause_if(step: str, target) -> None:
+            if threading.current_thread() is self and pause_at(step, Path(target)) and not self.paused.is_set():
+                self.paused.set()
+                assert self.resume.wait(60)
+
+        def replace(src, dst):
+            real_replace(src, dst)
+            pause_if("replace", dst)
+
+        def save_file(tensors, filename, metadata=None):
+            real_save(tensors, filename, metadata=metadata)
+            pause_if("save_file", filename)
+
+        monkeypatch.setattr(ckpt.os, "replace", replace)
+        monkeypatch.setattr(ckpt, "save_file", save_file)
+
+    def run(self) -> None:
+        try:
+            save_checkpoint(*self.args)
+        except BaseException as exc:  # noqa: BLE001 - reported by go_on
+            self.error = exc
+
+    def wait_paused(self) -> None:
+        while not self.paused.wait(0.05):
+            assert self.is_alive(), f"the save ended before its pause: {self.error!r}"
+
+    def go_on(self) -> None:
+        self.resume.set()
+        self.join(60)
+        assert not self.is_alive() and self.error is None, self.error
+
+
+def test_a_load_while_a_save_is_between_its_renames_loses_neither_checkpoint(
+        pruned, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = make_spec()
+    first = trained_like(spec, seed=5)
+    path = save_checkpoint(tmp_path / "model", first, spec)
+    saver = PausedSave(monkeypatch, lambda step, target: step == "replace" and target.name.startswith(".model.old-"),
+                       path, *pruned[1:])
+    saver.start()
+    saver.wait_paused()
+    during = sorted(p.name.split("-")[0] for p in tmp_path.iterdir())
+    assert during == [".model.lock", ".model.old", ".model.tmp"]
+
+    # A load (or the dashboard) sees no checkpoint but leaves the running save alone: it used to
+    # put the old folder back, so the save's own rename failed and its rollback lost both.
+    assert ckpt.restore_interrupted_save(path) is False
+    with pytest.raises(CheckpointMissingFileError, match="does not exist"):
+        load_checkpoint(path)
+    assert sorted(p.name.split("-")[0] for p in tmp_path.iterdir()) == during
+
+    saver.go_on()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".model.lock", "model"]
+    assert torch.equal(outputs(pruned[1], 1), outputs(load_checkpoint(path).model, 1))
+
+
+def test_a_save_waits_for_another_save_to_the_same_path(pruned, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = make_spec()
+    path = tmp_path / "model"
+    first = PausedSave(monkeypatch, lambda step, _target: step == "save_file", path, trained_like(spec, seed=5), spec)
+    first.start()
+    first.wait_paused()  # its weights are written, not yet renamed into place
+    [writing] = [p for p in tmp_path.iterdir() if p.name.startswith(".model.tmp-")]
+
+    second = threading.Thread(target=save_checkpoint, args=(path, *pruned[1:]), daemon=True)
+    second.start()
+    second.join(0.5)
+    assert second.is_alive() and writing.is_dir()  # it waits; it used to sweep away the first's folder
+    first.go_on()
+    second.join(60)
+    assert not second.is_alive()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".model.lock", "model"]
+    assert read_spec(path) == pruned[2]  # the second save came last
+
+
+def test_a_killed_save_is_put_back_only_once_no_save_holds_the_lock(tmp_path: Path) -> None:
+    spec = make_spec()
+    path = save_checkpoint(tmp_path / "model", trained_like(spec, seed=5), spec)
+    aside = tmp_path / ".model.old-0000abcd"
+    path.rename(aside)  # what a save killed between its renames leaves
+    with open(tmp_path / ".model.lock", "a") as lock:  # as another process's running save holds it
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        assert ckpt.restore_interrupted_save(path) is False
+        with pytest.raises(CheckpointMissingFileError):
+            load_checkpoint(path)
+        assert aside.is_dir() and not path.exists()
+    assert ckpt.restore_interrupted_save(path) is True
+    assert is_checkpoint(path) and not aside.exists()
+    assert ckpt.restore_interrupted_save(path) is False  # nothing to do: one stat
 
 
 def test_save_refuses_to_replace_something_that_is_not_a_checkpoint(tmp_path: Path) -> None:

@@ -293,7 +293,7 @@ def test_a_full_disk_while_saving_fails_the_job_and_leaves_no_partial_checkpoint
     with pytest.raises(SafetensorError, match="No space"):
         save_checkpoint(checkpoint, original.model, original.spec)
     assert tensors_digest(load_checkpoint(checkpoint).model.state_dict()) == tensors_digest(original.model.state_dict())
-    assert [p.name for p in checkpoint.parent.iterdir() if p.name.startswith(".")] == []
+    assert [p.name for p in checkpoint.parent.iterdir() if p.name.startswith(".")] == [".checkpoint.lock"]
 
     # inside a job: failed with an actionable message, nothing half-written, the store intact
     job = api.submit("train", {**TINY_DATA, "epochs": 1, "max_steps_per_epoch": 1}, store)
@@ -304,7 +304,7 @@ def test_a_full_disk_while_saving_fails_the_job_and_leaves_no_partial_checkpoint
                                    f"{store.workspace} and submit a new train job")
     folder = store.job_dir(job.id)
     assert not (folder / "checkpoint").exists()
-    assert [p.name for p in folder.iterdir() if p.name.startswith(".")] == []
+    assert [p.name for p in folder.iterdir() if p.name.startswith(".")] == [".checkpoint.lock"]
     assert store.find_model(folder / "checkpoint") is None
     assert store.query("PRAGMA integrity_check")[0][0] == "ok"
     assert load_checkpoint(checkpoint).spec.classes == original.spec.classes
@@ -338,13 +338,13 @@ c.save_checkpoint(sys.argv[1], loaded.model, loaded.spec, loaded.history)
                             capture_output=True, text=True, timeout=90)
     assert killed.returncode == 9, killed.stderr[-500:]
     assert not target.exists()
-    assert sorted(p.name.split("-")[0] for p in tmp_path.iterdir()) == [".model.old", ".model.tmp"]
+    assert sorted(p.name.split("-")[0] for p in tmp_path.iterdir()) == [".model.lock", ".model.old", ".model.tmp"]
 
     loaded = load_checkpoint(target)  # puts the old one back
     assert tensors_digest(loaded.model.state_dict()) == original
-    assert sorted(p.name.split("-")[0] for p in tmp_path.iterdir()) == [".model.tmp", "model"]
+    assert sorted(p.name.split("-")[0] for p in tmp_path.iterdir()) == [".model.lock", ".model.tmp", "model"]
     save_checkpoint(target, loaded.model, loaded.spec, loaded.history)  # and the next save sweeps up
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".model.lock", "model"]
     assert tensors_digest(load_checkpoint(target).model.state_dict()) == original
 
 

@@ -16,15 +16,22 @@ code. Saving writes a temporary sibling folder, syncs it, and renames it into pl
 interrupted save never leaves a partial checkpoint, and an older checkpoint at the same path is
 replaced only once the new one is complete (moved aside, then the new one renamed in; a kill
 between the two renames leaves the old one aside, and the next load or save puts it back).
+A save holds an exclusive lock on ``.NAME.lock`` beside the checkpoint from start to end, so
+saves to one path take turns, and a load (or the dashboard) never mistakes a save that is
+between its renames for a killed one. The lock file stays (removing a lock file races with the
+next process opening it); it is hidden, empty, and never inside a checkpoint folder.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,9 +108,17 @@ def save_checkpoint(path: str | Path, model: nn.Module, spec: ModelSpec,
             "(choose another path or empty the folder)"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
-    restore_interrupted_save(path)  # the previous checkpoint back in place, then the leftovers go
-    for leftover in _save_leftovers(path):
-        shutil.rmtree(leftover, ignore_errors=True)
+    with _save_lock(path, wait=True):
+        _put_back_moved_aside(path)  # a killed save's checkpoint back in place, then its leftovers go
+        for leftover in _save_leftovers(path):
+            shutil.rmtree(leftover, ignore_errors=True)
+        _write_and_swap(path, model, spec, entries)
+    return path
+
+
+def _write_and_swap(path: Path, model: nn.Module, spec: ModelSpec, entries: History) -> None:
+    """Write the checkpoint to a temporary sibling, then rename it over ``path`` (the caller
+    holds the save lock)."""
     token = uuid.uuid4().hex[:8]
     tmp = path.parent / f".{path.name}.tmp-{token}"
     old = path.parent / f".{path.name}.old-{token}"
@@ -123,7 +138,8 @@ def save_checkpoint(path: str | Path, model: nn.Module, spec: ModelSpec,
             try:
                 os.replace(tmp, path)
             except BaseException:
-                os.replace(old, path)
+                if old.exists():
+                    os.replace(old, path)
                 raise
         else:
             os.replace(tmp, path)
@@ -132,15 +148,49 @@ def save_checkpoint(path: str | Path, model: nn.Module, spec: ModelSpec,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
-    return path
 
 
 def restore_interrupted_save(path: str | Path) -> bool:
     """Put back the checkpoint a save was replacing when it was killed between its two
     renames (the old folder moved aside to ``.NAME.old-*``, the new one not yet in place).
-    Returns whether it did. Loading and saving call it; the ``.tmp-*`` and ``.old-*``
-    folders left behind are removed by the next save to the same path."""
+    Returns whether it did. Cheap when the checkpoint is there (one stat), so the dashboard
+    may call it before every look at the weights; loading and saving call it too. A save
+    still running holds the save lock: then nothing is touched (its new checkpoint is about
+    to arrive). The ``.tmp-*`` and ``.old-*`` leftovers are removed by the next save."""
     path = Path(path)
+    if path.exists() or not _save_leftovers(path, "old-"):
+        return False
+    with _save_lock(path, wait=False) as held:
+        return held and _put_back_moved_aside(path)
+
+
+@contextmanager
+def _save_lock(path: Path, wait: bool) -> Iterator[bool]:
+    """Hold the exclusive lock on ``.NAME.lock`` beside the checkpoint ``path``; yields
+    whether it is held. ``wait=False`` gives up at once when a save holds it (or when the
+    lock file cannot be opened, e.g. a read-only folder: nothing could be renamed there
+    anyway). The kernel releases it when the process ends, however it ends."""
+    try:
+        handle = open(path.parent / f".{path.name}.lock", "a")
+    except OSError:
+        if wait:
+            raise
+        handle = None
+    if handle is None:
+        yield False
+        return
+    with handle:  # closing the file releases the lock
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            held = True
+        except BlockingIOError:
+            held = False
+        yield held
+
+
+def _put_back_moved_aside(path: Path) -> bool:
+    """The newest moved-aside checkpoint back at ``path`` when nothing is there (the caller
+    holds the save lock)."""
     if path.exists():
         return False
     moved_aside = [p for p in _save_leftovers(path, "old-") if is_checkpoint(p)]
@@ -149,7 +199,7 @@ def restore_interrupted_save(path: str | Path) -> bool:
     newest = max(moved_aside, key=lambda p: (p / WEIGHTS_FILE).stat().st_mtime_ns)
     try:
         os.replace(newest, path)
-    except OSError:  # another process put a checkpoint there meanwhile: that one stands
+    except OSError:  # something was put there by hand meanwhile: that one stands
         return False
     fsync_dir(path.parent)
     return True
