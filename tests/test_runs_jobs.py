@@ -167,10 +167,13 @@ def test_a_job_process_whose_worker_is_gone_ends_itself(trained):
     store, _ = trained
     job = api.submit("train", {**TINY_DATA, "epochs": 500, "max_steps_per_epoch": 1, "no_early_stop": True}, store)
     assert store.claim_next_job(worker_pid=os.getpid()).id == job.id
-    # started as a worker starts it, but told its worker is pid 1: what the job process sees
-    # once its worker was killed and it was handed to init
+    # started as a worker starts it, but told its worker is a process that has ended (and was
+    # reaped): what the job process sees once its worker was killed and it was handed on. Not
+    # pid 1: pytest may itself be pid 1 in a container without init, and then it is the parent
+    gone = subprocess.Popen(["true"])
+    assert gone.wait(timeout=30) == 0  # ended and reaped
     ended = subprocess.run([sys.executable, "-m", "core", "worker", "--db", str(store.path), "--run-job", str(job.id),
-                            "--parent-pid", "1"], cwd=REPO, env=_child_env(store), capture_output=True, timeout=90)
+                            "--parent-pid", str(gone.pid)], cwd=REPO, env=_child_env(store), capture_output=True, timeout=90)
     assert ended.returncode == 137, ended.stdout.decode()[-500:]
     left = store.get_job(job.id)
     assert left.state == RUNNING and left.pid and left.finished_at is None  # its end unrecorded: stale
