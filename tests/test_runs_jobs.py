@@ -1,10 +1,11 @@
 """Jobs run by a real worker process on a tiny model (64 px synthetic steel, one thread):
 order, stop (running, queued, and killed after the grace), a prune job killed with SIGKILL in
-its second round, resume, a run store that fails for a moment, a disk that fills up while a
-checkpoint is written, and a save killed between its two renames."""
+its second round, resume, a run store that fails for a moment or through a shutdown, a disk
+that fills up while a checkpoint is written, and a save killed between its two renames."""
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -12,6 +13,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -216,6 +218,45 @@ def test_the_worker_rides_out_a_failing_store_and_keeps_its_job(trained):
     assert done.result["split"] == "val"
 
 
+@pytest.mark.timeout(180)
+def test_a_shutdown_while_the_store_fails_still_stops_the_job(trained):
+    store, _ = trained
+
+    class StoreFailingOnceTheJobTrains(Store):
+        """The worker's handle: once its job has trained an epoch, the worker is told to shut
+        down (SIGTERM) and every later call fails, as on a full disk; after a minute it works
+        again, so that a worker which never acts on the shutdown ends the test."""
+
+        failing = healed = False
+
+        def connection(self):
+            if self.failing and not self.healed:
+                raise StoreError("cannot write to the run store: database or disk is full")
+            return super().connection()
+
+        def get_job(self, job_id: int):
+            found = super().get_job(job_id)
+            if found.state == RUNNING and found.metrics.get("epoch") and not self.failing:
+                self.failing = True
+                os.kill(os.getpid(), signal.SIGTERM)  # run_worker's handler takes it
+            return found
+
+    job = api.submit("train", {**TINY_DATA, "epochs": 500, "max_steps_per_epoch": 1, "no_early_stop": True}, store)
+    flaky, log = StoreFailingOnceTheJobTrains(store.path), io.StringIO()
+    heal = threading.Timer(60, lambda: setattr(flaky, "healed", True))
+    heal.start()
+    try:
+        assert run_worker(flaky, WorkerSettings(poll_seconds=0.1, stop_grace=60), log=log) == 0
+    finally:
+        heal.cancel()
+    assert flaky.failing and not flaky.healed, log.getvalue()  # it shut down while the store failed
+    assert "while shutting down; stopping 1 job(s) by signal" in log.getvalue()
+    assert f"job {job.id}: ended (exit code 0)" in log.getvalue()
+    stopped = store.get_job(job.id)  # the job stopped as after a stop request and said so itself
+    assert stopped.state == STOPPED and stopped.error is None, stopped.error
+    assert "best weights so far were saved" in stopped.message
+
+
 @pytest.mark.timeout(240)
 def test_jobs_run_in_order_and_stop_a_running_and_a_queued_job(trained, workers):
     from core.models.checkpoint import load_checkpoint
@@ -311,6 +352,34 @@ def test_a_full_disk_while_saving_fails_the_job_and_leaves_no_partial_checkpoint
     assert store.find_model(folder / "checkpoint") is None
     assert store.query("PRAGMA integrity_check")[0][0] == "ok"
     assert load_checkpoint(checkpoint).spec.classes == original.spec.classes
+
+
+def test_a_full_disk_is_recognised_through_causes_but_not_past_from_none():
+    from core.runs.worker import _no_space
+
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/ws/runs/1/weights.safetensors")
+
+    def raised_over(inner: BaseException, *, suppress: bool) -> ValueError:
+        try:
+            try:
+                raise inner
+            except OSError:
+                if suppress:
+                    raise ValueError("the model does not fit the data") from None
+                raise ValueError("the model does not fit the data")
+        except ValueError as exc:
+            return exc
+
+    assert _no_space(raised_over(full, suppress=False)) == (True, full.filename)  # raised while handling it
+    assert _no_space(raised_over(full, suppress=True)) == (False, None)  # from None: it is not the reason
+    try:
+        raise RuntimeError("cannot save the checkpoint") from raised_over(full, suppress=True)
+    except RuntimeError as exc:
+        assert _no_space(exc) == (False, None)
+    try:
+        raise RuntimeError("cannot save the checkpoint") from full
+    except RuntimeError as exc:
+        assert _no_space(exc) == (True, full.filename)
 
 
 @pytest.mark.timeout(120)

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -37,6 +38,7 @@ DEFAULT_HEARTBEAT_TIMEOUT = 30.0
 DEFAULT_STOP_GRACE = 10.0
 DEFAULT_POLL = 0.5
 MAX_STORE_BACKOFF = 10.0  # longest pause between retries while the run store fails
+STORE_FAILURES = (StoreError, sqlite3.OperationalError)  # a locked or full run store
 LOCK_FILE = "worker.lock"
 LOG_FILE = "job.log"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -166,6 +168,10 @@ def _kill(child: _Child) -> None:
     child.killed = True
 
 
+def _killed_message(grace: float) -> str:
+    return f"stopped: the job did not stop within the {grace:g} s grace and was killed"
+
+
 def _last_line(log: Path) -> str:
     try:
         lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
@@ -235,9 +241,7 @@ def run_worker(store: Store, settings: WorkerSettings | None = None, log: IO[str
                             asked = job.stop_requested_at or time.time()
                             if time.time() - asked > settings.stop_grace:
                                 _kill(child)
-                                store.finish_job(job_id, STOPPED, message=(
-                                    f"stopped: the job did not stop within the {settings.stop_grace:g} s grace "
-                                    "and was killed"))
+                                store.finish_job(job_id, STOPPED, message=_killed_message(settings.stop_grace))
                                 say(f"job {job_id}: killed after the stop grace")
                             else:
                                 continue
@@ -279,7 +283,11 @@ def run_worker(store: Store, settings: WorkerSettings | None = None, log: IO[str
                         say(f"job {job_id}: marked failed, no heartbeat for {settings.heartbeat_timeout:g} s")
                     last_sweep = now
                 store_failures = 0
-            except (StoreError, sqlite3.OperationalError) as exc:
+            except STORE_FAILURES as exc:
+                if shutting_down["flag"]:  # the stop requests cannot go through the store
+                    say(f"the run store failed ({exc}) while shutting down; stopping {len(children)} job(s) by signal")
+                    _stop_without_store(store, children, settings.stop_grace, say)
+                    break
                 # a locked or full store: the jobs run on (they keep their own heartbeat), the
                 # loop tries again, more slowly each time; every step above can be repeated
                 store_failures += 1
@@ -291,15 +299,49 @@ def run_worker(store: Store, settings: WorkerSettings | None = None, log: IO[str
     finally:
         for job_id, child in children.items():  # only on an error in the loop itself
             _kill(child)
-            store.finish_job(job_id, FAILED, message="failed",
-                             error=f"the worker stopped with an error while the job ran; {retry_advice(child.kind, job_id)}")
+            _try(say, store.finish_job, job_id, FAILED, message="failed",
+                 error=f"the worker stopped with an error while the job ran; {retry_advice(child.kind, job_id)}")
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         try:
-            store.worker_stopped(worker_id)
+            _try(say, store.worker_stopped, worker_id)
         finally:
             lock.release()
     return 0
+
+
+def _try(say: Callable[[str], None], store_call: Callable[..., object], *args: object, **kwargs: object) -> None:
+    """A store call whose failure is said, not raised (a job whose end is not recorded keeps
+    its old heartbeat, and the next worker marks it failed)."""
+    try:
+        store_call(*args, **kwargs)
+    except STORE_FAILURES as exc:
+        say(f"the run store failed ({exc}) in {getattr(store_call, '__name__', 'a call')}; left unrecorded")
+
+
+def _stop_without_store(store: Store, children: dict[int, _Child], grace: float,
+                        say: Callable[[str], None]) -> None:
+    """Shut down while the run store fails: ask each job to stop with SIGINT (a job ends as
+    after a stop request: training keeps its best weights, prune its finished rounds), kill
+    the jobs still running after the grace, and record each end as far as the store lets."""
+    for child in children.values():
+        if child.process.poll() is None:
+            try:
+                child.process.send_signal(signal.SIGINT)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + grace
+    for job_id, child in list(children.items()):
+        try:
+            code = child.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            _kill(child)
+            say(f"job {job_id}: killed after the stop grace")
+            _try(say, store.finish_job, job_id, STOPPED, message=_killed_message(grace))
+        else:
+            say(f"job {job_id}: ended (exit code {code})")
+            _try(say, _record_exit, store, child, code)
+        del children[job_id]
 
 
 # ---------------------------------------------------------------- inside the job process
@@ -328,7 +370,8 @@ def _no_space(exc: BaseException | None) -> tuple[bool, str | None]:
         text = str(exc)
         if f"os error {errno.ENOSPC})" in text or os.strerror(errno.ENOSPC) in text:
             return True, None
-        exc = exc.__cause__ or exc.__context__
+        # as a traceback shows it: the context is not followed past ``raise ... from None``
+        exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
     return False, None
 
 
