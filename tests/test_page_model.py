@@ -69,6 +69,18 @@ def test_a_model_shows_its_metrics_and_predictions(app, tmp_path):
     assert len(app.get("image")) == 8  # 4 ground truths + 4 predictions
 
 
+def test_a_checkpoint_whose_save_was_killed_between_its_renames_is_put_back(app, tmp_path):
+    """A save killed after moving the old checkpoint aside and before renaming the new one in
+    leaves .NAME.old-*: the page puts it back instead of saying the model is gone."""
+    spec = ModelSpec(classes=["background", "scratch"], input_size=(64, 64), in_channels=1)
+    folder = save_checkpoint(tmp_path / "model", build_model(spec).eval(), spec)
+    os.rename(folder, tmp_path / ".model.old-0000abcd")
+    app.session_state["model"] = str(folder)
+    app.run()
+    assert not app.exception and not app.error
+    assert (folder / "weights.safetensors").is_file() and not (tmp_path / ".model.old-0000abcd").exists()
+
+
 def test_the_split_and_the_number_of_images_change_the_prediction_chart(app, tmp_path):
     app.session_state["model"] = tiny_steel_model(tmp_path)
     app.run()

@@ -110,8 +110,9 @@ def cached_checkpoint(path: str, mtime: float):
 def weights_mtime(path: str) -> float:
     """The version of a checkpoint's weights (the cache key); a checkpoint whose folder or
     weights file is gone is a named error, not an OSError."""
-    from core.models.checkpoint import WEIGHTS_FILE, CheckpointMissingFileError
+    from core.models.checkpoint import WEIGHTS_FILE, CheckpointMissingFileError, restore_interrupted_save
 
+    restore_interrupted_save(path)  # a save killed between its renames left the old folder aside
     file = Path(path, WEIGHTS_FILE)
     try:
         return file.stat().st_mtime
