@@ -3,6 +3,7 @@ synthetic family, plus the allocation check of METHOD.md part 2 on NEU-Seg.
 
     .venv/bin/python bench/method_smoke.py [--family steel] [--epochs 20] [--finetune-epochs 2]
         [--scoring-steps 300] [--threads 2] [--skip-neu] [--neu-train-limit 1000] [--neu-checkpoint DIR]
+        [--neu-seeds 0 1]
 
 Part 1: a synthetic family at 128 px, the default model (Unet-resnet18, trained from scratch,
 cached under bench/cache/), then each of the six methods walks 50% -> 75% -> 80% fewer MACs
@@ -10,7 +11,9 @@ cached under bench/cache/), then each of the six methods walks 50% -> 75% -> 80%
 evaluated on the test split. Part 2 (needs ../shared/datasets/neu-seg): the setting of the
 METHOD.md prototype: Unet-resnet18 trained on 1000 NEU-Seg images at 128 px, one shot to 80%
 fewer MACs with L1 filter choice, 2 fine-tune epochs; scoring-network allocation against
-uniform allocation. Results go to bench/results/method_smoke.md with this command line.
+uniform allocation, and the whole method (collaborative filter choice) beside them, for each of
+``--neu-seeds`` (the seed of the calibration batch, the scoring network and the fine-tune order),
+validation and test split. Results go to bench/results/method_smoke.md with this command line.
 """
 
 from __future__ import annotations
@@ -66,11 +69,12 @@ def datasets(fmt: str, root: str | None, size, in_channels: int, seed: int, trai
             SegmentationDataset(index, "test", size, in_channels))
 
 
-def loop_settings(args, **overrides) -> LoopSettings:
+def loop_settings(args, seed: int | None = None, **overrides) -> LoopSettings:
+    seed = args.seed if seed is None else seed
     settings = dict(
         target=0.8, step=0.5, tolerance=100.0, stop_at_tolerance=False, finetune_epochs=args.finetune_epochs,
-        max_rounds=3, seed=args.seed, latency_runs=20,
-        step_settings=StepSettings(seed=args.seed, scoring=ScoringNetworkSettings(steps=args.scoring_steps)),
+        max_rounds=3, seed=seed, latency_runs=20,
+        step_settings=StepSettings(seed=seed, scoring=ScoringNetworkSettings(steps=args.scoring_steps)),
         finetune=TrainConfig(epochs=args.finetune_epochs, batch_size=8, patience=None, num_threads=args.threads),
     )
     settings.update(overrides)
@@ -122,27 +126,36 @@ def part_allocation(args) -> list[str]:
                                 loaded.spec.split_seed, args.neu_train_limit)
     base_val = loaded.spec.metrics.get("defect_miou") or float("nan")
     lines = ["### NEU-Seg allocation check (METHOD.md part 2 setting)", "",
-             f"Baseline val defect mIoU {base_val:.2f} ({len(train)} training images).", "",
-             "| allocator | criterion | MACs reduction | params reduction | val defect mIoU | test defect mIoU | wall s |",
-             "|---|---|---|---|---|---|---|"]
-    for allocator in ("uniform", "scoring-network"):
-        out = CACHE / "method_smoke" / f"neu-oneshot-{allocator}-s{args.seed}"
-        model = load_checkpoint(base).model
-        start = time.perf_counter()
-        result = run_prune_loop(model, loaded.spec, list(loaded.history), train, val, test, out, loop_settings(
-            args, method="collaborative", allocator=allocator, criterion="l1", step=0.8, max_rounds=1,
-            finetune_epochs=2))
-        r = result.rounds[0]
-        lines.append(f"| {allocator} | l1 | {r.macs_reduction:.1%} | {r.params_reduction:.1%} | {r.defect_miou:.2f} | "
-                     f"{result.result['test']['defect_miou']:.2f} | {time.perf_counter() - start:.0f} |")
-        print(lines[-1], flush=True)
-        if allocator == "scoring-network":
-            ratios = r.step["allocation"]["keep_ratio"]
-            scales = r.step["allocation"]["scale_importance"]
-            lines += ["", "Scoring-network keep ratio per scale (MACs-weighted): " +
-                      ", ".join(f"stride {s}: {v:.2f}" for s, v in scales.items()),
-                      "", "Keep ratio per group: " + ", ".join(f"{n} {v:.2f}" for n, v in ratios.items())]
-    return lines
+             f"Baseline `{Path(base).name}`: val defect mIoU {base_val:.2f} ({len(train)} training images). "
+             "One round to 80% fewer MACs, 2 fine-tune epochs.", "",
+             "| allocator | filter choice | seed | MACs reduction | params reduction | val defect mIoU | "
+             "test defect mIoU | wall s |",
+             "|---|---|---|---|---|---|---|---|"]
+    settings = [("uniform", "l1"), ("scoring-network", "l1"), ("scoring-network", "collaborative")]
+    test_scores: dict[tuple[str, str], list[float]] = {key: [] for key in settings}
+    for seed in args.neu_seeds:
+        for allocator, criterion in settings:
+            out = CACHE / "method_smoke" / f"neu-oneshot-{allocator}-{criterion}-s{seed}"
+            model = load_checkpoint(base).model
+            start = time.perf_counter()
+            result = run_prune_loop(model, loaded.spec, list(loaded.history), train, val, test, out, loop_settings(
+                args, seed, method="collaborative", allocator=allocator, criterion=criterion, step=0.8,
+                max_rounds=1, finetune_epochs=2))
+            r = result.rounds[0]
+            test_scores[allocator, criterion].append(result.result["test"]["defect_miou"])
+            lines.append(f"| {allocator} | {criterion} | {seed} | {r.macs_reduction:.1%} | {r.params_reduction:.1%} | "
+                         f"{r.defect_miou:.2f} | {test_scores[allocator, criterion][-1]:.2f} | "
+                         f"{time.perf_counter() - start:.0f} |")
+            print(lines[-1], flush=True)
+            if (allocator, criterion) == ("scoring-network", "l1") and seed == args.neu_seeds[0]:
+                ratios = r.step["allocation"]["keep_ratio"]
+                scales = r.step["allocation"]["scale_importance"]
+                keep_lines = ["", f"Scoring-network keep ratio per scale (MACs-weighted, seed {seed}): " +
+                              ", ".join(f"stride {s}: {v:.2f}" for s, v in scales.items()),
+                              "", "Keep ratio per group: " + ", ".join(f"{n} {v:.2f}" for n, v in ratios.items())]
+    lines += ["", "Mean test defect mIoU over seeds " + ", ".join(map(str, args.neu_seeds)) + ": " +
+              "; ".join(f"{a} + {c} {sum(v) / len(v):.2f}" for (a, c), v in test_scores.items()) + "."]
+    return lines + keep_lines
 
 
 def main() -> None:
@@ -156,6 +169,7 @@ def main() -> None:
     parser.add_argument("--neu-train-limit", type=int, default=1000)
     parser.add_argument("--neu-checkpoint", type=Path, default=None,
                         help="a trained NEU-Seg baseline to use (e.g. from bench/baseline.py)")
+    parser.add_argument("--neu-seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--skip-neu", action="store_true")
     parser.add_argument("--skip-methods", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS / "method_smoke.md")
