@@ -133,7 +133,7 @@ if points:
                             markers=True, hover_data=["round"], title="Accuracy against cost, one line per run"),
                     width="stretch")
 else:
-    st.info("Launch a run above; its rounds appear here as they finish.")
+    st.info("No kept round yet: each run's kept rounds appear here (the plot refreshes when a run ends).")
 if runs:
     # no state in the label: a keyed selectbox can keep showing the label it was first drawn with
     labels = {run.id: f"#{run.id} {run.params.get('method')}, launched "
