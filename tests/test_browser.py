@@ -116,7 +116,7 @@ def test_dataset_to_compare_in_a_browser(server):
         check(page, "model")
 
         page.get_by_role("link", name="Layer importance").click()
-        expect(page.get_by_text("Live pruning-ratio tuning")).to_be_visible()
+        expect(page.get_by_text("Live pruning-ratio tuning", exact=True)).to_be_visible()  # the caption says it too
         if shots:  # the scoring network's charts (a background job of a minute or two)
             page.get_by_role("button", name="Run the scoring network (background job)").click()
             expect(page.get_by_text("Layer x defect-class importance")).to_be_visible(timeout=600_000)
