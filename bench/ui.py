@@ -193,9 +193,9 @@ def main() -> None:
     lines = [
         "# Live tuning on the Layer importance page: answer times", "",
         f"Command: `{command}`", "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores shared with other work (other helpers' tests "
-        f"and benchmarks ran at the same time; load average {load_before[0]:.1f} at the start, "
-        f"{load_after[0]:.1f} at the end), {torch.get_num_threads()} torch thread, torch {torch.__version__}, "
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores (load average {load_before[0]:.1f} at the "
+        f"start, {load_after[0]:.1f} at the end: above 1, other work shared the CPU), "
+        f"{torch.get_num_threads()} torch thread, torch {torch.__version__}, "
         f"CPU only. Wall time {time.perf_counter() - started:.0f} s.", "",
         f"Model: {checkpoint.relative_to(REPO) if checkpoint.is_relative_to(REPO) else checkpoint} "
         f"({spec.arch}-{spec.encoder}, {spec.input_size[0]}x{spec.input_size[1]} px, {spec.in_channels} channel(s), "
