@@ -71,8 +71,8 @@ def retry_advice(kind: str, job_id: int) -> str:
 
 
 # ---------------------------------------------------------------- schema and migrations
-# The first release's schema, kept verbatim: migrations start from it, and tests build a v1
-# file from it to prove that an old workspace opens.
+# The first release's schema, kept verbatim: migrations start from it. The tests open a v1
+# file built from a frozen copy (tests/fixtures/run_store_v1.sql), so an edit here shows.
 V1_SCHEMA: tuple[str, ...] = (
     """CREATE TABLE schema_version (
         version INTEGER NOT NULL,
