@@ -84,10 +84,23 @@ def epochs_for(fmt: str, args: argparse.Namespace) -> int:
     return args.epochs.get(fmt, args.epochs[None])
 
 
+def resolved_precision(args: argparse.Namespace) -> str:
+    """The concrete precision (fp32 or bf16) a baseline trains in: ``auto`` resolved on this
+    machine, so cached checkpoints are told apart by what they really ran."""
+    from core.precision import resolve_precision
+    from core.train import resolve_device
+
+    return resolve_precision(getattr(args, "precision", "fp32"), resolve_device(getattr(args, "device", "auto")))
+
+
 def baseline_tag(fmt: str, args: argparse.Namespace) -> str:
     """The cache folder name of a baseline: every setting that changes its training."""
-    return f"{fmt}-{args.arch}-{args.encoder}-{args.size}-e{epochs_for(fmt, args)}-s{args.seed}" + (
-        f"-l{args.limit}" if args.limit else "")
+    precision = resolved_precision(args)
+    schedule = getattr(args, "schedule", "cosine")
+    return (f"{fmt}-{args.arch}-{args.encoder}-{args.size}-e{epochs_for(fmt, args)}-s{args.seed}"
+            + (f"-l{args.limit}" if args.limit else "")
+            # fp32/cosine runs keep their earlier tags, so their caches stay valid
+            + (f"-{precision}" if precision != "fp32" else "") + (f"-{schedule}" if schedule != "cosine" else ""))
 
 
 def _common(args: argparse.Namespace) -> list[str]:
@@ -106,7 +119,8 @@ def train_baseline(fmt: str, root: Path, args: argparse.Namespace, cache: Path,
     checkpoint = cache / baseline_tag(fmt, args)
     train_cmd = ["train", "--format", fmt, "--root", str(root), "--arch", args.arch,
                  "--encoder", args.encoder, "--epochs", str(epochs_for(fmt, args)), "--seed", str(args.seed),
-                 "--lr", str(args.lr), "--patience", str(args.patience), "--out", str(checkpoint), *_common(args)]
+                 "--lr", str(args.lr), "--patience", str(args.patience), "--out", str(checkpoint), *_common(args),
+                 "--precision", resolved_precision(args), "--schedule", getattr(args, "schedule", "cosine")]
     reused = (checkpoint / "training_history.json").is_file()
     if reused:
         print(f"[{fmt}] reusing the trained checkpoint {checkpoint}", flush=True)
@@ -214,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--patience", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="training precision (auto: bf16 where the device runs it fast)")
+    parser.add_argument("--schedule", default="cosine", choices=["cosine", "onecycle"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--workers", type=int, default=0)

@@ -38,10 +38,20 @@ positive_int = checked_number(int, "a whole number", lambda v: v >= 1, "at least
 non_negative_int = checked_number(int, "a whole number", lambda v: v >= 0, "0 or more")
 non_negative_float = checked_number(float, "a number", lambda v: v >= 0, "0 or more")
 fraction = checked_number(float, "a number", lambda v: 0.0 < v < 1.0, "between 0 and 1 (e.g. 0.8 = 80% fewer)")
+unit_interval = checked_number(float, "a number", lambda v: 0.0 <= v <= 1.0, "from 0 to 1")
+positive_float = checked_number(float, "a number", lambda v: v > 0 and v < float("inf"), "a positive number")
 
 
 def print_json(payload: Any) -> None:
     print(json.dumps(payload, indent=2, default=str))
+
+
+def add_precision_argument(parser: argparse.ArgumentParser) -> None:
+    from core.precision import PRECISIONS
+
+    parser.add_argument("--precision", choices=list(PRECISIONS), default="auto",
+                        help="training forward passes: bf16 autocast with channels_last where the device runs it "
+                             "fast (auto), or as asked; evaluation, export and saved weights stay fp32")
 
 
 def add_device_argument(parser: argparse.ArgumentParser, default: str = "auto",

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset, WeightedRandomSampler
 
 from core.errors import DefectPruneError
+from core.precision import PRECISIONS, InvalidPrecisionError, autocast, resolve_precision, to_channels_last, to_standard_format
 from core.metrics import (
     EvaluationResult, SegmentationMetrics, batch_confusion, per_image_table,
 )
@@ -111,6 +112,15 @@ class TrainConfig:
     # images with a defect make at least this share of each epoch's draws (with replacement),
     # where the split has fewer; None or 0: plain shuffling
     defect_share: float | None = 0.5
+    # forward passes in bf16 autocast where the device runs it fast ("auto"), or as asked;
+    # the model trains in channels_last (conv nets); see core/precision.py
+    precision: str = "auto"
+    channels_last: bool = True
+    warmup_fraction: float = 0.0  # share of the steps the rate climbs linearly before the schedule
+    # distillation from a teacher handed to `fit` (the unpruned model of a prune run): the loss is
+    # (1 - a) x supervised + a x T^2 x pixel-wise KL(teacher || student) at temperature T
+    distill_weight: float = 0.0
+    distill_temperature: float = 2.0
 
     def validate(self) -> None:
         problems = []
@@ -134,6 +144,14 @@ class TrainConfig:
             problems.append(f"defect share must be from 0 to below 1 (got {self.defect_share})")
         if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
             problems.append(f"max steps per epoch must be at least 1 (got {self.max_steps_per_epoch})")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision must be one of {', '.join(PRECISIONS)} (got {self.precision!r})")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            problems.append(f"warm-up fraction must be from 0 to below 1 (got {self.warmup_fraction})")
+        if not 0.0 <= self.distill_weight <= 1.0:
+            problems.append(f"distillation weight must be from 0 to 1 (got {self.distill_weight})")
+        if not (self.distill_temperature > 0 and math.isfinite(self.distill_temperature)):
+            problems.append(f"distillation temperature must be a positive number (got {self.distill_temperature})")
         if problems:
             raise InvalidTrainConfigError("; ".join(problems))
 
@@ -170,6 +188,11 @@ class TrainResult:
     stopped_by_user: bool
     seconds: float
     class_weights: list[float] = field(default_factory=list)
+    precision: str = "fp32"  # what the forward passes ran in (auto resolved)
+    memory_format: str = "contiguous"
+    distill_weight: float = 0.0
+    train_step_seconds: float | None = None  # mean wall time of one training step
+    teacher_step_seconds: float | None = None  # of which the teacher's forward pass
 
     @property
     def best_val(self) -> dict[str, Any] | None:
@@ -189,6 +212,11 @@ class TrainResult:
             "seconds": self.seconds,
             "seconds_per_epoch": self.seconds_per_epoch,
             "class_weights": self.class_weights,
+            "precision": self.precision,
+            "memory_format": self.memory_format,
+            "distill_weight": self.distill_weight,
+            "train_step_seconds": self.train_step_seconds,
+            "teacher_step_seconds": self.teacher_step_seconds,
             "val": self.best_val,
             "history": self.history,
         }
@@ -306,6 +334,15 @@ class SegmentationLoss(nn.Module):
         return ce + self.dice_weight * (1 - dice)
 
 
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 x KL(softmax(teacher / T) || softmax(student / T)), summed over classes and averaged
+    over pixels and images (Hinton et al. 2015, per pixel), in fp32. Zero when the two agree."""
+    log_student = F.log_softmax(student_logits.float() / temperature, dim=1)
+    log_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=1)
+    kl = (log_teacher.exp() * (log_teacher - log_student)).sum(dim=1).mean()
+    return temperature * temperature * kl
+
+
 # ---------------------------------------------------------------- helpers
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -330,9 +367,13 @@ def _make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=config.lr, total_steps=max(total_steps, 2), pct_start=0.3,
         )
+    warmup = int(round(config.warmup_fraction * total_steps))
 
-    def cosine(step: int) -> float:  # to 1% of the base rate at the last step
-        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
+    def cosine(step: int) -> float:  # linear warm-up, then cosine to 1% of the base rate at the last step
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        done = (min(step, total_steps) - warmup) / max(total_steps - warmup, 1)
+        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * done))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
 
@@ -418,8 +459,14 @@ def fit(
     config: TrainConfig,
     progress: ProgressCallback | None = None,
     class_names: Sequence[str] | None = None,
+    teacher: nn.Module | None = None,
 ) -> TrainResult:
     """Train ``model`` in place and return what happened.
+
+    Forward passes run in ``config.precision`` (bf16 autocast or fp32) with the model in
+    channels_last when ``config.channels_last``; the model is handed back fp32 in the standard
+    layout. With ``teacher`` and ``config.distill_weight`` > 0 the loss also pulls the model
+    towards the teacher's softened outputs (the teacher is frozen and in eval mode meanwhile).
 
     The callback gets a `Progress` after every training batch and every validation batch;
     returning True (or raising `StopRequested`, or Ctrl-C) stops the loop, and the result then
@@ -429,10 +476,18 @@ def fit(
     if len(train_ds) == 0:
         raise EmptySplitError("the training split has no images; check the dataset and its split")
     device = resolve_device(config.device)
+    try:
+        precision = resolve_precision(config.precision, device)
+    except InvalidPrecisionError as exc:
+        raise InvalidTrainConfigError(str(exc)) from None
+    distill = config.distill_weight > 0
+    if distill and teacher is None:
+        raise InvalidTrainConfigError("a distillation weight above 0 needs a teacher model")
     names = list(class_names) if class_names is not None else dataset_class_names(train_ds)
     if names is None:
         raise ValueError("class_names is needed when the dataset carries no index")
     num_classes = len(names)
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
 
     with TorchThreads(config.num_threads):
         seed_everything(config.seed)
@@ -440,6 +495,13 @@ def fit(
         weights = class_weights_from_counts(per_image.sum(axis=0), config.max_class_weight)
         criterion = SegmentationLoss(weights, dice_weight=config.dice_weight).to(device)
         model.to(device)
+        if config.channels_last:
+            to_channels_last(model)
+        teacher_was_training = teacher is not None and teacher.training
+        if distill:
+            teacher.to(device).eval()  # its forward runs under no_grad
+            if config.channels_last:
+                to_channels_last(teacher)
         generator = torch.Generator().manual_seed(config.seed)
         draw = defect_sampling_weights(per_image, config.defect_share)
         sampler = None if draw is None else WeightedRandomSampler(
@@ -462,7 +524,7 @@ def fit(
         epochs_without_gain = 0
         stopped_early = stopped_by_user = False
         latest_metric: float | None = None
-        done_steps, train_seconds, val_seconds = 0, 0.0, 0.0
+        done_steps, train_seconds, val_seconds, teacher_seconds = 0, 0.0, 0.0, 0.0
         start = time.perf_counter()
 
         def eta(epoch: int) -> float:
@@ -480,10 +542,19 @@ def fit(
                 for step, (images, masks) in enumerate(loader, 1):
                     if step > steps:
                         break
-                    images = images.to(device, non_blocking=True)
+                    images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
                     masks = masks.to(device, non_blocking=True)
                     optimizer.zero_grad(set_to_none=True)
-                    loss = criterion(model(images), masks)
+                    with autocast(device, precision):
+                        logits = model(images)
+                    loss = criterion(logits, masks)
+                    if distill:
+                        teacher_start = time.perf_counter()
+                        with torch.no_grad(), autocast(device, precision):
+                            teacher_logits = teacher(images)
+                        teacher_seconds += time.perf_counter() - teacher_start
+                        loss = ((1 - config.distill_weight) * loss + config.distill_weight
+                                * distillation_loss(logits, teacher_logits, config.distill_temperature))
                     if not torch.isfinite(loss):
                         raise TrainingDivergedError(
                             f"the loss became {loss.item()} at epoch {epoch}, step {step}; "
@@ -559,6 +630,11 @@ def fit(
                     break
         except (StopRequested, KeyboardInterrupt):
             stopped_by_user = True
+        finally:
+            to_standard_format(model)
+            if distill:
+                to_standard_format(teacher)
+                teacher.train(teacher_was_training)
         if best_state is not None:
             model.load_state_dict(best_state)
     return TrainResult(
@@ -570,6 +646,11 @@ def fit(
         stopped_by_user=stopped_by_user,
         seconds=time.perf_counter() - start,
         class_weights=[float(w) for w in weights],
+        precision=precision,
+        memory_format="channels_last" if config.channels_last else "contiguous",
+        distill_weight=config.distill_weight if distill else 0.0,
+        train_step_seconds=train_seconds / done_steps if done_steps else None,
+        teacher_step_seconds=teacher_seconds / done_steps if distill and done_steps else None,
     )
 
 
@@ -580,10 +661,12 @@ def fine_tune(
     config: TrainConfig,
     progress: ProgressCallback | None = None,
     class_names: Sequence[str] | None = None,
+    teacher: nn.Module | None = None,
 ) -> TrainResult:
     """Fine-tuning after pruning is `fit` on the pruned model: the optimiser is built on the
-    parameters the model has now. Kept as its own name so call sites say what they mean."""
-    return fit(model, train_ds, val_ds, config, progress=progress, class_names=class_names)
+    parameters the model has now (``teacher``: the unpruned model to distil from). Kept as its
+    own name so call sites say what they mean."""
+    return fit(model, train_ds, val_ds, config, progress=progress, class_names=class_names, teacher=teacher)
 
 
 # ---------------------------------------------------------------- command-line view

@@ -27,6 +27,7 @@ from core.allocation.base import (
 from core.allocation.cost import CostModel
 from core.allocation.masks import ChannelMasks
 from core.errors import DefectPruneError
+from core.precision import autocast
 from core.pruning.graph import PruningGraph
 from core.train import SegmentationLoss
 
@@ -81,7 +82,11 @@ def allocate_by_sensitivity(
     batches: Sequence[tuple[torch.Tensor, torch.Tensor]], target_reduction: float,
     class_weights: Sequence[float], limits: AllocationLimits | None = None,
     levels: Sequence[float] = SENSITIVITY_LEVELS, progress: ProgressFn | None = None,
+    precision: str = "fp32",
 ) -> Allocation:
+    """Prune each group alone at each of ``levels`` (masks, nothing cut) and record the rise of
+    the class-balanced loss on the calibration batches (forward passes in ``precision``, a
+    resolved name); allocate greedily from those curves to meet the budget."""
     limits = limits or AllocationLimits()
     loss_fn = SegmentationLoss(torch.as_tensor(class_weights, dtype=torch.float32))
     device = next(model.parameters()).device
@@ -89,7 +94,9 @@ def allocate_by_sensitivity(
     model.eval()
 
     def calibration_loss(masks: ChannelMasks) -> float:
-        return float(np.mean([float(loss_fn.to(device)(model(x.to(device)), y.to(device))) for x, y in batches]))
+        with autocast(device, precision):
+            outputs = [(model(x.to(device)), y) for x, y in batches]
+        return float(np.mean([float(loss_fn.to(device)(out, y.to(device))) for out, y in outputs]))
 
     level_counts = sensitivity_level_counts(graph, limits, levels)
     drops: dict[str, list[float]] = {}

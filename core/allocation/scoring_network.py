@@ -25,6 +25,7 @@ from core.allocation.base import (
 )
 from core.allocation.cost import CostModel
 from core.allocation.masks import ChannelMasks
+from core.precision import autocast
 from core.pruning.graph import PruningGraph
 from core.train import SegmentationLoss
 
@@ -78,8 +79,11 @@ def allocate_by_scoring_network(
     settings: ScoringNetworkSettings | None = None,
     limits: AllocationLimits | None = None,
     progress: ProgressFn | None = None,
+    precision: str = "fp32",
 ) -> Allocation:
-    """Per-group kept channels that remove ``target_reduction`` of the current MACs."""
+    """Per-group kept channels that remove ``target_reduction`` of the current MACs. The frozen
+    model's forward passes run in ``precision`` (a resolved name: bf16 autocast or fp32); the
+    logits, the cost and the loss stay fp32."""
     settings = settings or ScoringNetworkSettings()
     limits = limits or AllocationLimits()
     torch.manual_seed(settings.seed)
@@ -99,7 +103,8 @@ def allocate_by_scoring_network(
             keep = _keep(logits, k_min, free)
             masks.set_soft(keep.to(device), tau)
             images, targets = batches[step % len(batches)]
-            out = model(images.to(device))
+            with autocast(device, precision):
+                out = model(images.to(device))
             seg = loss_fn.to(device)(out, targets.to(device))
             pressure = settings.pressure * cost.macs(keep) / cost.macs0
             loss = seg + pressure.float()
@@ -111,7 +116,7 @@ def allocate_by_scoring_network(
                 break
         final_logits = logits.detach().clone()
         class_importance = _class_importance(model, graph, masks, final_logits, k_min, settings.tau_end,
-                                             batches, class_names, device, free)
+                                             batches, class_names, device, free, precision)
 
     allocation = allocation_from_logits(graph, cost, final_logits.numpy(), target_reduction, k_min, limits)
     allocation.class_importance = class_importance
@@ -154,6 +159,7 @@ def _keep(logits: torch.Tensor, k_min: float, free: torch.Tensor) -> torch.Tenso
 def _class_importance(
     model: nn.Module, graph: PruningGraph, masks: ChannelMasks, logits: torch.Tensor, k_min: float,
     tau: float, batches: Sequence[Batch], class_names: Sequence[str], device: torch.device, free: torch.Tensor,
+    precision: str = "fp32",
 ) -> dict[str, dict[str, float]]:
     """Group x defect-class importance: minus the gradient of each defect class's loss (CE on
     that class's pixels) with respect to the group's logit, scaled to [-1, 1] per class.
@@ -162,7 +168,8 @@ def _class_importance(
     grads = {name: torch.zeros(len(graph.groups)) for name in class_names[1:]}
     for images, targets in batches[: max(1, min(len(batches), 4))]:
         masks.set_soft(_keep(a, k_min, free).to(device), tau)
-        out = model(images.to(device))
+        with autocast(device, precision):
+            out = model(images.to(device))
         pixel_loss = F.cross_entropy(out.float(), targets.to(device), reduction="none")
         for c, name in enumerate(class_names[1:], start=1):
             region = targets.to(device) == c

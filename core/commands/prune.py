@@ -8,7 +8,10 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from core.cli import add_device_argument, fraction, non_negative_int, positive_int, print_json
+from core.cli import (
+    add_device_argument, add_precision_argument, fraction, non_negative_int, positive_float, positive_int, print_json,
+    unit_interval,
+)
 from core.commands.evaluate import index_for_checkpoint
 from core.commands.train import add_data_arguments, dataset_options
 from core.data.base import parse_size
@@ -44,7 +47,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         help="MACs reductions a round lands on exactly on its way to the target (0.5 0.7)")
     parser.add_argument("--finetune-epochs", type=non_negative_int, default=2)
     parser.add_argument("--max-rounds", type=positive_int, default=10)
-    parser.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate")
+    parser.add_argument("--lr", type=positive_float, default=1e-3, help="fine-tuning learning rate")
+    parser.add_argument("--recover-epochs", type=non_negative_int, default=0,
+                        help="final recovery phase: fine-tune the last accepted round this many more epochs "
+                             "(warm-up + cosine); its checkpoint becomes the result (0: none)")
+    parser.add_argument("--recover-lr", type=positive_float, default=None,
+                        help="learning rate of the recovery phase (default: --lr)")
+    parser.add_argument("--distill-weight", type=unit_interval, default=0.0,
+                        help="distil every fine-tune from the run's starting model: loss = (1 - a) x supervised "
+                             "+ a x T^2 x KL (0: off)")
+    parser.add_argument("--distill-temperature", type=positive_float, default=2.0, help="distillation temperature T")
+    parser.add_argument("--recover-distill-weight", type=unit_interval, default=None,
+                        help="distillation weight of the recovery phase (default: --distill-weight)")
     parser.add_argument("--beta", type=float, default=0.5, help="weight of substitutability in the score")
     parser.add_argument("--correlation", default="activations", choices=list(CORRELATION_SOURCES),
                         help="substitutability from the channels' responses on calibration images (default) "
@@ -58,6 +72,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="folder for the rounds' checkpoints and rounds.json")
     add_device_argument(parser)
+    add_precision_argument(parser)
     parser.add_argument("--json", action="store_true")
     parser.set_defaults(func=run)
 
@@ -95,7 +110,8 @@ def loop_settings_from_args(args: argparse.Namespace, device: str) -> LoopSettin
     return LoopSettings(
         method=args.method, allocator=args.allocator, criterion=args.criterion, target=target,
         target_kind=kind, tolerance=args.tolerance, step=args.step, milestones=tuple(args.milestones),
-        finetune_epochs=args.finetune_epochs,
+        finetune_epochs=args.finetune_epochs, recover_epochs=args.recover_epochs, recover_lr=args.recover_lr,
+        recover_distill_weight=args.recover_distill_weight,
         max_rounds=args.max_rounds, stop_at_tolerance=not args.no_tolerance_stop,
         calibration_images=args.calibration_images, seed=args.seed,
         step_settings=StepSettings(
@@ -104,7 +120,8 @@ def loop_settings_from_args(args: argparse.Namespace, device: str) -> LoopSettin
                                    protect_head_input=not args.cut_head_input)),
         finetune=TrainConfig(epochs=max(args.finetune_epochs, 1), batch_size=args.batch_size, lr=args.lr,
                              patience=None, seed=args.seed, num_threads=args.threads, device=str(device),
-                             num_workers=args.workers),
+                             num_workers=args.workers, precision=args.precision,
+                             distill_weight=args.distill_weight, distill_temperature=args.distill_temperature),
     )
 
 
@@ -141,12 +158,18 @@ def run(args: argparse.Namespace) -> int:
         bar.close()
     payload = result.to_dict()
     if args.json:
-        print_json({"rounds": payload["rounds"], "result": payload["result"], "stopped": payload["stopped"]})
+        print_json({"rounds": payload["rounds"], "result": payload["result"], "stopped": payload["stopped"],
+                    "recovery": payload["recovery"]})
         return 0
     for r in result.rounds:
         status = "" if r.accepted else "  (beyond tolerance: reverted)"
         print(f"round {r.round}: MACs -{r.macs_reduction:.1%}, params -{r.params_reduction:.1%}, "
               f"val defect mIoU {r.defect_miou:.2f} (drop {r.drop:+.2f}){status}")
+    if result.recovery:
+        rec = result.recovery
+        print(f"recovery: {rec['epochs']} epoch(s) on round {rec['from_round']} (lr {rec['lr']:g}, distillation "
+              f"{rec['distill_weight']:g}, {rec['precision']}): val defect mIoU {rec['defect_miou']:.2f} "
+              f"(drop {rec['drop']:+.2f})")
     res = result.result
     if res.get("test"):
         test = f"{res['test']['defect_miou']:.2f}"

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from core.atomic import write_json_atomic
-from core.cli import add_device_argument, non_negative_int, positive_int, print_json
+from core.cli import add_device_argument, add_precision_argument, non_negative_int, positive_int, print_json
 from core.data.base import parse_size
 from core.data.dataset import SegmentationDataset
 from core.data.registry import format_names, load_index
@@ -68,6 +68,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of weights, order and augmentation")
     parser.add_argument("--out", required=True, help="checkpoint folder to write")
     add_device_argument(parser)
+    add_precision_argument(parser)
     parser.add_argument("--json", action="store_true")
     parser.set_defaults(func=run)
 
@@ -94,6 +95,7 @@ def train_from_args(args: argparse.Namespace, progress: ProgressCallback | None 
         schedule=args.schedule, patience=None if args.no_early_stop else args.patience,
         seed=args.seed, num_threads=args.threads, device=str(device),
         max_steps_per_epoch=args.max_steps_per_epoch, num_workers=args.workers, defect_share=args.defect_share,
+        precision=args.precision,
     )
     config.validate()
     spec = ModelSpec(
@@ -114,7 +116,9 @@ def train_from_args(args: argparse.Namespace, progress: ProgressCallback | None 
     result = fit(model, train_ds, val_ds, config, progress=progress, class_names=index.classes)
     if result.epochs_run == 0:
         raise DefectPruneError("training was stopped before the first epoch ended; nothing was saved")
-    spec.metrics = {"split": "val", **(result.best_val or {})}
+    spec.metrics = {"split": "val", **(result.best_val or {}),
+                    "training": {"precision": result.precision, "memory_format": result.memory_format,
+                                 "epochs_run": result.epochs_run, "best_epoch": result.best_epoch}}
 
     checkpoint = Path(save_checkpoint(out, model.cpu(), spec))
     write_json_atomic(checkpoint / TRAINING_HISTORY_FILE, {
@@ -133,6 +137,9 @@ def train_from_args(args: argparse.Namespace, progress: ProgressCallback | None 
         "seconds": round(result.seconds, 3),
         "seconds_per_epoch": result.seconds_per_epoch,
         "device": str(device),
+        "precision": result.precision,
+        "memory_format": result.memory_format,
+        "train_step_seconds": result.train_step_seconds,
         "train_images": len(train_ds),
         "val_images": len(val_ds),
         "val": result.best_val,
@@ -145,7 +152,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json(payload)
         return 0
-    print(f"saved {payload['checkpoint']} after {payload['epochs_run']} epoch(s) (best epoch {payload['best_epoch']}"
+    print(f"saved {payload['checkpoint']} after {payload['epochs_run']} epoch(s) in {payload['precision']} "
+          f"(best epoch {payload['best_epoch']}"
           f"{', stopped early' if payload['stopped_early'] else ''}"
           f"{', stopped by user' if payload['stopped_by_user'] else ''})")
     print(format_metrics("val", payload["val"] or {}))

@@ -27,8 +27,10 @@ import torch.nn as nn
 from torch.utils.data import Dataset
 
 from core.atomic import write_json_atomic
+from core.errors import DefectPruneError
 from core.models.checkpoint import load_checkpoint, save_checkpoint
 from core.models.zoo import ModelSpec
+from core.precision import resolve_precision
 from core.profile import count_macs, count_params, measure_latency
 from core.pruning.graph import PruningError
 from core.pruning.methods import resolve_method
@@ -39,6 +41,7 @@ from core.train import (
 
 LoopProgress = Callable[[float, str], "bool | None"]
 ROUNDS_FILE = "rounds.json"
+RECOVERED_DIR = "recovered"  # the recovery phase's checkpoint, beside the rounds'
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -65,6 +68,13 @@ class LoopSettings:
     # and 80% points on the way to 90%), so methods are compared at the same costs
     milestones: tuple[float, ...] = ()
     finetune_epochs: int = 2
+    # the final recovery phase: the last accepted round fine-tuned this many more epochs with its
+    # own rate (None: the rounds' rate) and warm-up + cosine schedule; its checkpoint is the result
+    recover_epochs: int = 0
+    recover_lr: float | None = None
+    recover_warmup: float = 0.05
+    # distillation weight of the recovery (None: the rounds' ``finetune.distill_weight``)
+    recover_distill_weight: float | None = None
     max_rounds: int = 10
     stop_at_tolerance: bool = True  # the benchmark turns this off to trace the whole frontier
     calibration_images: int = 64
@@ -85,8 +95,16 @@ class LoopSettings:
             raise PruningError(f"tolerance must be 0 or more points, not {self.tolerance}")
         if any(not 0.0 < m < 1.0 for m in self.milestones):
             raise PruningError(f"milestones must be reductions between 0 and 1, not {list(self.milestones)}")
-        if self.max_rounds < 1 or self.finetune_epochs < 0:
-            raise PruningError("rounds must be at least 1 and fine-tune epochs 0 or more")
+        if self.max_rounds < 1 or self.finetune_epochs < 0 or self.recover_epochs < 0:
+            raise PruningError("rounds must be at least 1, and fine-tune and recovery epochs 0 or more")
+        if self.recover_lr is not None and not (self.recover_lr > 0 and np.isfinite(self.recover_lr)):
+            raise PruningError(f"the recovery learning rate must be a positive number, not {self.recover_lr}")
+        if self.recover_distill_weight is not None and not 0.0 <= self.recover_distill_weight <= 1.0:
+            raise PruningError(f"the recovery distillation weight must be from 0 to 1, not {self.recover_distill_weight}")
+        try:
+            self.finetune.validate()
+        except DefectPruneError as exc:
+            raise PruningError(f"fine-tuning settings: {exc}") from None
         resolve_method(self.method, self.allocator, self.criterion)
 
 
@@ -105,6 +123,8 @@ class RoundRecord:
     checkpoint: str
     accepted: bool = True
     step: dict[str, Any] = field(default_factory=dict)  # allocation and score summary
+    precision: str = ""  # of the round's fine-tune ("" in runs recorded before it was kept)
+    distill_weight: float = 0.0  # 0: the round's fine-tune did not distil
 
     def brief(self) -> dict[str, Any]:
         return {"round": self.round, "macs": self.macs, "params": self.params,
@@ -116,10 +136,11 @@ class LoopResult:
     rounds: list[RoundRecord]
     result: dict[str, Any]
     stopped: str  # "target", "tolerance", "rounds", "user"
+    recovery: dict[str, Any] | None = None  # the recovery phase's record, when it ran
 
     def to_dict(self) -> dict[str, Any]:
         return {"rounds": [r.brief() for r in self.rounds], "result": self.result, "stopped": self.stopped,
-                "round_details": [asdict(r) for r in self.rounds]}
+                "recovery": self.recovery, "round_details": [asdict(r) for r in self.rounds]}
 
 
 def calibration_batches(dataset: Dataset, count: int, batch_size: int, seed: int) -> list[Batch]:
@@ -205,13 +226,19 @@ def run_prune_loop(
         base = {"macs": count_macs(model, size, in_channels), "params": count_params(model),
                 "defect_miou": base_val["defect_miou"], "val": base_val, "history": history,
                 "method": settings.method, "settings": _settings_dict(settings), "fingerprint": fingerprint}
+    # the teacher of every distilled fine-tune: the model the run starts from, frozen
+    distilling = settings.finetune.distill_weight > 0 or (settings.recover_distill_weight or 0) > 0
+    teacher = copy.deepcopy(model).eval() if distilling else None
+    context = _RunContext(spec, train_ds, val_ds if evaluator is None else None, test_ds, out_dir, names, device,
+                          settings, teacher, validate_model, progress)
     accepted = [r for r in rounds if r.accepted]
     if accepted:
         loaded = load_checkpoint(accepted[-1].checkpoint, device=device)
         model, history = loaded.model, list(loaded.history)
     if rounds and not rounds[-1].accepted:
-        return _finish(model, spec, history, rounds, base, test_ds, out_dir, names, device, settings, "tolerance")
+        return _finish(context, rounds, base, "tolerance")
 
+    precision_now = resolve_precision(settings.finetune.precision, device)
     weights = class_weights_from_counts(class_pixel_counts(train_ds, len(names)))
     batches = calibration_batches(_unaugmented(train_ds), settings.calibration_images,
                                   settings.calibration_batch, settings.seed)
@@ -229,11 +256,12 @@ def run_prune_loop(
         next_macs = max(macs_now * (1.0 - settings.step), final_macs, *_milestone_macs(settings, base, macs_now))
         step_reduction = 1.0 - next_macs / macs_now
         start = time.perf_counter()
-        share = 1.0 / settings.max_rounds
+        share = (1.0 - _recovery_share(settings)) / settings.max_rounds
         offset = (round_index - 1) * share
         relay = _Relay(progress, offset, share * 0.4, f"round {round_index} prune")
         step_settings = settings.step_settings
         step_settings.seed = settings.seed + round_index
+        step_settings.precision = precision_now
         result = prune_step(model, size, in_channels, method, step_reduction, batches, names, weights,
                             step_settings, progress=relay, params_floor=params_floor)
         if relay.stop_requested:  # cut with a half-trained allocation: never fine-tuned or recorded
@@ -244,10 +272,14 @@ def run_prune_loop(
             config = _finetune_config(settings, round_index)
             tuned = fine_tune(model, train_ds, val_ds if evaluator is None else None, config,
                               progress=_Relay(progress, offset + share * 0.4, share * 0.6,
-                                              f"round {round_index} fine-tune"), class_names=names)
+                                              f"round {round_index} fine-tune"), class_names=names,
+                              teacher=teacher)
             if tuned.stopped_by_user:
                 stopped = "user"
                 break
+            precision, distill_weight = tuned.precision, tuned.distill_weight
+        else:
+            precision, distill_weight = "", 0.0
         val = validate_model(model)
         drop = None if val["defect_miou"] is None or base["defect_miou"] is None else base["defect_miou"] - val["defect_miou"]
         macs, params = count_macs(model, size, in_channels), count_params(model)
@@ -260,6 +292,7 @@ def run_prune_loop(
             macs_reduction=1.0 - macs / base["macs"], params_reduction=1.0 - params / base["params"],
             defect_miou=val["defect_miou"], drop=drop, val=val, latency_ms=latency,
             wall_s=time.perf_counter() - start, checkpoint=str(checkpoint), accepted=ok, step=result.summary(),
+            precision=precision, distill_weight=distill_weight,
         )
         rounds.append(record)
         write_json_atomic(state_path, {"base": base, "rounds": [asdict(r) for r in rounds]}, default=float)
@@ -272,7 +305,7 @@ def run_prune_loop(
     else:
         if _reached(settings, base, count_macs(model, size, in_channels), count_params(model)):
             stopped = "target"
-    return _finish(model, spec, history, rounds, base, test_ds, out_dir, names, device, settings, stopped)
+    return _finish(context, rounds, base, stopped)
 
 
 def _milestone_macs(settings: LoopSettings, base: dict[str, Any], macs_now: float) -> list[float]:
@@ -287,29 +320,125 @@ def _reached(settings: LoopSettings, base: dict[str, Any], macs: float, params: 
     return 1.0 - params / base["params"] >= settings.target - 1e-3
 
 
-def _finish(model, spec, history, rounds, base, test_ds, out_dir, names, device, settings, stopped) -> LoopResult:
+@dataclass
+class _RunContext:
+    """What the end of a run (recovery, test, result) needs of the run."""
+    spec: ModelSpec
+    train_ds: Dataset
+    val_ds: Dataset | None  # what fine-tunes pick their best epoch on (None with a test's evaluator)
+    test_ds: Dataset | None
+    out_dir: Path
+    names: list[str]
+    device: torch.device
+    settings: LoopSettings
+    teacher: nn.Module | None
+    validate: Callable[[nn.Module], dict[str, Any]]
+    progress: LoopProgress | None
+
+
+def _recovery_share(settings: LoopSettings) -> float:
+    """The share of the progress bar the recovery phase takes (its epochs against the rounds')."""
+    if not settings.recover_epochs:
+        return 0.0
+    rounds_epochs = max(settings.finetune_epochs, 1) * min(settings.max_rounds, 5)
+    return settings.recover_epochs / (settings.recover_epochs + rounds_epochs)
+
+
+def _recover(run: _RunContext, best: RoundRecord, base: dict[str, Any]) -> dict[str, Any] | None:
+    """The recovery phase on the last accepted round: ``settings.recover_epochs`` more epochs
+    (warm-up + cosine, its own rate, distillation from the run's starting model as set),
+    validated every epoch (the best epoch is kept), saved as ``<out>/recovered``. None when
+    the user stopped it (a resume runs it again from the round's checkpoint)."""
+    settings = run.settings
+    start = time.perf_counter()
+    loaded = load_checkpoint(best.checkpoint, device=run.device)
+    model = loaded.model
+    config = TrainConfig(**asdict(settings.finetune))
+    config.epochs = settings.recover_epochs
+    config.seed = settings.seed + 999_999
+    config.patience = None
+    config.schedule = "cosine"
+    config.warmup_fraction = settings.recover_warmup
+    if settings.recover_lr is not None:
+        config.lr = settings.recover_lr
+    if settings.recover_distill_weight is not None:
+        config.distill_weight = settings.recover_distill_weight
+    share = _recovery_share(settings)
+    tuned = fine_tune(model, run.train_ds, run.val_ds, config,
+                      progress=_Relay(run.progress, 1.0 - share, share, "recovery"),
+                      class_names=run.names, teacher=run.teacher if config.distill_weight > 0 else None)
+    if tuned.stopped_by_user:
+        return None
+    val = run.validate(model)
+    drop = None if val["defect_miou"] is None or base["defect_miou"] is None else base["defect_miou"] - val["defect_miou"]
+    size = tuple(run.spec.input_size)
+    recovered_spec = ModelSpec.from_dict({**run.spec.to_dict(), "metrics": {"val": val}})
+    checkpoint = save_checkpoint(run.out_dir / RECOVERED_DIR, model, recovered_spec, loaded.history)
+    macs, params = count_macs(model, size, run.spec.in_channels), count_params(model)
+    return {
+        "from_round": best.round, "epochs": settings.recover_epochs, "lr": config.lr,
+        "warmup": config.warmup_fraction, "distill_weight": tuned.distill_weight,
+        "distill_temperature": config.distill_temperature, "precision": tuned.precision,
+        "best_epoch": tuned.best_epoch, "checkpoint": str(checkpoint), "macs": macs, "params": params,
+        "macs_reduction": 1.0 - macs / base["macs"], "params_reduction": 1.0 - params / base["params"],
+        "defect_miou": val["defect_miou"], "drop": drop, "val": val,
+        "latency_ms": measure_latency(model, size, run.spec.in_channels, runs=settings.latency_runs, warmup=2,
+                                      threads=1).median_ms,
+        "train_step_seconds": tuned.train_step_seconds, "teacher_step_seconds": tuned.teacher_step_seconds,
+        "wall_s": time.perf_counter() - start,
+    }
+
+
+def _test_metrics(run: _RunContext, checkpoint: str) -> dict[str, Any]:
+    model = load_checkpoint(checkpoint, device=run.device).model
+    return evaluate(model, run.test_ds, device=run.device, class_names=run.names, per_image=False).metrics.to_dict()
+
+
+def _finish(run: _RunContext, rounds: list[RoundRecord], base: dict[str, Any], stopped: str) -> LoopResult:
+    """The result: the last accepted round, after the recovery phase when one is asked for,
+    with its test metrics (and the pre-recovery round's beside them)."""
+    settings, state_path = run.settings, Path(run.out_dir) / ROUNDS_FILE
+    saved = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    recovery = saved.get("recovery")
     accepted = [r for r in rounds if r.accepted]
-    if accepted:
-        best = accepted[-1]
+    best = accepted[-1] if accepted else None
+    if recovery is not None and (best is None or recovery.get("from_round") != best.round):
+        recovery = None  # recorded on another round (a run resumed with more rounds): redo it
+    if best is not None and settings.recover_epochs and recovery is None and stopped != "user":
+        recovery = _recover(run, best, base)
+        if recovery is None:
+            stopped = "user"
+        else:
+            write_json_atomic(state_path, {"base": base, "rounds": [asdict(r) for r in rounds],
+                                           "recovery": recovery}, default=float)
+    if best is not None:
         checkpoint = best.checkpoint
         reductions = (best.macs_reduction, best.params_reduction)
         val_miou, drop = best.defect_miou, best.drop
     else:  # even the first round broke tolerance: the unpruned model is the result
         checkpoint, reductions, val_miou, drop = None, (0.0, 0.0), base["defect_miou"], 0.0
+    pre_recovery = None
+    if recovery is not None:
+        pre_recovery = {"round": best.round, "checkpoint": checkpoint, "defect_miou": val_miou, "drop": drop}
+        checkpoint, val_miou, drop = recovery["checkpoint"], recovery["defect_miou"], recovery["drop"]
     test, test_skipped = None, None
     if stopped == "user":  # a stop is honoured within seconds: no pass over the test split now
         test_skipped = "the run was stopped; resume it, or evaluate the result checkpoint on the test split"
-    elif test_ds is not None and len(test_ds) and checkpoint is not None:
-        result_model = load_checkpoint(checkpoint, device=device).model
-        test = evaluate(result_model, test_ds, device=device, class_names=names, per_image=False).metrics.to_dict()
+    elif run.test_ds is not None and len(run.test_ds) and checkpoint is not None:
+        test = _test_metrics(run, checkpoint)
+        if pre_recovery is not None:
+            pre_recovery["test"] = _test_metrics(run, pre_recovery["checkpoint"])
     result = {"checkpoint": checkpoint, "macs_reduction": reductions[0], "params_reduction": reductions[1],
               "defect_miou": val_miou, "drop": drop, "test": test, "base_val_defect_miou": base["defect_miou"]}
+    if pre_recovery is not None:
+        result["pre_recovery"] = pre_recovery
     if test_skipped:
         result["test_skipped"] = test_skipped
-    write_json_atomic(Path(out_dir) / ROUNDS_FILE,
-                      {"base": base, "rounds": [asdict(r) for r in rounds], "result": result, "stopped": stopped},
-                      default=float)
-    return LoopResult(rounds=rounds, result=result, stopped=stopped)
+    state = {"base": base, "rounds": [asdict(r) for r in rounds], "result": result, "stopped": stopped}
+    if recovery is not None:
+        state["recovery"] = recovery
+    write_json_atomic(state_path, state, default=float)
+    return LoopResult(rounds=rounds, result=result, stopped=stopped, recovery=recovery)
 
 
 def _finetune_config(settings: LoopSettings, round_index: int) -> TrainConfig:

@@ -33,6 +33,10 @@ class StepSettings:
     after_activation: bool = False
     correlation: str = "activations"  # a key of core.importance.substitutability.CORRELATION_SOURCES
     seed: int = 0
+    # forward passes of the scoring network and the sensitivity measurement (a resolved name,
+    # core.precision); correlations are always measured in fp32 (Pearson on bf16 responses
+    # would lose the digits that tell near-duplicates apart)
+    precision: str = "fp32"
     limits: AllocationLimits = field(default_factory=AllocationLimits)
     scoring: ScoringNetworkSettings = field(default_factory=ScoringNetworkSettings)
 
@@ -99,9 +103,10 @@ def allocate(model: nn.Module, graph: PruningGraph, cost: CostModel, allocator: 
         return allocate_global(graph, cost, analysis.scores, target_reduction, settings.limits)
     if allocator == "sensitivity":
         return allocate_by_sensitivity(model, graph, cost, ranks, batches, target_reduction, class_weights,
-                                       settings.limits, progress=progress)
+                                       settings.limits, progress=progress, precision=settings.precision)
     return allocate_by_scoring_network(model, graph, cost, ranks, batches, target_reduction, class_names,
-                                       class_weights, settings.scoring, settings.limits, progress=progress)
+                                       class_weights, settings.scoring, settings.limits, progress=progress,
+                                       precision=settings.precision)
 
 
 def prune_step(
