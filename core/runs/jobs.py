@@ -357,10 +357,26 @@ def run_evaluate(ctx: JobContext) -> dict[str, Any]:
     return payload
 
 
+def _round_facts(record: dict[str, Any]) -> dict[str, Any]:
+    """The models table's facts of a round's (or the recovery's) checkpoint, from its record
+    and its spec (no weights loaded)."""
+    facts = {"arch": "", "encoder": "", "pruned": True, "params": int(record["params"]), "macs": int(record["macs"]),
+             "metrics": {"split": "val", **(record.get("val") or {})}}
+    try:
+        from core.models.checkpoint import read_spec
+
+        spec = read_spec(record["checkpoint"])
+        facts["arch"], facts["encoder"] = spec.arch, spec.encoder
+    except DefectPruneError:
+        pass
+    return facts
+
+
 def sync_rounds(ctx: JobContext, prune_run_id: int, out_dir: Path, base_model_id: int | None,
                 registered: dict[int, int]) -> int:
     """Mirror ``rounds.json`` (written atomically by the loop after every round) into the
-    store, registering each round's checkpoint as a model. Returns the number of rounds."""
+    store, registering each round's checkpoint as a model, and the recovery phase's (when it
+    ran) with its record in the run's result. Returns the number of rounds."""
     from core.pruning.loop import ROUNDS_FILE
 
     path = out_dir / ROUNDS_FILE
@@ -371,19 +387,19 @@ def sync_rounds(ctx: JobContext, prune_run_id: int, out_dir: Path, base_model_id
     for r in rounds:
         number = int(r["round"])
         if number not in registered and Path(r["checkpoint"]).is_dir():
-            facts = {"arch": "", "encoder": "", "pruned": True, "params": int(r["params"]), "macs": int(r["macs"]),
-                     "metrics": {"split": "val", **(r.get("val") or {})}}
-            try:
-                from core.models.checkpoint import read_spec
-
-                spec = read_spec(r["checkpoint"])
-                facts["arch"], facts["encoder"] = spec.arch, spec.encoder
-            except DefectPruneError:
-                pass
-            registered[number] = _register_checkpoint(ctx, r["checkpoint"], parent_id=base_model_id, facts=facts)
+            registered[number] = _register_checkpoint(ctx, r["checkpoint"], parent_id=base_model_id,
+                                                      facts=_round_facts(r))
     count = ctx.store.save_rounds(prune_run_id, rounds, registered)
-    ctx.store.update_prune_run(prune_run_id, base=state.get("base"), result=state.get("result"),
-                               stopped=state.get("stopped"))
+    result, recovery = state.get("result"), state.get("recovery")
+    if recovery is not None:
+        # the store has no column for it: it rides in the run's result (written before the
+        # result itself, while the test split is evaluated), where the Prune page reads it
+        result = {**(result or {}), "recovery": recovery}
+        if Path(recovery["checkpoint"]).is_dir():  # re-registered each sync: a redone recovery updates it
+            facts = _round_facts(recovery)
+            facts["metrics"]["recovery"] = {"from_round": recovery.get("from_round"), "epochs": recovery.get("epochs")}
+            _register_checkpoint(ctx, recovery["checkpoint"], parent_id=base_model_id, facts=facts)
+    ctx.store.update_prune_run(prune_run_id, base=state.get("base"), result=result, stopped=state.get("stopped"))
     if rounds:
         last = rounds[-1]
         ctx.progress(ctx.fraction, f"round {last['round']} done",

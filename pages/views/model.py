@@ -13,6 +13,7 @@ from core.config import confine_to_data_roots, data_roots, workspace_dir
 from core.data.dataset import SegmentationDataset
 from core.metrics import SegmentationMetrics, batch_confusion
 from core.models.zoo import ARCHITECTURES, DEFAULT_ARCH, DEFAULT_ENCODER, ENCODERS
+from core.precision import PRECISIONS
 from core.predictions import predict_split
 from core.runs import api
 from core.runs.store import JobRecord
@@ -71,12 +72,15 @@ with train_tab:
         epochs = c4.number_input("Epochs (early stopping on val defect mIoU)", 1, 500, 30, key="model_epochs")
         batch = c5.number_input("Batch size", 1, 256, 8, key="model_batch")
         seed = c6.number_input("Seed", 0, 10_000, 0, key="model_seed")
+        precision = st.selectbox("Precision", PRECISIONS, key="model_precision",
+                                 help="Of the training forward passes: auto picks bf16 where the device runs it "
+                                      "fast, else fp32. Evaluation and the saved weights are always fp32.")
         start = st.form_submit_button("Train in the background")
     if start:
         with error_box("Starting the training"):
             params = {"format": choice.format, "size": size, "arch": arch, "encoder": encoder,
                       "epochs": int(epochs), "batch_size": int(batch), "seed": int(seed),
-                      "split_seed": choice.seed, "option": choice.parsed_options()}
+                      "split_seed": choice.seed, "option": choice.parsed_options(), "precision": precision}
             if choice.root:
                 params["root"] = choice.root
             job = api.submit("train", params)
@@ -128,6 +132,10 @@ if list(spec.classes) != list(index.classes):
     st.stop()
 class_legend(spec.classes)
 metrics = spec.metrics or {}
+training = metrics.get("training")  # recorded since training kept its precision; older checkpoints lack it
+if isinstance(training, dict) and training.get("precision"):
+    st.caption(f"Trained in {training['precision']} ({training.get('memory_format') or 'standard'} memory format), "
+               f"{training.get('epochs_run', '?')} epoch(s), best epoch {training.get('best_epoch', '?')}.")
 per_class = {name: value for name, value in (metrics.get("per_class_iou") or {}).items() if name != spec.classes[0]}
 if per_class:
     cols = st.columns(3)

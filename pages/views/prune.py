@@ -10,6 +10,7 @@ import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
+from core.precision import PRECISIONS
 from core.pruning.methods import METHODS
 from core.runs import api
 from core.runs.store import JobRecord
@@ -23,22 +24,40 @@ st.caption("Iterative prune-retrain: each round allocates per-layer amounts, cut
            "and checks the validation defect mIoU against the tolerance.")
 
 ROUND_COLUMNS = ["round", "accepted", "macs", "params", "macs_reduction", "params_reduction", "defect_miou", "drop",
-                 "latency_ms", "checkpoint"]
+                 "latency_ms", "checkpoint", "precision", "distillation"]
+RECOVERY_COLOUR = "#f4a261"
 
 
-def run_rounds(job_id: int) -> tuple[pd.DataFrame, dict]:
-    """A run's finished rounds and what its starting checkpoint measured before round 1
-    (``base``: MACs, val defect mIoU; empty until the run has measured it), from the run store."""
+def _distillation(weight) -> str:
+    return f"on (weight {weight:g})" if weight else "off"
+
+
+def run_rounds(job_id: int) -> tuple[pd.DataFrame, dict, dict | None]:
+    """A run's finished rounds, what its starting checkpoint measured before round 1
+    (``base``: MACs, val defect mIoU; empty until the run has measured it) and its recovery
+    phase's record (None when none ran), from the run store."""
     details = api.job_details(job_id)
-    base = (details.get("prune_run") or {}).get("base") or {}
-    frame = pd.DataFrame(details.get("rounds") or [], columns=ROUND_COLUMNS)
+    run = details.get("prune_run") or {}
+    base = run.get("base") or {}
+    rows = []
+    for r in details.get("rounds") or []:
+        record = r.get("record") or {}
+        # rounds recorded before precision was kept have "" there: shown as unknown, not as fp32
+        rows.append({**r, "precision": record.get("precision") or "-",
+                     "distillation": _distillation(record.get("distill_weight") or 0.0)})
+    frame = pd.DataFrame(rows, columns=ROUND_COLUMNS)
     frame["MACs (M)"] = frame["macs"] / 1e6
-    return frame, base
+    recovery = (run.get("result") or {}).get("recovery")
+    accepted = [r["round"] for r in rows if r["accepted"]]
+    if recovery and (not accepted or recovery.get("from_round") != accepted[-1]):
+        recovery = None  # of an earlier last round (a resumed run goes on): it is redone at the end
+    return frame, base, recovery
 
 
-def round_chart(frame: pd.DataFrame, base: dict, tolerance: float) -> go.Figure:
+def round_chart(frame: pd.DataFrame, base: dict, tolerance: float, recovery: dict | None = None) -> go.Figure:
     """The run's rounds from round 0 (its starting checkpoint) with the tolerance band under
-    that checkpoint's val defect mIoU: the drop each round is judged by."""
+    that checkpoint's val defect mIoU: the drop each round is judged by; and the recovery
+    phase's result beside the round it started from (same MACs, more epochs)."""
     base_miou = base.get("defect_miou")
     if base.get("macs") and len(frame):
         start = {"round": 0, "accepted": True, "defect_miou": base_miou, "MACs (M)": base["macs"] / 1e6}
@@ -52,6 +71,18 @@ def round_chart(frame: pd.DataFrame, base: dict, tolerance: float) -> go.Figure:
     figure.add_trace(go.Scatter(x=frame["MACs (M)"], y=frame["defect_miou"], mode="lines+markers+text",
                                 text=[f"r{r}" for r in frame["round"]], textposition="top center",
                                 marker={"color": colours, "size": 10}, name="rounds"))
+    if recovery:
+        start = frame[frame["round"] == recovery["from_round"]]
+        xs = [recovery["macs"] / 1e6]
+        ys = [recovery["defect_miou"]]
+        if len(start):  # a dotted step from the round it fine-tuned further
+            xs.insert(0, float(start["MACs (M)"].iloc[0]))
+            ys.insert(0, start["defect_miou"].iloc[0])
+        figure.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers+text", name="recovery",
+                                    text=[""] * (len(xs) - 1) + [f"recovery ({recovery['epochs']} epochs)"],
+                                    textposition="middle left", line={"dash": "dot", "color": RECOVERY_COLOUR},
+                                    marker={"symbol": ["circle"] * (len(xs) - 1) + ["star"], "size": 14,
+                                            "color": RECOVERY_COLOUR}))
     figure.update_layout(title="Validation defect mIoU against MACs, round by round",
                          xaxis_title="MACs (millions)", yaxis_title="val defect mIoU (%)", xaxis_autorange="reversed")
     return figure
@@ -71,14 +102,39 @@ def draw_run(job: JobRecord) -> None:
         st.rerun()  # the page follows it again
     if job.state == "failed":
         st.error(f"The run failed: {job.error}")
-    frame, base = run_rounds(job.id)
+    frame, base, recovery = run_rounds(job.id)
     if frame.empty:
         st.caption("No round finished yet.")
         return
-    st.plotly_chart(round_chart(frame, base, float(job.params.get("tolerance", 1.0))), width="stretch",
+    st.plotly_chart(round_chart(frame, base, float(job.params.get("tolerance", 1.0)), recovery), width="stretch",
                     key=f"rounds_{job.id}")
     st.dataframe(frame[["round", "accepted", "macs_reduction", "params_reduction", "defect_miou", "drop",
-                        "latency_ms"]], hide_index=True)
+                        "latency_ms", "precision", "distillation"]], hide_index=True)
+    if recovery:
+        draw_recovery(frame, recovery)
+
+
+def draw_recovery(frame: pd.DataFrame, recovery: dict) -> None:
+    """The recovery phase: val defect mIoU before (its starting round) and after, and its settings."""
+    st.markdown(f"#### Recovery of round {recovery['from_round']}")
+    start = frame[frame["round"] == recovery["from_round"]]
+    before = start["defect_miou"].iloc[0] if len(start) else None
+    before = None if before is None or pd.isna(before) else float(before)
+    after = recovery.get("defect_miou")
+    c1, c2, c3 = st.columns(3)
+    c1.metric("Val defect mIoU before recovery", "n/a" if before is None else f"{before:.2f}")
+    c2.metric("Val defect mIoU after recovery", "n/a" if after is None else f"{after:.2f}",
+              None if before is None or after is None else f"{after - before:+.2f}")
+    c3.metric("Drop against the unpruned model", "n/a" if recovery.get("drop") is None else f"{recovery['drop']:.2f}")
+    settings = {"epochs": recovery.get("epochs"), "best epoch": recovery.get("best_epoch"),
+                "learning rate": recovery.get("lr"), "warm-up share": recovery.get("warmup"),
+                "distillation": _distillation(recovery.get("distill_weight") or 0.0),
+                "temperature": recovery.get("distill_temperature"), "precision": recovery.get("precision"),
+                "MACs reduction": recovery.get("macs_reduction"), "latency (ms)": recovery.get("latency_ms"),
+                "time (s)": recovery.get("wall_s"), "checkpoint": recovery.get("checkpoint")}
+    shown = [f"{v:.4g}" if isinstance(v, float) else "-" if v is None else str(v) for v in settings.values()]
+    st.dataframe(pd.DataFrame({"setting": list(settings), "value": shown}), hide_index=True)
+    st.caption("The recovered checkpoint is the run's result; the Compare page lists it as .../recovered.")
 
 
 loaded = require_model("No model yet: train or load one on the Model page, then come back to prune it.", stop=False)
@@ -93,13 +149,34 @@ if loaded is not None:
         step = c4.slider("Step: share of the remaining MACs cut per round", 0.1, 0.9, 0.3, 0.05, key="prune_step")
         epochs = c5.number_input("Fine-tune epochs per round", 0, 50, 2, key="prune_epochs")
         rounds = c6.number_input("Round limit", 1, 30, 10, key="prune_rounds")
+        c7, c8, c9, c10, c11 = st.columns(5)
+        recover_epochs = c7.number_input(
+            "Recovery epochs", 0, 200, 0, key="prune_recover_epochs",
+            help="After the last round, fine-tune the last kept round this many more epochs (warm-up, then a "
+                 "cosine-decaying rate); the recovered checkpoint becomes the result. 0: no recovery phase.")
+        recover_lr = c8.number_input("Recovery learning rate", min_value=1e-6, max_value=1.0, value=None,
+                                     step=1e-4, format="%.6f", placeholder="the fine-tune rate",
+                                     key="prune_recover_lr", help="Blank: the rounds' fine-tune rate.")
+        distill_weight = c9.slider(
+            "Distillation weight", 0.0, 1.0, 0.0, 0.05, key="prune_distill_weight",
+            help="Every fine-tune also learns the starting model's outputs: loss = (1 - weight) x supervised "
+                 "+ weight x T^2 x KL. 0: off.")
+        temperature = c10.number_input("Distillation temperature T", 0.5, 20.0, 2.0, 0.5,
+                                       key="prune_distill_temperature")
+        precision = c11.selectbox("Precision", PRECISIONS, key="prune_precision",
+                                  help="Of the fine-tunes' forward passes: auto picks bf16 where the device runs "
+                                       "it fast, else fp32. Evaluation and saved weights are always fp32.")
         launch = st.form_submit_button("Launch in the background")
     if launch:
         with error_box("Launching the run"):
             choice = current_dataset()
             params = {"checkpoint": st.session_state["model"], "method": method, "target_macs": float(target),
                       "tolerance": float(tolerance), "step": float(step), "finetune_epochs": int(epochs),
-                      "max_rounds": int(rounds)}
+                      "max_rounds": int(rounds), "recover_epochs": int(recover_epochs),
+                      "distill_weight": float(distill_weight), "distill_temperature": float(temperature),
+                      "precision": precision}
+            if recover_lr is not None:  # else the command's default: the fine-tune rate
+                params["recover_lr"] = float(recover_lr)
             if loaded.spec.dataset_format == choice.format and choice.options:
                 params["option"] = choice.parsed_options()
             job = api.submit("prune", params)
@@ -122,7 +199,7 @@ runs, points = [], []
 with error_box("Reading the runs"):
     runs = api.list_jobs(kind="prune")
     for run in runs:
-        frame, base = run_rounds(run.id)
+        frame, base, _recovery = run_rounds(run.id)
         name = f"#{run.id} {run.params.get('method')}"
         if base.get("macs") and len(frame):  # each line starts at its starting checkpoint
             points.append({"run": name, "MACs reduction": 0.0, "val defect mIoU": base.get("defect_miou"), "round": 0})
