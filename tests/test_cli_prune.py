@@ -44,3 +44,44 @@ def test_prune_refuses_bad_arguments_in_one_line(checkpoint, tmp_path):
     assert_one_line_error(core("prune", "--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "o")))
     proc = core("prune", "--checkpoint", str(checkpoint), "--target-macs", "1.5", "--out", str(tmp_path / "o"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    for flag, value, needle in (("--distill-weight", "1.5", "from 0 to 1"), ("--recover-lr", "nan", "positive"),
+                                ("--recover-epochs", "-2", "0 or more"), ("--precision", "fp16", "invalid choice"),
+                                ("--distill-temperature", "0", "positive"), ("--lr", "inf", "positive")):
+        proc = core("prune", "--checkpoint", str(checkpoint), flag, value, "--out", str(tmp_path / "o"))
+        assert proc.returncode == 2, flag
+        assert_one_line_error(proc, flag, needle)
+    assert not (tmp_path / "o").exists()
+
+
+def test_prune_with_recovery_and_distillation_reports_both_phases(checkpoint, tmp_path):
+    out = tmp_path / "recovered-run"
+    proc = core("prune", "--checkpoint", str(checkpoint), "--method", "uniform-l1", "--target-macs", "0.5",
+                "--step", "0.5", "--finetune-epochs", "1", "--batch-size", "3", "--calibration-images", "4",
+                "--no-tolerance-stop", "--threads", "1", "--recover-epochs", "1", "--distill-weight", "0.3",
+                "--precision", "fp32", "--out", str(out), "--json")
+    assert proc.returncode == 0, proc.stderr
+    payload = json.loads(proc.stdout)
+    recovery = payload["recovery"]
+    assert recovery["epochs"] == 1 and recovery["distill_weight"] == 0.3 and recovery["precision"] == "fp32"
+    assert recovery["teacher_step_seconds"] > 0
+    assert payload["result"]["checkpoint"] == recovery["checkpoint"] == str(out / "recovered")
+    assert payload["result"]["pre_recovery"]["test"] is not None and payload["result"]["test"] is not None
+    rounds = json.loads((out / "rounds.json").read_text())["rounds"]
+    assert rounds[0]["distill_weight"] == 0.3 and rounds[0]["precision"] == "fp32"
+    text = core("prune", "--checkpoint", str(checkpoint), "--method", "uniform-l1", "--target-macs", "0.5",
+                "--step", "0.5", "--recover-epochs", "1", "--distill-weight", "0.3", "--precision", "fp32",
+                "--out", str(out))  # the finished run again: resumed, nothing redone, the recovery line printed
+    assert text.returncode == 0, text.stderr
+    assert "recovery: 1 epoch(s) on round 1 (lr 0.001, distillation 0.3, fp32)" in text.stdout
+
+
+def test_job_parameters_take_the_new_options_and_refuse_bad_ones():
+    from core.runs.jobs import JobParameterError, parse_params
+
+    args = parse_params("prune", {"checkpoint": "c", "recover_epochs": 3, "distill_weight": 0.5, "precision": "bf16"},
+                        out="o")
+    assert (args.recover_epochs, args.distill_weight, args.precision) == (3, 0.5, "bf16")
+    assert parse_params("train", {"format": "neu-seg", "precision": "fp32"}, out="o").precision == "fp32"
+    for bad in ({"precision": "fp64"}, {"distill_weight": 2}, {"recover_lr": -1}):
+        with pytest.raises(JobParameterError):
+            parse_params("prune", {"checkpoint": "c", **bad}, out="o")

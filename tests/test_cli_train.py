@@ -67,6 +67,11 @@ def test_train_writes_checkpoint_and_reports_val(trained):
     assert Path(spec.dataset_root) == root.resolve()
     assert spec.split_seed == 0 and tuple(spec.input_size) == (64, 64) and spec.in_channels == 1
     assert spec.metrics["defect_miou"] == pytest.approx(payload["val"]["defect_miou"])
+    from core.precision import resolve_precision
+
+    assert payload["precision"] == resolve_precision("auto", "cpu")  # the default, resolved on this machine
+    assert spec.metrics["training"] == {"precision": payload["precision"], "memory_format": "channels_last",
+                                        "epochs_run": 2, "best_epoch": payload["best_epoch"]}
 
 
 def test_evaluate_uses_spec_defaults_and_matches_training(trained, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 
@@ -242,3 +243,85 @@ def test_pruned_copy_follows_the_allocation_and_leaves_the_original():
     assert macs_of(model) == before
     assert macs_of(copy) == pytest.approx(allocation.predicted["macs"], rel=0.02)
     assert copy(torch.zeros(1, 3, SIZE, SIZE)).shape == (1, 3, SIZE, SIZE)
+
+
+def test_recovery_runs_on_the_last_accepted_round_and_becomes_the_result(tiny_data, tmp_path):
+    train, val, test, classes = tiny_data
+    model, spec = fresh(classes)
+    # unpruned 50.0; round 1 keeps (49.5), round 2 breaks tolerance (47.0): recovery starts from round 1
+    settings = loop_settings(finetune_epochs=1, recover_epochs=2, recover_lr=5e-4, recover_distill_weight=0.5)
+    result = run_prune_loop(model, spec, [], train, val, test, tmp_path, settings,
+                            evaluator=ScriptedEvaluator([50.0, 49.5, 47.0, 49.8]))
+    assert [r.accepted for r in result.rounds] == [True, False]
+    recovery = result.recovery
+    assert recovery["from_round"] == 1 and recovery["epochs"] == 2 and recovery["lr"] == 5e-4
+    assert recovery["distill_weight"] == 0.5 and recovery["precision"] in ("bf16", "fp32")
+    assert recovery["defect_miou"] == 49.8 and recovery["drop"] == pytest.approx(0.2)
+    assert result.result["checkpoint"] == recovery["checkpoint"] and recovery["checkpoint"].endswith("recovered")
+    assert result.result["pre_recovery"]["checkpoint"] == result.rounds[0].checkpoint
+    assert result.result["pre_recovery"]["drop"] == pytest.approx(0.5)
+    assert result.result["test"] is not None and result.result["pre_recovery"]["test"] is not None
+    assert result.rounds[0].distill_weight == 0.0 and result.rounds[0].precision in ("bf16", "fp32")
+    recovered = load_checkpoint(recovery["checkpoint"])
+    assert macs_of(recovered.model) == result.rounds[0].macs
+    before = load_checkpoint(result.rounds[0].checkpoint).model
+    assert any(not torch.equal(a, b) for a, b in zip(recovered.model.state_dict().values(),
+                                                     before.state_dict().values()))
+    state = json.loads((tmp_path / "rounds.json").read_text())
+    assert state["recovery"]["checkpoint"] == recovery["checkpoint"] and state["result"] == result.result
+
+
+class Killed(Exception):
+    pass
+
+
+def test_a_recovery_killed_midway_is_run_again_on_resume_without_redoing_rounds(tiny_data, tmp_path):
+    train, val, test, classes = tiny_data
+    settings = loop_settings(max_rounds=2, recover_epochs=2)
+
+    def kill_in_recovery(fraction: float, message: str) -> bool:
+        if message.startswith("recovery"):
+            raise Killed()
+        return False
+
+    model, spec = fresh(classes)
+    with pytest.raises(Killed):
+        run_prune_loop(model, spec, [], train, val, None, tmp_path, settings, progress=kill_in_recovery,
+                       evaluator=ScriptedEvaluator([50.0]))
+    rounds_before = read_rounds(tmp_path)
+    assert len(rounds_before) == 2 and "recovery" not in json.loads((tmp_path / "rounds.json").read_text())
+    stamps = [Path(r.checkpoint).stat().st_mtime_ns for r in rounds_before]
+
+    # a user's stop during the recovery: no recovery recorded, the rounds' result stands, no test
+    model, spec = fresh(classes)
+    stopped = run_prune_loop(model, spec, [], train, val, test, tmp_path, settings,
+                             progress=lambda f, m: m.startswith("recovery"), evaluator=ScriptedEvaluator([50.0]))
+    assert stopped.stopped == "user" and stopped.recovery is None and "test_skipped" in stopped.result
+
+    model, spec = fresh(classes)
+    resumed = run_prune_loop(model, spec, [], train, val, None, tmp_path, settings, evaluator=ScriptedEvaluator([50.0]))
+    assert [r.round for r in resumed.rounds] == [1, 2]
+    assert [Path(r.checkpoint).stat().st_mtime_ns for r in resumed.rounds] == stamps  # rounds not redone
+    assert resumed.recovery is not None and resumed.recovery["from_round"] == 2
+    assert load_checkpoint(resumed.result["checkpoint"]).model is not None
+    # run once more: the recorded recovery is reused, not repeated
+    mtime = (Path(resumed.recovery["checkpoint"]) / "weights.safetensors").stat().st_mtime_ns
+    model, spec = fresh(classes)
+    again = run_prune_loop(model, spec, [], train, val, None, tmp_path, settings, evaluator=ScriptedEvaluator([50.0]))
+    assert again.recovery == resumed.recovery
+    assert (Path(again.recovery["checkpoint"]) / "weights.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_distilled_rounds_say_so_and_bad_recovery_settings_are_refused(tiny_data, tmp_path):
+    train, val, test, classes = tiny_data
+    model, spec = fresh(classes)
+    finetune = TrainConfig(epochs=1, batch_size=4, max_steps_per_epoch=1, patience=None, distill_weight=0.5)
+    result = run_prune_loop(model, spec, [], train, val, None, tmp_path,
+                            loop_settings(max_rounds=1, finetune_epochs=1, finetune=finetune),
+                            evaluator=ScriptedEvaluator([50.0]))
+    assert result.rounds[0].distill_weight == 0.5
+    for bad, needle in ((dict(recover_epochs=-1), "recovery epochs"), (dict(recover_lr=float("nan")), "learning rate"),
+                        (dict(recover_distill_weight=2.0), "distillation weight"),
+                        (dict(finetune=TrainConfig(precision="fp16")), "precision")):
+        with pytest.raises(PruningError, match=needle):
+            loop_settings(**bad).validate()

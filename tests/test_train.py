@@ -321,3 +321,122 @@ def test_progress_bar_logs_one_line_per_epoch_without_a_terminal(tiny_index, cap
     assert len(lines) == 2
     assert lines[1].startswith("train tiny: epoch 2/2 loss ")
     assert lines[1].endswith(f"val defect mIoU {result.history[1]['val_defect_miou']:.2f}")
+
+
+class PlainConvNet(nn.Module):
+    """Convolutions without BatchNorm: a student and its copy give the same logits in train
+    and eval mode, so a distillation-only loss has nothing to teach."""
+
+    def __init__(self, in_channels: int = 1, classes: int = 4):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, classes, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_both_precisions_train_and_hand_back_an_fp32_standard_layout_model(tiny_index, precision):
+    train, val = datasets(tiny_index)
+    torch.manual_seed(0)
+    model = TinySegNet()
+    result = fit(model, train, val, tiny_config(epochs=6, precision=precision))
+    losses = [h["train_loss"] for h in result.history]
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert result.precision == precision and result.memory_format == "channels_last"
+    assert result.to_dict()["precision"] == precision
+    assert result.train_step_seconds > 0 and result.teacher_step_seconds is None
+    for tensor in model.state_dict().values():
+        assert tensor.dtype in (torch.float32, torch.int64)
+        assert tensor.is_contiguous()  # channels_last was undone: safetensors and ONNX want this
+
+
+def test_bf16_forward_passes_really_run_in_bf16(tiny_index):
+    train, _ = datasets(tiny_index)
+    seen: list[torch.dtype] = []
+    model = TinySegNet()
+    model.body[0].register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    fit(model, train, None, tiny_config(epochs=1, precision="bf16"))
+    fit(model, train, None, tiny_config(epochs=1, precision="fp32"))
+    steps = len(seen) // 2
+    assert set(seen[:steps]) == {torch.bfloat16} and set(seen[steps:]) == {torch.float32}
+
+
+def test_auto_precision_follows_the_device():
+    from core.precision import cpu_runs_bf16_fast, resolve_precision
+
+    assert resolve_precision("auto", "cpu") == ("bf16" if cpu_runs_bf16_fast() else "fp32")
+    assert resolve_precision("fp32", "cpu") == "fp32"
+    with pytest.raises(InvalidTrainConfigError, match="precision"):
+        TrainConfig(precision="fp16").validate()
+
+
+def test_distillation_weight_zero_is_the_plain_loss_exactly(tiny_index):
+    train, val = datasets(tiny_index)
+    states = []
+    for teacher in (None, TinySegNet()):
+        torch.manual_seed(0)
+        model = TinySegNet()
+        result = fit(model, train, val, tiny_config(epochs=2, distill_weight=0.0), teacher=teacher)
+        assert result.distill_weight == 0.0 and result.teacher_step_seconds is None
+        states.append(model.state_dict())
+    for name in states[0]:
+        assert torch.equal(states[0][name], states[1][name]), name
+
+
+def test_distillation_from_an_identical_teacher_has_zero_loss_and_gradient(tiny_index):
+    from core.train import distillation_loss
+
+    logits = torch.randn(2, 4, 8, 8)
+    assert distillation_loss(logits, logits.clone(), 2.0).item() == 0.0
+    assert distillation_loss(logits, torch.randn(2, 4, 8, 8), 2.0).item() > 0.0
+    # distillation alone (weight 1) from a copy of the student: the first step's loss (before
+    # the optimiser moves anything) is zero, where the supervised loss is not
+    train, _ = datasets(tiny_index)
+    first_losses = []
+
+    def first_step(report: Progress) -> None:
+        if report.phase == "train" and report.epoch == 1 and report.step == 1:
+            first_losses.append(report.loss)
+
+    for weight in (1.0, 0.0):
+        torch.manual_seed(0)
+        student, teacher = PlainConvNet(), PlainConvNet()
+        teacher.load_state_dict(student.state_dict())
+        teacher.train()
+        result = fit(student, train, None, tiny_config(epochs=1, distill_weight=weight), teacher=teacher,
+                     progress=first_step)
+        assert teacher.training  # its mode is put back
+    assert first_losses[0] == pytest.approx(0.0, abs=1e-6) and first_losses[1] > 0.5
+    assert result.teacher_step_seconds is None
+    torch.manual_seed(0)
+    result = fit(PlainConvNet(), train, None, tiny_config(epochs=1, distill_weight=0.5), teacher=PlainConvNet())
+    assert result.distill_weight == 0.5 and result.teacher_step_seconds > 0
+
+
+def test_distillation_and_schedule_settings_are_validated():
+    with pytest.raises(InvalidTrainConfigError, match="distillation weight"):
+        TrainConfig(distill_weight=1.5).validate()
+    with pytest.raises(InvalidTrainConfigError, match="temperature"):
+        TrainConfig(distill_temperature=0.0).validate()
+    with pytest.raises(InvalidTrainConfigError, match="warm-up"):
+        TrainConfig(warmup_fraction=1.0).validate()
+    with pytest.raises(InvalidTrainConfigError, match="needs a teacher"):
+        fit(TinySegNet(), [(torch.zeros(1, 8, 8), torch.zeros(8, 8, dtype=torch.long))], None,
+            tiny_config(distill_weight=0.5), class_names=CLASSES)
+
+
+def test_warm_up_climbs_then_the_cosine_falls():
+    from core.train import _make_scheduler
+
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([parameter], lr=1.0)
+    scheduler = _make_scheduler(optimizer, TrainConfig(lr=1.0, warmup_fraction=0.2), total_steps=50)
+    rates = []
+    for _ in range(50):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[0] < 0.2 and all(a < b for a, b in zip(rates[:10], rates[1:11]))  # 10 warm-up steps
+    assert rates[10] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(rates[10:], rates[11:])) and rates[-1] < 0.05
