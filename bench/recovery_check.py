@@ -156,12 +156,18 @@ def main(argv: list[str] | None = None) -> int:
              f"control ({args.recover_epochs} more epochs, the recovery's schedule, no pruning): "
              f"{ctrl['test']['defect_miou']:.2f} ({miou_all(ctrl['test']):.2f}). Drops against {reference:.2f}, "
              "the better of the two.", "",
-             "| method | recovery | MACs red. | params red. | val defect mIoU | test defect mIoU | drop | test mIoU (bg incl.) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| method | recovery | MACs red. | params red. | val defect mIoU | test defect mIoU | drop | "
+             "test mIoU (bg incl.) | s/step (of it teacher) | recovery wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for method, recovery, record, test in rows:
+        step = record.get("train_step_seconds")
+        teacher = record.get("teacher_step_seconds")
+        timing = "-" if step is None else f"{step:.2f}" + (f" ({teacher:.2f})" if teacher else "")
+        wall = f"{record['wall_s']:.0f}" if "wall_s" in record else "-"
         lines.append(f"| {method} | {recovery} | {100 * record['macs_reduction']:.1f}% | "
                      f"{100 * record['params_reduction']:.1f}% | {record['defect_miou']:.2f} | "
-                     f"{test['defect_miou']:.2f} | {reference - test['defect_miou']:+.2f} | {miou_all(test):.2f} |")
+                     f"{test['defect_miou']:.2f} | {reference - test['defect_miou']:+.2f} | {miou_all(test):.2f} | "
+                     f"{timing} | {wall} |")
     lines += ["", "Commands:", "", "```", *commands, "```", ""]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines))
