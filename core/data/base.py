@@ -222,6 +222,26 @@ def reject_options(format_name: str, options: dict, allowed: Sequence[str] = ())
         )
 
 
+def option_folder(root: Path, value: object, option: str, default: str) -> Path:
+    """The folder a format option names (``images``, ``masks``, ``category``), relative to the
+    dataset root: anything that resolves outside the root (an absolute path elsewhere, ``..``,
+    a symbolic link out) is refused, so an option cannot reach past the folder that was
+    confined to the data roots."""
+    from core.config import PathOutsideDataRootsError, confine_to_data_roots
+
+    if value is None or value == "":
+        value = default
+    if not isinstance(value, (str, Path)):
+        raise InvalidOptionError(f"option {option} must be a folder name (text), not {value!r}")
+    try:
+        return confine_to_data_roots(Path(value), roots=[root])
+    except PathOutsideDataRootsError:
+        raise InvalidOptionError(
+            f"option {option}={str(value)!r} points outside the dataset folder {root}; give a folder "
+            "inside it (relative to --root)"
+        ) from None
+
+
 def require_root(root: str | Path, what: str) -> Path:
     root = Path(root).expanduser()
     if not root.is_dir():

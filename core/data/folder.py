@@ -9,8 +9,8 @@ should be lossless). The class map is given by options:
 - colour mode: ``colours`` lists one exact RGB colour per class name (same order); any other
   colour in a mask is an error, since a guessed class would silently corrupt training.
 
-Options: ``images`` and ``masks`` (folders, relative to ``root`` or absolute; default
-``root/images`` and ``root/masks``), ``class_names``, ``colours``, ``threshold``. Every image
+Options: ``images`` and ``masks`` (folders inside ``root``, relative to it; one that resolves
+outside it is refused; default ``root/images`` and ``root/masks``), ``class_names``, ``colours``, ``threshold``. Every image
 needs its mask. No official split: the seeded, class-stratified 70/15/15 split of
 `core.data.base.seeded_split` is used.
 Licence and reference: those of the user's data; nothing is assumed.
@@ -27,7 +27,7 @@ import numpy as np
 from core.data.base import (
     IMAGE_SUFFIXES, CorruptImageError, DatasetIndex, DatasetRootMissingError, InvalidOptionError,
     MaskReader, MaskValueError, MissingMaskError, SampleRecord, build_index, probe_image,
-    read_label_image, reject_options, require_root, size_keeping_aspect, warn_skipped,
+    option_folder, read_label_image, reject_options, require_root, size_keeping_aspect, warn_skipped,
 )
 
 FORMAT = "folder"
@@ -142,11 +142,6 @@ def _check_options(
     return names, parsed
 
 
-def _folder(root: Path, option: str | Path | None, default: str) -> Path:
-    path = Path(option).expanduser() if option else Path(default)
-    return path if path.is_absolute() else root / path
-
-
 def build(
     root: Path,
     seed: int = 0,
@@ -160,7 +155,8 @@ def build(
     reject_options(FORMAT, options, ["images", "masks", "class_names", "colours", "threshold"])
     root = require_root(root, LAYOUT)
     names, parsed = _check_options(class_names, colours, threshold)
-    image_dir, mask_dir = _folder(root, images, "images"), _folder(root, masks, "masks")
+    image_dir = option_folder(root, images, "images", "images")
+    mask_dir = option_folder(root, masks, "masks", "masks")
     for what, folder, option in (("images", image_dir, "images"), ("masks", mask_dir, "masks")):
         if not folder.is_dir():
             raise DatasetRootMissingError(

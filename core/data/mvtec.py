@@ -21,7 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from core.data.base import (
-    IMAGE_SUFFIXES, DatasetIndex, InvalidOptionError, NoImagesFoundError, SampleRecord,
+    IMAGE_SUFFIXES, DatasetIndex, InvalidOptionError, NoImagesFoundError, SampleRecord, option_folder,
     binary_mask_reader, build_index, probe_image, reject_options, require_root,
     size_keeping_aspect, warn_skipped,
 )
@@ -39,7 +39,12 @@ def category_folder(root: Path, category: str | None) -> Path:
     """The folder of the one category to read: ``root/category``, or ``root`` itself when it
     holds ``test/``, or the only category under ``root``."""
     if category:
-        folder = root / category
+        if Path(category).name != category or category in (".", ".."):
+            raise InvalidOptionError(
+                f"category {category!r} is not a category name (one folder name, e.g. bottle, "
+                "no path): it must name a folder directly under the dataset folder"
+            )
+        folder = option_folder(root, category, "category", category)
         if not (folder / "test").is_dir():
             raise InvalidOptionError(
                 f"category {category!r} not found: {folder}/test does not exist; choose one of "
@@ -85,7 +90,9 @@ def _images(folder: Path, skipped: list[dict]) -> list[Path]:
 def build(root: Path, seed: int = 0, category: str | None = None, **options) -> DatasetIndex:
     reject_options(FORMAT, options, ["category"])
     root = require_root(root, LAYOUT)
-    folder = category_folder(root, str(category) if category is not None else None)
+    if category is not None and not isinstance(category, str):
+        raise InvalidOptionError(f"option category must be a category name (text), not {category!r}")
+    folder = category_folder(root, category)
     classes = category_classes(folder)
     records: list[SampleRecord] = []
     skipped: list[dict] = []
