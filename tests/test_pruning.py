@@ -325,3 +325,17 @@ def test_distilled_rounds_say_so_and_bad_recovery_settings_are_refused(tiny_data
                         (dict(finetune=TrainConfig(precision="fp16")), "precision")):
         with pytest.raises(PruningError, match=needle):
             loop_settings(**bad).validate()
+
+
+@pytest.mark.parametrize("method", ["collaborative", "sensitivity"])
+def test_allocators_run_their_forward_passes_in_the_asked_precision(method):
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(classes=CLASSES, input_size=(SIZE, SIZE))).eval()
+    seen: set[torch.dtype] = set()
+    model.segmentation_head.register_forward_hook(lambda module, inputs, output: seen.add(output.dtype))
+    spec = resolve_method("collaborative", allocator="sensitivity") if method == "sensitivity" else resolve_method(method)
+    before = macs_of(model)
+    prune_step(model, (SIZE, SIZE), 3, spec, 0.5, calibration(), CLASSES,
+               settings=StepSettings(scoring=ScoringNetworkSettings(steps=2), precision="bf16"))
+    assert torch.bfloat16 in seen
+    assert 1 - macs_of(model) / before == pytest.approx(0.5, abs=0.03)

@@ -456,7 +456,7 @@ def test_score_and_export_jobs_write_their_artifacts(trained):
     from core.profile import count_params
 
     store, checkpoint = trained
-    score = api.submit("score", {"checkpoint": str(checkpoint), "method": "uniform-l1", "target": 0.5,
+    score = api.submit("score", {"checkpoint": str(checkpoint), "method": "uniform-l1", "target": 0.5, "precision": "bf16",
                                  "calibration_images": 4, "batch_size": 4, "threads": 1}, store)
     export = api.submit("export", {"checkpoint": str(checkpoint), "runs": 2, "warmup": 1}, store)
     for job in (score, export):

@@ -62,7 +62,7 @@ class _ParamParser(argparse.ArgumentParser):
 def _score_parser(sub: argparse._SubParsersAction) -> None:
     """The score job's options: the prune command's, for one allocation without cutting."""
     from core.allocation.baselines import ALLOCATORS
-    from core.cli import add_device_argument
+    from core.cli import add_device_argument, add_precision_argument
     from core.commands.prune import fraction
     from core.cli import positive_int
     from core.commands.train import add_data_arguments
@@ -84,6 +84,7 @@ def _score_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--round-to", type=positive_int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     add_device_argument(parser)
+    add_precision_argument(parser)
 
 
 def job_parser(kind: str) -> argparse.ArgumentParser:
@@ -466,6 +467,7 @@ def run_score(ctx: JobContext) -> dict[str, Any]:
     from core.pruning.graph import PruningGraph, select_removal
     from core.pruning.loop import calibration_batches
     from core.pruning.methods import resolve_method
+    from core.precision import resolve_precision
     from core.pruning.step import StepSettings, allocate, example_input, score_filters
     from core.train import TorchThreads, class_pixel_counts, class_weights_from_counts, resolve_device
 
@@ -480,7 +482,7 @@ def run_score(ctx: JobContext) -> dict[str, Any]:
     size = parse_size(args.size, tuple(spec.input_size) if same_format else index.default_size)
     train_ds = SegmentationDataset(index, "train", size, spec.in_channels, augment=False, limit=args.limit)
     names = list(spec.classes)
-    settings = StepSettings(beta=args.beta, seed=args.seed,
+    settings = StepSettings(beta=args.beta, seed=args.seed, precision=resolve_precision(args.precision, device),
                             scoring=ScoringNetworkSettings(steps=args.scoring_steps, seed=args.seed),
                             limits=AllocationLimits(max_prune_ratio=args.max_prune_ratio, round_to=args.round_to))
     with TorchThreads(args.threads):
