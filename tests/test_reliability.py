@@ -73,3 +73,27 @@ def test_mvtec_category_is_a_name_inside_the_root(tmp_path, category):
     category = category.replace("ABS", str(tmp_path / "other" / "x" / "bottle"))
     with pytest.raises(InvalidOptionError, match="category"):
         load_index("mvtec", tmp_path / "mvtec", category=category)
+
+
+# ---------------------------------------------------------------- 2. job ids never reuse a folder
+@pytest.mark.parametrize("how", ["moved aside", "emptied"])
+def test_a_new_store_never_reuses_an_earlier_jobs_folder(tmp_path, how):
+    from core.runs.store import Store
+
+    store = Store(tmp_path / "defectprune.sqlite")
+    first = store.create_job("train", {})
+    folder = store.job_dir(first)
+    (folder / "checkpoint").mkdir(parents=True)
+    (folder / "checkpoint" / "spec.json").write_text("{}")
+    store.close()
+    if how == "moved aside":
+        (tmp_path / "defectprune.sqlite").rename(tmp_path / "old.sqlite")
+        for extra in tmp_path.glob("defectprune.sqlite-*"):
+            extra.unlink()
+        store = Store(tmp_path / "defectprune.sqlite")
+    else:
+        with store.write() as conn:
+            conn.execute("DELETE FROM jobs")
+    again = store.create_job("train", {})
+    assert again > first and store.job_dir(again) != folder
+    assert (folder / "checkpoint" / "spec.json").read_text() == "{}"

@@ -374,14 +374,27 @@ class Store:
     def job_dir(self, job_id: int) -> Path:
         return self.workspace / RUNS_DIR / str(job_id)
 
+    def _last_job_folder(self) -> int:
+        """The highest numbered folder under ``runs/``: a store moved aside or emptied starts
+        its ids after the folders already on disk, so a new job never reuses (and overwrites)
+        an earlier job's folder."""
+        try:
+            names = [p.name for p in (self.workspace / RUNS_DIR).iterdir()]
+        except OSError:
+            return 0
+        return max((int(n) for n in names if n.isdigit()), default=0)
+
     # ------------------------------------------------------------ jobs
     def create_job(self, kind: str, params: dict[str, Any], dataset_id: int | None = None) -> int:
         if kind not in JOB_KINDS:
             raise JobStateError(f"unknown job kind {kind!r}; choose one of {', '.join(JOB_KINDS)}")
-        with self.write() as conn:
+        with self.write() as conn:  # under the write lock: two creators cannot pick the same id
+            last = int(conn.execute("SELECT COALESCE(MAX(id), 0) FROM jobs").fetchone()[0])
+            job_id = max(last, self._last_job_folder()) + 1
             cursor = conn.execute(
-                "INSERT INTO jobs (kind, params_json, state, message, created_at, dataset_id) VALUES (?, ?, ?, ?, ?, ?)",
-                (kind, _json(params), QUEUED, "queued", time.time(), dataset_id))
+                "INSERT INTO jobs (id, kind, params_json, state, message, created_at, dataset_id) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (job_id, kind, _json(params), QUEUED, "queued", time.time(), dataset_id))
             job_id = int(cursor.lastrowid)
             conn.execute("UPDATE jobs SET out_dir = ? WHERE id = ?", (f"{RUNS_DIR}/{job_id}", job_id))
         return job_id
