@@ -14,6 +14,7 @@ import json
 import sys
 from typing import Any
 
+from core.atomic import disk_full_message
 from core.errors import DefectPruneError
 
 COMMAND_MODULES = ["data", "train", "evaluate", "prune", "profile", "export_onnx", "jobs", "worker"]
@@ -86,7 +87,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (DefectPruneError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {disk_full_message(exc, 'the output folder', 'run the command again') or exc}",
+              file=sys.stderr)
+        return 2
+    except Exception as exc:
+        # a library's own error for a full disk (safetensors, numpy, pandas); anything else is a bug
+        full = disk_full_message(exc, "the output folder", "run the command again")
+        if full is None:
+            raise
+        print(f"error: {full}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

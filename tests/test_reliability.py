@@ -97,3 +97,149 @@ def test_a_new_store_never_reuses_an_earlier_jobs_folder(tmp_path, how):
     again = store.create_job("train", {})
     assert again > first and store.job_dir(again) != folder
     assert (folder / "checkpoint" / "spec.json").read_text() == "{}"
+
+
+# ---------------------------------------------------------------- 3-4. output folders
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """An untrained checkpoint saved in-process (no training) and its tiny NEU-Seg dataset."""
+    from core.models.checkpoint import save_checkpoint
+    from core.models.zoo import ModelSpec, build_model
+    from tests.test_train import write_tiny_neu_seg
+
+    root = write_tiny_neu_seg(tmp_path_factory.mktemp("neu"))
+    spec = ModelSpec(classes=["background", "inclusion", "patches", "scratches"], in_channels=1,
+                     input_size=(64, 64), dataset_format="neu-seg", dataset_root=str(root))
+    out = save_checkpoint(tmp_path_factory.mktemp("ckpt") / "unet", build_model(spec), spec)
+    return out, root
+
+
+def tree(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("where", ["checkpoint", "inside checkpoint", "dataset", "foreign folder"])
+def test_prune_out_refuses_folders_that_are_not_its_own(tiny_checkpoint, tmp_path, capsys, where):
+    checkpoint, root = tiny_checkpoint
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("mine")
+    out = {"checkpoint": checkpoint, "inside checkpoint": checkpoint / "rounds", "dataset": root,
+           "foreign folder": foreign}[where]
+    before = {folder: tree(folder) for folder in (checkpoint, root, foreign)}
+    proc = in_process(capsys, "prune", "--checkpoint", str(checkpoint), "--out", str(out), "--device", "cpu")
+    assert_one_line_error(proc, "--out")
+    assert {folder: tree(folder) for folder in (checkpoint, root, foreign)} == before
+
+
+def test_train_out_never_deletes_a_prune_run_inside_a_checkpoint(tiny_checkpoint, tmp_path, capsys):
+    import shutil
+
+    checkpoint, root = tiny_checkpoint
+    target = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, target)
+    (target / "round_01").mkdir()
+    (target / "round_01" / "spec.json").write_text("{}")
+    (target / "rounds.json").write_text("{}")
+    proc = in_process(capsys, "train", "--format", "neu-seg", "--root", str(root), "--size", "64",
+                      "--epochs", "1", "--out", str(target), "--device", "cpu")
+    assert_one_line_error(proc, "--out")
+    assert (target / "round_01" / "spec.json").is_file() and (target / "rounds.json").is_file()
+
+
+def test_save_checkpoint_never_replaces_a_folder_holding_other_files(tiny_checkpoint, tmp_path):
+    import shutil
+
+    from core.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+    checkpoint, _ = tiny_checkpoint
+    target = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, target)
+    (target / "round_01").mkdir()
+    loaded = load_checkpoint(target)
+    with pytest.raises(CheckpointError, match="holds other files"):
+        save_checkpoint(target, loaded.model, loaded.spec)
+    assert (target / "round_01").is_dir()
+
+
+@pytest.mark.parametrize("out", ["/proc/defectprune-out", "FILE/sub"])
+def test_train_refuses_an_unwritable_out_before_reading_data(tmp_path, capsys, out):
+    (tmp_path / "file").write_text("x")
+    out = out.replace("FILE", str(tmp_path / "file"))
+    # the dataset folder does not exist: the --out check must come first (before any work)
+    proc = in_process(capsys, "train", "--format", "neu-seg", "--root", str(tmp_path / "absent"),
+                      "--size", "64", "--epochs", "1", "--out", out, "--device", "cpu")
+    assert_one_line_error(proc, "cannot be written")
+
+
+# ---------------------------------------------------------------- 5. a full disk
+def test_a_full_disk_on_the_command_line_is_one_line(monkeypatch, capsys):
+    from safetensors import SafetensorError
+
+    import core.commands.data as data_command
+
+    def full(_args):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+                              "message: \"No space left on device\" })")
+
+    monkeypatch.setattr(data_command, "run_info", full)
+    proc = in_process(capsys, "data", "info", "--format", "synthetic-steel")
+    assert_one_line_error(proc, "no space left on the device", "earlier results are intact")
+
+
+def test_a_full_disk_leaves_no_partial_per_image_table(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    import errno
+
+    import core.atomic
+
+    checkpoint, _ = tiny_checkpoint
+    csv = tmp_path / "per_image.csv"
+    real_fsync = core.atomic.fsync_file
+
+    def fsync_full(path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(core.atomic, "fsync_file", fsync_full)
+    proc = in_process(capsys, "evaluate", "--checkpoint", str(checkpoint), "--per-image", str(csv),
+                      "--device", "cpu")
+    monkeypatch.setattr(core.atomic, "fsync_file", real_fsync)
+    assert_one_line_error(proc, "no space left on the device")
+    assert not csv.exists() and not list(tmp_path.glob(".per_image*"))
+
+
+# ---------------------------------------------------------------- 6. the run store says what is wrong
+@pytest.mark.parametrize("message, says, advises_moving", [
+    ("attempt to write a readonly database", "read-only", False),
+    ("database or disk is full", "no space left", False),
+    ("file is not a database", "damaged", True),
+])
+def test_the_run_store_error_names_the_real_problem(tmp_path, monkeypatch, message, says, advises_moving):
+    import sqlite3
+
+    import core.runs.store as store_module
+    from core.runs.store import Store, StoreError
+
+    Store(tmp_path / "defectprune.sqlite").close()
+    real_connect = sqlite3.connect
+
+    class Failing:
+        def __init__(self, conn):
+            self.conn = conn
+
+        def execute(self, sql, *args):
+            if sql.startswith("PRAGMA journal_mode"):
+                raise (sqlite3.DatabaseError if advises_moving else sqlite3.OperationalError)(message)
+            return self.conn.execute(sql, *args)
+
+        def __setattr__(self, name, value):
+            if name == "conn":
+                object.__setattr__(self, name, value)
+            else:
+                setattr(self.conn, name, value)
+
+    monkeypatch.setattr(store_module.sqlite3, "connect", lambda *a, **k: Failing(real_connect(*a, **k)))
+    with pytest.raises(StoreError) as raised:
+        Store(tmp_path / "defectprune.sqlite")
+    assert says in str(raised.value)
+    assert ("move it aside" in str(raised.value)) is advises_moving
+

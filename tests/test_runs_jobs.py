@@ -355,7 +355,7 @@ def test_a_full_disk_while_saving_fails_the_job_and_leaves_no_partial_checkpoint
 
 
 def test_a_full_disk_is_recognised_through_causes_but_not_past_from_none():
-    from core.runs.worker import _no_space
+    from core.atomic import disk_full as _no_space
 
     full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/ws/runs/1/weights.safetensors")
 

@@ -9,6 +9,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from core.atomic import write_atomic
 from core.cli import add_device_argument, print_json
 from core.commands.train import add_data_arguments, dataset_options, format_metrics
 from core.data.base import SPLITS, DatasetIndex, parse_size
@@ -81,9 +82,9 @@ def evaluate_from_args(args: argparse.Namespace,
         result = evaluate(model, dataset, device, args.batch_size, progress=progress, class_names=spec.classes,
                           num_workers=args.workers)
     if args.per_image:
-        csv = Path(args.per_image)
-        csv.parent.mkdir(parents=True, exist_ok=True)
-        result.per_image.to_csv(csv, index=False)
+        # atomic: a full disk or a kill leaves the previous table (or none), never a partial one
+        text = result.per_image.to_csv(index=False).encode("utf-8")
+        write_atomic(Path(args.per_image), lambda handle: handle.write(text))
     metrics = result.metrics.to_dict()
     payload = {
         "checkpoint": str(Path(args.checkpoint)),

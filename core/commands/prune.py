@@ -131,6 +131,15 @@ def prune_from_args(args: argparse.Namespace, progress: LoopProgress | None = No
     from core.models.checkpoint import load_checkpoint
     from core.pruning.loop import run_prune_loop
 
+    from core.atomic import check_output_folder
+    from core.models.checkpoint import read_spec
+    from core.pruning.loop import is_prune_run
+
+    # before anything is loaded: a dataset folder or the source checkpoint is never an output,
+    # nor a folder holding something other than an earlier run of this kind (resumed)
+    dataset_root = args.root if args.root is not None else read_spec(args.checkpoint).dataset_root
+    check_output_folder(args.out, "prune run (rounds.json and its rounds)", is_prune_run,
+                        protected=[("the checkpoint", args.checkpoint), ("the dataset folder", dataset_root)])
     device = resolve_device(args.device)
     loaded = load_checkpoint(args.checkpoint, device=device)
     spec = loaded.spec

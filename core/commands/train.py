@@ -9,13 +9,13 @@ from typing import Any
 
 import torch
 
-from core.atomic import write_json_atomic
+from core.atomic import check_output_folder, write_json_atomic
 from core.cli import add_device_argument, add_precision_argument, non_negative_int, positive_int, print_json
 from core.data.base import parse_size
 from core.data.dataset import SegmentationDataset
 from core.data.registry import format_names, load_index
 from core.errors import DefectPruneError
-from core.models.checkpoint import SPEC_FILE, save_checkpoint
+from core.models.checkpoint import holds_only_checkpoint, save_checkpoint
 from core.models.zoo import ARCHITECTURES, DEFAULT_ARCH, DEFAULT_ENCODER, ENCODERS, ModelSpec, build_model
 from core.train import (
     EmptySplitError, ProgressBar, ProgressCallback, TrainConfig, fit, resolve_device, seed_everything,
@@ -76,6 +76,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def train_from_args(args: argparse.Namespace, progress: ProgressCallback | None = None) -> dict[str, Any]:
     """Everything ``train`` does except printing: shared with the run store's train job,
     which passes its own progress callback. Returns the command's JSON payload."""
+    # refuse a bad --out before any data is read or any step is trained (not after the run)
+    out = check_output_folder(args.out, "checkpoint", holds_only_checkpoint,
+                              protected=[("the dataset folder", args.root)])
     device = resolve_device(args.device)
     options = dataset_options(args)
     index = load_index(args.format, args.root, seed=args.split_seed, **options)
@@ -104,13 +107,6 @@ def train_from_args(args: argparse.Namespace, progress: ProgressCallback | None 
         dataset_root=str(index.root.resolve()) if args.root is not None else "",
         split_seed=args.split_seed,
     )
-    out = Path(args.out)
-    # refuse before training rather than after it (save_checkpoint would refuse these too)
-    if out.exists() and not out.is_dir():
-        raise DefectPruneError(f"--out {out} is a file; give a folder for the checkpoint")
-    if out.is_dir() and any(out.iterdir()) and not (out / SPEC_FILE).is_file():
-        raise DefectPruneError(f"--out {out} is a non-empty folder that is not a checkpoint; "
-                               "choose another folder or empty it")
     seed_everything(args.seed)  # the initial weights follow the seed too
     model = build_model(spec)
     result = fit(model, train_ds, val_ds, config, progress=progress, class_names=index.classes)

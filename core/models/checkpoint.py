@@ -102,10 +102,11 @@ def save_checkpoint(path: str | Path, model: nn.Module, spec: ModelSpec,
     entries = normalise_history(history or [], source="the history to save")
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"{path} is a file, not a checkpoint folder; choose another path")
-    if path.is_dir() and any(path.iterdir()) and not (path / SPEC_FILE).is_file():
+    if path.is_dir() and any(path.iterdir()) and not holds_only_checkpoint(path):
         raise CheckpointError(
-            f"{path} is a non-empty folder that is not a checkpoint; refusing to replace it "
-            "(choose another path or empty the folder)"
+            f"{path} is a non-empty folder that is not a checkpoint (or holds other files beside "
+            "one, which replacing it would delete); refusing to replace it (choose another path or "
+            "empty the folder)"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
     with _save_lock(path, wait=True):
@@ -376,6 +377,21 @@ def read_weights(file: Path) -> dict[str, torch.Tensor]:
             "was damaged or edited: save the checkpoint again"
         )
     return state
+
+
+# files a checkpoint folder may hold besides its own (a save replaces the whole folder, so
+# anything else in it, e.g. a prune run's rounds written into it, would be deleted)
+CHECKPOINT_COMPANIONS = ("training_history.json",)
+
+
+def holds_only_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a checkpoint folder with nothing else in it (hidden lock and
+    temporary files aside): the only kind of folder a save may replace."""
+    path = Path(path)
+    if not (path / SPEC_FILE).is_file():
+        return False
+    allowed = set(CHECKPOINT_FILES) | set(CHECKPOINT_COMPANIONS)
+    return all(p.name in allowed or p.name.startswith(".") for p in path.iterdir())
 
 
 def is_checkpoint(path: str | Path) -> bool:

@@ -154,6 +154,15 @@ def calibration_batches(dataset: Dataset, count: int, batch_size: int, seed: int
     ]
 
 
+def is_prune_run(out_dir: str | Path) -> bool:
+    """Whether ``out_dir`` holds only a prune run (``rounds.json``, ``round_NN/``, the
+    recovered checkpoint; a run killed before its first record has round folders alone),
+    which the loop resumes; anything else there is not the loop's to write over."""
+    names = [p.name for p in Path(out_dir).iterdir()]
+    return all(n == ROUNDS_FILE or n == RECOVERED_DIR or n.startswith(".")
+               or (n.startswith("round_") and n[6:].isdigit()) for n in names)
+
+
 def read_rounds(out_dir: str | Path) -> list[RoundRecord]:
     path = Path(out_dir) / ROUNDS_FILE
     if not path.is_file():

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from core.atomic import disk_full_message
 from core.errors import DefectPruneError
 from core.runs.store import (
     FAILED, RUNNING, RUNS_DIR, STOPPED, SUCCEEDED, JobRecord, Store, StoreError, retry_advice,
@@ -347,32 +348,13 @@ def _stop_without_store(store: Store, children: dict[int, _Child], grace: float,
 # ---------------------------------------------------------------- inside the job process
 def failure_message(exc: BaseException, store: Store, job: JobRecord) -> str:
     """One line a user can act on, for the job's error column."""
-    full, filename = _no_space(exc)
+    full = disk_full_message(exc, str(store.workspace), retry_advice(job.kind, job.id))
     if full:
-        where = f" while writing {filename}" if filename else ""
-        return (f"no space left on the device{where}; earlier results are intact: free space under "
-                f"{store.workspace} and {retry_advice(job.kind, job.id)}")
+        return full
     if isinstance(exc, DefectPruneError):
         return str(exc)
     text = str(exc).splitlines()[0] if str(exc) else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def _no_space(exc: BaseException | None) -> tuple[bool, str | None]:
-    """Whether ``exc``, or an exception it was raised from, says the disk is full (an
-    ``OSError`` with ENOSPC, or a library's own error quoting it, e.g. safetensors'
-    "I/O error: No space left on device (os error 28)"); and the file, when known."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-            return True, exc.filename
-        text = str(exc)
-        if f"os error {errno.ENOSPC})" in text or os.strerror(errno.ENOSPC) in text:
-            return True, None
-        # as a traceback shows it: the context is not followed past ``raise ... from None``
-        exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
-    return False, None
 
 
 def execute_job(store: Store, job_id: int, parent_pid: int | None = None) -> str:
