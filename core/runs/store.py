@@ -18,6 +18,7 @@ older file migrates it in one transaction, opening a newer one is refused.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sqlite3
@@ -289,8 +290,7 @@ class Store:
             conn.execute("PRAGMA synchronous = NORMAL")  # durable at checkpoints, safe with WAL
             conn.execute("PRAGMA foreign_keys = ON")
         except sqlite3.DatabaseError as exc:
-            raise StoreError(f"{self.path} is not a usable run store ({exc}); move it aside and the "
-                             "workspace starts a new one") from None
+            raise StoreError(self.problem(exc)) from None
         if str(mode).lower() != "wal":
             raise StoreError(f"{self.path}: SQLite refused WAL mode (journal mode {mode}); put the workspace "
                              "on a local disk")
@@ -311,7 +311,7 @@ class Store:
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
-            raise StoreError(f"cannot write to the run store {self.path}: {exc}") from None
+            raise StoreError(self.problem(exc, writing=True)) from None
         try:
             yield conn
         except BaseException:
@@ -323,11 +323,36 @@ class Store:
         except sqlite3.OperationalError as exc:  # e.g. disk full: nothing of it was written
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            raise StoreError(f"cannot write to the run store {self.path}: {exc}") from None
+            raise StoreError(self.problem(exc, writing=True)) from None
+
+    def problem(self, exc: sqlite3.DatabaseError, writing: bool = False) -> str:
+        """What is really wrong with the store, in one line: only a file SQLite says is damaged
+        is to be moved aside (moving a healthy store aside because its disk is full or read-only
+        would start the job ids over); the rest say what to fix."""
+        text = str(exc)
+        lowered = text.lower()
+        if "full" in lowered or os.strerror(errno.ENOSPC).lower() in lowered:
+            return (f"no space left on the device for the run store {self.path} ({text}); free space "
+                    "under the workspace: the store and earlier results are intact")
+        if "readonly" in lowered or "read-only" in lowered or not os.access(self.workspace, os.W_OK):
+            return (f"the run store {self.path} is read-only ({text}); make the workspace writable or "
+                    "set DEFECTPRUNE_WORKSPACE to a writable folder (do not move the store aside: it is intact)")
+        if "locked" in lowered or "busy" in lowered:
+            return f"the run store {self.path} is busy ({text}); try again in a moment"
+        if "unable to open" in lowered or "disk i/o" in lowered:
+            return (f"the run store {self.path} cannot be opened ({text}); check that the workspace "
+                    "folder exists and can be read and written")
+        if isinstance(exc, sqlite3.OperationalError) and writing:
+            return f"cannot write to the run store {self.path}: {text}"
+        return (f"{self.path} is not a usable run store ({text}): the file is damaged; move it aside "
+                "and the workspace starts a new one")
 
     def query(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
         """One read statement (autocommit: a consistent snapshot, never a lock held after)."""
-        return self.connection().execute(sql, tuple(args)).fetchall()
+        try:
+            return self.connection().execute(sql, tuple(args)).fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(self.problem(exc)) from None
 
     # ------------------------------------------------------------ schema
     def schema_version(self) -> int:
