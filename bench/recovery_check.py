@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import shlex
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from bench.baseline import SHARED_DEFAULT, epochs_option, resolved_precision, run_core, train_baseline  # noqa: E402
+from bench.resume_copy import truncated_copy  # noqa: E402
 
 METHODS = ["uniform-l1", "collaborative"]
 
@@ -123,21 +123,17 @@ def main(argv: list[str] | None = None) -> int:
         command = prune_command(method, checkpoint, rounds_dir, args, 0, 0.0)
         commands.append("python -m core " + shlex.join(command))
         state = run_prune(command, rounds_dir, log)
-        before = state["result"]
+        before, finished_rounds = state["result"], len(state["rounds"])
         rows.append((method, "none (after the last round)", before, before["test"]))
         for distill in [0.0] + ([args.distill] if method in args.distill_methods else []):
             out = args.work / method / f"recover-e{args.recover_epochs}-d{distill:g}"
-            if not out.exists():  # the same rounds, resumed: the loop goes straight to the recovery
-                shutil.copytree(rounds_dir, out)
-                saved = json.loads((out / "rounds.json").read_text())
-                for r in saved["rounds"]:
-                    r["checkpoint"] = str(out / Path(r["checkpoint"]).name)
-                (out / "rounds.json").write_text(json.dumps({"base": saved["base"], "rounds": saved["rounds"]}))
+            # the same rounds, resumed: the loop goes straight to the recovery
+            truncated_copy(rounds_dir, out, finished_rounds)
             command = prune_command(method, checkpoint, out, args, args.recover_epochs, distill)
             commands.append("python -m core " + shlex.join(command) + "   # on a copy of the rounds")
-            state = run_prune(command, out, log)
-            rows.append((method, f"{args.recover_epochs} epochs, distillation {distill:g}", state["recovery"],
-                         state["result"]["test"]))
+            recovered = run_prune(command, out, log)
+            rows.append((method, f"{args.recover_epochs} epochs, distillation {distill:g}", recovered["recovery"],
+                         recovered["result"]["test"]))
     ctrl = control(checkpoint, args, args.work / "control")
 
     reference = max(base["defect_miou"], ctrl["test"]["defect_miou"])
