@@ -55,6 +55,12 @@ def add_precision_argument(parser: argparse.ArgumentParser) -> None:
                              "fast (auto), or as asked; evaluation, export and saved weights stay fp32")
 
 
+def add_strict_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--strict", action="store_true",
+                        help="stop on a mask holding a value its format does not define (default: skip "
+                             "that file, listed with a warning)")
+
+
 def add_device_argument(parser: argparse.ArgumentParser, default: str = "auto",
                         help: str = "where to compute (auto: CUDA when present)") -> None:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=default, help=help)

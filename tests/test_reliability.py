@@ -243,3 +243,48 @@ def test_the_run_store_error_names_the_real_problem(tmp_path, monkeypatch, messa
     assert says in str(raised.value)
     assert ("move it aside" in str(raised.value)) is advises_moving
 
+
+
+# ---------------------------------------------------------------- 7. one file's values are one file's problem
+def test_crackforest_values_3_and_4_are_background_with_a_warning_naming_the_files(tmp_path):
+    from tests.test_data_formats import make_crackforest, write_mat
+
+    root = make_crackforest(tmp_path / "cfd", labelled=4, unlabelled=0)
+    for name, value in (("002.mat", 3), ("003.mat", 4)):
+        seg = np.ones((32, 48), np.uint8)
+        seg[10:12, 5:40] = 2
+        seg[20:30, 0:10] = value
+        write_mat(root / "groundTruth" / name, seg)
+    for strict in (False, True):  # the format defines them: strict reads them too
+        index = load_index("crackforest", root, strict=strict)
+        assert len(index.samples) == 4
+        warning = " ".join(index.warnings)
+        assert "002.mat" in warning and "003.mat" in warning and "001.mat" not in warning
+        row = index.samples[index.samples["mask"].str.endswith("002.mat")].iloc[0]
+        mask = index.mask_of(row)
+        assert set(np.unique(mask)) == {0, 1} and mask[20:30, 0:10].max() == 0
+
+
+def test_the_real_crackforest_loads_when_present():
+    from tests.conftest import shared_dataset
+
+    index = load_index("crackforest", shared_dataset("crackforest"))
+    assert len(index.samples) == 118 and any("3/4" in w for w in index.warnings)
+
+
+def test_a_value_outside_the_class_map_skips_that_file_unless_strict(tmp_path, capsys):
+    from core.data.base import MaskValueError
+    from tests.test_data_formats import make_neu_seg, rect_mask
+
+    root = make_neu_seg(tmp_path / "neu")
+    bad = sorted((root / "ann_dir" / "train").glob("*.png"))[0]
+    write_image(bad, rect_mask(40, 40, (0, 0, 5, 5), 7))
+    index = load_index("neu-seg", root)
+    assert str(bad) in [item["file"] for item in index.skipped]
+    assert str(bad) not in set(index.samples["mask"]) and index.warnings
+    with pytest.raises(MaskValueError, match="value 7"):
+        load_index("neu-seg", root, strict=True)
+    proc = in_process(capsys, "data", "info", "--format", "neu-seg", "--root", str(root), "--strict")
+    assert_one_line_error(proc, "value 7", bad.name)
+    proc = in_process(capsys, "data", "info", "--format", "neu-seg", "--root", str(root))
+    assert proc.returncode == 0 and bad.name in proc.stdout

@@ -6,7 +6,7 @@ import argparse
 import json
 import warnings
 
-from core.cli import print_json
+from core.cli import add_strict_argument, print_json
 from core.data.base import InvalidOptionError, parse_size
 from core.data.registry import format_names, load_index
 
@@ -23,6 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                       help="a format option, VALUE as JSON where it parses (repeatable), e.g. "
                            "category=bottle, class_names='[\"background\",\"scratch\"]', "
                            "colours='[[0,0,0],[255,0,0]]', threshold=128")
+    add_strict_argument(info)
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=run_info)
 
@@ -45,7 +46,7 @@ def run_info(args: argparse.Namespace) -> int:
     options = parse_options(getattr(args, "option", []) or [])
     with warnings.catch_warnings():  # skipped files are listed in the output itself
         warnings.simplefilter("ignore")
-        index = load_index(args.format, args.root, seed=args.seed, **options)
+        index = load_index(args.format, args.root, seed=args.seed, strict=args.strict, **options)
     size = parse_size(args.size, index.default_size)
     payload = {
         "format": index.format,

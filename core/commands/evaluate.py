@@ -26,7 +26,8 @@ class CheckpointDatasetMismatchError(DefectPruneError):
 
 
 def index_for_checkpoint(checkpoint: str | Path, spec: ModelSpec, format_name: str | None, root: str | None,
-                         split_seed: int | None, options: dict | None = None) -> tuple[DatasetIndex, bool]:
+                         split_seed: int | None, options: dict | None = None,
+                         strict: bool = False) -> tuple[DatasetIndex, bool]:
     """The dataset a command runs a checkpoint on: the one in its spec unless another is
     given, refused when its classes differ from the model's. Also says whether it is the
     checkpoint's own format (whose input size then applies)."""
@@ -39,7 +40,7 @@ def index_for_checkpoint(checkpoint: str | Path, spec: ModelSpec, format_name: s
     if root is None and same_format:
         root = spec.dataset_root or None
     index = load_index(format_name, root, seed=spec.split_seed if split_seed is None else split_seed,
-                       **(options or {}))
+                       strict=strict, **(options or {}))
     if list(index.classes) != list(spec.classes):
         raise CheckpointDatasetMismatchError(
             f"checkpoint {checkpoint} predicts classes {', '.join(spec.classes)} but {format_name} at "
@@ -72,7 +73,7 @@ def evaluate_from_args(args: argparse.Namespace,
     loaded = load_checkpoint(args.checkpoint, device="cpu")
     spec, model = loaded.spec, loaded.model
     index, same_format = index_for_checkpoint(args.checkpoint, spec, args.format, args.root, args.split_seed,
-                                              dataset_options(args))
+                                              dataset_options(args), strict=getattr(args, "strict", False))
     format_name = index.format
     size = parse_size(args.size, tuple(spec.input_size) if same_format else index.default_size)
     dataset = SegmentationDataset(index, args.split, size, spec.in_channels, limit=args.limit)

@@ -144,7 +144,7 @@ def prune_from_args(args: argparse.Namespace, progress: LoopProgress | None = No
     loaded = load_checkpoint(args.checkpoint, device=device)
     spec = loaded.spec
     index, same_format = index_for_checkpoint(args.checkpoint, spec, args.format, args.root, args.split_seed,
-                                              dataset_options(args))
+                                              dataset_options(args), strict=getattr(args, "strict", False))
     size = parse_size(args.size, tuple(spec.input_size) if same_format else index.default_size)
     spec.input_size = size
     datasets = {

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from core.atomic import check_output_folder, write_json_atomic
-from core.cli import add_device_argument, add_precision_argument, non_negative_int, positive_int, print_json
+from core.cli import add_device_argument, add_precision_argument, add_strict_argument, non_negative_int, positive_int, print_json
 from core.data.base import parse_size
 from core.data.dataset import SegmentationDataset
 from core.data.registry import format_names, load_index
@@ -36,6 +36,7 @@ def add_data_arguments(parser: argparse.ArgumentParser, required: bool = True) -
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="a dataset format option, VALUE as JSON where it parses (repeatable), "
                              "e.g. num_images=24 image_size=64 for a synthetic family")
+    add_strict_argument(parser)
 
 
 def dataset_options(args: argparse.Namespace) -> dict:
@@ -81,7 +82,7 @@ def train_from_args(args: argparse.Namespace, progress: ProgressCallback | None 
                               protected=[("the dataset folder", args.root)])
     device = resolve_device(args.device)
     options = dataset_options(args)
-    index = load_index(args.format, args.root, seed=args.split_seed, **options)
+    index = load_index(args.format, args.root, seed=args.split_seed, strict=args.strict, **options)
     size = parse_size(args.size, index.default_size)
     in_channels = args.in_channels or index.native_channels
     train_ds = SegmentationDataset(index, "train", size, in_channels, augment=not args.no_augment,

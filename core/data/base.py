@@ -314,6 +314,8 @@ def _inspect(
         mask = read_mask(rec.mask, rec.label, shape)
     except CorruptImageError as exc:
         return list(exc.failures)
+    except MaskValueError as exc:  # one file's values: the caller skips it, or stops when strict
+        return {"skip": exc, "file": rec.mask or rec.image}
     if mask.shape[:2] != shape:
         raise MaskSizeMismatchError(
             f"mask {rec.mask} is {mask.shape[1]}x{mask.shape[0]} but its image {rec.image} "
@@ -323,10 +325,10 @@ def _inspect(
     counts = np.bincount(mask.ravel(), minlength=n_classes)
     if counts.size > n_classes and counts[n_classes:].any():
         bad = int(np.flatnonzero(counts[n_classes:])[0]) + n_classes
-        raise MaskValueError(
+        return {"skip": MaskValueError(
             f"mask {rec.mask} holds value {bad}, outside the class map 0..{n_classes - 1} "
             f"({', '.join(classes)}); fix the mask or the class map"
-        )
+        ), "file": rec.mask}
     counts = counts[:n_classes]
     return {
         "image": rec.image, "mask": rec.mask, "label": rec.label, "group": rec.group,
@@ -349,6 +351,7 @@ def build_index(
     skipped: Sequence[dict] = (),
     require_masks: bool = False,
     layout: str = "",
+    strict: bool = False,
 ) -> DatasetIndex:
     """Read every image and mask once, validate, compute per-class pixels, assign splits.
 
@@ -356,7 +359,11 @@ def build_index(
     the error reported do not depend on timing). Corrupt files are collected and reported
     together in one `CorruptImageError`; the first structural problem in record order
     (missing mask, size mismatch, values outside the class map) raises its own named error
-    naming the file."""
+    naming the file.
+
+    A mask holding a value the format does not define (outside the class map, a colour where
+    values are expected) is one file's problem: that sample is skipped and listed in
+    ``skipped`` and ``warnings``, unless ``strict``, where it stops the whole dataset."""
     if not records:
         expected = f"it should hold {layout}" if layout else "check the folder layout"
         raise NoImagesFoundError(
@@ -369,18 +376,28 @@ def build_index(
                 raise MissingMaskError(
                     f"image {rec.image} has no mask; add the mask file or remove the image"
                 )
-    rows, corrupt = [], []
+    rows, corrupt, skipped, value_problems = [], [], list(skipped), []
     pool = ThreadPoolExecutor(max_workers=_index_workers(), thread_name_prefix="index")
     try:
         for result in pool.map(lambda rec: _inspect(rec, read_mask, classes), records):
             if isinstance(result, list):
                 corrupt.extend(result)
+            elif "skip" in result:
+                if strict:
+                    raise result["skip"]
+                value_problems.append(result)
             else:
                 rows.append(result)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     if corrupt:
         raise CorruptImageError(corrupt)
+    for problem in value_problems:
+        skipped.append({"file": str(problem["file"]), "reason": f"{problem['skip']} (skipped; --strict stops instead)"})
+    if not rows:
+        # rows are only ever empty here when every record was skipped for its values
+        raise MaskValueError(f"{value_problems[0]['skip']} (every image under {root} was skipped "
+                             "for values its format does not define)")
     samples = pd.DataFrame(rows, columns=SAMPLE_COLUMNS)
     # keep "no mask" as None: a string column would turn it into NaN, a float
     samples["mask"] = pd.Series([row["mask"] for row in rows], index=samples.index, dtype=object)
@@ -389,7 +406,9 @@ def build_index(
     return DatasetIndex(
         format=format_name, root=Path(root), classes=list(classes), samples=samples,
         read_mask=read_mask, default_size=default_size, native_channels=native_channels,
-        skipped=list(skipped), seed=seed,
+        skipped=skipped, seed=seed,
+        warnings=[f"{len(value_problems)} file(s) skipped for values the format does not define, e.g. "
+                  f"{value_problems[0]['file']}; pass --strict to stop on them instead"] if value_problems else [],
     )
 
 

@@ -2,7 +2,9 @@
 
 Data: colour road images of 480x320 px (width x height); the 118 annotated ones each have a
 ground-truth file: a MATLAB ``.mat`` holding the struct ``groundTruth`` (1x1) whose field
-``Segmentation`` is 1 = background, 2 = crack (mapped here to class ids 0 and 1). Images
+``Segmentation`` is 1 = background, 2 = crack (mapped here to class ids 0 and 1); 22 published
+files also hold 3 and 4 (whole areas enclosed by cracks), read as background with a warning
+naming the files. Images
 without ground truth are unlabeled: they are skipped and reported in ``skipped``. No official
 split: the seeded 70/15/15 split of `core.data.base.seeded_split` is used.
 Layout: ``image/NNN.jpg`` + ``groundTruth/NNN.mat``.
@@ -15,6 +17,7 @@ random structured forests", IEEE Transactions on Intelligent Transportation Syst
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -54,8 +57,14 @@ def find_segmentation(mat: dict) -> np.ndarray | None:
     return None
 
 
-def read_ground_truth(path: str | None, label: int, shape: tuple[int, int]) -> np.ndarray:
-    """A CrackForest ``.mat`` -> uint8 class ids (0 background, 1 crack)."""
+ENCLOSED_VALUES = (3, 4)  # areas enclosed by cracks in 22 published files: background by convention
+
+
+def read_ground_truth(path: str | None, label: int, shape: tuple[int, int],
+                      enclosed: set[str] | None = None) -> np.ndarray:
+    """A CrackForest ``.mat`` -> uint8 class ids (0 background, 1 crack). Values 3 and 4
+    (whole areas enclosed by cracks) are read as background, the usual reading, and the file
+    is added to ``enclosed`` so the dataset can say which files had them."""
     if path is None:
         return np.zeros(shape, np.uint8)
     try:
@@ -68,16 +77,20 @@ def read_ground_truth(path: str | None, label: int, shape: tuple[int, int]) -> n
     if seg is None:
         raise CorruptImageError([(path, f"holds no struct {STRUCT} with a 2-D field {FIELD}")])
     values = np.unique(seg)
-    bad = [v for v in values.tolist() if v not in GT_VALUES]
+    held = values.tolist()
+    if enclosed is not None and any(v in ENCLOSED_VALUES for v in held):
+        enclosed.add(str(path))
+    bad = [v for v in held if v not in GT_VALUES and v not in ENCLOSED_VALUES]
     if bad:
         raise MaskValueError(
             f"ground truth {path} has {STRUCT}.{FIELD} value {bad[0]:g}; CrackForest uses "
-            "1 = background and 2 = crack: fix the file or remove it (its image is then skipped)"
+            "1 = background, 2 = crack (3 and 4: areas enclosed by cracks, read as background): fix the "
+            "file or remove it"
         )
     return (seg == 2).astype(np.uint8)
 
 
-def build(root: Path, seed: int = 0, **options) -> DatasetIndex:
+def build(root: Path, seed: int = 0, strict: bool = False, **options) -> DatasetIndex:
     reject_options(FORMAT, options)
     root = require_root(root, LAYOUT)
     image_dir, truth_dir = root / "image", root / "groundTruth"
@@ -105,7 +118,16 @@ def build(root: Path, seed: int = 0, **options) -> DatasetIndex:
             f"none of the {len(image_stems)} images under {image_dir} has a ground-truth file "
             f"groundTruth/NNN.mat; add {truth_dir} with the .mat files"
         )
-    return build_index(
-        FORMAT, root, CLASSES, records, read_ground_truth, DEFAULT_SIZE,
-        native_channels=3, seed=seed, skipped=skipped, layout=LAYOUT,
+    enclosed: set[str] = set()
+    index = build_index(
+        FORMAT, root, CLASSES, records, functools.partial(read_ground_truth, enclosed=enclosed), DEFAULT_SIZE,
+        native_channels=3, seed=seed, skipped=skipped, layout=LAYOUT, strict=strict,
     )
+    if enclosed:
+        names = ", ".join(sorted(Path(p).name for p in enclosed))
+        index.warnings.append(
+            f"{len(enclosed)} ground-truth file(s) hold {STRUCT}.{FIELD} values 3/4 (areas enclosed by cracks), "
+            f"read as background (crack = 2 only): {names}"
+        )
+    index.read_mask = read_ground_truth  # later reads need no record of it
+    return index

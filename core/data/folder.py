@@ -150,7 +150,7 @@ def build(
     class_names: Sequence[str] | None = None,
     colours: Sequence[Sequence[int]] | None = None,
     threshold: int | None = None,
-    **options,
+    strict: bool = False, **options,
 ) -> DatasetIndex:
     reject_options(FORMAT, options, ["images", "masks", "class_names", "colours", "threshold"])
     root = require_root(root, LAYOUT)
@@ -194,7 +194,7 @@ def build(
         reader = values_reader(names)
     index = build_index(
         FORMAT, root, names, records, reader, DEFAULT_SIZE, native_channels=3, seed=seed,
-        skipped=skipped, require_masks=True, layout=LAYOUT,
+        skipped=skipped, require_masks=True, layout=LAYOUT, strict=strict,
     )
     height, width, channels = probe_image(index.samples["image"].iloc[0])
     index.native_channels = channels

@@ -27,7 +27,7 @@ LABEL_SUFFIX = "_label"
 LABEL_EXTENSION = ".bmp"
 
 
-def build(root: Path, seed: int = 0, **options) -> DatasetIndex:
+def build(root: Path, seed: int = 0, strict: bool = False, **options) -> DatasetIndex:
     reject_options(FORMAT, options)
     root = require_root(root, LAYOUT)
     records: list[SampleRecord] = []
@@ -56,5 +56,5 @@ def build(root: Path, seed: int = 0, **options) -> DatasetIndex:
                 warn_skipped(path, "not an image", skipped)
     return build_index(
         FORMAT, root, CLASSES, records, binary_mask_reader(1), DEFAULT_SIZE,
-        native_channels=1, seed=seed, skipped=skipped, require_masks=True, layout=LAYOUT,
+        native_channels=1, seed=seed, skipped=skipped, require_masks=True, layout=LAYOUT, strict=strict,
     )

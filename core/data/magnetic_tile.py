@@ -40,7 +40,7 @@ def folder_label(name: str) -> int | None:
     return None
 
 
-def build(root: Path, seed: int = 0, **options) -> DatasetIndex:
+def build(root: Path, seed: int = 0, strict: bool = False, **options) -> DatasetIndex:
     reject_options(FORMAT, options)
     root = require_root(root, LAYOUT)
     records: list[SampleRecord] = []
@@ -74,7 +74,7 @@ def build(root: Path, seed: int = 0, **options) -> DatasetIndex:
                 warn_skipped(path, "not an image", skipped)
     index = build_index(
         FORMAT, root, CLASSES, records, binary_mask_reader(THRESHOLD), DEFAULT_SIZE,
-        native_channels=1, seed=seed, skipped=skipped, require_masks=True, layout=LAYOUT,
+        native_channels=1, seed=seed, skipped=skipped, require_masks=True, layout=LAYOUT, strict=strict,
     )
     empty = index.samples[(index.samples["label"] > 0) & (index.samples["classes"].map(max) == 0)]
     for image in empty["image"]:

@@ -87,7 +87,7 @@ def _images(folder: Path, skipped: list[dict]) -> list[Path]:
     return out
 
 
-def build(root: Path, seed: int = 0, category: str | None = None, **options) -> DatasetIndex:
+def build(root: Path, seed: int = 0, category: str | None = None, strict: bool = False, **options) -> DatasetIndex:
     reject_options(FORMAT, options, ["category"])
     root = require_root(root, LAYOUT)
     if category is not None and not isinstance(category, str):
@@ -124,7 +124,7 @@ def build(root: Path, seed: int = 0, category: str | None = None, **options) -> 
                     warn_skipped(mask, f"mask without its image test/{sub.name}/{stem}.png", skipped)
     index = build_index(
         FORMAT, folder, classes, records, binary_mask_reader(THRESHOLD), DEFAULT_SIZE,
-        native_channels=3, seed=seed, skipped=skipped, layout=LAYOUT,
+        native_channels=3, seed=seed, skipped=skipped, layout=LAYOUT, strict=strict,
     )
     height, width, channels = probe_image(index.samples["image"].iloc[0])
     index.native_channels = channels

@@ -25,7 +25,7 @@ DEFAULT_SIZE = (128, 128)
 LAYOUT = "img_dir/ and ann_dir/"  # what --root must hold
 
 
-def build(root: Path, seed: int = 0, **options) -> DatasetIndex:
+def build(root: Path, seed: int = 0, strict: bool = False, **options) -> DatasetIndex:
     reject_options(FORMAT, options)
     root = require_root(root, LAYOUT)
     records, skipped = [], []
@@ -46,5 +46,5 @@ def build(root: Path, seed: int = 0, **options) -> DatasetIndex:
                 warn_skipped(other, "not an image", skipped)
     return build_index(
         FORMAT, root, CLASSES, records, index_mask_reader, DEFAULT_SIZE,
-        native_channels=1, seed=seed, skipped=skipped, layout=LAYOUT,
+        native_channels=1, seed=seed, skipped=skipped, layout=LAYOUT, strict=strict,
     )

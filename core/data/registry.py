@@ -42,12 +42,14 @@ def format_module(format_name: str) -> ModuleType:
         ) from None
 
 
-def load_index(format_name: str, root: str | Path | None = None, seed: int = 0, **options) -> DatasetIndex:
+def load_index(format_name: str, root: str | Path | None = None, seed: int = 0, strict: bool = False,
+               **options) -> DatasetIndex:
     """Build (and validate) the sample index of a dataset. For synthetic formats ``root`` is
-    the generation cache (default: the workspace's); real formats need ``root``."""
+    the generation cache (default: the workspace's); real formats need ``root``. A file whose
+    values the format does not define is skipped with a warning, or stops it all when ``strict``."""
     module = format_module(format_name)
     if is_synthetic(format_name):
-        return module.build(root, seed=seed, family=format_name.removeprefix("synthetic-"), **options)
+        return module.build(root, seed=seed, family=format_name.removeprefix("synthetic-"), strict=strict, **options)
     if root is None:
         raise DatasetRootMissingError(f"format {format_name} needs a dataset folder: pass --root PATH")
-    return module.build(Path(root), seed=seed, **options)
+    return module.build(Path(root), seed=seed, strict=strict, **options)

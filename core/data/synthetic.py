@@ -661,7 +661,7 @@ def ensure_generated(
 
 def build(
     root: str | Path | None = None, seed: int = 0, family: str = "steel",
-    num_images: int = DEFAULT_NUM_IMAGES, image_size: int = DEFAULT_IMAGE_SIZE, **options,
+    num_images: int = DEFAULT_NUM_IMAGES, image_size: int = DEFAULT_IMAGE_SIZE, strict: bool = False, **options,
 ) -> DatasetIndex:
     """Generate (or reuse) a synthetic family in the cache and index it.
 
@@ -677,5 +677,5 @@ def build(
         records.append(SampleRecord(str(folder / "images" / name), str(folder / "masks" / name)))
     return build_index(
         FORMAT_PREFIX + family, folder, classes, records, index_mask_reader, (size, size),
-        native_channels=1, seed=seed, require_masks=True,
+        native_channels=1, seed=seed, require_masks=True, strict=strict,
     )

@@ -478,7 +478,7 @@ def run_score(ctx: JobContext) -> dict[str, Any]:
     loaded = load_checkpoint(args.checkpoint, device=device)
     spec, model = loaded.spec, loaded.model
     index, same_format = index_for_checkpoint(args.checkpoint, spec, args.format, args.root, args.split_seed,
-                                              dataset_options(args))
+                                              dataset_options(args), strict=getattr(args, "strict", False))
     size = parse_size(args.size, tuple(spec.input_size) if same_format else index.default_size)
     train_ds = SegmentationDataset(index, "train", size, spec.in_channels, augment=False, limit=args.limit)
     names = list(spec.classes)
