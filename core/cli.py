@@ -40,6 +40,18 @@ non_negative_int = checked_number(int, "a whole number", lambda v: v >= 0, "0 or
 non_negative_float = checked_number(float, "a number", lambda v: v >= 0, "0 or more")
 fraction = checked_number(float, "a number", lambda v: 0.0 < v < 1.0, "between 0 and 1 (e.g. 0.8 = 80% fewer)")
 unit_interval = checked_number(float, "a number", lambda v: 0.0 <= v <= 1.0, "from 0 to 1")
+def workers_count(text: str) -> int:
+    """``--workers``: 0 up to the cap (each worker is a process with its own copy of the data)."""
+    from core.config import max_workers
+
+    value = non_negative_int(text)
+    cap = max_workers()
+    if value > cap:
+        raise argparse.ArgumentTypeError(f"{value} data-loader workers is more than the limit of {cap} "
+                                         "(the CPU count; set DEFECTPRUNE_MAX_WORKERS to change it)")
+    return value
+
+
 positive_float = checked_number(float, "a number", lambda v: v > 0 and v < float("inf"), "a positive number")
 
 

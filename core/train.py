@@ -130,7 +130,7 @@ class TrainConfig:
             problems.append(f"batch size must be at least 1 (got {self.batch_size})")
         if not self.lr >= 0 or not math.isfinite(self.lr):
             problems.append(f"learning rate must be a non-negative number (got {self.lr})")
-        if self.weight_decay < 0:
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
             problems.append(f"weight decay must be non-negative (got {self.weight_decay})")
         if self.schedule not in SCHEDULES:
             problems.append(f"schedule must be one of {', '.join(SCHEDULES)} (got {self.schedule!r})")
@@ -138,8 +138,10 @@ class TrainConfig:
             problems.append(f"patience must be at least 1 epoch, or none (got {self.patience})")
         if self.num_threads is not None and self.num_threads < 1:
             problems.append(f"threads must be at least 1 (got {self.num_threads})")
-        if self.num_workers < 0:
-            problems.append(f"workers must be 0 or more (got {self.num_workers})")
+        from core.config import max_workers
+
+        if not 0 <= self.num_workers <= max_workers():
+            problems.append(f"workers must be from 0 to {max_workers()} (DEFECTPRUNE_MAX_WORKERS; got {self.num_workers})")
         if self.defect_share is not None and not 0.0 <= self.defect_share < 1.0:
             problems.append(f"defect share must be from 0 to below 1 (got {self.defect_share})")
         if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:

@@ -288,3 +288,114 @@ def test_a_value_outside_the_class_map_skips_that_file_unless_strict(tmp_path, c
     assert_one_line_error(proc, "value 7", bad.name)
     proc = in_process(capsys, "data", "info", "--format", "neu-seg", "--root", str(root))
     assert proc.returncode == 0 and bad.name in proc.stdout
+
+
+# ---------------------------------------------------------------- 8-10. resource caps
+@pytest.mark.parametrize("command", [
+    ["train", "--format", "synthetic-steel", "--out", "OUT", "--workers", "1000000"],
+    ["evaluate", "--checkpoint", "OUT", "--workers", "1000000"],
+    ["prune", "--checkpoint", "OUT", "--out", "OUT2", "--workers", "1000000"],
+])
+def test_workers_are_capped_before_anything_forks(tmp_path, capsys, command):
+    command = [c.replace("OUT", str(tmp_path / "x")) for c in command]
+    proc = in_process(capsys, *command)
+    assert proc.returncode == 2 and "more than the limit" in proc.stderr and "DEFECTPRUNE_MAX_WORKERS" in proc.stderr
+
+
+def test_a_job_with_too_many_workers_is_refused_at_submission(monkeypatch):
+    from core.runs.jobs import JobParameterError, validate_params
+
+    monkeypatch.setenv("DEFECTPRUNE_MAX_WORKERS", "3")
+    validate_params("train", {"format": "synthetic-steel", "workers": 3})
+    with pytest.raises(JobParameterError, match="more than the limit of 3"):
+        validate_params("train", {"format": "synthetic-steel", "workers": 4})
+
+
+def write_bomb(path: Path, side: int) -> Path:
+    """A PNG whose header says side x side: all zeros, so it compresses to a few hundred KB."""
+    import cv2
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ok, data = cv2.imencode(".png", np.zeros((side, side), np.uint8), [cv2.IMWRITE_PNG_COMPRESSION, 9])
+    data.tofile(str(path))
+    return path
+
+
+def test_a_decompression_bomb_is_refused_from_its_header(tmp_path, monkeypatch, capsys):
+    import time
+
+    root = make_folder(tmp_path / "data", count=3)
+    write_bomb(root / "images" / "item_1.jpg", 4000)  # 16 MP in a few KB, over a 4 MP limit
+    monkeypatch.setenv("DEFECTPRUNE_MAX_IMAGE_PIXELS", "4000000")
+    start = time.perf_counter()
+    proc = in_process(capsys, "data", "info", "--format", "folder", "--root", str(root),
+                      "--option", 'class_names=["background","a","b"]')
+    assert_one_line_error(proc, "item_1.jpg", "4000x4000", "DEFECTPRUNE_MAX_IMAGE_PIXELS")
+    assert time.perf_counter() - start < 5  # refused before decoding
+
+
+def test_the_pixel_limit_lets_real_images_through(tmp_path):
+    root = make_folder(tmp_path / "data", count=3)
+    assert len(load_index("folder", root, class_names=["background", "a", "b"]).samples) == 3
+
+
+@pytest.mark.parametrize("size", ["1048576", "8192x64", "64x4128"])
+def test_input_sizes_are_capped(capsys, tmp_path, size):
+    proc = in_process(capsys, "data", "info", "--format", "synthetic-steel", "--root", str(tmp_path),
+                      "--option", "num_images=6", "--size", size)
+    assert_one_line_error(proc, "limit of 4096", "DEFECTPRUNE_MAX_INPUT_SIZE")
+
+
+def test_a_checkpoint_asking_for_a_huge_input_is_refused(tiny_checkpoint, tmp_path):
+    import json
+    import shutil
+
+    from core.models.checkpoint import CheckpointSpecError, read_spec
+
+    checkpoint, _ = tiny_checkpoint
+    target = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, target)
+    spec = json.loads((target / "spec.json").read_text())
+    (target / "spec.json").write_text(json.dumps({**spec, "input_size": [16384, 16384]}))
+    with pytest.raises(CheckpointSpecError, match="limit of 4096"):
+        read_spec(target)
+
+
+# ---------------------------------------------------------------- 11-12. masks that would be read wrong
+def test_a_colour_mask_for_a_value_coded_format_is_refused_naming_the_file(tmp_path):
+    from core.data.base import MaskValueError
+    from tests.test_data_formats import make_neu_seg
+
+    root = make_neu_seg(tmp_path / "neu")
+    bad = sorted((root / "ann_dir" / "train").glob("*.png"))[0]
+    painted = np.zeros((40, 40, 3), np.uint8)
+    painted[5:15, 5:15] = (255, 0, 0)  # a red inclusion: its first channel would read as background
+    write_image(bad, painted)
+    with pytest.raises(MaskValueError, match="painted in colour") as raised:
+        load_index("neu-seg", root, strict=True)
+    assert str(bad) in str(raised.value)
+    assert str(bad) in [item["file"] for item in load_index("neu-seg", root).skipped]
+
+
+def test_a_grey_mask_stored_as_rgb_still_reads(tmp_path):
+    from tests.test_data_formats import make_neu_seg
+
+    root = make_neu_seg(tmp_path / "neu")
+    target = sorted((root / "ann_dir" / "train").glob("*.png"))[0]
+    import cv2
+
+    grey = cv2.imread(str(target), cv2.IMREAD_UNCHANGED)
+    write_image(target, np.repeat(grey[..., None], 3, axis=2))
+    assert target.name not in str(load_index("neu-seg", root).skipped)
+
+
+def test_a_float_mask_is_refused_not_cast_to_zero(tmp_path):
+    import cv2
+
+    from core.data.base import MaskValueError
+
+    root = make_folder(tmp_path / "data", count=3)
+    (root / "masks" / "item_1.png").unlink()
+    cv2.imwrite(str(root / "masks" / "item_1.tif"), np.full((32, 64), 0.7, np.float32))
+    with pytest.raises(MaskValueError, match="float32"):
+        load_index("folder", root, class_names=["background", "a", "b"], strict=True)

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from core.atomic import check_output_folder, write_json_atomic
-from core.cli import add_device_argument, add_precision_argument, add_strict_argument, non_negative_int, positive_int, print_json
+from core.cli import add_device_argument, add_precision_argument, add_strict_argument, workers_count, non_negative_int, positive_int, print_json
 from core.data.base import parse_size
 from core.data.dataset import SegmentationDataset
 from core.data.registry import format_names, load_index
@@ -32,7 +32,8 @@ def add_data_arguments(parser: argparse.ArgumentParser, required: bool = True) -
                         help="use at most this many images of each split, drawn seeded from the whole split")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     parser.add_argument("--batch-size", type=positive_int, default=8)
-    parser.add_argument("--workers", type=non_negative_int, default=0, help="data-loading worker processes")
+    parser.add_argument("--workers", type=workers_count, default=0,
+                        help="data-loading worker processes (at most DEFECTPRUNE_MAX_WORKERS, default the CPU count)")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="a dataset format option, VALUE as JSON where it parses (repeatable), "
                              "e.g. num_images=24 image_size=64 for a synthetic family")

@@ -15,6 +15,7 @@ Nothing in the dataset folder is ever written.
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -85,6 +86,11 @@ class InvalidSizeError(DefectPruneError):
     pass
 
 
+class ImageTooLargeError(DatasetError):
+    """An image whose header declares more pixels than the limit (a decompression bomb, or
+    a scan far larger than any inspection image): refused before it is decoded."""
+
+
 # ---------------------------------------------------------------- records and index
 @dataclass(frozen=True)
 class SampleRecord:
@@ -147,17 +153,52 @@ class DatasetIndex:
 
 
 # ---------------------------------------------------------------- reading
+def check_pixels(path: str | Path, data: np.ndarray) -> None:
+    """Refuse ``data`` (an encoded image's bytes) when its header declares more pixels than
+    `core.config.max_image_pixels`, before anything is decoded."""
+    from PIL import Image
+
+    from core.config import max_image_pixels
+
+    limit = max_image_pixels()
+    if data.size < 1024 and limit >= 1024 * 1024:
+        return  # too few bytes to be a bomb under a real limit (and maybe not an image at all)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data.tobytes())) as header:
+                width, height = header.size
+    except Image.DecompressionBombError:
+        width, height = limit + 1, 1
+    except Exception:  # not an image PIL knows: OpenCV decides (and names it if corrupt)
+        return
+    if width * height > limit:
+        raise ImageTooLargeError(
+            f"image {path} is {width}x{height} pixels, more than the limit of {limit:,} "
+            "(DEFECTPRUNE_MAX_IMAGE_PIXELS); it was not decoded: shrink it or raise the limit"
+        )
+
+
+def decode_file(path: str | Path, flag: int, what: str = "image") -> np.ndarray | None:
+    """Bytes of ``path`` decoded by OpenCV with ``flag`` (None: not decodable), after the
+    pixel limit is checked from the header."""
+    try:
+        data = np.fromfile(str(path), dtype=np.uint8)
+    except OSError as exc:
+        raise CorruptImageError([(str(path), f"cannot open {what} ({exc.strerror})")]) from exc
+    if not data.size:
+        return None
+    check_pixels(path, data)
+    return cv2.imdecode(data, flag)
+
+
 def read_image(path: str | Path, channels: int = 1) -> np.ndarray:
     """Decode an image to uint8, HxW (channels=1) or HxWx3 RGB (channels=3).
 
     Decodes from bytes, so paths with any characters work, and a file that is not a
     decodable image raises `CorruptImageError` instead of returning None."""
-    try:
-        data = np.fromfile(str(path), dtype=np.uint8)
-    except OSError as exc:
-        raise CorruptImageError([(str(path), f"cannot open ({exc.strerror})")]) from exc
     flag = cv2.IMREAD_GRAYSCALE if channels == 1 else cv2.IMREAD_COLOR
-    image = cv2.imdecode(data, flag) if data.size else None
+    image = decode_file(path, flag)
     if image is None:
         raise CorruptImageError([(str(path), "not a decodable image")])
     if channels == 3:
@@ -167,12 +208,26 @@ def read_image(path: str | Path, channels: int = 1) -> np.ndarray:
 
 def read_label_image(path: str | Path) -> np.ndarray:
     """A mask file as stored (grayscale uint8, no colour conversion, no rescaling)."""
-    data = np.fromfile(str(path), dtype=np.uint8)
-    mask = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    mask = decode_file(path, cv2.IMREAD_UNCHANGED, "mask")
     if mask is None:
         raise CorruptImageError([(str(path), "mask is not a decodable image")])
-    if mask.ndim == 3:  # an RGB(A) mask of grey levels: take one channel
+    if mask.ndim == 3:  # an RGB(A) mask of grey levels: one channel; a coloured one is refused
+        colour = mask[..., :3]
+        if not (colour == colour[..., :1]).all():
+            y, x = np.argwhere((colour != colour[..., :1]).any(axis=2))[0]
+            raise MaskValueError(
+                f"mask {path} is painted in colour (first at x={x}, y={y}) where its format expects "
+                "class values (one grey level per class); export it as a grey-level mask of class ids"
+            )
         mask = mask[..., 0]
+    if mask.dtype != np.uint8:
+        if mask.dtype.kind != "u" or (mask.size and int(mask.max()) > 255):
+            top = mask.max() if mask.size else 0
+            raise MaskValueError(
+                f"mask {path} holds {mask.dtype} values (up to {top:g}) where its format expects "
+                "whole class values 0..255; export it as an 8-bit grey-level mask of class ids"
+            )
+        mask = mask.astype(np.uint8)
     return mask
 
 
@@ -198,8 +253,7 @@ def binary_mask_reader(threshold: int) -> MaskReader:
 def probe_image(path: str | Path) -> tuple[int, int, int]:
     """(height, width, channels) of one image; channels is 1 for grey stored as RGB, since the
     colour carries nothing. Used to pick a format's default size and native channels."""
-    data = np.fromfile(str(path), dtype=np.uint8)
-    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    image = decode_file(path, cv2.IMREAD_UNCHANGED)
     if image is None:
         raise CorruptImageError([(str(path), "not a decodable image")])
     if image.ndim == 2:
@@ -274,7 +328,19 @@ def parse_size(text: str | int | Sequence[int] | None, default: tuple[int, int])
             raise InvalidSizeError(f"size {text!r} is not N or HxW (e.g. 128 or 320x128)")
     if min(size) < 32 or size[0] % 32 or size[1] % 32:
         raise InvalidSizeError(f"size {size[0]}x{size[1]} must be multiples of 32 (at least 32)")
+    check_input_size(size, "size")
     return size
+
+
+def check_input_size(size: Sequence[int], what: str) -> None:
+    """Refuse a model input larger than `core.config.max_input_size` per side (a 16384 px
+    side asks for tens of GB of activations)."""
+    from core.config import max_input_size
+
+    cap = max_input_size()
+    if max(size) > cap:
+        raise InvalidSizeError(f"{what} {size[0]}x{size[1]} is larger than the limit of {cap} px per side "
+                               "(DEFECTPRUNE_MAX_INPUT_SIZE)")
 
 
 def size_keeping_aspect(height: float, width: float, short_side: int = 128) -> tuple[int, int]:

@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 
 from core.data.base import (
-    IMAGE_SUFFIXES, CorruptImageError, DatasetIndex, DatasetRootMissingError, InvalidOptionError,
+    IMAGE_SUFFIXES, CorruptImageError, DatasetIndex, decode_file, DatasetRootMissingError, InvalidOptionError,
     MaskReader, MaskValueError, MissingMaskError, SampleRecord, build_index, probe_image,
     option_folder, read_label_image, reject_options, require_root, size_keeping_aspect, warn_skipped,
 )
@@ -78,8 +78,7 @@ def colour_reader(class_names: Sequence[str], colours: Sequence[tuple[int, int, 
     def read(path: str | None, label: int, shape: tuple[int, int]) -> np.ndarray:
         if path is None:
             return np.zeros(shape, np.uint8)
-        data = np.fromfile(path, dtype=np.uint8)
-        mask = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+        mask = decode_file(path, cv2.IMREAD_UNCHANGED, "mask")
         if mask is None:
             raise CorruptImageError([(path, "mask is not a decodable image")])
         if mask.ndim == 2:

@@ -43,6 +43,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from core.atomic import fsync_dir, fsync_file, json_default
+from core.config import max_input_size
 from core.errors import DefectPruneError
 from core.models.groups import classifier_layers, eval_mode, example_input, model_in_channels
 from core.models.zoo import ARCHITECTURES, ENCODERS, ModelSpec, build_model
@@ -248,6 +249,9 @@ def read_spec(path: str | Path) -> ModelSpec:
     if (not isinstance(size, (list, tuple)) or len(size) != 2
             or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
         problems.append(f"'input_size' must be [height, width] in pixels, not {size!r}")
+    elif max(size) > max_input_size():
+        problems.append(f"'input_size' {size[0]}x{size[1]} is larger than the limit of {max_input_size()} px "
+                        "per side (DEFECTPRUNE_MAX_INPUT_SIZE)")
     if "metrics" in data and not isinstance(data["metrics"], dict):
         problems.append("'metrics' must be an object")
     if problems:
