@@ -9,6 +9,7 @@ disk) print one line and exit 2; so do bad arguments (`OneLineParser`).
 from __future__ import annotations
 
 import argparse
+import math
 import importlib
 import json
 import sys
@@ -52,6 +53,12 @@ def workers_count(text: str) -> int:
     return value
 
 
+# Seeds feed NumPy and torch generators, which take 0 .. 2**32 - 1 (NumPy refuses a negative
+# seed with a traceback, torch wraps a huge one silently).
+seed_int = checked_number(int, "a whole number", lambda v: 0 <= v < 2**32, "from 0 to 4294967295")
+# `float` alone lets nan and inf through, which every comparison then accepts
+finite_float = checked_number(float, "a number", math.isfinite, "a finite number")
+non_negative_finite = checked_number(float, "a number", lambda v: math.isfinite(v) and v >= 0, "0 or more")
 positive_float = checked_number(float, "a number", lambda v: v > 0 and v < float("inf"), "a positive number")
 
 

@@ -639,6 +639,14 @@ def fit(
                 teacher.train(teacher_was_training)
         if best_state is not None:
             model.load_state_dict(best_state)
+    # a loss can stay finite while the weights overflow (--lr 1e30): refuse them before any save
+    diverged = [name for name, tensor in model.state_dict().items()
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if diverged:
+        raise TrainingDivergedError(
+            f"training diverged: {len(diverged)} weight tensor(s) are no longer finite (e.g. {diverged[0]}); "
+            "lower the learning rate (--lr) and train again (nothing was saved)"
+        )
     return TrainResult(
         epochs_run=len(history),
         best_epoch=best_epoch,

@@ -399,3 +399,152 @@ def test_a_float_mask_is_refused_not_cast_to_zero(tmp_path):
     cv2.imwrite(str(root / "masks" / "item_1.tif"), np.full((32, 64), 0.7, np.float32))
     with pytest.raises(MaskValueError, match="float32"):
         load_index("folder", root, class_names=["background", "a", "b"], strict=True)
+
+
+# ---------------------------------------------------------------- 12-14. named errors, one line each
+@pytest.fixture
+def tampered(tiny_checkpoint, tmp_path):
+    """A copy of the tiny checkpoint with one file's text replaced."""
+    import shutil
+
+    checkpoint, _ = tiny_checkpoint
+
+    def make(name: str, edit) -> Path:
+        target = tmp_path / "ckpt"
+        shutil.copytree(checkpoint, target)
+        file = target / name
+        file.write_text(edit(file.read_text()))
+        return target
+
+    return make
+
+
+def _spec_with(**changes):
+    import json
+
+    return lambda text: json.dumps({**json.loads(text), **changes})
+
+
+@pytest.mark.parametrize("name, edit, needle", [
+    ("spec.json", _spec_with(arch=["unet"]), "architecture"),
+    ("spec.json", _spec_with(dataset_root=7), "dataset_root"),
+    ("spec.json", _spec_with(split_seed="zero"), "split_seed"),
+    ("spec.json", _spec_with(format_version=99), "format_version"),
+    ("spec.json", _spec_with(classes=[0, 1]), "classes"),
+    ("spec.json", lambda text: "[" * 100_000 + "]" * 100_000, "nests deeper"),
+    ("pruning_history.json", lambda text: '[["encoder.conv1", true, [Infinity]]]', "Infinity"),
+    ("pruning_history.json", lambda text: f'[["encoder.conv1", true, [{10**400}]]]', "digits"),
+])
+def test_a_tampered_checkpoint_is_one_named_error(tampered, capsys, name, edit, needle):
+    from core.models.checkpoint import CheckpointError, load_checkpoint
+
+    target = tampered(name, edit)
+    with pytest.raises(CheckpointError, match=needle):
+        load_checkpoint(target)
+    assert_one_line_error(in_process(capsys, "profile", "--checkpoint", str(target)), needle)
+
+
+def test_nan_weights_in_a_checkpoint_are_refused(tiny_checkpoint, tmp_path):
+    import shutil
+
+    import torch
+
+    from core.models.checkpoint import CheckpointWeightsError, load_checkpoint, save_checkpoint
+
+    checkpoint, _ = tiny_checkpoint
+    loaded = load_checkpoint(checkpoint)
+    with torch.no_grad():
+        next(loaded.model.parameters()).fill_(float("nan"))
+    target = save_checkpoint(tmp_path / "nan", loaded.model, loaded.spec)
+    with pytest.raises(CheckpointWeightsError, match="NaN"):
+        load_checkpoint(target)
+
+
+def test_diverged_weights_are_never_saved(tmp_path):
+    import torch
+
+    from core.models.zoo import ModelSpec, build_model
+    from core.train import TrainConfig, TrainingDivergedError, fit
+    from core.data.dataset import SegmentationDataset
+    from tests.test_train import write_tiny_neu_seg
+
+    index = load_index("neu-seg", write_tiny_neu_seg(tmp_path / "neu", {"train": 1, "val": 1}))
+    train = SegmentationDataset(index, "train", (64, 64), 1)
+    spec = ModelSpec(classes=index.classes, in_channels=1, input_size=(64, 64))
+    model = build_model(spec)
+
+    class Overflow(torch.optim.SGD):  # what --lr 1e30 does to the weights, in one step
+        def step(self, closure=None):
+            with torch.no_grad():
+                for group in self.param_groups:
+                    for p in group["params"]:
+                        p.mul_(float("inf"))
+
+    config = TrainConfig(epochs=1, batch_size=3, patience=None, max_steps_per_epoch=1, precision="fp32")
+    import core.train as train_module
+
+    original = train_module.torch.optim.AdamW
+    train_module.torch.optim.AdamW = Overflow
+    try:
+        with pytest.raises(TrainingDivergedError):
+            fit(model, train, None, config)
+    finally:
+        train_module.torch.optim.AdamW = original
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["data", "info", "--format", "folder", "--root", "ROOT", "--option", "class_names=5"], "class_names"),
+    (["data", "info", "--format", "folder", "--root", "ROOT", "--option", "threshold=abc"], "threshold"),
+    (["data", "info", "--format", "folder", "--root", "ROOT", "--option", "images=5"], "images"),
+    (["data", "info", "--format", "folder", "--root", "ROOT", "--option", "class_names=[0,1]"], "class_names"),
+    (["data", "info", "--format", "folder", "--root", "ROOT", "--option", "colours=5"], "colours"),
+    (["data", "info", "--format", "mvtec", "--root", "ROOT", "--option", "category=[1]"], "category"),
+    (["data", "info", "--format", "folder", "--root", "ROOT", "--option", "class_names=" + "[" * 5000], "--option"),
+    (["data", "info", "--format", "synthetic-steel", "--seed", "-1"], "--seed"),
+    (["data", "info", "--format", "synthetic-steel", "--seed", str(2**70)], "--seed"),
+    (["train", "--format", "synthetic-steel", "--out", "OUT", "--weight-decay", "nan"], "--weight-decay"),
+    (["train", "--format", "synthetic-steel", "--out", "OUT", "--lr", "inf"], "--lr"),
+    (["prune", "--checkpoint", "OUT", "--out", "OUT", "--beta", "nan"], "--beta"),
+    (["prune", "--checkpoint", "OUT", "--out", "OUT", "--tolerance", "nan"], "--tolerance"),
+    (["jobs", "submit", "train", "--params", "[1]"], "JSON object"),
+    (["jobs", "submit", "train", "--params", '{"epochs": NaN}'], "NaN"),
+])
+def test_bad_arguments_are_one_line_errors(tmp_path, capsys, monkeypatch, args, needle):
+    monkeypatch.setenv("DEFECTPRUNE_WORKSPACE", str(tmp_path / "ws"))
+    root = make_folder(tmp_path / "data", count=2)
+    make_mvtec(tmp_path / "data", "bottle")
+    args = [a.replace("ROOT", str(root)).replace("OUT", str(tmp_path / "out")) for a in args]
+    assert_one_line_error(in_process(capsys, *args), needle)
+
+
+@pytest.mark.parametrize("damage", [
+    "{\"rounds\": [", "[1, 2]", "{\"base\": {}, \"rounds\": [{\"round\": 1}]}", "{\"rounds\": [], \"base\": Infinity}",
+])
+def test_a_damaged_rounds_json_is_one_named_error(tiny_checkpoint, tmp_path, capsys, damage):
+    checkpoint, _ = tiny_checkpoint
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "rounds.json").write_text(damage)
+    proc = in_process(capsys, "prune", "--checkpoint", str(checkpoint), "--out", str(out), "--device", "cpu",
+                      "--finetune-epochs", "0", "--max-rounds", "1")
+    assert_one_line_error(proc, "rounds.json is damaged")
+
+
+# ---------------------------------------------------------------- 15. a dead worker's job is not "running"
+def test_a_job_whose_worker_died_is_not_listed_as_running(tmp_path, monkeypatch, capsys):
+    import time
+
+    from core.runs.store import Store
+
+    monkeypatch.setenv("DEFECTPRUNE_WORKSPACE", str(tmp_path))
+    monkeypatch.setenv("DEFECTPRUNE_HEARTBEAT_TIMEOUT", "30")
+    store = Store(tmp_path / "defectprune.sqlite")
+    job = store.create_job("train", {})
+    store.claim_next_job(worker_pid=999_999)
+    store.heartbeat(job, progress=0.4, message="epoch 2/5", eta_seconds=24)
+    with store.write() as conn:  # its worker was SIGKILLed a minute ago
+        conn.execute("UPDATE jobs SET heartbeat_at = ? WHERE id = ?", (time.time() - 60, job))
+    proc = in_process(capsys, "jobs", "list")
+    assert proc.returncode == 0
+    line = next(line for line in proc.stdout.splitlines() if line.split()[0] == str(job))
+    assert "running" not in line and "ETA" not in line and "failed" in line

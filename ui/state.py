@@ -13,6 +13,7 @@ from pathlib import Path
 import streamlit as st
 from streamlit.runtime.scriptrunner_utils.exceptions import RerunException, StopException
 
+from core import safe_json
 from core.data.base import DatasetIndex, DatasetRootMissingError
 from core.data.registry import DEFAULT_FORMAT, is_synthetic, load_index
 from core.errors import DefectPruneError
@@ -44,11 +45,8 @@ class DatasetChoice:
     def parsed_options(self) -> dict:
         if not self.options.strip():
             return {}
-        try:
-            value = json.loads(self.options)
-        except json.JSONDecodeError as exc:
-            raise DatasetOptionsError(f"options are not valid JSON ({exc.msg}); write e.g. "
-                                      '{"category": "bottle"}') from None
+        value = safe_json.loads(self.options, 'the format options (write e.g. {"category": "bottle"})',
+                                DatasetOptionsError)
         if not isinstance(value, dict):
             raise DatasetOptionsError('options must be a JSON object, e.g. {"category": "bottle"}')
         return value

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import warnings
 
-from core.cli import add_strict_argument, print_json
+from core import safe_json
+from core.safe_json import JSONLimitError
+from core.cli import add_strict_argument, print_json, seed_int
 from core.data.base import InvalidOptionError, parse_size
 from core.data.registry import format_names, load_index
 
@@ -18,7 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     info.add_argument("--format", required=True, choices=format_names())
     info.add_argument("--root", default=None, help="dataset folder (synthetic: generation cache)")
     info.add_argument("--size", default=None, help="input size N or HxW (default: the format's)")
-    info.add_argument("--seed", type=int, default=0, help="split seed")
+    info.add_argument("--seed", type=seed_int, default=0, help="split seed")
     info.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                       help="a format option, VALUE as JSON where it parses (repeatable), e.g. "
                            "category=bottle, class_names='[\"background\",\"scratch\"]', "
@@ -36,8 +37,10 @@ def parse_options(items: list[str]) -> dict:
         if not sep or not key.strip():
             raise InvalidOptionError(f"--option {item!r} is not KEY=VALUE, e.g. --option category=bottle")
         try:
-            options[key.strip()] = json.loads(value)
-        except ValueError:
+            options[key.strip()] = safe_json.loads(value, f"--option {key.strip()}", InvalidOptionError)
+        except JSONLimitError:
+            raise
+        except InvalidOptionError:  # not JSON at all: the text itself (category=bottle)
             options[key.strip()] = value
     return options
 

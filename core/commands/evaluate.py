@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from core.atomic import write_atomic
-from core.cli import add_device_argument, print_json
+from core.cli import add_device_argument, print_json, seed_int
 from core.commands.train import add_data_arguments, dataset_options, format_metrics
 from core.data.base import SPLITS, DatasetIndex, parse_size
 from core.data.dataset import SegmentationDataset
@@ -54,7 +54,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder")
     add_data_arguments(parser, required=False)
     parser.add_argument("--split", default="test", choices=list(SPLITS))
-    parser.add_argument("--split-seed", type=int, default=None,
+    parser.add_argument("--split-seed", type=seed_int, default=None,
                         help="split seed (default: the checkpoint's)")
     parser.add_argument("--per-image", default=None, metavar="CSV",
                         help="also write the per-image table to this CSV file")

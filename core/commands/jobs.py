@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from core import safe_json
 from core.cli import print_json
 from core.runs.store import JOB_KINDS, JOB_STATES, JobRecord, iso_time
 
@@ -80,10 +81,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {a['kind']}: {a['path']}")
         return 0
     if command == "submit":
-        try:
-            params = json.loads(args.params)
-        except json.JSONDecodeError as exc:
-            raise JobParameterError(f"--params is not valid JSON ({exc})") from None
+        params = safe_json.loads(args.params, "--params", JobParameterError)
+        if not isinstance(params, dict):
+            raise JobParameterError(f"--params must be a JSON object of the command's options, e.g. "
+                                    f"'{{\"epochs\": 5}}'; not {type(params).__name__}")
         job = api.submit(args.kind, params, store)
     elif command == "stop":
         job = api.stop(args.job_id, store)

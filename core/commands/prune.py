@@ -9,6 +9,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from core.cli import (
+    finite_float, non_negative_finite, seed_int,
     add_device_argument, add_precision_argument, fraction, non_negative_int, positive_float, positive_int, print_json,
     unit_interval,
 )
@@ -32,14 +33,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("prune", help="iterative prune-retrain of a checkpoint")
     parser.add_argument("--checkpoint", required=True, help="the trained (unpruned or pruned) checkpoint")
     add_data_arguments(parser, required=False)
-    parser.add_argument("--split-seed", type=int, default=None, help="split seed (default: the checkpoint's)")
+    parser.add_argument("--split-seed", type=seed_int, default=None, help="split seed (default: the checkpoint's)")
     parser.add_argument("--method", default="collaborative", choices=list(METHODS))
     parser.add_argument("--allocator", default=None, choices=ALLOCATORS, help="ablation: override the allocator")
     parser.add_argument("--criterion", default=None, choices=CRITERIA, help="ablation: override the criterion")
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--target-macs", type=fraction, default=None, help="MACs reduction to reach (0.8)")
     target.add_argument("--target-params", type=fraction, default=None, help="parameter reduction to reach")
-    parser.add_argument("--tolerance", type=float, default=1.0, help="largest defect-mIoU drop, in points")
+    parser.add_argument("--tolerance", type=non_negative_finite, default=1.0, help="largest defect-mIoU drop, in points")
     parser.add_argument("--no-tolerance-stop", action="store_true",
                         help="keep going past the tolerance (trace the whole frontier)")
     parser.add_argument("--step", type=fraction, default=0.3, help="share of the remaining MACs removed per round")
@@ -59,7 +60,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--distill-temperature", type=positive_float, default=2.0, help="distillation temperature T")
     parser.add_argument("--recover-distill-weight", type=unit_interval, default=None,
                         help="distillation weight of the recovery phase (default: --distill-weight)")
-    parser.add_argument("--beta", type=float, default=0.5, help="weight of substitutability in the score")
+    parser.add_argument("--beta", type=finite_float, default=0.5, help="weight of substitutability in the score")
     parser.add_argument("--correlation", default="activations", choices=list(CORRELATION_SOURCES),
                         help="substitutability from the channels' responses on calibration images (default) "
                              "or, without data, from the cosine of the filters' weights")
@@ -69,7 +70,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--round-to", type=positive_int, default=1, help="keep channel counts multiples of this")
     parser.add_argument("--cut-head-input", action="store_true",
                         help="let allocators cut the layer the classifier reads (kept whole by default)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_int, default=0)
     parser.add_argument("--out", required=True, help="folder for the rounds' checkpoints and rounds.json")
     add_device_argument(parser)
     add_precision_argument(parser)

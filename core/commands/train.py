@@ -10,7 +10,10 @@ from typing import Any
 import torch
 
 from core.atomic import check_output_folder, write_json_atomic
-from core.cli import add_device_argument, add_precision_argument, add_strict_argument, workers_count, non_negative_int, positive_int, print_json
+from core.cli import (
+    add_device_argument, add_precision_argument, add_strict_argument, finite_float, non_negative_finite, positive_float,
+    positive_int, print_json, seed_int, workers_count,
+)
 from core.data.base import parse_size
 from core.data.dataset import SegmentationDataset
 from core.data.registry import format_names, load_index
@@ -50,24 +53,24 @@ def dataset_options(args: argparse.Namespace) -> dict:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("train", help="train a segmentation model and save a checkpoint")
     add_data_arguments(parser)
-    parser.add_argument("--split-seed", type=int, default=0,
+    parser.add_argument("--split-seed", type=seed_int, default=0,
                         help="seed of the train/val/test split for formats without an official one")
     parser.add_argument("--arch", default=DEFAULT_ARCH, choices=list(ARCHITECTURES))
     parser.add_argument("--encoder", default=DEFAULT_ENCODER, choices=ENCODERS)
     parser.add_argument("--in-channels", type=int, choices=[1, 3], default=None,
                         help="model input channels (default: the dataset's native channels)")
     parser.add_argument("--epochs", type=positive_int, default=30)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--weight-decay", type=float, default=1e-4)
+    parser.add_argument("--lr", type=positive_float, default=1e-3)
+    parser.add_argument("--weight-decay", type=non_negative_finite, default=1e-4)
     parser.add_argument("--schedule", choices=["cosine", "onecycle"], default="cosine")
     parser.add_argument("--patience", type=positive_int, default=8,
                         help="stop after this many epochs without a better val defect mIoU")
     parser.add_argument("--no-early-stop", action="store_true", help="train every epoch")
     parser.add_argument("--max-steps-per-epoch", type=positive_int, default=None)
     parser.add_argument("--no-augment", action="store_true", help="train without augmentation")
-    parser.add_argument("--defect-share", type=float, default=TrainConfig.defect_share,
+    parser.add_argument("--defect-share", type=finite_float, default=TrainConfig.defect_share,
                         help="images with a defect make at least this share of the draws (0: plain shuffling)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of weights, order and augmentation")
+    parser.add_argument("--seed", type=seed_int, default=0, help="seed of weights, order and augmentation")
     parser.add_argument("--out", required=True, help="checkpoint folder to write")
     add_device_argument(parser)
     add_precision_argument(parser)

@@ -163,13 +163,10 @@ def check_pixels(path: str | Path, data: np.ndarray) -> None:
     limit = max_image_pixels()
     if data.size < 1024 and limit >= 1024 * 1024:
         return  # too few bytes to be a bomb under a real limit (and maybe not an image at all)
+    Image.MAX_IMAGE_PIXELS = None  # this check replaces PIL's own (which would hide the size)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(data.tobytes())) as header:
-                width, height = header.size
-    except Image.DecompressionBombError:
-        width, height = limit + 1, 1
+        with Image.open(io.BytesIO(data.tobytes())) as header:
+            width, height = header.size
     except Exception:  # not an image PIL knows: OpenCV decides (and names it if corrupt)
         return
     if width * height > limit:
@@ -430,6 +427,7 @@ def build_index(
     A mask holding a value the format does not define (outside the class map, a colour where
     values are expected) is one file's problem: that sample is skipped and listed in
     ``skipped`` and ``warnings``, unless ``strict``, where it stops the whole dataset."""
+    check_class_names(classes)
     if not records:
         expected = f"it should hold {layout}" if layout else "check the folder layout"
         raise NoImagesFoundError(
@@ -476,6 +474,24 @@ def build_index(
         warnings=[f"{len(value_problems)} file(s) skipped for values the format does not define, e.g. "
                   f"{value_problems[0]['file']}; pass --strict to stop on them instead"] if value_problems else [],
     )
+
+
+def check_class_names(classes: object, option: str = "class_names") -> list[str]:
+    """Background first, then 1 to 255 defect classes: distinct, non-empty text (a checkpoint
+    saved with anything else could never be loaded again)."""
+    if isinstance(classes, (str, bytes)) or not isinstance(classes, (list, tuple)):
+        raise InvalidOptionError(f"{option} must be a list of class names, background first, e.g. "
+                                 f"[\"background\", \"scratch\"]; not {classes!r}")
+    if not all(isinstance(c, str) and c.strip() for c in classes):
+        raise InvalidOptionError(f"{option} {list(classes)!r} must hold non-empty text names only")
+    if len(classes) < 2 or len(classes) > 256:
+        raise InvalidOptionError(
+            f"{option} has {len(classes)} entries; give background first and then 1 to 255 defect classes, "
+            "e.g. [\"background\", \"scratch\"]"
+        )
+    if len(set(classes)) != len(classes):
+        raise InvalidOptionError(f"{option} {list(classes)} repeats a name; each class needs its own")
+    return list(classes)
 
 
 def warn_skipped(path: Path | str, reason: str, skipped: list[dict]) -> None:

@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 
 from core.data.base import (
-    IMAGE_SUFFIXES, CorruptImageError, DatasetIndex, decode_file, DatasetRootMissingError, InvalidOptionError,
+    IMAGE_SUFFIXES, CorruptImageError, DatasetIndex, check_class_names, decode_file, DatasetRootMissingError, InvalidOptionError,
     MaskReader, MaskValueError, MissingMaskError, SampleRecord, build_index, probe_image,
     option_folder, read_label_image, reject_options, require_root, size_keeping_aspect, warn_skipped,
 )
@@ -106,14 +106,11 @@ def colour_reader(class_names: Sequence[str], colours: Sequence[tuple[int, int, 
 def _check_options(
     class_names: Sequence[str] | None, colours: Sequence[Sequence[int]] | None, threshold: int | None
 ) -> tuple[list[str], list[tuple[int, int, int]] | None]:
-    names = list(class_names) if class_names is not None else list(CLASSES)
-    if len(names) < 2 or len(names) > 256:
-        raise InvalidOptionError(
-            f"class_names has {len(names)} entries; give background first and then 1 to 255 "
-            "defect classes, e.g. class_names=[\"background\", \"scratch\"]"
-        )
-    if len(set(names)) != len(names):
-        raise InvalidOptionError(f"class_names {names} repeats a name; each class needs its own")
+    names = check_class_names(class_names if class_names is not None else list(CLASSES))
+    if threshold is not None and (not isinstance(threshold, int) or isinstance(threshold, bool)):
+        raise InvalidOptionError(f"threshold must be a whole number 1..255, not {threshold!r}")
+    if colours is not None and not isinstance(colours, (list, tuple)):
+        raise InvalidOptionError(f"colours must be a list of RGB triples, e.g. [[0, 0, 0], [255, 0, 0]]; not {colours!r}")
     if colours is None:
         if threshold is not None and (len(names) != 2 or not 1 <= int(threshold) <= 255):
             raise InvalidOptionError(

@@ -43,6 +43,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from core.atomic import fsync_dir, fsync_file, json_default
+from core import safe_json
 from core.config import max_input_size
 from core.errors import DefectPruneError
 from core.models.groups import classifier_layers, eval_mode, example_input, model_in_channels
@@ -239,11 +240,14 @@ def read_spec(path: str | Path) -> ModelSpec:
     classes = data.get("classes")
     if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) for c in classes):
         problems.append("'classes' must list at least two class names (background first)")
-    if data.get("arch", "unet") not in ARCHITECTURES:
+    elif len(set(classes)) != len(classes) or not all(c.strip() for c in classes):
+        problems.append("'classes' must be distinct, non-empty names")
+    # every membership test below on a value of the wrong type (a list is unhashable) would crash
+    if not isinstance(data.get("arch", "unet"), str) or data.get("arch", "unet") not in ARCHITECTURES:
         problems.append(f"unknown architecture {data.get('arch')!r} (known: {', '.join(ARCHITECTURES)})")
-    if data.get("encoder", "resnet18") not in ENCODERS:
+    if not isinstance(data.get("encoder", "resnet18"), str) or data.get("encoder", "resnet18") not in ENCODERS:
         problems.append(f"unknown encoder {data.get('encoder')!r} (known: {', '.join(ENCODERS)})")
-    if data.get("in_channels", 3) not in (1, 3):
+    if not isinstance(data.get("in_channels", 3), int) or data.get("in_channels", 3) not in (1, 3):
         problems.append(f"'in_channels' must be 1 or 3, not {data.get('in_channels')!r}")
     size = data.get("input_size", [128, 128])
     if (not isinstance(size, (list, tuple)) or len(size) != 2
@@ -252,6 +256,13 @@ def read_spec(path: str | Path) -> ModelSpec:
     elif max(size) > max_input_size():
         problems.append(f"'input_size' {size[0]}x{size[1]} is larger than the limit of {max_input_size()} px "
                         "per side (DEFECTPRUNE_MAX_INPUT_SIZE)")
+    version = data.get("format_version", FORMAT_VERSION)
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= FORMAT_VERSION:
+        problems.append(f"'format_version' {version!r} is not one this DefectPrune reads (1..{FORMAT_VERSION}); "
+                        "a newer DefectPrune wrote it: update, or save the checkpoint again")
+    for key, kind in (("dataset_format", str), ("dataset_root", str), ("split_seed", int)):
+        if key in data and (not isinstance(data[key], kind) or isinstance(data[key], bool)):
+            problems.append(f"'{key}' must be {'text' if kind is str else 'a whole number'}, not {data[key]!r}")
     if "metrics" in data and not isinstance(data["metrics"], dict):
         problems.append("'metrics' must be an object")
     if problems:
@@ -351,6 +362,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     _check_interface(model, spec, path / HISTORY_FILE)
     state = read_weights(path / WEIGHTS_FILE)
     _check_state(model, state, path / WEIGHTS_FILE)
+    not_finite = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if not_finite:
+        raise CheckpointWeightsError(f"{path / WEIGHTS_FILE}: {len(not_finite)} tensor(s) hold NaN or infinite "
+                                     f"values (e.g. {not_finite[0]}); the model diverged: train it again")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -465,10 +480,7 @@ def _require(folder: Path, name: str) -> Path:
 
 
 def _read_json(file: Path, error: type[CheckpointError]) -> Any:
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise error(f"{file} is not valid JSON ({exc})") from None
+    return safe_json.read(file, error=error)
 
 
 def _write_json(file: Path, data: Any) -> None:

@@ -17,7 +17,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -163,11 +163,36 @@ def is_prune_run(out_dir: str | Path) -> bool:
                or (n.startswith("round_") and n[6:].isdigit()) for n in names)
 
 
-def read_rounds(out_dir: str | Path) -> list[RoundRecord]:
+def read_state(out_dir: str | Path) -> dict[str, Any]:
+    """``rounds.json`` checked for form ({} when there is none): an object whose ``rounds`` is a
+    list of round records and whose ``base`` is an object. A damaged file is one named error,
+    not a crash midway through a resume."""
+    from core import safe_json
+
     path = Path(out_dir) / ROUNDS_FILE
     if not path.is_file():
-        return []
-    return [RoundRecord(**r) for r in json.loads(path.read_text())["rounds"]]
+        return {}
+    damaged = (f"{path} is damaged ({{}}); it is the record of the run's finished rounds: restore it, "
+               "or start the run in a new --out folder")
+    try:
+        state = safe_json.read(path, error=PruningError)
+    except PruningError as exc:
+        raise PruningError(damaged.format(exc)) from None
+    if not isinstance(state, dict) or not isinstance(state.get("rounds", []), list) or not isinstance(
+            state.get("base", {}), dict):
+        raise PruningError(damaged.format("not an object with a list 'rounds' and an object 'base'"))
+    fields = RoundRecord.__dataclass_fields__
+    required = {name for name, f in fields.items() if f.default is MISSING and f.default_factory is MISSING}
+    for number, record in enumerate(state.get("rounds", []), start=1):
+        if not isinstance(record, dict) or not required <= set(record) or not set(record) <= set(fields):
+            raise PruningError(damaged.format(f"round entry {number} is not a round record"))
+    if state.get("rounds") and "base" not in state:
+        raise PruningError(damaged.format("it has rounds but no 'base'"))
+    return state
+
+
+def read_rounds(out_dir: str | Path) -> list[RoundRecord]:
+    return [RoundRecord(**r) for r in read_state(out_dir).get("rounds", [])]
 
 
 class _Relay:
@@ -225,7 +250,7 @@ def run_prune_loop(
     rounds = read_rounds(out_dir)
     fingerprint = model_fingerprint(model)
     if state_path.is_file():
-        saved = json.loads(state_path.read_text())
+        saved = read_state(out_dir)
         base = saved["base"]
         if base.get("fingerprint", fingerprint) != fingerprint:
             raise PruningError(f"{out_dir} holds a run that started from another model: resuming it would "
@@ -407,7 +432,7 @@ def _finish(run: _RunContext, rounds: list[RoundRecord], base: dict[str, Any], s
     """The result: the last accepted round, after the recovery phase when one is asked for,
     with its test metrics (and the pre-recovery round's beside them)."""
     settings, state_path = run.settings, Path(run.out_dir) / ROUNDS_FILE
-    saved = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    saved = read_state(run.out_dir)
     recovery = saved.get("recovery")
     accepted = [r for r in rounds if r.accepted]
     best = accepted[-1] if accepted else None

@@ -62,7 +62,7 @@ class _ParamParser(argparse.ArgumentParser):
 def _score_parser(sub: argparse._SubParsersAction) -> None:
     """The score job's options: the prune command's, for one allocation without cutting."""
     from core.allocation.baselines import ALLOCATORS
-    from core.cli import add_device_argument, add_precision_argument
+    from core.cli import add_device_argument, add_precision_argument, finite_float, seed_int
     from core.commands.prune import fraction
     from core.cli import positive_int
     from core.commands.train import add_data_arguments
@@ -72,17 +72,17 @@ def _score_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("score")
     parser.add_argument("--checkpoint", required=True)
     add_data_arguments(parser, required=False)
-    parser.add_argument("--split-seed", type=int, default=None)
+    parser.add_argument("--split-seed", type=seed_int, default=None)
     parser.add_argument("--method", default="collaborative", choices=list(METHODS))
     parser.add_argument("--allocator", default=None, choices=ALLOCATORS)
     parser.add_argument("--criterion", default=None, choices=CRITERIA)
     parser.add_argument("--target", type=fraction, default=0.5, help="MACs reduction the allocation aims at")
-    parser.add_argument("--beta", type=float, default=0.5)
+    parser.add_argument("--beta", type=finite_float, default=0.5)
     parser.add_argument("--scoring-steps", type=positive_int, default=300)
     parser.add_argument("--calibration-images", type=positive_int, default=64)
     parser.add_argument("--max-prune-ratio", type=fraction, default=0.9)
     parser.add_argument("--round-to", type=positive_int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_int, default=0)
     add_device_argument(parser)
     add_precision_argument(parser)
 
@@ -378,12 +378,12 @@ def sync_rounds(ctx: JobContext, prune_run_id: int, out_dir: Path, base_model_id
     """Mirror ``rounds.json`` (written atomically by the loop after every round) into the
     store, registering each round's checkpoint as a model, and the recovery phase's (when it
     ran) with its record in the run's result. Returns the number of rounds."""
-    from core.pruning.loop import ROUNDS_FILE
+    from core.pruning.loop import ROUNDS_FILE, read_state
 
     path = out_dir / ROUNDS_FILE
     if not path.is_file():
         return 0
-    state = json.loads(path.read_text())
+    state = read_state(out_dir)
     rounds = state.get("rounds", [])
     for r in rounds:
         number = int(r["round"])
