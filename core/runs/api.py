@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from core.runs.store import RUNS_DIR, JobRecord, Store, default_db_path
+from core.runs.store import RUNS_DIR, JobRecord, Store, StoreError, default_db_path
 from core.runs.worker import _child_env, default_heartbeat_timeout, worker_running
 
 DEFAULT_IDLE_EXIT = 600.0  # a worker started on demand leaves after 10 idle minutes
@@ -69,17 +69,34 @@ def submit(kind: str, params: dict[str, Any], store: Store | None = None) -> Job
 
 def list_jobs(store: Store | None = None, states: list[str] | None = None, kind: str | None = None,
               limit: int | None = 100) -> list[JobRecord]:
-    """Newest first."""
-    return _store(store).list_jobs(states=states, kind=kind, limit=limit)
+    """Newest first. A running job whose worker died is marked failed as it is read (once its
+    heartbeat is older than the timeout), not shown running with an ETA until a worker starts."""
+    store = _store(store)
+    _mark_stale(store)
+    return store.list_jobs(states=states, kind=kind, limit=limit)
 
 
 def get_job(job_id: int, store: Store | None = None) -> JobRecord:
-    return _store(store).get_job(job_id)
+    store = _store(store)
+    _mark_stale(store)
+    return store.get_job(job_id)
+
+
+def _mark_stale(store: Store) -> None:
+    cutoff = time.time() - default_heartbeat_timeout()
+    try:
+        # a read first: the write (and the worker-lock probe) only when a heartbeat is overdue
+        if store.query("SELECT 1 FROM jobs WHERE state = 'running' AND COALESCE(heartbeat_at, started_at, 0) < ? "
+                       "LIMIT 1", (cutoff,)):
+            recover_stale_jobs(store)
+    except StoreError:  # a read-only or full store can still be read: show it as it is
+        pass
 
 
 def job_details(job_id: int, store: Store | None = None) -> dict[str, Any]:
     """The job with its folder, artifacts, and for a prune job its run and rounds."""
     store = _store(store)
+    _mark_stale(store)
     job = store.get_job(job_id)
     details = job.to_dict()
     details["folder"] = str(store.job_dir(job_id))
