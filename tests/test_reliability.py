@@ -16,19 +16,8 @@ import pytest
 
 from core.data.base import InvalidOptionError
 from core.data.registry import load_index
+from tests.test_cli_train import in_process
 from tests.test_data_formats import make_folder, make_mvtec, write_image
-
-
-def in_process(capsys: pytest.CaptureFixture, *args: str) -> subprocess.CompletedProcess:
-    """`core.cli.main` in this process: its exit code and what it printed."""
-    from core.cli import main
-
-    try:
-        code = main(list(args))
-    except SystemExit as exc:  # argparse
-        code = exc.code
-    captured = capsys.readouterr()
-    return subprocess.CompletedProcess(list(args), code, captured.out, captured.err)
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
