@@ -2,7 +2,7 @@
 
 Training, fine-tuning, the scoring network and the sensitivity measurement can run their
 forward passes under bf16 autocast with the model in channels_last: on a CPU with AVX512-BF16
-(or AMX) a conv net's training step is about 2.5 times faster than in fp32
+(or AMX) a conv net's training step is 2.1 to 2.5 times faster than in fp32
 (bench/results/training_speed.md), and on CUDA with bf16 support faster still. Parameters,
 gradients, optimiser state, BatchNorm statistics, the loss and the metrics stay fp32 (autocast
 only lowers the matmul/conv inputs), and everything a user deploys or measures (evaluation,
