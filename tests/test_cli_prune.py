@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from test_cli_train import assert_one_line_error, core
+from test_cli_train import assert_one_line_error, core, in_process
 from test_train import write_tiny_neu_seg
 
 
@@ -40,14 +40,14 @@ def test_prune_reaches_the_target_and_reports_rounds(checkpoint, tmp_path):
     assert json.loads(evaluated.stdout)["defect_miou"] == pytest.approx(result["test"]["defect_miou"])
 
 
-def test_prune_refuses_bad_arguments_in_one_line(checkpoint, tmp_path):
+def test_prune_refuses_bad_arguments_in_one_line(checkpoint, tmp_path, capsys):
     assert_one_line_error(core("prune", "--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "o")))
     proc = core("prune", "--checkpoint", str(checkpoint), "--target-macs", "1.5", "--out", str(tmp_path / "o"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     for flag, value, needle in (("--distill-weight", "1.5", "from 0 to 1"), ("--recover-lr", "nan", "positive"),
                                 ("--recover-epochs", "-2", "0 or more"), ("--precision", "fp16", "invalid choice"),
                                 ("--distill-temperature", "0", "positive"), ("--lr", "inf", "positive")):
-        proc = core("prune", "--checkpoint", str(checkpoint), flag, value, "--out", str(tmp_path / "o"))
+        proc = in_process(capsys, "prune", "--checkpoint", str(checkpoint), flag, value, "--out", str(tmp_path / "o"))
         assert proc.returncode == 2, flag
         assert_one_line_error(proc, flag, needle)
     assert not (tmp_path / "o").exists()
