@@ -100,7 +100,8 @@ def baseline_tag(fmt: str, args: argparse.Namespace) -> str:
     return (f"{fmt}-{args.arch}-{args.encoder}-{args.size}-e{epochs_for(fmt, args)}-s{args.seed}"
             + (f"-l{args.limit}" if args.limit else "")
             # fp32/cosine runs keep their earlier tags, so their caches stay valid
-            + (f"-{precision}" if precision != "fp32" else "") + (f"-{schedule}" if schedule != "cosine" else ""))
+            + (f"-{precision}" if precision != "fp32" else "") + (f"-{schedule}" if schedule != "cosine" else "")
+            + (f"-p{args.patience}" if schedule == "plateau" else ""))
 
 
 def _common(args: argparse.Namespace) -> list[str]:
@@ -230,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                         help="training precision (auto: bf16 where the device runs it fast)")
-    parser.add_argument("--schedule", default="cosine", choices=["cosine", "onecycle"])
+    parser.add_argument("--schedule", default="cosine", choices=["cosine", "onecycle", "plateau"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--workers", type=int, default=0)

@@ -967,7 +967,8 @@ def main(argv: list[str] | None = None) -> int:
                         metavar="N|FORMAT=N",
                         help="most baseline epochs (early stopping on validation); FORMAT=N for one dataset")
     parser.add_argument("--patience", type=int, default=8, help="baseline early stopping")
-    parser.add_argument("--schedule", default="cosine", choices=["cosine", "onecycle"], help="baseline schedule")
+    parser.add_argument("--schedule", default="plateau", choices=["cosine", "onecycle", "plateau"],
+                        help="baseline schedule (plateau: the rate is cut before the early stop)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--limit", type=int, default=500,
                         help="images per split for pruning, fine-tuning, recovery, the controls and the test (0: all)")

@@ -45,7 +45,7 @@ from core.metrics import (
 )
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
-SCHEDULES = ("cosine", "onecycle")
+SCHEDULES = ("cosine", "onecycle", "plateau")
 
 
 # ---------------------------------------------------------------- errors
@@ -98,8 +98,13 @@ class TrainConfig:
     batch_size: int = 8
     lr: float = 1e-3
     weight_decay: float = 1e-4
-    schedule: str = "cosine"  # or "onecycle"
+    schedule: str = "cosine"  # or "onecycle", or "plateau" (constant rate cut on validation plateaus)
     patience: int | None = 8  # epochs without a better val defect mIoU; None: never stop early
+    # "plateau": the rate is multiplied by plateau_factor after every plateau_patience epochs
+    # without a better val defect mIoU, so an early stop comes after the rate was cut, not at
+    # full rate (a cosine over the most epochs stopped early never anneals)
+    plateau_patience: int = 3
+    plateau_factor: float = 0.1
     min_delta: float = 0.0  # IoU points an epoch must gain to count as better
     seed: int = 0
     num_threads: int | None = None  # torch CPU threads during the fit (None: leave as is)
@@ -136,6 +141,10 @@ class TrainConfig:
             problems.append(f"schedule must be one of {', '.join(SCHEDULES)} (got {self.schedule!r})")
         if self.patience is not None and self.patience < 1:
             problems.append(f"patience must be at least 1 epoch, or none (got {self.patience})")
+        if self.plateau_patience < 1:
+            problems.append(f"plateau patience must be at least 1 epoch (got {self.plateau_patience})")
+        if not 0.0 < self.plateau_factor < 1.0:
+            problems.append(f"plateau factor must be between 0 and 1 (got {self.plateau_factor})")
         if self.num_threads is not None and self.num_threads < 1:
             problems.append(f"threads must be at least 1 (got {self.num_threads})")
         from core.config import max_workers
@@ -364,12 +373,27 @@ def _set_epoch(dataset: Dataset, epoch: int) -> None:
         base.set_epoch(epoch)
 
 
+class _PlateauScale:
+    """The rate multiplier of the "plateau" schedule: warm-up, then constant, cut on plateaus."""
+
+    def __init__(self, warmup: int, factor: float):
+        self.warmup, self.factor, self.scale = warmup, factor, 1.0
+
+    def __call__(self, step: int) -> float:
+        return self.scale * ((step + 1) / (self.warmup + 1) if step < self.warmup else 1.0)
+
+    def cut(self) -> None:
+        self.scale *= self.factor
+
+
 def _make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int):
     if config.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=config.lr, total_steps=max(total_steps, 2), pct_start=0.3,
         )
     warmup = int(round(config.warmup_fraction * total_steps))
+    if config.schedule == "plateau":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, _PlateauScale(warmup, config.plateau_factor))
 
     def cosine(step: int) -> float:  # linear warm-up, then cosine to 1% of the base rate at the last step
         if step < warmup:
@@ -622,6 +646,11 @@ def fit(
                         epochs_without_gain = 0
                     else:
                         epochs_without_gain += 1
+                        if config.schedule == "plateau" and epochs_without_gain % config.plateau_patience == 0:
+                            plateau = scheduler.lr_lambdas[0]
+                            plateau.cut()
+                            for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+                                group["lr"] = base * plateau(scheduler.last_epoch)  # from the next step on
                 report_progress(progress, Progress(
                     phase="epoch", epoch=epoch, epochs=config.epochs, step=steps, steps=steps,
                     loss=train_loss, metric=latest_metric, eta_seconds=eta(epoch + 1),

@@ -440,3 +440,15 @@ def test_warm_up_climbs_then_the_cosine_falls():
     assert rates[0] < 0.2 and all(a < b for a, b in zip(rates[:10], rates[1:11]))  # 10 warm-up steps
     assert rates[10] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(rates[10:], rates[11:])) and rates[-1] < 0.05
+
+
+def test_plateau_schedule_cuts_the_rate_before_the_early_stop(tiny_index):
+    train, val = datasets(tiny_index)
+    # min_delta no epoch can gain: every epoch after the first is a plateau epoch
+    result = fit(TinySegNet(), train, val, tiny_config(
+        epochs=20, schedule="plateau", patience=5, plateau_patience=2, plateau_factor=0.1, min_delta=1e6))
+    rates = [round(r["lr"], 8) for r in result.history]
+    assert rates == [1e-2, 1e-2, 1e-2, 1e-3, 1e-3, 1e-4]
+    assert result.epochs_run == 6 and result.stopped_early and result.best_epoch == 1
+    with pytest.raises(InvalidTrainConfigError, match="plateau factor"):
+        tiny_config(schedule="plateau", plateau_factor=1.0).validate()

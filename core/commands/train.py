@@ -21,7 +21,7 @@ from core.errors import DefectPruneError
 from core.models.checkpoint import holds_only_checkpoint, save_checkpoint
 from core.models.zoo import ARCHITECTURES, DEFAULT_ARCH, DEFAULT_ENCODER, ENCODERS, ModelSpec, build_model
 from core.train import (
-    EmptySplitError, ProgressBar, ProgressCallback, TrainConfig, fit, resolve_device, seed_everything,
+    EmptySplitError, SCHEDULES, ProgressBar, ProgressCallback, TrainConfig, fit, resolve_device, seed_everything,
 )
 
 TRAINING_HISTORY_FILE = "training_history.json"
@@ -62,7 +62,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--epochs", type=positive_int, default=30)
     parser.add_argument("--lr", type=positive_float, default=1e-3)
     parser.add_argument("--weight-decay", type=non_negative_finite, default=1e-4)
-    parser.add_argument("--schedule", choices=["cosine", "onecycle"], default="cosine")
+    parser.add_argument("--schedule", choices=list(SCHEDULES), default="cosine",
+                        help="cosine over --epochs, one-cycle, or plateau: constant rate cut tenfold after "
+                             f"every {TrainConfig.plateau_patience} epochs without a better val defect mIoU "
+                             "(for training until converged, with --patience)")
     parser.add_argument("--patience", type=positive_int, default=8,
                         help="stop after this many epochs without a better val defect mIoU")
     parser.add_argument("--no-early-stop", action="store_true", help="train every epoch")
