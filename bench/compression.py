@@ -959,8 +959,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scoring-steps", type=int, default=100)
     parser.add_argument("--round-to", type=int, default=1,
                         help="kept channel counts as multiples of this (bench/results/latency.md: 16 speeds CPUs up)")
-    parser.add_argument("--size", nargs="+", action=SizeAction, default={None: 128}, metavar="N|FORMAT=N",
-                        help="input size; FORMAT=N for one dataset (magnetic-tile=256: its own size)")
+    parser.add_argument("--size", nargs="+", action=SizeAction,
+                        default={None: 128, "magnetic-tile": 256}, metavar="N|FORMAT=N",
+                        help="input size; FORMAT=N for one dataset (default 128, magnetic-tile=256: its cracks "
+                             "are a few pixels wide and vanish at 128)")
     parser.add_argument("--extra-sizes", nargs="*", type=str, default=[], metavar="FORMAT=N",
                         help="more settings of a dataset at another size (e.g. magnetic-tile=128 beside 256)")
     parser.add_argument("--epochs", nargs="+", action=EpochsAction, default=epochs_option(["60"]),
