@@ -23,6 +23,8 @@ import torch.nn as nn
 import torch_pruning as tp
 from torch_pruning.utils import op_counter
 
+from core.models.runtime import eval_mode, example_input, model_device  # noqa: F401 (moved there)
+
 ROOT_MODULE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.ConvTranspose2d)
 ROLES = ("encoder", "decoder", "head")
 # The deepest output stride of every encoder in the zoo (depth 5). A conv whose output is
@@ -63,14 +65,6 @@ def model_in_channels(model: nn.Module) -> int:
     raise ValueError("model has no Conv2d layer")
 
 
-def example_input(input_size: Sequence[int], in_channels: int, batch: int = 1,
-                  device: torch.device | str = "cpu") -> torch.Tensor:
-    """A seeded dummy batch (the values do not matter for tracing, only reproducibility)."""
-    generator = torch.Generator().manual_seed(0)
-    height, width = int(input_size[0]), int(input_size[1])
-    return torch.randn(batch, in_channels, height, width, generator=generator).to(device)
-
-
 def classifier_layers(model: nn.Module) -> list[nn.Module]:
     """The layers that are never pruned: the segmentation head's conv(s) (their outputs are
     the classes) and a classification head's linear layers when the model has one."""
@@ -81,19 +75,6 @@ def classifier_layers(model: nn.Module) -> list[nn.Module]:
             continue
         layers.extend(m for m in head.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)))
     return layers
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode for a dummy forward (BatchNorm running statistics must not move), then every
-    module's own training flag back (a frozen BatchNorm inside a training model stays frozen)."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, training in flags:
-            module.training = training
 
 
 def macs_counter_of(module: nn.Module) -> Callable | None:
@@ -320,13 +301,6 @@ def _ancestors(model: nn.Module, name: str) -> list[nn.Module]:
         module = getattr(module, part)
         found.append(module)
     return ([model] if name else []) + found
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """Where the model's parameters live (CPU for a model without parameters)."""
-    for parameter in model.parameters():
-        return parameter.device
-    return torch.device("cpu")
 
 
 def _share(module: nn.Module, count: int, out: bool) -> float:
