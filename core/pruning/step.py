@@ -5,7 +5,7 @@ path prunes the same way."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,6 +109,90 @@ def allocate(model: nn.Module, graph: PruningGraph, cost: CostModel, allocator: 
                                        precision=settings.precision)
 
 
+@dataclass
+class PruningContext:
+    """Everything one pruning step reads, built once per step (`pruning_context`): the model,
+    its current graph and cost model, the calibration batches and the classes. The graph goes
+    stale once the model is cut: the next step builds a new context."""
+
+    model: nn.Module
+    graph: PruningGraph
+    cost: CostModel
+    batches: Sequence[Batch]
+    class_names: list[str]
+    class_weights: list[float]
+    input_size: tuple[int, int]
+    in_channels: int
+    settings: StepSettings
+
+
+def pruning_context(model: nn.Module, input_size: Sequence[int], in_channels: int, batches: Sequence[Batch],
+                    class_names: Sequence[str], class_weights: Sequence[float] | None = None,
+                    settings: StepSettings | None = None) -> PruningContext:
+    """The context of one step on ``model`` as it is now (graph traced at ``input_size``);
+    class weights default to 1 per class."""
+    size = (int(input_size[0]), int(input_size[1]))
+    graph = PruningGraph(model, example_input(model, size, in_channels))
+    weights = list(class_weights) if class_weights is not None else [1.0] * len(class_names)
+    return PruningContext(model=model, graph=graph, cost=CostModel(graph), batches=batches,
+                          class_names=list(class_names), class_weights=weights, input_size=size,
+                          in_channels=int(in_channels), settings=settings or StepSettings())
+
+
+# what a dashboard's live tuning needs to answer any target without measuring again: the
+# scoring network's logits, or the sensitivity curves (per-group loss rise per level)
+LIVE_DETAILS = ("history", "offset", "logits", "drops", "levels")
+
+
+@dataclass
+class StepPlan:
+    """A step scored, allocated and selected, nothing cut: what would go, and why."""
+
+    analysis: GroupAnalysis
+    allocation: Allocation
+    removed: dict[str, list[int]]  # channel indices per group
+    graph: PruningGraph
+
+    def group_records(self) -> list[dict[str, Any]]:
+        """Per group, in network order: what the dashboard draws (JSON-ready)."""
+        return [{"name": g.name, "index": g.index, "channels": g.channels, "kept": self.allocation.kept[g.name],
+                 "scale": g.scale, "role": g.role, "scores": [float(s) for s in self.analysis.scores[g.name]],
+                 "removed": sorted(int(i) for i in self.removed[g.name])}
+                for g in self.graph.groups]
+
+    def live_details(self) -> dict[str, Any]:
+        return {k: v for k, v in self.allocation.details.items() if k in LIVE_DETAILS}
+
+    def correlation_arrays(self) -> dict[str, np.ndarray]:
+        """The measured correlation matrices as float32, keyed ``group_NNN`` by network order
+        (empty when the criterion reads none)."""
+        return {f"group_{i:03d}": np.asarray(self.analysis.correlations[g.name], dtype=np.float32)
+                for i, g in enumerate(self.graph.groups) if g.name in self.analysis.correlations}
+
+
+PhaseFn = Callable[[str], None]  # told "scoring filters (l1)", "allocating (uniform)" as each phase starts
+
+
+def plan_step(context: PruningContext, method: MethodSpec, target_reduction: float,
+              progress: ProgressFn | None = None, params_floor: float | None = None,
+              on_phase: PhaseFn | None = None) -> StepPlan:
+    """Score the filters, allocate ``target_reduction`` of the current MACs (never below
+    ``params_floor`` parameters when given: a parameter target scales the cut back) and select
+    the channels to remove, without cutting. ``progress`` follows the allocation."""
+    if on_phase is not None:
+        on_phase(f"scoring filters ({method.criterion})")
+    analysis = score_filters(context.model, context.graph, method.criterion, context.batches, context.settings)
+    if on_phase is not None:
+        on_phase(f"allocating ({method.allocator})")
+    allocation = allocate(context.model, context.graph, context.cost, method.allocator, analysis, context.batches,
+                          target_reduction, context.class_names, context.class_weights, context.settings, progress)
+    if params_floor is not None:
+        allocation = cap_at_params(context.cost, context.graph, allocation, params_floor, context.settings.limits)
+    removed = {g.name: select_removal(g, analysis.scores[g.name].tolist(), g.channels - allocation.kept[g.name])
+               for g in context.graph.groups}
+    return StepPlan(analysis=analysis, allocation=allocation, removed=removed, graph=context.graph)
+
+
 def prune_step(
     model: nn.Module,
     input_size: Sequence[int],
@@ -122,21 +206,11 @@ def prune_step(
     progress: ProgressFn | None = None,
     params_floor: float | None = None,
 ) -> StepResult:
-    """Remove ``target_reduction`` of the model's current MACs, in place; never below
-    ``params_floor`` parameters when given (a parameter target: the cut is scaled back)."""
-    settings = settings or StepSettings()
-    weights = class_weights if class_weights is not None else [1.0] * len(class_names)
-    graph = PruningGraph(model, example_input(model, input_size, in_channels))
-    cost = CostModel(graph)
-    analysis = score_filters(model, graph, method.criterion, batches, settings)
-    allocation = allocate(model, graph, cost, method.allocator, analysis, batches, target_reduction,
-                          class_names, weights, settings, progress)
-    if params_floor is not None:
-        allocation = cap_at_params(cost, graph, allocation, params_floor, settings.limits)
-    removed = {g.name: select_removal(g, analysis.scores[g.name].tolist(), g.channels - allocation.kept[g.name])
-               for g in graph.groups}
-    history = graph.prune(removed)
-    return StepResult(allocation=allocation, removed=removed, history=history, analysis=analysis)
+    """Remove ``target_reduction`` of the model's current MACs, in place: `plan_step`, then the cut."""
+    context = pruning_context(model, input_size, in_channels, batches, class_names, class_weights, settings)
+    plan = plan_step(context, method, target_reduction, progress=progress, params_floor=params_floor)
+    history = plan.graph.prune(plan.removed)
+    return StepResult(allocation=plan.allocation, removed=plan.removed, history=history, analysis=plan.analysis)
 
 
 def pruned_copy(model: nn.Module, input_size: Sequence[int], in_channels: int, kept: dict[str, int]) -> nn.Module:
