@@ -470,7 +470,7 @@ def test_diverged_weights_are_never_saved(tmp_path):
                         p.mul_(float("inf"))
 
     config = TrainConfig(epochs=1, batch_size=3, patience=None, max_steps_per_epoch=1, precision="fp32")
-    import core.train as train_module
+    import core.train.loop as train_module
 
     original = train_module.torch.optim.AdamW
     train_module.torch.optim.AdamW = Overflow

@@ -427,11 +427,11 @@ def test_distillation_and_schedule_settings_are_validated():
 
 
 def test_warm_up_climbs_then_the_cosine_falls():
-    from core.train import _make_scheduler
+    from core.train.schedule import make_scheduler
 
     parameter = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.AdamW([parameter], lr=1.0)
-    scheduler = _make_scheduler(optimizer, TrainConfig(lr=1.0, warmup_fraction=0.2), total_steps=50)
+    scheduler = make_scheduler(optimizer, TrainConfig(lr=1.0, warmup_fraction=0.2), total_steps=50)
     rates = []
     for _ in range(50):
         rates.append(optimizer.param_groups[0]["lr"])

@@ -1,0 +1,68 @@
+"""A model's metrics on a whole split: the confusion matrix accumulated over every batch and
+the per-image table behind it (the arithmetic is core.metrics'; running the model is here)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset
+
+from core.metrics import EvaluationResult, SegmentationMetrics, batch_confusion, per_image_table
+from core.train.datasets import EmptySplitError, dataset_class_names, dataset_image_paths
+from core.train.device import resolve_device
+from core.train.progress import Progress, ProgressCallback, report_progress
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    dataset: Dataset,
+    device: str | torch.device = "cpu",
+    batch_size: int = 8,
+    progress: ProgressCallback | None = None,
+    class_names: Sequence[str] | None = None,
+    per_image: bool = True,
+    num_workers: int = 0,
+) -> EvaluationResult:
+    """Metrics of ``model`` on every sample of ``dataset`` (confusion accumulated over the
+    split) and the per-image table. The model's train/eval mode is restored afterwards.
+    A callback returning True raises `StopRequested`."""
+    if len(dataset) == 0:
+        raise EmptySplitError("the evaluation split has no images; pick another split or dataset")
+    device = resolve_device(device)
+    names = list(class_names) if class_names is not None else dataset_class_names(dataset)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        pin_memory=device.type == "cuda")
+    steps = len(loader)
+    was_training = model.training
+    model.to(device).eval()
+    confusions: list[np.ndarray] = []
+    start = time.perf_counter()
+    try:
+        for step, (images, masks) in enumerate(loader, 1):
+            logits = model(images.to(device, non_blocking=True))
+            if names is None:
+                names = [f"class {i}" for i in range(logits.shape[1])]
+            predictions = logits.argmax(dim=1).cpu()
+            confusions.append(batch_confusion(predictions, masks, len(names)))
+            elapsed = time.perf_counter() - start
+            report_progress(progress, Progress(
+                phase="evaluate", epoch=0, epochs=0, step=step, steps=steps, loss=None, metric=None,
+                eta_seconds=elapsed / step * (steps - step), fraction=step / steps,
+            ))
+    finally:
+        model.train(was_training)
+    stacked = np.concatenate(confusions)
+    confusion = stacked.sum(axis=0)
+    table = per_image_table(stacked, names, dataset_image_paths(dataset)) if per_image else per_image_table(
+        stacked[:0], names)
+    return EvaluationResult(
+        metrics=SegmentationMetrics.from_confusion(confusion, names),
+        per_image=table,
+        confusion=confusion,
+        seconds=time.perf_counter() - start,
+    )
