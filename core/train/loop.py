@@ -33,7 +33,7 @@ from core.train.device import TorchThreads, resolve_device, seed_everything, see
 from core.train.evaluation import evaluate
 from core.train.loss import SegmentationLoss, class_weights_from_counts, distillation_loss
 from core.train.progress import Progress, ProgressCallback, StopRequested, report_progress
-from core.train.schedule import make_scheduler
+from core.train.schedule import cut_plateau_rate, make_scheduler
 
 
 class TrainingDivergedError(DefectPruneError):
@@ -88,6 +88,46 @@ def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
+@dataclass
+class _Session:
+    """What one fit works with, set up before the first epoch and only read afterwards."""
+
+    model: nn.Module
+    config: TrainConfig
+    val_ds: Dataset | None
+    names: list[str]
+    device: torch.device
+    precision: str
+    memory_format: torch.memory_format
+    criterion: SegmentationLoss
+    loader: DataLoader
+    steps: int  # training steps per epoch
+    total_steps: int
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    teacher: nn.Module | None  # set only when distilling
+    progress: ProgressCallback | None
+
+
+@dataclass
+class _FitState:
+    """What the fit learns as it goes: the history, the best epoch so far and the clocks."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_score: float = -math.inf
+    best_state: dict[str, torch.Tensor] | None = None
+    best_epoch: int | None = None
+    best_metrics: SegmentationMetrics | None = None
+    epochs_without_gain: int = 0
+    latest_metric: float | None = None  # the last validation's defect mIoU, for the reports
+    done_steps: int = 0
+    train_seconds: float = 0.0
+    val_seconds: float = 0.0
+    teacher_seconds: float = 0.0
+    stopped_early: bool = False
+    stopped_by_user: bool = False
+
+
 def fit(
     model: nn.Module,
     train_ds: Dataset,
@@ -108,26 +148,12 @@ def fit(
     returning True (or raising `StopRequested`, or Ctrl-C) stops the loop, and the result then
     says ``stopped_by_user`` and the model holds the best weights validated so far. Without a
     validation set there is no early stopping and the model keeps its last weights."""
-    config.validate()
-    if len(train_ds) == 0:
-        raise EmptySplitError("the training split has no images; check the dataset and its split")
-    device = resolve_device(config.device)
-    try:
-        precision = resolve_precision(config.precision, device)
-    except InvalidPrecisionError as exc:
-        raise InvalidTrainConfigError(str(exc)) from None
+    device, precision, names = _check_fit(train_ds, config, class_names, teacher)
     distill = config.distill_weight > 0
-    if distill and teacher is None:
-        raise InvalidTrainConfigError("a distillation weight above 0 needs a teacher model")
-    names = list(class_names) if class_names is not None else dataset_class_names(train_ds)
-    if names is None:
-        raise ValueError("class_names is needed when the dataset carries no index")
-    num_classes = len(names)
-    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
 
     with TorchThreads(config.num_threads):
         seed_everything(config.seed)
-        per_image = image_pixel_counts(train_ds, num_classes)
+        per_image = image_pixel_counts(train_ds, len(names))
         weights = class_weights_from_counts(per_image.sum(axis=0), config.max_class_weight)
         criterion = SegmentationLoss(weights, dice_weight=config.dice_weight).to(device)
         model.to(device)
@@ -138,147 +164,227 @@ def fit(
             teacher.to(device).eval()  # its forward runs under no_grad
             if config.channels_last:
                 to_channels_last(teacher)
-        generator = torch.Generator().manual_seed(config.seed)
-        draw = defect_sampling_weights(per_image, config.defect_share)
-        sampler = None if draw is None else WeightedRandomSampler(
-            torch.as_tensor(draw, dtype=torch.double), num_samples=len(train_ds), replacement=True, generator=generator)
-        loader = DataLoader(
-            train_ds, batch_size=config.batch_size, shuffle=sampler is None, sampler=sampler, generator=generator,
-            # a last batch of one image breaks BatchNorm after global pooling (DeepLab's ASPP)
-            drop_last=len(train_ds) > config.batch_size,
-            num_workers=config.num_workers, worker_init_fn=seed_worker if config.num_workers else None,
-            pin_memory=device.type == "cuda",
-        )
+        loader = _training_loader(train_ds, per_image, config, device)
         steps = len(loader) if config.max_steps_per_epoch is None else min(len(loader), config.max_steps_per_epoch)
         total_steps = steps * config.epochs
         parameters = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
-        scheduler = make_scheduler(optimizer, config, total_steps)
-
-        history: list[dict[str, Any]] = []
-        best_score, best_state, best_epoch, best_metrics = -math.inf, None, None, None
-        epochs_without_gain = 0
-        stopped_early = stopped_by_user = False
-        latest_metric: float | None = None
-        done_steps, train_seconds, val_seconds, teacher_seconds = 0, 0.0, 0.0, 0.0
+        session = _Session(
+            model=model, config=config, val_ds=val_ds, names=names, device=device, precision=precision,
+            memory_format=torch.channels_last if config.channels_last else torch.contiguous_format,
+            criterion=criterion, loader=loader, steps=steps, total_steps=total_steps, optimizer=optimizer,
+            scheduler=make_scheduler(optimizer, config, total_steps), teacher=teacher if distill else None,
+            progress=progress,
+        )
+        state = _FitState()
         start = time.perf_counter()
-
-        def eta(epoch: int) -> float:
-            per_step = train_seconds / max(done_steps, 1)
-            per_val = val_seconds / max(epoch - 1, 1) if val_ds is not None else 0.0
-            return per_step * (total_steps - done_steps) + per_val * (config.epochs - epoch + 1)
-
         try:
             for epoch in range(1, config.epochs + 1):
-                epoch_start = time.perf_counter()
-                set_epoch(train_ds, epoch)
-                model.train()
-                loss_sum, loss_count = 0.0, 0
-                step_start = time.perf_counter()
-                for step, (images, masks) in enumerate(loader, 1):
-                    if step > steps:
-                        break
-                    images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-                    masks = masks.to(device, non_blocking=True)
-                    optimizer.zero_grad(set_to_none=True)
-                    with autocast(device, precision):
-                        logits = model(images)
-                    loss = criterion(logits, masks)
-                    if distill:
-                        teacher_start = time.perf_counter()
-                        with torch.no_grad(), autocast(device, precision):
-                            teacher_logits = teacher(images)
-                        teacher_seconds += time.perf_counter() - teacher_start
-                        loss = ((1 - config.distill_weight) * loss + config.distill_weight
-                                * distillation_loss(logits, teacher_logits, config.distill_temperature))
-                    if not torch.isfinite(loss):
-                        raise TrainingDivergedError(
-                            f"the loss became {loss.item()} at epoch {epoch}, step {step}; "
-                            "lower the learning rate (--lr) and train again"
-                        )
-                    loss.backward()
-                    optimizer.step()
-                    scheduler.step()
-                    loss_sum += loss.item() * images.shape[0]
-                    loss_count += images.shape[0]
-                    done_steps += 1
-                    now = time.perf_counter()
-                    train_seconds += now - step_start
-                    step_start = now
-                    report_progress(progress, Progress(
-                        phase="train", epoch=epoch, epochs=config.epochs, step=step, steps=steps,
-                        loss=loss_sum / loss_count, metric=latest_metric, eta_seconds=eta(epoch),
-                        fraction=done_steps / total_steps,
-                    ))
-                    step_start = time.perf_counter()  # the callback's own time is not training
-                train_loss = loss_sum / max(loss_count, 1)
-                record: dict[str, Any] = {
-                    "epoch": epoch, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
-                }
-                metrics = None
-                if val_ds is not None:
-                    val_start = time.perf_counter()
-
-                    def forward_validation(report: Progress, epoch: int = epoch) -> bool | None:
-                        if progress is None:
-                            return None
-                        return progress(Progress(
-                            phase="validate", epoch=epoch, epochs=config.epochs, step=report.step,
-                            steps=report.steps, loss=train_loss, metric=latest_metric,
-                            eta_seconds=None, fraction=done_steps / total_steps,
-                        ))
-
-                    metrics = evaluate(
-                        model, val_ds, device, config.eval_batch_size or config.batch_size,
-                        progress=forward_validation, class_names=names, per_image=False,
-                        num_workers=config.num_workers,
-                    ).metrics
-                    val_seconds += time.perf_counter() - val_start
-                    latest_metric = metrics.defect_miou
-                    record.update({
-                        "val_defect_miou": metrics.defect_miou,
-                        "val_background_iou": metrics.background_iou,
-                        "val_dice": metrics.dice,
-                        "val_pixel_accuracy": metrics.pixel_accuracy,
-                        "val_per_class_iou": dict(metrics.per_class_iou),
-                    })
-                record["seconds"] = time.perf_counter() - epoch_start
-                history.append(record)
-
-                if val_ds is None:
-                    best_epoch = epoch
-                else:
-                    # undefined defect mIoU: no defect in the truth and none predicted, which
-                    # is perfect as far as defects go
-                    score = metrics.defect_miou if metrics.defect_miou is not None else 100.0
-                    if best_state is None or score > best_score + config.min_delta:
-                        best_score, best_state, best_epoch, best_metrics = score, _cpu_state(model), epoch, metrics
-                        epochs_without_gain = 0
-                    else:
-                        epochs_without_gain += 1
-                        if config.schedule == "plateau" and epochs_without_gain % config.plateau_patience == 0:
-                            plateau = scheduler.lr_lambdas[0]
-                            plateau.cut()
-                            for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
-                                group["lr"] = base * plateau(scheduler.last_epoch)  # from the next step on
-                report_progress(progress, Progress(
-                    phase="epoch", epoch=epoch, epochs=config.epochs, step=steps, steps=steps,
-                    loss=train_loss, metric=latest_metric, eta_seconds=eta(epoch + 1),
-                    fraction=done_steps / total_steps,
-                ))
-                if config.patience is not None and epochs_without_gain >= config.patience:
-                    stopped_early = epoch < config.epochs
+                if _run_epoch(session, state, epoch):
                     break
         except (StopRequested, KeyboardInterrupt):
-            stopped_by_user = True
+            state.stopped_by_user = True
         finally:
             to_standard_format(model)
             if distill:
                 to_standard_format(teacher)
                 teacher.train(teacher_was_training)
-        if best_state is not None:
-            model.load_state_dict(best_state)
-    # a loss can stay finite while the weights overflow (--lr 1e30): refuse them before any save
+        if state.best_state is not None:
+            model.load_state_dict(state.best_state)
+    _refuse_diverged_weights(model)
+    done = state.done_steps
+    return TrainResult(
+        epochs_run=len(state.history),
+        best_epoch=state.best_epoch,
+        history=state.history,
+        best_metrics=state.best_metrics,
+        stopped_early=state.stopped_early,
+        stopped_by_user=state.stopped_by_user,
+        seconds=time.perf_counter() - start,
+        class_weights=[float(w) for w in weights],
+        precision=precision,
+        memory_format="channels_last" if config.channels_last else "contiguous",
+        distill_weight=config.distill_weight if distill else 0.0,
+        train_step_seconds=state.train_seconds / done if done else None,
+        teacher_step_seconds=state.teacher_seconds / done if distill and done else None,
+    )
+
+
+def _check_fit(train_ds: Dataset, config: TrainConfig, class_names: Sequence[str] | None,
+               teacher: nn.Module | None) -> tuple[torch.device, str, list[str]]:
+    """Refuse a fit that cannot run, before anything is moved; the device, the resolved
+    precision and the class names it runs with."""
+    config.validate()
+    if len(train_ds) == 0:
+        raise EmptySplitError("the training split has no images; check the dataset and its split")
+    device = resolve_device(config.device)
+    try:
+        precision = resolve_precision(config.precision, device)
+    except InvalidPrecisionError as exc:
+        raise InvalidTrainConfigError(str(exc)) from None
+    if config.distill_weight > 0 and teacher is None:
+        raise InvalidTrainConfigError("a distillation weight above 0 needs a teacher model")
+    names = list(class_names) if class_names is not None else dataset_class_names(train_ds)
+    if names is None:
+        raise ValueError("class_names is needed when the dataset carries no index")
+    return device, precision, names
+
+
+def _training_loader(train_ds: Dataset, per_image: np.ndarray, config: TrainConfig,
+                     device: torch.device) -> DataLoader:
+    """Seeded shuffling, or seeded draws that favour images with a defect (``defect_share``)."""
+    generator = torch.Generator().manual_seed(config.seed)
+    draw = defect_sampling_weights(per_image, config.defect_share)
+    sampler = None if draw is None else WeightedRandomSampler(
+        torch.as_tensor(draw, dtype=torch.double), num_samples=len(train_ds), replacement=True, generator=generator)
+    return DataLoader(
+        train_ds, batch_size=config.batch_size, shuffle=sampler is None, sampler=sampler, generator=generator,
+        # a last batch of one image breaks BatchNorm after global pooling (DeepLab's ASPP)
+        drop_last=len(train_ds) > config.batch_size,
+        num_workers=config.num_workers, worker_init_fn=seed_worker if config.num_workers else None,
+        pin_memory=device.type == "cuda",
+    )
+
+
+def _run_epoch(session: _Session, state: _FitState, epoch: int) -> bool:
+    """Train and validate one epoch, record it and keep the best weights; True when early
+    stopping ends the fit."""
+    config = session.config
+    epoch_start = time.perf_counter()
+    train_loss = _train_epoch(session, state, epoch)
+    record: dict[str, Any] = {
+        "epoch": epoch, "train_loss": train_loss, "lr": session.optimizer.param_groups[0]["lr"],
+    }
+    metrics = None
+    if session.val_ds is not None:
+        metrics = _validate(session, state, epoch, train_loss)
+        record.update({
+            "val_defect_miou": metrics.defect_miou,
+            "val_background_iou": metrics.background_iou,
+            "val_dice": metrics.dice,
+            "val_pixel_accuracy": metrics.pixel_accuracy,
+            "val_per_class_iou": dict(metrics.per_class_iou),
+        })
+    record["seconds"] = time.perf_counter() - epoch_start
+    state.history.append(record)
+    _keep_best(session, state, epoch, metrics)
+    report_progress(session.progress, Progress(
+        phase="epoch", epoch=epoch, epochs=config.epochs, step=session.steps, steps=session.steps,
+        loss=train_loss, metric=state.latest_metric, eta_seconds=_eta(session, state, epoch + 1),
+        fraction=state.done_steps / session.total_steps,
+    ))
+    if config.patience is not None and state.epochs_without_gain >= config.patience:
+        state.stopped_early = epoch < config.epochs
+        return True
+    return False
+
+
+def _train_epoch(session: _Session, state: _FitState, epoch: int) -> float:
+    """One pass over the training loader (at most ``steps`` batches); its mean loss."""
+    config, optimizer = session.config, session.optimizer
+    set_epoch(session.loader.dataset, epoch)
+    session.model.train()
+    loss_sum, loss_count = 0.0, 0
+    step_start = time.perf_counter()
+    for step, (images, masks) in enumerate(session.loader, 1):
+        if step > session.steps:
+            break
+        images = images.to(session.device, non_blocking=True).contiguous(memory_format=session.memory_format)
+        masks = masks.to(session.device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        loss = _batch_loss(session, state, images, masks)
+        if not torch.isfinite(loss):
+            raise TrainingDivergedError(
+                f"the loss became {loss.item()} at epoch {epoch}, step {step}; "
+                "lower the learning rate (--lr) and train again"
+            )
+        loss.backward()
+        optimizer.step()
+        session.scheduler.step()
+        loss_sum += loss.item() * images.shape[0]
+        loss_count += images.shape[0]
+        state.done_steps += 1
+        now = time.perf_counter()
+        state.train_seconds += now - step_start
+        report_progress(session.progress, Progress(
+            phase="train", epoch=epoch, epochs=config.epochs, step=step, steps=session.steps,
+            loss=loss_sum / loss_count, metric=state.latest_metric, eta_seconds=_eta(session, state, epoch),
+            fraction=state.done_steps / session.total_steps,
+        ))
+        step_start = time.perf_counter()  # the callback's own time is not training
+    return loss_sum / max(loss_count, 1)
+
+
+def _batch_loss(session: _Session, state: _FitState, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """The supervised loss of one batch, mixed with the distillation term when there is a teacher."""
+    config = session.config
+    with autocast(session.device, session.precision):
+        logits = session.model(images)
+    loss = session.criterion(logits, masks)
+    if session.teacher is None:
+        return loss
+    teacher_start = time.perf_counter()
+    with torch.no_grad(), autocast(session.device, session.precision):
+        teacher_logits = session.teacher(images)
+    state.teacher_seconds += time.perf_counter() - teacher_start
+    return ((1 - config.distill_weight) * loss
+            + config.distill_weight * distillation_loss(logits, teacher_logits, config.distill_temperature))
+
+
+def _validate(session: _Session, state: _FitState, epoch: int, train_loss: float) -> SegmentationMetrics:
+    """The validation pass, its batches reported as phase "validate" of this epoch."""
+    config, progress = session.config, session.progress
+    val_start = time.perf_counter()
+
+    def forward_validation(report: Progress) -> bool | None:
+        if progress is None:
+            return None
+        return progress(Progress(
+            phase="validate", epoch=epoch, epochs=config.epochs, step=report.step, steps=report.steps,
+            loss=train_loss, metric=state.latest_metric, eta_seconds=None,
+            fraction=state.done_steps / session.total_steps,
+        ))
+
+    metrics = evaluate(
+        session.model, session.val_ds, session.device, config.eval_batch_size or config.batch_size,
+        progress=forward_validation, class_names=session.names, per_image=False, num_workers=config.num_workers,
+    ).metrics
+    state.val_seconds += time.perf_counter() - val_start
+    state.latest_metric = metrics.defect_miou
+    return metrics
+
+
+def _keep_best(session: _Session, state: _FitState, epoch: int, metrics: SegmentationMetrics | None) -> None:
+    """Keep the weights of the best validated epoch so far and count the epochs without a
+    gain; every ``plateau_patience`` of them the "plateau" schedule cuts the rate."""
+    if metrics is None:  # no validation: the model keeps its last weights
+        state.best_epoch = epoch
+        return
+    config = session.config
+    # undefined defect mIoU: no defect in the truth and none predicted, which is perfect as
+    # far as defects go
+    score = metrics.defect_miou if metrics.defect_miou is not None else 100.0
+    if state.best_state is None or score > state.best_score + config.min_delta:
+        state.best_score, state.best_state, state.best_epoch = score, _cpu_state(session.model), epoch
+        state.best_metrics = metrics
+        state.epochs_without_gain = 0
+        return
+    state.epochs_without_gain += 1
+    if config.schedule == "plateau" and state.epochs_without_gain % config.plateau_patience == 0:
+        cut_plateau_rate(session.optimizer, session.scheduler)
+
+
+def _eta(session: _Session, state: _FitState, epoch: int) -> float:
+    """Seconds left from the start of ``epoch``: the training steps to go at the mean step
+    time so far, and one validation pass per epoch to go."""
+    per_step = state.train_seconds / max(state.done_steps, 1)
+    per_val = state.val_seconds / max(epoch - 1, 1) if session.val_ds is not None else 0.0
+    return (per_step * (session.total_steps - state.done_steps)
+            + per_val * (session.config.epochs - epoch + 1))
+
+
+def _refuse_diverged_weights(model: nn.Module) -> None:
+    """A loss can stay finite while the weights overflow (--lr 1e30): refuse them before any save."""
     diverged = [name for name, tensor in model.state_dict().items()
                 if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
     if diverged:
@@ -286,21 +392,6 @@ def fit(
             f"training diverged: {len(diverged)} weight tensor(s) are no longer finite (e.g. {diverged[0]}); "
             "lower the learning rate (--lr) and train again (nothing was saved)"
         )
-    return TrainResult(
-        epochs_run=len(history),
-        best_epoch=best_epoch,
-        history=history,
-        best_metrics=best_metrics,
-        stopped_early=stopped_early,
-        stopped_by_user=stopped_by_user,
-        seconds=time.perf_counter() - start,
-        class_weights=[float(w) for w in weights],
-        precision=precision,
-        memory_format="channels_last" if config.channels_last else "contiguous",
-        distill_weight=config.distill_weight if distill else 0.0,
-        train_step_seconds=train_seconds / done_steps if done_steps else None,
-        teacher_step_seconds=teacher_seconds / done_steps if distill and done_steps else None,
-    )
 
 
 def fine_tune(

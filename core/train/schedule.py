@@ -41,3 +41,11 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig,
         return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * done))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
+
+
+def cut_plateau_rate(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """Cut a "plateau" schedule's rate by its factor, from the next step on."""
+    plateau = scheduler.lr_lambdas[0]
+    plateau.cut()
+    for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base * plateau(scheduler.last_epoch)
