@@ -12,8 +12,7 @@ defined value (0 when it is only predicted, or only missed). When no defect clas
 at all, defect mIoU and Dice are ``None``. The same rule applies per image in the per-image
 table, where undefined values are NaN.
 
-``evaluate`` (model + dataset -> metrics + per-image table) lives in `core.train` beside the
-training loop that also uses it; ``from core.metrics import evaluate`` works as well.
+This module only counts; running a model over a split is `core.train.evaluate`, one layer up.
 """
 
 from __future__ import annotations
@@ -202,12 +201,3 @@ class EvaluationResult:
     def images(self) -> int:
         return len(self.per_image)
 
-
-def __getattr__(name: str) -> Any:
-    # evaluate runs a model, so it lives with the training loop; import it lazily here so
-    # that `from core.metrics import evaluate` works without a circular import.
-    if name == "evaluate":
-        from core.train import evaluate
-
-        return evaluate
-    raise AttributeError(f"module 'core.metrics' has no attribute {name!r}")

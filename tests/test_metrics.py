@@ -96,3 +96,12 @@ def test_per_image_table():
     assert math.isnan(table.loc[1, "iou x"])
     assert bool(table.loc[1, "present y"]) and bool(table.loc[1, "predicted y"])
     assert table.sort_values("defect_miou")["index"].tolist() == [0, 1]
+
+
+def test_metrics_is_a_lower_layer_than_training():
+    # metrics only counts; core.train runs models and imports it, never the other way round
+    import subprocess
+    import sys
+
+    code = "import sys, core.metrics; sys.exit('core.train' in sys.modules or hasattr(core.metrics, 'evaluate'))"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

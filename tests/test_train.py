@@ -12,7 +12,6 @@ import torch.nn as nn
 
 from core.data.dataset import SegmentationDataset
 from core.data.registry import load_index
-from core.metrics import evaluate as evaluate_from_metrics
 from core.train import (
     DeviceUnavailableError, InvalidTrainConfigError, Progress, SegmentationLoss, StopRequested,
     TrainConfig, class_weights_from_counts, evaluate, fit, resolve_device,
@@ -207,7 +206,7 @@ def test_early_stopping_restores_best_weights(tiny_index):
 
 def test_evaluate_perfect_predictor_gives_100(tiny_index):
     _, val = datasets(tiny_index)
-    result = evaluate_from_metrics(OracleModel(), MaskAsImage(val), "cpu", batch_size=2)
+    result = evaluate(OracleModel(), MaskAsImage(val), "cpu", batch_size=2)
     assert result.metrics.defect_miou == pytest.approx(100.0)
     assert result.metrics.background_iou == pytest.approx(100.0)
     assert result.metrics.dice == pytest.approx(100.0)
