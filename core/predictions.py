@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from core.atomic import write_atomic
 from core.config import workspace_dir
 from core.errors import DefectPruneError
+from core.models.runtime import eval_mode
 from core.train import (
     EmptySplitError, Progress, ProgressCallback, base_dataset, report_progress, dataset_image_paths,
     resolve_device,
@@ -59,15 +60,14 @@ def predict_split(
     progress: ProgressCallback | None = None,
 ) -> np.ndarray:
     """Arg-max class map of every sample, (N, H, W) uint8. A callback returning True raises
-    `StopRequested`. The model's train/eval mode is restored afterwards."""
+    `StopRequested`. Every module's train/eval mode is restored afterwards."""
     if len(dataset) == 0:
         raise EmptySplitError("the split to predict has no images; pick another split or dataset")
     device = resolve_device(device)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    was_training = model.training
-    model.to(device).eval()
+    model.to(device)
     parts: list[np.ndarray] = []
-    try:
+    with eval_mode(model):
         for step, (images, _masks) in enumerate(loader, 1):
             logits = model(images.to(device))
             if logits.shape[1] > 256:
@@ -77,8 +77,6 @@ def predict_split(
                 phase="predict", epoch=0, epochs=0, step=step, steps=len(loader), loss=None,
                 metric=None, eta_seconds=None, fraction=step / len(loader),
             ))
-    finally:
-        model.train(was_training)
     return np.concatenate(parts)
 
 

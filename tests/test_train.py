@@ -222,6 +222,19 @@ def test_evaluate_callback_can_stop(tiny_index):
         evaluate(TinySegNet(), val, "cpu", batch_size=1, progress=lambda r: r.step == 2)
 
 
+def test_evaluate_and_predict_give_every_module_its_own_mode_back(tiny_index):
+    from core.predictions import predict_split
+
+    _, val = datasets(tiny_index)
+    model = TinySegNet().train()
+    model.body[1].eval()  # a frozen BatchNorm inside a training model stays frozen
+    flags = [m.training for m in model.modules()]
+    evaluate(model, val, "cpu", batch_size=2)
+    assert [m.training for m in model.modules()] == flags
+    predict_split(model, val, "cpu", batch_size=2)
+    assert [m.training for m in model.modules()] == flags
+
+
 def test_class_weights_and_loss():
     weights = class_weights_from_counts([900, 45, 10, 0], max_weight=10.0)
     # 900 / n: background 1, a 20 and b 90 clipped to 10, absent -> 10

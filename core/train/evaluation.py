@@ -12,6 +12,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
 from core.metrics import EvaluationResult, SegmentationMetrics, batch_confusion, per_image_table
+from core.models.runtime import eval_mode
 from core.train.datasets import EmptySplitError, dataset_class_names, dataset_image_paths
 from core.train.device import resolve_device
 from core.train.progress import Progress, ProgressCallback, report_progress
@@ -29,7 +30,7 @@ def evaluate(
     num_workers: int = 0,
 ) -> EvaluationResult:
     """Metrics of ``model`` on every sample of ``dataset`` (confusion accumulated over the
-    split) and the per-image table. The model's train/eval mode is restored afterwards.
+    split) and the per-image table. Every module's train/eval mode is restored afterwards.
     A callback returning True raises `StopRequested`."""
     if len(dataset) == 0:
         raise EmptySplitError("the evaluation split has no images; pick another split or dataset")
@@ -38,11 +39,10 @@ def evaluate(
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
     steps = len(loader)
-    was_training = model.training
-    model.to(device).eval()
+    model.to(device)
     confusions: list[np.ndarray] = []
     start = time.perf_counter()
-    try:
+    with eval_mode(model):
         for step, (images, masks) in enumerate(loader, 1):
             logits = model(images.to(device, non_blocking=True))
             if names is None:
@@ -54,8 +54,6 @@ def evaluate(
                 phase="evaluate", epoch=0, epochs=0, step=step, steps=steps, loss=None, metric=None,
                 eta_seconds=elapsed / step * (steps - step), fraction=step / steps,
             ))
-    finally:
-        model.train(was_training)
     stacked = np.concatenate(confusions)
     confusion = stacked.sum(axis=0)
     table = per_image_table(stacked, names, dataset_image_paths(dataset)) if per_image else per_image_table(
