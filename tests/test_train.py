@@ -426,6 +426,24 @@ def test_distillation_from_an_identical_teacher_has_zero_loss_and_gradient(tiny_
     assert result.distill_weight == 0.5 and result.teacher_step_seconds > 0
 
 
+def test_a_stopped_distilled_fit_gives_the_teacher_its_modes_and_layout_back(tiny_index):
+    train, _ = datasets(tiny_index)
+    teacher = TinySegNet().train()
+    teacher.body[1].eval()  # a frozen BatchNorm inside a training model stays frozen
+    flags = [m.training for m in teacher.modules()]
+    seen_in_fit = []
+
+    def stop_at_first_step(report: Progress) -> bool:
+        seen_in_fit.append(not any(m.training for m in teacher.modules()))
+        return True
+
+    result = fit(TinySegNet(), train, None, tiny_config(epochs=2, distill_weight=0.5), teacher=teacher,
+                 progress=stop_at_first_step)
+    assert result.stopped_by_user and seen_in_fit == [True]  # in eval mode while it teaches
+    assert [m.training for m in teacher.modules()] == flags
+    assert all(t.is_contiguous() for t in teacher.state_dict().values())
+
+
 def test_distillation_and_schedule_settings_are_validated():
     with pytest.raises(InvalidTrainConfigError, match="distillation weight"):
         TrainConfig(distill_weight=1.5).validate()

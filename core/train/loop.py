@@ -11,9 +11,10 @@ end, also when the user stops the loop.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from core.errors import DefectPruneError
 from core.metrics import SegmentationMetrics
+from core.models.runtime import eval_mode
 from core.precision import InvalidPrecisionError, autocast, resolve_precision, to_channels_last, to_standard_format
 from core.train.config import InvalidTrainConfigError, TrainConfig
 from core.train.datasets import (
@@ -88,6 +90,41 @@ def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
+class _Teacher:
+    """The teacher of a distilled fit: forward passes without gradients (nothing of it learns)
+    in the fit's precision, timed."""
+
+    def __init__(self, model: nn.Module, device: torch.device, precision: str):
+        self.model, self.device, self.precision = model, device, precision
+        self.seconds = 0.0
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        with torch.no_grad(), autocast(self.device, self.precision):
+            logits = self.model(images)
+        self.seconds += time.perf_counter() - start
+        return logits
+
+
+@contextlib.contextmanager
+def _frozen_teacher(teacher: nn.Module | None, device: torch.device, precision: str,
+                    channels_last: bool) -> Iterator[_Teacher | None]:
+    """The teacher for the length of a fit: on the fit's device and memory layout and in eval
+    mode (its BatchNorm statistics must not move); afterwards the standard layout and every
+    module's own mode back, also when the fit raises. None in, None out (no distillation)."""
+    if teacher is None:
+        yield None
+        return
+    teacher.to(device)
+    with eval_mode(teacher):
+        if channels_last:
+            to_channels_last(teacher)
+        try:
+            yield _Teacher(teacher, device, precision)
+        finally:
+            to_standard_format(teacher)
+
+
 @dataclass
 class _Session:
     """What one fit works with, set up before the first epoch and only read afterwards."""
@@ -99,13 +136,14 @@ class _Session:
     device: torch.device
     precision: str
     memory_format: torch.memory_format
+    class_weights: np.ndarray
     criterion: SegmentationLoss
     loader: DataLoader
     steps: int  # training steps per epoch
     total_steps: int
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    teacher: nn.Module | None  # set only when distilling
+    teacher: _Teacher | None  # set only when distilling
     progress: ProgressCallback | None
 
 
@@ -123,7 +161,6 @@ class _FitState:
     done_steps: int = 0
     train_seconds: float = 0.0
     val_seconds: float = 0.0
-    teacher_seconds: float = 0.0
     stopped_early: bool = False
     stopped_by_user: bool = False
 
@@ -150,32 +187,9 @@ def fit(
     validation set there is no early stopping and the model keeps its last weights."""
     device, precision, names = _check_fit(train_ds, config, class_names, teacher)
     distill = config.distill_weight > 0
-
-    with TorchThreads(config.num_threads):
-        seed_everything(config.seed)
-        per_image = image_pixel_counts(train_ds, len(names))
-        weights = class_weights_from_counts(per_image.sum(axis=0), config.max_class_weight)
-        criterion = SegmentationLoss(weights, dice_weight=config.dice_weight).to(device)
-        model.to(device)
-        if config.channels_last:
-            to_channels_last(model)
-        teacher_was_training = teacher is not None and teacher.training
-        if distill:
-            teacher.to(device).eval()  # its forward runs under no_grad
-            if config.channels_last:
-                to_channels_last(teacher)
-        loader = _training_loader(train_ds, per_image, config, device)
-        steps = len(loader) if config.max_steps_per_epoch is None else min(len(loader), config.max_steps_per_epoch)
-        total_steps = steps * config.epochs
-        parameters = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
-        session = _Session(
-            model=model, config=config, val_ds=val_ds, names=names, device=device, precision=precision,
-            memory_format=torch.channels_last if config.channels_last else torch.contiguous_format,
-            criterion=criterion, loader=loader, steps=steps, total_steps=total_steps, optimizer=optimizer,
-            scheduler=make_scheduler(optimizer, config, total_steps), teacher=teacher if distill else None,
-            progress=progress,
-        )
+    with TorchThreads(config.num_threads), \
+            _frozen_teacher(teacher if distill else None, device, precision, config.channels_last) as taught:
+        session = _start_session(model, train_ds, val_ds, config, progress, names, device, precision, taught)
         state = _FitState()
         start = time.perf_counter()
         try:
@@ -186,9 +200,6 @@ def fit(
             state.stopped_by_user = True
         finally:
             to_standard_format(model)
-            if distill:
-                to_standard_format(teacher)
-                teacher.train(teacher_was_training)
         if state.best_state is not None:
             model.load_state_dict(state.best_state)
     _refuse_diverged_weights(model)
@@ -201,12 +212,12 @@ def fit(
         stopped_early=state.stopped_early,
         stopped_by_user=state.stopped_by_user,
         seconds=time.perf_counter() - start,
-        class_weights=[float(w) for w in weights],
+        class_weights=[float(w) for w in session.class_weights],
         precision=precision,
         memory_format="channels_last" if config.channels_last else "contiguous",
         distill_weight=config.distill_weight if distill else 0.0,
         train_step_seconds=state.train_seconds / done if done else None,
-        teacher_step_seconds=state.teacher_seconds / done if distill and done else None,
+        teacher_step_seconds=taught.seconds / done if taught is not None and done else None,
     )
 
 
@@ -228,6 +239,33 @@ def _check_fit(train_ds: Dataset, config: TrainConfig, class_names: Sequence[str
     if names is None:
         raise ValueError("class_names is needed when the dataset carries no index")
     return device, precision, names
+
+
+def _start_session(model: nn.Module, train_ds: Dataset, val_ds: Dataset | None, config: TrainConfig,
+                   progress: ProgressCallback | None, names: list[str], device: torch.device, precision: str,
+                   teacher: _Teacher | None) -> _Session:
+    """Seed, weigh the classes, put the model on its device and layout, and build the loader,
+    the optimiser (on the parameters the model has now) and the schedule; in this order, which
+    the seeded numbers depend on."""
+    seed_everything(config.seed)
+    per_image = image_pixel_counts(train_ds, len(names))
+    weights = class_weights_from_counts(per_image.sum(axis=0), config.max_class_weight)
+    criterion = SegmentationLoss(weights, dice_weight=config.dice_weight).to(device)
+    model.to(device)
+    if config.channels_last:
+        to_channels_last(model)
+    loader = _training_loader(train_ds, per_image, config, device)
+    steps = len(loader) if config.max_steps_per_epoch is None else min(len(loader), config.max_steps_per_epoch)
+    total_steps = steps * config.epochs
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    return _Session(
+        model=model, config=config, val_ds=val_ds, names=names, device=device, precision=precision,
+        memory_format=torch.channels_last if config.channels_last else torch.contiguous_format,
+        class_weights=weights, criterion=criterion, loader=loader, steps=steps, total_steps=total_steps,
+        optimizer=optimizer, scheduler=make_scheduler(optimizer, config, total_steps), teacher=teacher,
+        progress=progress,
+    )
 
 
 def _training_loader(train_ds: Dataset, per_image: np.ndarray, config: TrainConfig,
@@ -292,7 +330,7 @@ def _train_epoch(session: _Session, state: _FitState, epoch: int) -> float:
         images = images.to(session.device, non_blocking=True).contiguous(memory_format=session.memory_format)
         masks = masks.to(session.device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
-        loss = _batch_loss(session, state, images, masks)
+        loss = _batch_loss(session, images, masks)
         if not torch.isfinite(loss):
             raise TrainingDivergedError(
                 f"the loss became {loss.item()} at epoch {epoch}, step {step}; "
@@ -315,7 +353,7 @@ def _train_epoch(session: _Session, state: _FitState, epoch: int) -> float:
     return loss_sum / max(loss_count, 1)
 
 
-def _batch_loss(session: _Session, state: _FitState, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+def _batch_loss(session: _Session, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """The supervised loss of one batch, mixed with the distillation term when there is a teacher."""
     config = session.config
     with autocast(session.device, session.precision):
@@ -323,10 +361,7 @@ def _batch_loss(session: _Session, state: _FitState, images: torch.Tensor, masks
     loss = session.criterion(logits, masks)
     if session.teacher is None:
         return loss
-    teacher_start = time.perf_counter()
-    with torch.no_grad(), autocast(session.device, session.precision):
-        teacher_logits = session.teacher(images)
-    state.teacher_seconds += time.perf_counter() - teacher_start
+    teacher_logits = session.teacher.logits(images)
     return ((1 - config.distill_weight) * loss
             + config.distill_weight * distillation_loss(logits, teacher_logits, config.distill_temperature))
 
