@@ -1,8 +1,9 @@
 """Two models on the same images: masks, per-image and per-class changes, and cost side by
-side. The dashboard's Compare page and its downloadable report are built from this."""
+side. `core.services.compare` runs it for the dashboard's Compare page and its report."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,12 +17,21 @@ from core.models.checkpoint import load_checkpoint
 from core.models.zoo import ModelSpec
 from core.predictions import cached_predictions
 from core.profile import profile_model
+from core.train import Progress, StopRequested
 from core.visual import diff_masks
+
+# (fraction of the whole comparison, what is being done) -> stop? (as the services report)
+StageProgress = Callable[[float, str], "bool | None"]
+
+# Where each part of a comparison ends, as a fraction of it: reading the images and their
+# masks, then predicting with each model (the slow parts on a CPU, unless cached on disk).
+READ_END, BEFORE_END, AFTER_END = 0.1, 0.55, 0.99
 
 
 @dataclass
 class Comparison:
     class_names: list[str]
+    images: np.ndarray  # (N, H, W) or (N, H, W, 3) uint8, at the models' input size
     truth: np.ndarray  # (N, H, W) class ids
     before: np.ndarray
     after: np.ndarray
@@ -51,16 +61,55 @@ def check_comparable(before: ModelSpec, after: ModelSpec) -> None:
                               "pruned rounds, or two models trained on the same dataset at the same size")
 
 
-def compare_models(before: str | Path, after: str | Path, dataset: Dataset, class_names: list[str]) -> Comparison:
+def _report(progress: StageProgress | None, fraction: float, message: str) -> None:
+    if progress is not None and progress(fraction, message) is True:
+        raise StopRequested()
+
+
+def _predicting(progress: StageProgress | None, start: float, end: float, which: str):
+    """The prediction's per-batch callback, mapped onto [start, end] of the comparison."""
+    if progress is None:
+        return None
+
+    def report(step: Progress) -> bool:
+        message = f"predicting with the {which} model: batch {step.step} of {step.steps}"
+        return progress(start + (end - start) * step.fraction, message) is True
+
+    return report
+
+
+def compare_models(before: str | Path, after: str | Path, dataset: Dataset, class_names: list[str],
+                   progress: StageProgress | None = None) -> Comparison:
     """Predictions of both checkpoints on ``dataset`` (cached on disk), compared image by
-    image (defect mIoU change, worst first) and class by class (IoU over the split)."""
-    masks_before = cached_predictions(before, dataset).masks
-    masks_after = cached_predictions(after, dataset).masks
-    truth = np.stack([dataset.raw(i)[1] for i in range(len(dataset))]).astype(np.uint8)
+    image (defect mIoU change, worst first) and class by class (IoU over the split).
+    ``progress`` hears after every image read and every batch predicted; answering True
+    raises `StopRequested`."""
+    images, truth = [], []
+    for i in range(len(dataset)):
+        image, mask = dataset.raw(i)
+        images.append(image)
+        truth.append(mask)
+        _report(progress, READ_END * (i + 1) / len(dataset), f"reading image {i + 1} of {len(dataset)}")
+    masks_before = cached_predictions(before, dataset, progress=_predicting(progress, READ_END, BEFORE_END,
+                                                                            "before")).masks
+    _report(progress, BEFORE_END, "predicted with the before model")
+    masks_after = cached_predictions(after, dataset, progress=_predicting(progress, BEFORE_END, AFTER_END,
+                                                                          "after")).masks
+    _report(progress, AFTER_END, "predicted with the after model")
+    comparison = compare_masks(np.stack(images), np.stack(truth).astype(np.uint8), masks_before, masks_after,
+                               class_names, [str(p) for p in dataset.samples["image"]]
+                               if hasattr(dataset, "samples") else None)
+    _report(progress, 1.0, f"compared {len(dataset)} images")
+    return comparison
+
+
+def compare_masks(images: np.ndarray, truth: np.ndarray, masks_before: np.ndarray, masks_after: np.ndarray,
+                  class_names: list[str], paths: list[str] | None = None) -> Comparison:
+    """Both models' masks against the truth: the per-image table (worst change first) and the
+    per-class IoU over all images."""
     n = len(class_names)
     conf_before = batch_confusion(masks_before, truth, n)
     conf_after = batch_confusion(masks_after, truth, n)
-    paths = [str(p) for p in dataset.samples["image"]] if hasattr(dataset, "samples") else None
     table_before = per_image_table(conf_before, class_names, paths)
     table_after = per_image_table(conf_after, class_names, paths)
     per_image = table_before[["index", "image"]].copy()
@@ -79,8 +128,8 @@ def compare_models(before: str | Path, after: str | Path, dataset: Dataset, clas
         "iou_after": [metrics_after.per_class_iou[c] for c in class_names],
     })
     per_class["change"] = per_class["iou_after"].astype(float) - per_class["iou_before"].astype(float)
-    return Comparison(class_names=list(class_names), truth=truth, before=masks_before, after=masks_after,
-                      per_image=per_image, per_class=per_class, metrics_before=metrics_before,
+    return Comparison(class_names=list(class_names), images=images, truth=truth, before=masks_before,
+                      after=masks_after, per_image=per_image, per_class=per_class, metrics_before=metrics_before,
                       metrics_after=metrics_after)
 
 

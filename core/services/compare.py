@@ -1,0 +1,136 @@
+"""Compare two checkpoints on the same split: the request the Compare page builds, the
+comparison it draws (`run_compare`), its cost table and the checkpoint as a zip.
+
+The page calls these through Streamlit's cache; nothing here knows Streamlit, so a job or the
+command line can run the same comparison."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+import core.compare as analysis  # module-qualified: a test may stand in for its checks
+from core.compare import Comparison, StageProgress, pixel_changes
+from core.data.base import SPLITS, DatasetIndex
+from core.data.dataset import SegmentationDataset
+from core.data.registry import DEFAULT_FORMAT, load_index
+from core.errors import DefectPruneError
+from core.models.checkpoint import CheckpointMissingFileError, read_spec, restore_interrupted_save
+from core.models.zoo import ModelSpec
+from core.train import EmptySplitError
+
+# The columns of the cost table a reader compares; the report keeps the raw numbers too.
+COST_COLUMNS = ["model", "MACs (M)", "params (M)", "size (MiB)", "torch ms", "ONNX Runtime ms"]
+
+
+class CompareRequestError(DefectPruneError):
+    """A comparison asked for with values it cannot take."""
+
+
+@dataclass(frozen=True)
+class CompareRequest:
+    """Two checkpoints (folders) predicted on one split of one dataset."""
+
+    before: str
+    after: str
+    split: str = "val"
+    format: str = DEFAULT_FORMAT
+    root: str | None = None  # None: a synthetic format's cache in the workspace
+    split_seed: int = 0
+    options: dict[str, Any] = field(default_factory=dict)  # the format's options, e.g. {"category": "bottle"}
+    max_images: int | None = None  # a seeded sample of the split; None: all of it (the page)
+
+    def __post_init__(self) -> None:
+        if not self.before or not self.after:
+            raise CompareRequestError("a comparison needs two checkpoint folders, before and after")
+        if self.split not in SPLITS:
+            raise CompareRequestError(f"split {self.split!r} is not one of {', '.join(SPLITS)}")
+        if self.max_images is not None and (isinstance(self.max_images, bool) or not isinstance(self.max_images, int)
+                                            or self.max_images < 1):
+            raise CompareRequestError(f"max_images must be a whole number of at least 1 or None, "
+                                      f"not {self.max_images!r}")
+
+
+@dataclass
+class CompareResult:
+    """What the Compare page draws: the comparison and the request it answers."""
+
+    request: CompareRequest
+    comparison: Comparison
+
+    def images_with(self, class_name: str | None) -> pd.DataFrame:
+        """The per-image table as the page lists it (file name, defect mIoU before and after,
+        change; worst change first), of the images showing ``class_name`` (None: all)."""
+        table = self.comparison.per_image
+        if class_name is not None:
+            table = table[table[f"present {class_name}"]]
+        return table[["index", "image", "defect_miou before", "defect_miou after", "change"]].assign(
+            image=lambda frame: frame["image"].map(lambda path: Path(path).name))
+
+    def pixel_changes(self, index: int) -> pd.DataFrame:
+        """Pixels of image ``index`` the after model gained and lost, over all classes and per class."""
+        c = self.comparison
+        return pixel_changes(c.truth[index], c.before[index], c.after[index], c.class_names)
+
+    def report(self, cost: pd.DataFrame | None) -> dict[str, Any]:
+        """The downloadable report: both models, the split, per-class IoU, cost and defect mIoU."""
+        c = self.comparison
+        return {"before": self.request.before, "after": self.request.after, "split": self.request.split,
+                "per_class": c.per_class.to_dict("records"),
+                "cost": cost.to_dict("records") if cost is not None else None,
+                "defect_miou": {"before": c.metrics_before.defect_miou, "after": c.metrics_after.defect_miou}}
+
+
+def checked_specs(request: CompareRequest) -> tuple[ModelSpec, ModelSpec]:
+    """Both checkpoints' specs, once both folders are there and the models are comparable
+    (read from the spec files alone: no weights are loaded to refuse a pair)."""
+    specs = []
+    for role, path in (("before", request.before), ("after", request.after)):
+        restore_interrupted_save(path)  # a save killed between its renames left the old folder aside
+        if not Path(path).is_dir():
+            raise CheckpointMissingFileError(f"checkpoint folder {path} does not exist (the {role} model); "
+                                             "choose another model")
+        specs.append(read_spec(path))
+    analysis.check_comparable(specs[0], specs[1])
+    return specs[0], specs[1]
+
+
+def run_compare(request: CompareRequest, progress: StageProgress | None = None,
+                index: DatasetIndex | None = None) -> CompareResult:
+    """Predict the split with both models (masks cached on disk per checkpoint version) and
+    compare them. ``progress(fraction, message)`` hears after every image read and batch
+    predicted and reaches 1.0 at the end; answering True raises `core.train.StopRequested`.
+    ``index`` saves reading the dataset again when the caller holds it (it must be the
+    request's dataset)."""
+    spec, _ = checked_specs(request)
+    if index is None:
+        index = load_index(request.format, request.root, seed=request.split_seed, **request.options)
+    dataset = SegmentationDataset(index, request.split, tuple(spec.input_size), spec.in_channels,
+                                  limit=request.max_images)
+    if len(dataset) == 0:
+        raise EmptySplitError(f"the {request.split} split of {index.format} has no images; "
+                              "choose another split or dataset")
+    comparison = analysis.compare_models(request.before, request.after, dataset, list(spec.classes), progress)
+    return CompareResult(request=request, comparison=comparison)
+
+
+def cost_rows(costs: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """The cost table: one row per model (its label -> `core.compare.cost_row` of its
+    checkpoint), MACs and parameters in millions, size in MiB, latencies in ms. The table
+    shows `COST_COLUMNS`; the report keeps every column."""
+    table = pd.DataFrame([{"model": label, **row} for label, row in costs.items()])
+    table["MACs (M)"] = table["macs"] / 1e6
+    table["params (M)"] = table["params"] / 1e6
+    table["size (MiB)"] = table["size_bytes"] / 2**20
+    return table.rename(columns={"latency_torch_ms": "torch ms", "latency_ort_ms": "ONNX Runtime ms"})
+
+
+def checkpoint_zip(folder: str | Path) -> bytes:
+    """The checkpoint folder as a zip archive's bytes."""
+    with tempfile.TemporaryDirectory() as scratch:
+        return Path(shutil.make_archive(str(Path(scratch) / "checkpoint"), "zip", folder)).read_bytes()
