@@ -11,10 +11,11 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 from conftest import REPO
+from page_helpers import run_inline
 from core.models.checkpoint import save_checkpoint
 from core.models.zoo import ModelSpec, build_model
 from core.pruning.methods import resolve_method
-from core.pruning.step import prune_step
+from core.pruning.step import prune_step, pruning_context
 from core.visual import class_colour_hex
 
 TIMEOUT = 300
@@ -49,7 +50,7 @@ def pair(tmp_path_factory) -> tuple[str, str]:
     model = build_model(spec).eval()
     before = save_checkpoint(folder / "before", model, spec)
     batches = [(torch.randn(2, 1, 64, 64), torch.randint(0, 4, (2, 64, 64)))]
-    step = prune_step(model, (64, 64), 1, resolve_method("uniform-l1"), 0.5, batches, CLASSES)
+    step = prune_step(pruning_context(model, (64, 64), 1, batches, CLASSES), resolve_method("uniform-l1"), 0.5)
     after = save_checkpoint(folder / "after", model, spec, step.history)
     return str(before), str(after)
 
@@ -83,6 +84,9 @@ def test_two_models_are_compared_with_cost_and_downloads(pair):
     assert cost["MACs (M)"].iloc[1] < cost["MACs (M)"].iloc[0]
     assert (cost["ONNX Runtime ms"] > 0).all()
     assert len(at.get("download_button")) == 3
+    assert not at.get("progress")  # the comparison's bar goes once the comparison is drawn
+    at.run()  # drawn from the cache: its bar is replayed emptied, as nothing
+    assert not at.exception and not at.get("progress") and len(at.get("plotly_chart")) == 2
 
 
 def test_bars_and_masks_use_the_class_colours_and_follow_the_widgets(pair):
@@ -126,13 +130,22 @@ def test_a_selected_row_survives_a_class_filter_that_shortens_the_table(pair):
     assert chart(at, "Image ")["layout"]["title"]["text"].startswith(f"Image {shorter['index'].iloc[0]}:")
 
 
-def test_the_onnx_offered_is_the_chosen_after_models(pair):
+def test_the_onnx_offered_is_the_chosen_after_models(pair, monkeypatch):
+    from core.runs import api
+
+    monkeypatch.setattr(api, "ensure_worker", lambda *a, **k: None)  # the test runs the job itself
+    monkeypatch.setattr(api, "worker_alive", lambda *a, **k: True)
     before, after = pair
     at = two_models_page(before, after)
     at.selectbox(key="compare_after").set_value(after).run()
     at.button(key="compare_export").click().run()
     assert not at.exception and not at.error, [e.value for e in at.error]
     labels = lambda: [b.proto.label for b in at.get("download_button")]  # noqa: E731
+    job = api.list_jobs(kind="export")[0]  # the page exports in the worker, not in itself
+    assert job.params["checkpoint"] == str(Path(after).resolve())
+    assert "model.onnx" not in labels() and "Exporting ONNX" in at.get("progress")[0].proto.text
+    run_inline(job.id)
+    at.run()
     assert "model.onnx" in labels()
     at.selectbox(key="compare_after").set_value(before).run()
     assert "model.onnx" not in labels()  # not the other model's export
