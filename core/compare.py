@@ -17,7 +17,7 @@ from core.models.checkpoint import load_checkpoint
 from core.models.zoo import ModelSpec
 from core.predictions import cached_predictions
 from core.profile import profile_model
-from core.train import Progress, StopRequested
+from core.train import Progress, ProgressCallback, StopRequested
 from core.visual import diff_masks
 
 # (fraction of the whole comparison, what is being done) -> stop? (as the services report)
@@ -66,7 +66,7 @@ def _report(progress: StageProgress | None, fraction: float, message: str) -> No
         raise StopRequested()
 
 
-def _predicting(progress: StageProgress | None, start: float, end: float, which: str):
+def _predicting(progress: StageProgress | None, start: float, end: float, which: str) -> ProgressCallback | None:
     """The prediction's per-batch callback, mapped onto [start, end] of the comparison."""
     if progress is None:
         return None
@@ -96,9 +96,9 @@ def compare_models(before: str | Path, after: str | Path, dataset: Dataset, clas
     masks_after = cached_predictions(after, dataset, progress=_predicting(progress, BEFORE_END, AFTER_END,
                                                                           "after")).masks
     _report(progress, AFTER_END, "predicted with the after model")
+    paths = [str(p) for p in dataset.samples["image"]] if hasattr(dataset, "samples") else None
     comparison = compare_masks(np.stack(images), np.stack(truth).astype(np.uint8), masks_before, masks_after,
-                               class_names, [str(p) for p in dataset.samples["image"]]
-                               if hasattr(dataset, "samples") else None)
+                               class_names, paths)
     _report(progress, 1.0, f"compared {len(dataset)} images")
     return comparison
 
