@@ -46,18 +46,17 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from core.allocation.base import AllocationLimits  # noqa: E402
+from core.allocation.context import PruningContext, ScoringNetworkSettings, StepSettings  # noqa: E402
 from core.allocation.cost import CostModel  # noqa: E402
-from core.allocation.masks import ranks_from_scores  # noqa: E402
-from core.allocation.scoring_network import (  # noqa: E402
-    ScoringNetworkSettings, allocate_by_scoring_network,
-)
+from core.allocation.scoring_network import allocate_by_scoring_network  # noqa: E402
+from core.importance.scoring import GroupAnalysis  # noqa: E402
 from core.live import group_l1_scores, live_allocation  # noqa: E402
+from core.models.graph import PruningGraph  # noqa: E402
 from core.models.zoo import ModelSpec, build_model  # noqa: E402
 from core.profile import (  # noqa: E402
     count_macs, count_params, export_onnx, measure_latency, measure_onnx_latency,
 )
-from core.pruning.graph import PruningGraph  # noqa: E402
-from core.pruning.step import example_input, pruned_copy  # noqa: E402
+from core.pruning.step import pruned_copy  # noqa: E402
 
 ENGINES = ("torch", "onnxruntime")
 ENGINE_LABEL = {"torch": "torch", "onnxruntime": "ORT"}
@@ -133,11 +132,14 @@ def trained_logits(model: nn.Module, graph: PruningGraph, cost: CostModel, spec:
                    args: argparse.Namespace) -> list[float]:
     """The scoring network's per-group logits after a few steps on random calibration batches
     (the budget is met afterwards per target, so one training serves every target)."""
-    ranks = {name: ranks_from_scores(s) for name, s in group_l1_scores(graph).items()}
     batches = random_calibration(spec, args.calibration_images, 4, args.calibration_size, args.seed)
-    allocation = allocate_by_scoring_network(
-        model, graph, cost, ranks, batches, max(args.targets), list(spec.classes),
-        settings=ScoringNetworkSettings(steps=args.scoring_steps, seed=args.seed), limits=AllocationLimits())
+    settings = StepSettings(scoring=ScoringNetworkSettings(steps=args.scoring_steps, seed=args.seed),
+                            limits=AllocationLimits())
+    context = PruningContext(model=model, graph=graph, cost=cost, batches=batches, class_names=list(spec.classes),
+                             class_weights=[1.0] * spec.num_classes, input_size=tuple(spec.input_size),
+                             in_channels=spec.in_channels, settings=settings)
+    analysis = GroupAnalysis(scores=group_l1_scores(graph), correlations={})
+    allocation = allocate_by_scoring_network(context, analysis, max(args.targets))
     return list(allocation.details["logits"])
 
 
@@ -147,7 +149,7 @@ def engine_models(args: argparse.Namespace) -> Iterator[tuple[dict, nn.Module, M
     spec = default_spec(args)
     model = build_model(spec).eval()
     yield {"label": "unpruned", "allocator": "none", "round_to": None, "target": None}, model, spec
-    graph = PruningGraph(model, example_input(model, spec.input_size, spec.in_channels))
+    graph = PruningGraph.traced(model, spec.input_size, spec.in_channels)
     cost = CostModel(graph)
     logits = None
     if "scoring-network" in args.allocators:

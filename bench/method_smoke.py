@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from core.allocation.context import StepSettings  # noqa: E402
 from core.allocation.scoring_network import ScoringNetworkSettings  # noqa: E402
 from core.data.dataset import SegmentationDataset  # noqa: E402
 from core.data.registry import load_index  # noqa: E402
@@ -39,7 +40,6 @@ from core.models.checkpoint import is_checkpoint, load_checkpoint  # noqa: E402
 from core.profile import measure_latency  # noqa: E402
 from core.pruning.loop import LoopSettings, run_prune_loop  # noqa: E402
 from core.pruning.methods import METHODS  # noqa: E402
-from core.pruning.step import StepSettings  # noqa: E402
 from core.train import TrainConfig, evaluate  # noqa: E402
 
 CACHE = REPO / "bench" / "cache"

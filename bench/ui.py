@@ -40,16 +40,16 @@ import torch  # noqa: E402
 
 from core.allocation.base import AllocationLimits  # noqa: E402
 from core.allocation.baselines import allocate_by_sensitivity  # noqa: E402
+from core.allocation.context import PruningContext, ScoringNetworkSettings, StepSettings  # noqa: E402
 from core.allocation.cost import CostModel  # noqa: E402
-from core.allocation.masks import ranks_from_scores  # noqa: E402
-from core.allocation.scoring_network import ScoringNetworkSettings, allocate_by_scoring_network  # noqa: E402
+from core.allocation.scoring_network import allocate_by_scoring_network  # noqa: E402
 from core.data.dataset import SegmentationDataset  # noqa: E402
 from core.data.registry import load_index  # noqa: E402
 from core.live import group_l1_scores, live_allocation, preview_pruned  # noqa: E402
+from core.importance.scoring import GroupAnalysis  # noqa: E402
 from core.models.checkpoint import is_checkpoint, load_checkpoint  # noqa: E402
-from core.pruning.graph import PruningGraph  # noqa: E402
+from core.models.graph import PruningGraph  # noqa: E402
 from core.pruning.loop import calibration_batches  # noqa: E402
-from core.pruning.step import example_input  # noqa: E402
 from core.train import class_pixel_counts, class_weights_from_counts  # noqa: E402
 
 REUSED = CACHE / "synthetic-steel-unet-resnet18-128-e20-s0"
@@ -86,13 +86,16 @@ def stored_measurements(checkpoint: Path, loaded, graph, cost, args) -> tuple[di
     train = SegmentationDataset(index, "train", tuple(spec.input_size), spec.in_channels)
     batches = calibration_batches(train, args.calibration_images, 8, seed=0)
     weights = class_weights_from_counts(class_pixel_counts(train, len(spec.classes)))
-    ranks = {name: ranks_from_scores(s) for name, s in group_l1_scores(graph).items()}
+    analysis = GroupAnalysis(scores=group_l1_scores(graph), correlations={})
+    context = PruningContext(model=loaded.model, graph=graph, cost=cost, batches=batches,
+                             class_names=list(spec.classes), class_weights=list(weights),
+                             input_size=tuple(spec.input_size), in_channels=spec.in_channels,
+                             settings=StepSettings(scoring=ScoringNetworkSettings(steps=args.scoring_steps)))
     start = time.perf_counter()
-    scoring = allocate_by_scoring_network(loaded.model, graph, cost, ranks, batches, 0.8, list(spec.classes),
-                                          weights, ScoringNetworkSettings(steps=args.scoring_steps))
+    scoring = allocate_by_scoring_network(context, analysis, 0.8)
     scoring_s = time.perf_counter() - start
     start = time.perf_counter()
-    sensitivity = allocate_by_sensitivity(loaded.model, graph, cost, ranks, batches, 0.8, weights)
+    sensitivity = allocate_by_sensitivity(context, analysis, 0.8)
     sensitivity_s = time.perf_counter() - start
     stored = {"logits": scoring.details["logits"], "drops": sensitivity.details["drops"],
               "levels": sensitivity.details["levels"], "scoring_seconds": scoring_s,
@@ -144,7 +147,7 @@ def main() -> None:
     loaded = load_checkpoint(checkpoint)
     spec = loaded.spec
     start = time.perf_counter()
-    graph = PruningGraph(loaded.model, example_input(loaded.model, spec.input_size, spec.in_channels))
+    graph = PruningGraph.traced(loaded.model, spec.input_size, spec.in_channels)
     cost = CostModel(graph)
     graph_s = time.perf_counter() - start
     start = time.perf_counter()

@@ -14,21 +14,16 @@ import torch
 import torch.nn as nn
 
 from core.allocation.base import Allocation, AllocationLimits
-from core.allocation.baselines import SENSITIVITY_LEVELS, allocate_global, allocate_uniform, allocation_from_drops
+from core.allocation.baselines import SENSITIVITY_LEVELS
+from core.allocation.context import LiveAllocationError, StoredResults
 from core.allocation.cost import CostModel
-from core.allocation.scoring_network import allocation_from_logits
+from core.allocation.registry import ALLOCATORS
 from core.data.dataset import SegmentationDataset, normalise
-from core.errors import DefectPruneError
-from core.importance.criteria import ContributionImportance
-from core.pruning.graph import PruningGraph
+from core.importance.magnitude import ContributionImportance
+from core.models.graph import PruningGraph
+from core.models.runtime import model_device
 from core.pruning.step import pruned_copy
 from core.visual import overlay_mask
-
-LIVE_ALLOCATORS = ("uniform", "global", "scoring-network", "sensitivity")
-
-
-class LiveAllocationError(DefectPruneError):
-    """A live allocator was asked for without the stored results it answers from."""
 
 
 def group_l1_scores(graph: PruningGraph) -> dict[str, np.ndarray]:
@@ -46,21 +41,12 @@ def live_allocation(
 ) -> Allocation:
     """An allocation for ``target_reduction`` from what is already known (no forward pass):
     uniform needs nothing, global the L1 scores, the scoring network its trained logits and
-    sensitivity its measured curves (the last two from a score job)."""
-    needs = {"global": ("L1 scores", l1_scores), "scoring-network": ("a scoring job's logits", logits),
-             "sensitivity": ("measured sensitivity curves", drops)}
-    if allocator not in LIVE_ALLOCATORS:
-        raise LiveAllocationError(f"unknown allocator {allocator!r}; choose one of {', '.join(LIVE_ALLOCATORS)}")
-    if allocator in needs and needs[allocator][1] is None:
-        raise LiveAllocationError(f"the {allocator} allocator answers from {needs[allocator][0]}; "
-                                  "run the job that measures them first")
-    if allocator == "uniform":
-        return allocate_uniform(graph, cost, target_reduction, limits)
-    if allocator == "global":
-        return allocate_global(graph, cost, l1_scores, target_reduction, limits)
-    if allocator == "scoring-network":
-        return allocation_from_logits(graph, cost, logits, target_reduction, limits=limits)
-    return allocation_from_drops(graph, cost, drops, target_reduction, limits, levels)
+    sensitivity its measured curves (the last two from a score job); each allocator's
+    `Allocator.recreate`."""
+    if allocator not in ALLOCATORS:
+        raise LiveAllocationError(f"unknown allocator {allocator!r}; choose one of {', '.join(ALLOCATORS)}")
+    stored = StoredResults(l1_scores=l1_scores, logits=logits, drops=drops, levels=levels)
+    return ALLOCATORS[allocator].recreate(graph, cost, target_reduction, stored, limits)
 
 
 @dataclass
@@ -81,7 +67,7 @@ def preview_pruned(model: nn.Module, input_size: Sequence[int], in_channels: int
     pictures, captions = [], []
     for i in range(min(images, len(dataset))):
         image, truth = dataset.raw(i)
-        x = normalise(image, in_channels)[None].to(next(model.parameters()).device)
+        x = normalise(image, in_channels)[None].to(model_device(model))
         for label, net in (("unpruned", model), ("pruned copy", pruned)):
             pictures.append(overlay_mask(image, net(x).argmax(1)[0].cpu().numpy().astype("uint8")))
             captions.append(f"{label} {i + 1}")

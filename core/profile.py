@@ -29,7 +29,8 @@ from tqdm import tqdm
 
 from core.atomic import atomic_path
 from core.errors import DefectPruneError
-from core.models.groups import eval_mode, example_input, macs_counter_of, model_device
+from core.models.groups import macs_counter_of
+from core.models.runtime import eval_mode, example_input, model_device
 from core.train import TorchThreads
 
 DEFAULT_RUNS = 20
@@ -93,7 +94,7 @@ def subclass_counters(model: nn.Module) -> Iterator[None]:
 
 def count_macs(model: nn.Module, input_size: Sequence[int], in_channels: int) -> int:
     """MACs of one forward pass of a single image of ``input_size`` (height, width)."""
-    example = _example(input_size, in_channels, model_device(model))
+    example = example_input(input_size, int(in_channels), device=model_device(model))
     with eval_mode(model), subclass_counters(model), contextlib.redirect_stdout(sys.stderr):
         macs, _params = tp.utils.count_ops_and_params(model, example)
     return int(macs)
@@ -153,7 +154,7 @@ def measure_latency(model: nn.Module, input_size: Sequence[int], in_channels: in
     device = torch.device(device)
     if model_device(model) != device:
         model = copy.deepcopy(model).to(device)
-    example = _example(input_size, in_channels, device)
+    example = example_input(input_size, int(in_channels), device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times: list[float] = []
     with eval_mode(model), TorchThreads(threads), torch.inference_mode():
@@ -184,7 +185,7 @@ def export_onnx(model: nn.Module, path: str | Path, input_size: Sequence[int], i
     if path.is_dir():
         raise OnnxExportError(f"{path} is a folder; give a file name such as {path / 'model.onnx'}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    example = _example(input_size, in_channels, model_device(model), batch=1)
+    example = example_input(input_size, int(in_channels), device=model_device(model))
     try:
         with atomic_path(path) as tmp, eval_mode(model), torch.no_grad(), warnings.catch_warnings(), \
                 contextlib.redirect_stdout(sys.stderr):
@@ -234,7 +235,7 @@ def measure_onnx_latency(onnx_path: str | Path, input_size: Sequence[int], in_ch
     """ONNX Runtime CPU latency of one image (batch 1)."""
     _check_timing(runs, warmup, threads)
     session = onnx_session(onnx_path, threads=threads)
-    feed = {session.get_inputs()[0].name: _example(input_size, in_channels, "cpu").numpy()}
+    feed = {session.get_inputs()[0].name: example_input(input_size, int(in_channels)).numpy()}
     for _ in range(warmup):
         session.run(None, feed)
     times: list[float] = []
@@ -287,10 +288,3 @@ def profile_model(model: nn.Module, spec: Any, checkpoint_dir: str | Path | None
         "latency_ms": {engine: result["median_ms"] for engine, result in latency.items()},
         "latency": latency,
     }
-
-
-# ---------------------------------------------------------------- helpers
-
-def _example(input_size: Sequence[int], in_channels: int, device: torch.device | str,
-             batch: int = 1) -> torch.Tensor:
-    return example_input(input_size, int(in_channels), batch=batch, device=device)

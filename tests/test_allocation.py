@@ -11,14 +11,13 @@ import torch_pruning as tp
 from core.allocation.base import AllocationLimits
 from core.allocation.baselines import allocate_by_sensitivity, allocate_global, allocate_uniform
 from core.allocation.cost import CostModel
-from core.allocation.masks import ranks_from_scores
-from core.allocation.scoring_network import (
-    ScoringNetworkSettings, allocate_by_scoring_network, allocation_from_logits,
-)
+from core.allocation.context import PruningContext, ScoringNetworkSettings, StepSettings
+from core.allocation.scoring_network import allocate_by_scoring_network, allocation_from_logits
+from core.importance.scoring import GroupAnalysis
+from core.models.graph import PruningGraph, kept_count
 from core.models.zoo import ModelSpec, build_model
-from core.pruning.graph import PruningGraph, kept_count
 from core.pruning.methods import resolve_method
-from core.pruning.step import StepSettings, prune_step
+from core.pruning.step import prune_step, pruning_context
 
 SIZE = 64
 CLASSES = ["background", "a", "b"]
@@ -28,6 +27,19 @@ def batches(n: int = 1, batch: int = 2, size: int = SIZE, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(batch, 3, size, size, generator=g), torch.randint(0, 3, (batch, size, size), generator=g))
             for _ in range(n)]
+
+
+def context_of(model: nn.Module, graph: PruningGraph, cost: CostModel, calibration, classes=CLASSES,
+               settings: StepSettings | None = None, size: int = SIZE) -> PruningContext:
+    """The step's context around a graph the test built (class weights 1)."""
+    return PruningContext(model=model, graph=graph, cost=cost, batches=calibration, class_names=list(classes),
+                          class_weights=[1.0] * len(classes), input_size=(size, size), in_channels=3,
+                          settings=settings or StepSettings())
+
+
+def scored(scores) -> GroupAnalysis:
+    """An analysis with these channel scores (the allocators rank channels by them)."""
+    return GroupAnalysis(scores=dict(scores), correlations={})
 
 
 def real_macs(model: nn.Module, in_channels: int = 3) -> float:
@@ -42,8 +54,8 @@ def test_scoring_network_meets_the_budget_after_real_pruning(arch, encoder):
     model = build_model(ModelSpec(classes=CLASSES, arch=arch, encoder=encoder)).eval()
     before = real_macs(model)
     settings = StepSettings(scoring=ScoringNetworkSettings(steps=3))
-    step = prune_step(model, (SIZE, SIZE), 3, resolve_method("collaborative", criterion="l1"), 0.6,
-                      batches(), CLASSES, settings=settings)
+    step = prune_step(pruning_context(model, (SIZE, SIZE), 3, batches(), CLASSES, settings=settings),
+                      resolve_method("collaborative", criterion="l1"), 0.6)
     after = real_macs(model)
     assert step.allocation.budget_met
     assert 1 - after / before == pytest.approx(0.6, abs=0.02)
@@ -88,14 +100,14 @@ def test_sensitivity_measuring_ends_at_a_stop_request():
     model = build_model(ModelSpec(classes=CLASSES)).eval()
     graph = PruningGraph(model, torch.zeros(1, 3, SIZE, SIZE))
     rng = np.random.default_rng(0)
-    ranks = {g.name: ranks_from_scores(rng.random(g.channels)) for g in graph.groups}
+    scores = {g.name: rng.random(g.channels) for g in graph.groups}
     calls = []
 
     def stop_at_once(fraction, message):
         calls.append(message)
         return True
 
-    allocation = allocate_by_sensitivity(model, graph, CostModel(graph), ranks, batches(), 0.5, [1.0, 1.0, 1.0],
+    allocation = allocate_by_sensitivity(context_of(model, graph, CostModel(graph), batches()), scored(scores), 0.5,
                                          levels=(0.5, 0.9), progress=stop_at_once)
     assert len(calls) == 1  # not one more group measured after the stop
     measured = [n for n, curve in allocation.details["drops"].items() if len(curve) > 1]
@@ -132,10 +144,10 @@ def test_scoring_network_keeps_more_of_the_branch_that_carries_the_signal():
     net.eval()
     graph = PruningGraph(net, torch.zeros(1, 3, 16, 16))
     cost = CostModel(graph)
-    ranks = {g.name: np.arange(g.channels) for g in graph.groups}
-    allocation = allocate_by_scoring_network(
-        net, graph, cost, ranks, [(x[:8], y[:8]), (x[8:], y[8:])], 0.5, ["background", "defect"],
-        settings=ScoringNetworkSettings(steps=120, seed=0))
+    first_best = {g.name: -np.arange(g.channels, dtype=np.float64) for g in graph.groups}  # ranks 0, 1, 2, ...
+    context = context_of(net, graph, cost, [(x[:8], y[:8]), (x[8:], y[8:])], ["background", "defect"],
+                         StepSettings(scoring=ScoringNetworkSettings(steps=120, seed=0)), size=16)
+    allocation = allocate_by_scoring_network(context, scored(first_best), 0.5)
     keep = allocation.keep_ratio
     assert keep["mix"] == 1.0 and allocation.kept["mix"] == 8  # the classifier's input stays whole
     assert keep["conv_a"] > keep["conv_b"] + 0.2
@@ -156,10 +168,9 @@ def test_baseline_allocators_meet_the_budget():
     cost = CostModel(graph)
     rng = np.random.default_rng(0)
     scores = {g.name: rng.random(g.channels) for g in graph.groups}
-    ranks = {n: ranks_from_scores(s) for n, s in scores.items()}
     uniform = allocate_uniform(graph, cost, 0.5)
     global_ = allocate_global(graph, cost, scores, 0.5)
-    sensitivity = allocate_by_sensitivity(model, graph, cost, ranks, batches(), 0.5, [1.0, 1.0, 1.0],
+    sensitivity = allocate_by_sensitivity(context_of(model, graph, cost, batches()), scored(scores), 0.5,
                                           levels=(0.5, 0.9))
     for allocation in (uniform, global_, sensitivity):
         assert allocation.budget_met
@@ -196,9 +207,9 @@ def test_stored_sensitivity_curves_answer_any_target_like_the_measuring_allocato
     graph = PruningGraph(model, torch.zeros(1, 3, SIZE, SIZE))
     cost = CostModel(graph)
     rng = np.random.default_rng(0)
-    ranks = {g.name: ranks_from_scores(rng.random(g.channels)) for g in graph.groups}
+    scores = {g.name: rng.random(g.channels) for g in graph.groups}
     levels = (0.5, 0.9)
-    measured = allocate_by_sensitivity(model, graph, cost, ranks, batches(), 0.5, [1.0, 1.0, 1.0], levels=levels)
+    measured = allocate_by_sensitivity(context_of(model, graph, cost, batches()), scored(scores), 0.5, levels=levels)
     drops = measured.details["drops"]
     assert set(drops) == {g.name for g in graph.groups}
     assert all(len(curve) == 3 and curve[0] == 0.0 for curve in drops.values())

@@ -78,10 +78,9 @@ def test_rounded_allocations_keep_multiples_of_eight():
     next(models)  # the unpruned model
     meta, pruned, spec = next(models)
     assert meta["round_to"] == 8
-    from core.pruning.graph import PruningGraph
-    from core.pruning.step import example_input
+    from core.models.graph import PruningGraph
 
-    graph = PruningGraph(pruned, example_input(pruned, spec.input_size, spec.in_channels))
+    graph = PruningGraph.traced(pruned, spec.input_size, spec.in_channels)
     widths = [g.channels for g in graph.groups if not g.feeds_classifier]
     assert widths and all(w % 8 == 0 for w in widths)
     assert {g.name: g.channels for g in graph.groups} == meta["kept"]
@@ -92,12 +91,13 @@ def test_checkpoint_mode_times_the_given_checkpoint(tmp_path, capsys):
     from core.models.checkpoint import save_checkpoint
     from core.models.zoo import ModelSpec, build_model
     from core.pruning.methods import METHODS
-    from core.pruning.step import prune_step
+    from core.pruning.step import prune_step, pruning_context
 
     spec = ModelSpec(classes=["background", "scratch"], in_channels=1, input_size=(64, 64))
     torch.manual_seed(0)
     model = build_model(spec).eval()
-    step = prune_step(model, spec.input_size, spec.in_channels, METHODS["uniform-l1"], 0.6, [], spec.classes)
+    step = prune_step(pruning_context(model, spec.input_size, spec.in_channels, [], spec.classes),
+                      METHODS["uniform-l1"], 0.6)
     save_checkpoint(tmp_path / "run" / "round_01", model, spec, step.history)
     out = tmp_path / "latency.md"
     assert bench.main([*TINY, "--engines", "torch", "--checkpoint", str(tmp_path / "run" / "round_01"),

@@ -22,7 +22,8 @@ from core.models.checkpoint import (
     CheckpointMissingFileError, CheckpointSpecError, CheckpointWeightsError, is_checkpoint,
     load_checkpoint, read_spec, save_checkpoint,
 )
-from core.models.groups import classifier_layers, prunable_groups
+from core.models.graph import prunable_groups
+from core.models.groups import classifier_layers
 from core.models.zoo import ModelSpec, build_model
 
 SIZE = (64, 64)

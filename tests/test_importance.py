@@ -8,11 +8,12 @@ import torch
 import torch.nn as nn
 
 from core.importance.collaborative import collaborative_removal_order, min_max, substitutability_scores
-from core.importance.criteria import CRITERIA, ContributionImportance, make_importance
+from core.importance.criteria import CRITERIA, make_importance
+from core.importance.magnitude import ContributionImportance
 from core.importance.substitutability import (
     CorrelationAccumulator, collect_correlations, sample_positions, weight_cosine_matrix,
 )
-from core.pruning.graph import PruningGraph
+from core.models.graph import PruningGraph
 
 
 class TwoLayerNet(nn.Module):
@@ -155,17 +156,17 @@ def test_weight_cosine_variant_sees_identical_filters():
 
 
 def test_weight_cosine_is_a_selectable_correlation_source_that_needs_no_data():
-    from core.pruning.step import StepSettings, score_filters
+    from core.importance.scoring import score_filters
 
     net = duplicate_filter_net()
     graph = PruningGraph(net, torch.zeros(1, 3, 16, 16))
-    analysis = score_filters(net, graph, "collaborative", [], StepSettings(correlation="weights"))
+    analysis = score_filters(net, graph, "collaborative", [], correlation="weights")
     for g in graph.groups:
         np.testing.assert_array_equal(analysis.correlations[g.name], weight_cosine_matrix(graph, g))
     order = np.argsort(analysis.scores["conv1"], kind="stable")
     assert len({0, 1} & set(order[:4].tolist())) == 1  # the duplicates: one kept, as with responses
     with pytest.raises(Exception, match="unknown correlation source 'pixels'"):
-        score_filters(net, graph, "collaborative", [], StepSettings(correlation="pixels"))
+        score_filters(net, graph, "collaborative", [], correlation="pixels")
 
 
 def test_l1_criterion_is_torch_pruning_group_l1_unnormalised():

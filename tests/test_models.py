@@ -9,10 +9,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from core.models.groups import (
-    GroupInfo, classifier_layers, dependency_graph, groups_frame, prunable_groups, torch_groups,
-    trace_model,
-)
+from core.models.graph import GROUP_COLUMNS, groups_frame, prunable_groups
+from core.models.groups import classifier_layers, dependency_graph, torch_groups, trace_model
 from core.models.zoo import ARCHITECTURES, ENCODERS, ModelSpec, UnknownArchitectureError, build_model
 from core.profile import count_macs
 
@@ -107,7 +105,7 @@ def test_groups_match_torch_pruning_and_frame() -> None:
     infos = prunable_groups(model, SIZE, 3, graph=graph)
     assert [graph._module2name[g[0].dep.target.module] for g in raw] == [g.name for g in infos]
     frame = groups_frame(infos)
-    assert list(frame.columns) == [f for f in GroupInfo.__dataclass_fields__]
+    assert list(frame.columns) == list(GROUP_COLUMNS)
     assert len(frame) == len(infos)
     assert frame["channels"].tolist() == [g.channels for g in infos]
     assert isinstance(frame.loc[0, "layers"], str)

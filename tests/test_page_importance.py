@@ -30,12 +30,11 @@ def network(tmp_path_factory) -> tuple[str, object, object]:
     """A tiny model with its pruning graph and cost model, as the page builds them."""
     from core.allocation.cost import CostModel
     from core.models.checkpoint import load_checkpoint
-    from core.pruning.graph import PruningGraph
-    from core.pruning.step import example_input
+    from core.models.graph import PruningGraph
 
     path = tiny_steel_model(tmp_path_factory.mktemp("network"))
     loaded = load_checkpoint(path)
-    graph = PruningGraph(loaded.model, example_input(loaded.model, loaded.spec.input_size, loaded.spec.in_channels))
+    graph = PruningGraph.traced(loaded.model, loaded.spec.input_size, loaded.spec.in_channels)
     return path, graph, CostModel(graph)
 
 

@@ -16,7 +16,8 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from core.models.checkpoint import save_checkpoint
-from core.models.groups import classifier_layers, example_input
+from core.models.groups import classifier_layers
+from core.models.runtime import example_input
 from core.models.zoo import ModelSpec, build_model
 from core.profile import (
     LatencyResult, OnnxExportError, ProfileError, checkpoint_size_bytes, count_macs, count_params,

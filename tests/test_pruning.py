@@ -11,15 +11,15 @@ import pytest
 import torch
 import torch_pruning as tp
 
-from core.allocation.scoring_network import ScoringNetworkSettings
+from core.allocation.context import ScoringNetworkSettings, StepSettings
 from core.data.dataset import SegmentationDataset
 from core.data.registry import load_index
 from core.models.checkpoint import load_checkpoint, save_checkpoint
 from core.models.zoo import ARCHITECTURES, ModelSpec, build_model
-from core.pruning.graph import PruningError
+from core.models.graph import PruningError
 from core.pruning.loop import LoopSettings, read_rounds, run_prune_loop
 from core.pruning.methods import METHODS, resolve_method
-from core.pruning.step import StepSettings, prune_step
+from core.pruning.step import prune_step, pruning_context
 from core.train import TrainConfig
 
 SIZE = 64
@@ -43,8 +43,9 @@ def test_every_method_prunes_every_architecture_to_half_the_macs(arch, tmp_path)
         spec = ModelSpec(classes=CLASSES, arch=arch, input_size=(SIZE, SIZE))
         model = build_model(spec).eval()
         before = macs_of(model)
-        step = prune_step(model, (SIZE, SIZE), 3, resolve_method(method), 0.5, calibration(), CLASSES,
-                          settings=StepSettings(scoring=ScoringNetworkSettings(steps=2)))
+        context = pruning_context(model, (SIZE, SIZE), 3, calibration(), CLASSES,
+                                  settings=StepSettings(scoring=ScoringNetworkSettings(steps=2)))
+        step = prune_step(context, resolve_method(method), 0.5)
         assert model(x).shape == (1, 3, SIZE, SIZE)
         assert 1 - macs_of(model) / before == pytest.approx(0.5, abs=0.03), method
         folder = save_checkpoint(tmp_path / f"{arch}-{method}", model, spec, step.history)
@@ -163,7 +164,7 @@ def test_a_parameter_target_is_landed_on_not_overshot(tiny_data, tmp_path):
 
 
 def test_rounds_land_on_the_milestones_on_their_way_to_the_target(tiny_data, tmp_path):
-    from core.runs.jobs import parse_params
+    from core.runs.kinds import job_request
 
     train, val, _, classes = tiny_data
     model, spec = fresh(classes)
@@ -180,11 +181,10 @@ def test_rounds_land_on_the_milestones_on_their_way_to_the_target(tiny_data, tmp
     from core.pruning.loop import _milestone_macs
 
     settings = loop_settings(target=0.9, milestones=(0.7,))
-    assert _milestone_macs(settings, {"macs": 1000.0}, 300.4) == []
-    assert _milestone_macs(settings, {"macs": 1000.0}, 302.0) == pytest.approx([300.0])
+    assert _milestone_macs(settings, 1000.0, 300.4) == []
+    assert _milestone_macs(settings, 1000.0, 302.0) == pytest.approx([300.0])
     # the run store's prune job takes them as a JSON list
-    args = parse_params("prune", {"checkpoint": "c", "milestones": [0.5, 0.7]}, out="o")
-    assert args.milestones == [0.5, 0.7]
+    assert job_request("prune", {"checkpoint": "c", "milestones": [0.5, 0.7]}).milestones == (0.5, 0.7)
 
 
 def test_loop_resumes_after_its_last_finished_round(tiny_data, tmp_path):
@@ -217,7 +217,7 @@ def test_comparison_of_a_model_with_itself_and_with_a_pruned_copy(tiny_data, tmp
     same = compare_models(before, before, val, classes)
     assert (same.per_image["change"].fillna(0) == 0).all()
     assert np.array_equal(same.before, same.after) and same.truth.shape == same.before.shape
-    step = prune_step(model, (SIZE, SIZE), 3, resolve_method("uniform-l1"), 0.5, calibration(), classes)
+    step = prune_step(pruning_context(model, (SIZE, SIZE), 3, calibration(), classes), resolve_method("uniform-l1"), 0.5)
     after = save_checkpoint(tmp_path / "after", model, spec, step.history)
     diff = compare_models(before, after, val, classes)
     changes = diff.per_image["change"].dropna().tolist()
@@ -231,7 +231,7 @@ def test_comparison_of_a_model_with_itself_and_with_a_pruned_copy(tiny_data, tmp
 def test_pruned_copy_follows_the_allocation_and_leaves_the_original():
     from core.allocation.baselines import allocate_uniform
     from core.allocation.cost import CostModel
-    from core.pruning.graph import PruningGraph
+    from core.models.graph import PruningGraph
     from core.pruning.step import pruned_copy
 
     torch.manual_seed(0)
@@ -335,7 +335,8 @@ def test_allocators_run_their_forward_passes_in_the_asked_precision(method):
     model.segmentation_head.register_forward_hook(lambda module, inputs, output: seen.add(output.dtype))
     spec = resolve_method("collaborative", allocator="sensitivity") if method == "sensitivity" else resolve_method(method)
     before = macs_of(model)
-    prune_step(model, (SIZE, SIZE), 3, spec, 0.5, calibration(), CLASSES,
-               settings=StepSettings(scoring=ScoringNetworkSettings(steps=2), precision="bf16"))
+    prune_step(pruning_context(model, (SIZE, SIZE), 3, calibration(), CLASSES,
+                               settings=StepSettings(scoring=ScoringNetworkSettings(steps=2), precision="bf16")),
+               spec, 0.5)
     assert torch.bfloat16 in seen
     assert 1 - macs_of(model) / before == pytest.approx(0.5, abs=0.03)

@@ -135,11 +135,10 @@ def cached_cost_model(path: str, mtime: float):
     """The pruning graph and closed-form cost model of a checkpoint (built once: seconds;
     every answer afterwards: milliseconds)."""
     from core.allocation.cost import CostModel
-    from core.pruning.graph import PruningGraph
-    from core.pruning.step import example_input
+    from core.models.graph import PruningGraph
 
     loaded = cached_checkpoint(path, mtime)
-    graph = PruningGraph(loaded.model, example_input(loaded.model, loaded.spec.input_size, loaded.spec.in_channels))
+    graph = PruningGraph.traced(loaded.model, loaded.spec.input_size, loaded.spec.in_channels)
     return graph, CostModel(graph)
 
 

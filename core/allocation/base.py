@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from core.allocation.cost import CostModel
-from core.pruning.graph import PrunableGroup, PruningGraph, kept_count
+from core.models.graph import PrunableGroup, PruningGraph, kept_count
 
 ProgressFn = Callable[[float, str], "bool | None"]  # (fraction, message) -> True asks to stop
 

@@ -1,4 +1,4 @@
-"""Baseline allocators with the scoring network's interface.
+"""Baseline allocators with the scoring network's interface (`Allocator`).
 
 - uniform: one keep ratio for every group, the one that meets the MACs budget.
 - global ranking: Torch-Pruning's global pruning over normalised scores (each channel's
@@ -19,19 +19,20 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
-import torch.nn as nn
 
 from core.allocation.base import (
     Allocation, AllocationLimits, ProgressFn, counts_for, fill_budget, finish, meet_budget,
 )
+from core.allocation.context import Allocator, PruningContext, StoredResults, require
 from core.allocation.cost import CostModel
-from core.allocation.masks import ChannelMasks
+from core.allocation.masks import ChannelMasks, ranks_from_scores
 from core.errors import DefectPruneError
+from core.importance.scoring import GroupAnalysis
+from core.models.graph import PruningGraph
+from core.models.runtime import eval_mode, model_device
 from core.precision import autocast
-from core.pruning.graph import PruningGraph
 from core.train import SegmentationLoss
 
-ALLOCATORS = ["scoring-network", "uniform", "global", "sensitivity"]
 SENSITIVITY_LEVELS = (0.3, 0.5, 0.7, 0.9)
 
 
@@ -77,46 +78,42 @@ def allocate_global(graph: PruningGraph, cost: CostModel, scores: Mapping[str, n
 
 
 @torch.no_grad()
-def allocate_by_sensitivity(
-    model: nn.Module, graph: PruningGraph, cost: CostModel, ranks: Mapping[str, np.ndarray],
-    batches: Sequence[tuple[torch.Tensor, torch.Tensor]], target_reduction: float,
-    class_weights: Sequence[float], limits: AllocationLimits | None = None,
-    levels: Sequence[float] = SENSITIVITY_LEVELS, progress: ProgressFn | None = None,
-    precision: str = "fp32",
-) -> Allocation:
-    """Prune each group alone at each of ``levels`` (masks, nothing cut) and record the rise of
-    the class-balanced loss on the calibration batches (forward passes in ``precision``, a
-    resolved name); allocate greedily from those curves to meet the budget."""
-    limits = limits or AllocationLimits()
-    loss_fn = SegmentationLoss(torch.as_tensor(class_weights, dtype=torch.float32))
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
+def allocate_by_sensitivity(context: PruningContext, analysis: GroupAnalysis, target_reduction: float,
+                            progress: ProgressFn | None = None,
+                            levels: Sequence[float] = SENSITIVITY_LEVELS) -> Allocation:
+    """Prune each group alone at each of ``levels`` (masks over the channels ranked by the
+    analysis' scores, nothing cut) and record the rise of the class-balanced loss on the
+    calibration batches (forward passes in the settings' precision); allocate greedily from
+    those curves to meet the budget."""
+    model, graph, batches = context.model, context.graph, context.batches
+    limits, precision = context.settings.limits, context.settings.precision
+    ranks = {name: ranks_from_scores(s) for name, s in analysis.scores.items()}
+    loss_fn = SegmentationLoss(torch.as_tensor(context.class_weights, dtype=torch.float32))
+    device = model_device(model)
 
-    def calibration_loss(masks: ChannelMasks) -> float:
+    def calibration_loss() -> float:
         with autocast(device, precision):
             outputs = [(model(x.to(device)), y) for x, y in batches]
         return float(np.mean([float(loss_fn.to(device)(out, y.to(device))) for out, y in outputs]))
 
     level_counts = sensitivity_level_counts(graph, limits, levels)
     drops: dict[str, list[float]] = {}
-    with ChannelMasks(graph, ranks) as masks:
-        base = calibration_loss(masks)
+    with eval_mode(model), ChannelMasks(graph, ranks) as masks:
+        base = calibration_loss()
         total = len(graph.groups) * len(levels)
         stop = False
         for gi, g in enumerate(graph.groups):
             drops[g.name] = [0.0]
             for li, count in enumerate(level_counts[g.name][1:]):
                 masks.set_hard({g.name: count})
-                drops[g.name].append(calibration_loss(masks) - base)
+                drops[g.name].append(calibration_loss() - base)
                 if progress is not None and progress((gi * len(levels) + li + 1) / total, f"sensitivity of {g.name}"):
                     stop = True  # a stop ends the measuring; unmeasured groups are not cut
                     break
             masks.clear()
             if stop:
                 break
-    model.train(was_training)
-    return allocation_from_drops(graph, cost, drops, target_reduction, limits, levels)
+    return allocation_from_drops(graph, context.cost, drops, target_reduction, limits, levels)
 
 
 def sensitivity_level_counts(graph: PruningGraph, limits: AllocationLimits,
@@ -180,3 +177,42 @@ def allocation_from_drops(
     importance = {g.name: float(np.mean(curves[g.name])) for g in graph.groups}
     return finish("sensitivity", graph, cost, current, keep, importance, met,
                   details={"drops": curves, "levels": [float(lv) for lv in levels]})
+
+
+class UniformAllocator(Allocator):
+    label = "uniform"
+
+    def allocate(self, context: PruningContext, analysis: GroupAnalysis, target_reduction: float,
+                 progress: ProgressFn | None = None) -> Allocation:
+        return allocate_uniform(context.graph, context.cost, target_reduction, context.settings.limits)
+
+    def recreate(self, graph: PruningGraph, cost: CostModel, target_reduction: float, stored: StoredResults,
+                 limits: AllocationLimits | None = None) -> Allocation:
+        return allocate_uniform(graph, cost, target_reduction, limits)
+
+
+class GlobalAllocator(Allocator):
+    label = "global (L1)"
+
+    def allocate(self, context: PruningContext, analysis: GroupAnalysis, target_reduction: float,
+                 progress: ProgressFn | None = None) -> Allocation:
+        return allocate_global(context.graph, context.cost, analysis.scores, target_reduction, context.settings.limits)
+
+    def recreate(self, graph: PruningGraph, cost: CostModel, target_reduction: float, stored: StoredResults,
+                 limits: AllocationLimits | None = None) -> Allocation:
+        scores = require(stored.l1_scores, "global", "L1 scores")
+        return allocate_global(graph, cost, scores, target_reduction, limits)
+
+
+class SensitivityAllocator(Allocator):
+    label = "sensitivity"
+
+    def allocate(self, context: PruningContext, analysis: GroupAnalysis, target_reduction: float,
+                 progress: ProgressFn | None = None) -> Allocation:
+        return allocate_by_sensitivity(context, analysis, target_reduction, progress=progress)
+
+    def recreate(self, graph: PruningGraph, cost: CostModel, target_reduction: float, stored: StoredResults,
+                 limits: AllocationLimits | None = None) -> Allocation:
+        drops = require(stored.drops, "sensitivity", "measured sensitivity curves")
+        levels = SENSITIVITY_LEVELS if stored.levels is None else stored.levels
+        return allocation_from_drops(graph, cost, drops, target_reduction, limits, levels)

@@ -19,9 +19,9 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from core.models.groups import eval_mode
+from core.models.graph import CONV_TYPES, PruningGraph
+from core.models.runtime import eval_mode
 from core.profile import subclass_counters
-from core.pruning.graph import CONV_TYPES, PruningGraph
 
 
 class CostModel:

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from core.pruning.graph import PruningGraph
+from core.models.graph import PruningGraph
 
 
 class ChannelMasks:

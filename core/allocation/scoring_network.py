@@ -12,8 +12,8 @@ loss decide where channels matter.)
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -23,80 +23,50 @@ import torch.nn.functional as F
 from core.allocation.base import (
     Allocation, AllocationLimits, ProgressFn, counts_for, fill_budget, finish, meet_budget,
 )
+from core.allocation.context import (
+    Allocator, Batch, PruningContext, ScoringNetworkSettings, StoredResults, require,
+)
 from core.allocation.cost import CostModel
-from core.allocation.masks import ChannelMasks
+from core.allocation.masks import ChannelMasks, ranks_from_scores
+from core.importance.scoring import GroupAnalysis
+from core.models.graph import PruningGraph
+from core.models.runtime import eval_mode, model_device
 from core.precision import autocast
-from core.pruning.graph import PruningGraph
 from core.train import SegmentationLoss
 
-Batch = tuple[torch.Tensor, torch.Tensor]
 
-
-@dataclass
-class ScoringNetworkSettings:
-    steps: int = 300
-    lr: float = 0.1
-    # lambda of the linear MACs pressure. METHOD.md suggests about 1; on NEU-Seg (one shot to
-    # 80% fewer MACs, 2 fine-tune epochs, validation) 0.3 gave 59.95 defect mIoU against 58.22
-    # at 1.0 and 57.75 for uniform allocation: a lighter pressure leaves the stride-8 layers
-    # more channels (bench/results/neu_allocation_check.md).
-    pressure: float = 0.3
-    tau_start: float = 2.0
-    tau_end: float = 0.25
-    k_min: float = 0.05
-    seed: int = 0
-
-
-class _FrozenWeights:
-    """Weights frozen and BatchNorm in eval for the duration; restored afterwards."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def __enter__(self):
-        self.training = self.model.training
-        self.flags = [p.requires_grad for p in self.model.parameters()]
-        self.model.eval()
-        for p in self.model.parameters():
+@contextlib.contextmanager
+def frozen_weights(model: nn.Module) -> Iterator[nn.Module]:
+    """Weights frozen and BatchNorm in eval for the duration; both restored afterwards."""
+    flags = [p.requires_grad for p in model.parameters()]
+    with eval_mode(model):
+        for p in model.parameters():
             p.requires_grad_(False)
-        return self
+        try:
+            yield model
+        finally:
+            for p, flag in zip(model.parameters(), flags):
+                p.requires_grad_(flag)
 
-    def __exit__(self, *exc):
-        for p, flag in zip(self.model.parameters(), self.flags):
-            p.requires_grad_(flag)
-        self.model.train(self.training)
 
-
-def allocate_by_scoring_network(
-    model: nn.Module,
-    graph: PruningGraph,
-    cost: CostModel,
-    ranks: Mapping[str, np.ndarray],
-    batches: Sequence[Batch],
-    target_reduction: float,
-    class_names: Sequence[str],
-    class_weights: Sequence[float] | None = None,
-    settings: ScoringNetworkSettings | None = None,
-    limits: AllocationLimits | None = None,
-    progress: ProgressFn | None = None,
-    precision: str = "fp32",
-) -> Allocation:
-    """Per-group kept channels that remove ``target_reduction`` of the current MACs. The frozen
-    model's forward passes run in ``precision`` (a resolved name: bf16 autocast or fp32); the
-    logits, the cost and the loss stay fp32."""
-    settings = settings or ScoringNetworkSettings()
-    limits = limits or AllocationLimits()
+def allocate_by_scoring_network(context: PruningContext, analysis: GroupAnalysis, target_reduction: float,
+                                progress: ProgressFn | None = None) -> Allocation:
+    """Per-group kept channels that remove ``target_reduction`` of the current MACs, channels
+    ranked by the analysis' scores. The frozen model's forward passes run in the settings'
+    precision (bf16 autocast or fp32); the logits, the cost and the loss stay fp32."""
+    model, graph, cost, batches = context.model, context.graph, context.cost, context.batches
+    settings, limits, precision = context.settings.scoring, context.settings.limits, context.settings.precision
+    class_names = context.class_names
+    ranks = {name: ranks_from_scores(s) for name, s in analysis.scores.items()}
     torch.manual_seed(settings.seed)
-    n_classes = len(class_names)
-    weights = torch.as_tensor(class_weights if class_weights is not None else np.ones(n_classes), dtype=torch.float32)
-    loss_fn = SegmentationLoss(weights)
-    device = next(model.parameters()).device
+    loss_fn = SegmentationLoss(torch.as_tensor(context.class_weights, dtype=torch.float32))
+    device = model_device(model)
     logits = torch.zeros(len(graph.groups), requires_grad=True)
     optimiser = torch.optim.Adam([logits], lr=settings.lr)
     k_min = settings.k_min
     free = _free_groups(graph, limits)  # protected groups stay whole while the scorer learns too
     history = []
-    with _FrozenWeights(model), ChannelMasks(graph, ranks) as masks:
+    with frozen_weights(model), ChannelMasks(graph, ranks) as masks:
         for step in range(settings.steps):
             frac = step / max(settings.steps - 1, 1)
             tau = settings.tau_start * (settings.tau_end / settings.tau_start) ** frac
@@ -183,3 +153,16 @@ def _class_importance(
         for group in graph.groups:
             matrix[group.name][name] = float(g[group.index]) / scale
     return matrix
+
+
+class ScoringNetworkAllocator(Allocator):
+    label = "scoring network"
+
+    def allocate(self, context: PruningContext, analysis: GroupAnalysis, target_reduction: float,
+                 progress: ProgressFn | None = None) -> Allocation:
+        return allocate_by_scoring_network(context, analysis, target_reduction, progress=progress)
+
+    def recreate(self, graph: PruningGraph, cost: CostModel, target_reduction: float, stored: StoredResults,
+                 limits: AllocationLimits | None = None) -> Allocation:
+        logits = require(stored.logits, "scoring-network", "a scoring job's logits")
+        return allocation_from_logits(graph, cost, logits, target_reduction, limits=limits)

@@ -14,9 +14,9 @@ from scipy.cluster.hierarchy import leaves_list, linkage
 from scipy.spatial.distance import squareform
 
 from core.importance.collaborative import collaborative_removal_order, combined_scores
-from core.importance.criteria import ContributionImportance
+from core.importance.magnitude import ContributionImportance
 from core.importance.substitutability import correlations_from, substitutability
-from core.pruning.graph import PrunableGroup, PruningGraph, select_removal
+from core.models.graph import PrunableGroup, PruningGraph, select_removal
 
 
 @dataclass

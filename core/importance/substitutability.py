@@ -19,7 +19,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from core.pruning.graph import PrunableGroup, PruningError, PruningGraph
+from core.models.graph import PrunableGroup, PruningError, PruningGraph
+from core.models.runtime import eval_mode, model_device
 
 DEFAULT_POSITIONS = 8192
 # where substitutability's correlation comes from: the channels' responses on calibration
@@ -90,16 +91,14 @@ def collect_correlations(
 
     for g in groups:
         hooks.append(graph.modules[g.response_module].register_forward_hook(make_hook(g.name)))
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
+    device = model_device(model)
     try:
-        for batch in batches:
-            model(batch.to(device))
+        with eval_mode(model):
+            for batch in batches:
+                model(batch.to(device))
     finally:
         for h in hooks:
             h.remove()
-        model.train(was_training)
     return {name: acc.correlation() for name, acc in accumulators.items()}
 
 

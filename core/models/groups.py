@@ -1,23 +1,18 @@
-"""The prunable-group map: which channels must be removed together, and where they live.
+"""Tracing a model for its prunable groups: which channels must be removed together, in network
+order, at which output stride, and what each layer costs.
 
 Torch-Pruning's `DependencyGraph` finds the groups (a conv, its BatchNorm, every consumer's input
-channels and every layer coupled through residual adds or concatenations); this module only
-describes them for people and for the allocators: a readable name, the output stride ("scale"),
-the role in the network, the channel count, the parameters coupled to the channels and the MACs
-they account for. The classifier conv of the segmentation head is never part of the map.
-
-A group's ``name`` is the module name of its root conv exactly as Torch-Pruning roots it in
-``DG.get_all_groups`` (and therefore as it appears in ``pruner.pruning_history()``), so a group
-can be fetched again with ``DG.get_pruning_group(module, pruner.prune_out_channels, idxs)``.
+channels and every layer coupled through residual adds or concatenations); `torch_groups` puts
+them in network order with the classifier conv left out, and `core.models.graph` describes each
+as a `PrunableGroup`.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
-import pandas as pd
 import torch
 import torch.nn as nn
 import torch_pruning as tp
@@ -30,31 +25,6 @@ ROLES = ("encoder", "decoder", "head")
 # The deepest output stride of every encoder in the zoo (depth 5). A conv whose output is
 # coarser than this runs on a globally pooled map (squeeze-excitation, ASPP image pooling).
 MAX_ENCODER_STRIDE = 32
-
-
-@dataclass(frozen=True)
-class GroupInfo:
-    """One prunable group, as shown in the dashboard and used by the allocators.
-
-    ``params`` counts every parameter that depends on the group's channels (the producing
-    convs and norms whole, the consumers' input slices), i.e. what removing all of them would
-    remove. ``macs_share`` is the share of the model's MACs spent producing the group's
-    channels (each layer counted once, in the group that owns its outputs, so the shares of all
-    groups sum to at most 1); ``macs_coupled_share`` adds the consumers' MACs, i.e. the
-    first-order share of MACs that shrinks with the group's channel count.
-    """
-
-    index: int
-    name: str
-    scale: int
-    role: str
-    channels: int
-    params: int
-    macs: int
-    macs_share: float
-    macs_coupled_share: float
-    layers: tuple[str, ...]  # convs whose output channels are the group (execution order)
-    consumers: tuple[str, ...]  # convs whose input channels include the group
 
 
 def model_in_channels(model: nn.Module) -> int:
@@ -195,7 +165,7 @@ def torch_groups(model: nn.Module, graph: tp.DependencyGraph,
 
     Network order is the forward execution order of the first conv that produces each group's
     channels (``order``: conv name -> position, e.g. `ModelTrace.order`; traced here at 64 px
-    when not given). `prunable_groups` numbers ``index`` in this order.
+    when not given). `core.models.graph.PruningGraph` numbers its groups in this order.
     """
     ignored = list(classifier_layers(model) if ignored_layers is None else ignored_layers)
     groups = list(graph.get_all_groups(ignored_layers=ignored, root_module_types=list(ROOT_MODULE_TYPES)))
@@ -220,80 +190,6 @@ def role_of(name: str) -> str:
     return "head"
 
 
-def prunable_groups(model: nn.Module, input_size: Sequence[int] = (64, 64),
-                    in_channels: int | None = None,
-                    graph: tp.DependencyGraph | None = None) -> list[GroupInfo]:
-    """The prunable-group map of ``model`` at ``input_size`` (height, width), in network order.
-
-    ``graph`` reuses a dependency graph already built for this model (it must be current: a
-    graph goes stale once the model is pruned through another graph).
-    """
-    channels = model_in_channels(model) if in_channels is None else in_channels
-    if graph is None:
-        graph, trace = graph_and_trace(model, input_size, channels)
-    else:
-        trace = trace_model(model, input_size, channels)
-    order, scales = trace.order, trace.scales
-    groups = torch_groups(model, graph, order=order)
-    names = {module: name for name, module in model.named_modules()}
-    layer_macs = {module: trace.layer_macs.get(name, 0) for name, module in model.named_modules()}
-    total_macs = max(float(trace.total_macs), 1.0)
-
-    infos: list[GroupInfo] = []
-    for index, group in enumerate(groups):
-        root = group[0].dep.target.module
-        root_name = names[root]
-        produced: dict[nn.Module, float] = {}  # module -> share of its outputs in the group
-        consumed: dict[nn.Module, float] = {}  # module -> share of its inputs in the group
-        loose_params = 0
-        for item in group:
-            module, handler, count = item.dep.target.module, item.dep.handler, len(item.idxs)
-            if isinstance(module, nn.Parameter):  # an unwrapped parameter: pruned along one dim
-                loose_params += module.numel() // max(1, module.shape[0]) * count
-                continue
-            if not isinstance(module, nn.Module):
-                continue  # element-wise ops, concatenations: no parameters, no MACs of their own
-            if graph.is_out_channel_pruning_fn(handler):
-                produced[module] = max(produced.get(module, 0.0), _share(module, count, out=True))
-            elif graph.is_in_channel_pruning_fn(handler):
-                consumed[module] = max(consumed.get(module, 0.0), _share(module, count, out=False))
-        for module in produced:
-            consumed.pop(module, None)  # a depthwise conv's inputs are its outputs: count once
-        params = loose_params
-        params += sum(round(sum(p.numel() for p in m.parameters(recurse=False)) * s) for m, s in produced.items())
-        params += sum(round(_weight_numel(m) * s) for m, s in consumed.items())
-        own_macs = sum((layer_macs.get(m) or 0) * s for m, s in produced.items())
-        coupled_macs = own_macs + sum((layer_macs.get(m) or 0) * s for m, s in consumed.items())
-        convs = sorted((m for m in produced if isinstance(m, ROOT_MODULE_TYPES)), key=lambda m: order.get(names[m], 0))
-        consumers = sorted((m for m in consumed if isinstance(m, ROOT_MODULE_TYPES)), key=lambda m: order.get(names[m], 0))
-        infos.append(GroupInfo(
-            index=index,
-            name=root_name,
-            scale=int(scales.get(root_name, 1)),
-            role=role_of(root_name),
-            channels=len(group[0].idxs),
-            params=int(params),
-            macs=int(round(own_macs)),
-            macs_share=float(own_macs / total_macs),
-            macs_coupled_share=float(coupled_macs / total_macs),
-            layers=tuple(names[m] for m in convs),
-            consumers=tuple(names[m] for m in consumers),
-        ))
-    return infos
-
-
-def groups_frame(groups: Sequence[GroupInfo]) -> pd.DataFrame:
-    """One row per group (layer lists joined into text so the frame displays and exports)."""
-    columns = [f.name for f in fields(GroupInfo)]
-    rows = []
-    for info in groups:
-        row = asdict(info)
-        row["layers"] = ", ".join(info.layers)
-        row["consumers"] = ", ".join(info.consumers)
-        rows.append(row)
-    return pd.DataFrame(rows, columns=columns)
-
-
 def _ancestors(model: nn.Module, name: str) -> list[nn.Module]:
     parts = name.split(".") if name else []
     found, module = [], model
@@ -301,21 +197,3 @@ def _ancestors(model: nn.Module, name: str) -> list[nn.Module]:
         module = getattr(module, part)
         found.append(module)
     return ([model] if name else []) + found
-
-
-def _share(module: nn.Module, count: int, out: bool) -> float:
-    """Share of ``module``'s output (or input) channels that ``count`` channels are."""
-    if isinstance(module, nn.modules.conv._ConvNd):
-        total = module.out_channels if out else module.in_channels
-    elif isinstance(module, nn.modules.batchnorm._BatchNorm):
-        total = module.num_features
-    elif isinstance(module, nn.Linear):
-        total = module.out_features if out else module.in_features
-    else:
-        return 1.0
-    return min(1.0, count / max(1, total))
-
-
-def _weight_numel(module: nn.Module) -> int:
-    weight = getattr(module, "weight", None)
-    return int(weight.numel()) if isinstance(weight, torch.Tensor) else 0

@@ -17,7 +17,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import MISSING, asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +26,17 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
+from core.allocation.context import Batch, StepSettings, pruning_context
 from core.atomic import write_json_atomic
 from core.errors import DefectPruneError
 from core.models.checkpoint import load_checkpoint, save_checkpoint
+from core.models.graph import PruningError
+from core.models.runtime import model_device
 from core.models.zoo import ModelSpec
 from core.precision import resolve_precision
 from core.profile import count_macs, count_params, measure_latency
-from core.pruning.graph import PruningError
-from core.pruning.methods import resolve_method
-from core.pruning.step import Batch, StepSettings, prune_step
+from core.pruning.methods import MethodSpec, resolve_method
+from core.pruning.step import prune_step
 from core.train import (
     Progress, TrainConfig, class_pixel_counts, class_weights_from_counts, evaluate, fine_tune,
 )
@@ -216,6 +218,84 @@ class _Relay:
         return self.stop_requested
 
 
+@dataclass
+class RunBase:
+    """The model the run starts from, measured once and kept as ``base`` in ``rounds.json``
+    (a resumed run reads it back): every reduction and drop is against it."""
+
+    macs: float
+    params: float
+    defect_miou: float | None  # validation
+    val: dict[str, Any] = field(default_factory=dict)
+    history: list = field(default_factory=list)  # Torch-Pruning history the run started with
+    method: str = ""
+    settings: dict[str, Any] = field(default_factory=dict)  # the run's LoopSettings, JSON-ready
+    fingerprint: str | None = None  # `model_fingerprint` (absent in runs recorded before it)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunBase":
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+    def drop(self, val: dict[str, Any]) -> float | None:
+        """Points of validation defect mIoU below the base (None when either is unknown)."""
+        if val["defect_miou"] is None or self.defect_miou is None:
+            return None
+        return self.defect_miou - val["defect_miou"]
+
+
+@dataclass
+class LoopState:
+    """Where the loop stands: the model as pruned so far, its history, the finished rounds and
+    why the loop stops ("rounds" until a reason comes)."""
+
+    model: nn.Module
+    history: list
+    rounds: list[RoundRecord]
+    stopped: str = "rounds"
+
+
+@dataclass
+class _Run:
+    """What every part of one run reads and nothing changes: the data, the settings, the base."""
+
+    spec: ModelSpec
+    method: MethodSpec
+    train_ds: Dataset
+    val_ds: Dataset | None  # what fine-tunes pick their best epoch on (None with a test's evaluator)
+    test_ds: Dataset | None
+    out_dir: Path
+    names: list[str]
+    device: torch.device
+    settings: LoopSettings
+    teacher: nn.Module | None
+    validate: Callable[[nn.Module], dict[str, Any]]
+    progress: LoopProgress | None
+    base: RunBase
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return tuple(self.spec.input_size)
+
+    @property
+    def state_path(self) -> Path:
+        return self.out_dir / ROUNDS_FILE
+
+    def cost_now(self, model: nn.Module) -> tuple[int, int]:
+        return count_macs(model, self.size, self.spec.in_channels), count_params(model)
+
+
+@dataclass
+class _Calibration:
+    """What every round's pruning step reads from the training split, drawn once per run."""
+
+    batches: list[Batch]
+    class_weights: list[float]
+    precision: str  # the resolved precision of the step's forward passes
+
+
 def run_prune_loop(
     model: nn.Module,
     spec: ModelSpec,
@@ -233,12 +313,34 @@ def run_prune_loop(
     With rounds already in ``out_dir`` (an interrupted run), it resumes after the last
     finished one. ``evaluator`` replaces the validation evaluation (tests script drops)."""
     settings.validate()
-    method = resolve_method(settings.method, settings.allocator, settings.criterion)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    in_channels, size = spec.in_channels, tuple(spec.input_size)
+    run = _start_run(model, spec, history, train_ds, val_ds, test_ds, out_dir, settings, progress, evaluator)
+    state = _resume(run, model, history)
+    if state.rounds and not state.rounds[-1].accepted:
+        state.stopped = "tolerance"
+        return _finish(run, state)
+    calibration = _calibrate(run)
+    for round_index in range(len(state.rounds) + 1, settings.max_rounds + 1):
+        macs_now, params_now = run.cost_now(state.model)
+        if _reached(settings, run.base, macs_now, params_now):
+            state.stopped = "target"
+            break
+        if not _prune_round(run, state, calibration, round_index, macs_now):
+            break
+    else:
+        if _reached(settings, run.base, *run.cost_now(state.model)):
+            state.stopped = "target"
+    return _finish(run, state)
+
+
+def _start_run(model: nn.Module, spec: ModelSpec, history: list, train_ds: Dataset, val_ds: Dataset,
+               test_ds: Dataset | None, out_dir: Path, settings: LoopSettings, progress: LoopProgress | None,
+               evaluator: Callable[[nn.Module], dict[str, Any]] | None) -> _Run:
+    """The run's fixed parts: the base read back from ``rounds.json`` (refused when it was
+    measured on another model) or measured now, and the teacher of distilled fine-tunes."""
     names = list(spec.classes)
-    device = next(model.parameters()).device
+    device = model_device(model)
 
     def validate_model(m: nn.Module) -> dict[str, Any]:
         if evaluator is not None:
@@ -246,128 +348,125 @@ def run_prune_loop(
         return evaluate(m, val_ds, device=device, batch_size=settings.finetune.eval_batch_size or 8,
                         class_names=names, per_image=False).metrics.to_dict()
 
-    state_path = out_dir / ROUNDS_FILE
-    rounds = read_rounds(out_dir)
     fingerprint = model_fingerprint(model)
-    if state_path.is_file():
-        saved = read_state(out_dir)
-        base = saved["base"]
-        if base.get("fingerprint", fingerprint) != fingerprint:
+    if (out_dir / ROUNDS_FILE).is_file():
+        base = RunBase.from_dict(read_state(out_dir)["base"])
+        if base.fingerprint is not None and base.fingerprint != fingerprint:
             raise PruningError(f"{out_dir} holds a run that started from another model: resuming it would "
                                "continue that run; choose a new output folder (or delete this one)")
     else:
         base_val = validate_model(model)
-        base = {"macs": count_macs(model, size, in_channels), "params": count_params(model),
-                "defect_miou": base_val["defect_miou"], "val": base_val, "history": history,
-                "method": settings.method, "settings": _settings_dict(settings), "fingerprint": fingerprint}
+        base = RunBase(macs=count_macs(model, tuple(spec.input_size), spec.in_channels), params=count_params(model),
+                       defect_miou=base_val["defect_miou"], val=base_val, history=history, method=settings.method,
+                       settings=_settings_dict(settings), fingerprint=fingerprint)
     # the teacher of every distilled fine-tune: the model the run starts from, frozen
     distilling = settings.finetune.distill_weight > 0 or (settings.recover_distill_weight or 0) > 0
     teacher = copy.deepcopy(model).eval() if distilling else None
-    context = _RunContext(spec, train_ds, val_ds if evaluator is None else None, test_ds, out_dir, names, device,
-                          settings, teacher, validate_model, progress)
+    method = resolve_method(settings.method, settings.allocator, settings.criterion)
+    return _Run(spec=spec, method=method, train_ds=train_ds, val_ds=val_ds if evaluator is None else None,
+                test_ds=test_ds, out_dir=out_dir, names=names, device=device, settings=settings, teacher=teacher,
+                validate=validate_model, progress=progress, base=base)
+
+
+def _resume(run: _Run, model: nn.Module, history: list) -> LoopState:
+    """The finished rounds in ``out_dir``, and the model of the last accepted one (the given
+    model when there is none)."""
+    rounds = read_rounds(run.out_dir)
     accepted = [r for r in rounds if r.accepted]
     if accepted:
-        loaded = load_checkpoint(accepted[-1].checkpoint, device=device)
+        loaded = load_checkpoint(accepted[-1].checkpoint, device=run.device)
         model, history = loaded.model, list(loaded.history)
-    if rounds and not rounds[-1].accepted:
-        return _finish(context, rounds, base, "tolerance")
+    return LoopState(model=model, history=history, rounds=rounds)
 
-    precision_now = resolve_precision(settings.finetune.precision, device)
-    weights = class_weights_from_counts(class_pixel_counts(train_ds, len(names)))
-    batches = calibration_batches(_unaugmented(train_ds), settings.calibration_images,
+
+def _calibrate(run: _Run) -> _Calibration:
+    settings = run.settings
+    weights = class_weights_from_counts(class_pixel_counts(run.train_ds, len(run.names)))
+    batches = calibration_batches(_unaugmented(run.train_ds), settings.calibration_images,
                                   settings.calibration_batch, settings.seed)
-    final_macs = base["macs"] * (1.0 - settings.target) if settings.target_kind == "macs" else 0.0
+    return _Calibration(batches=batches, class_weights=list(weights),
+                        precision=resolve_precision(settings.finetune.precision, run.device))
+
+
+def _prune_round(run: _Run, state: LoopState, calibration: _Calibration, round_index: int, macs_now: float) -> bool:
+    """One round from ``macs_now``: prune a step, fine-tune, validate, save and record it.
+    False when the loop stops after it (``state.stopped`` says why)."""
+    settings, base = run.settings, run.base
+    final_macs = base.macs * (1.0 - settings.target) if settings.target_kind == "macs" else 0.0
+    next_macs = max(macs_now * (1.0 - settings.step), final_macs, *_milestone_macs(settings, base.macs, macs_now))
     # a parameter target: rounds step through MACs as usual, and the round that would pass the
     # target has its cut scaled back to land on it
-    params_floor = base["params"] * (1.0 - settings.target) if settings.target_kind == "params" else None
-    stopped = "rounds"
-    for round_index in range(len(rounds) + 1, settings.max_rounds + 1):
-        macs_now = count_macs(model, size, in_channels)
-        reached = _reached(settings, base, macs_now, count_params(model))
-        if reached:
-            stopped = "target"
-            break
-        next_macs = max(macs_now * (1.0 - settings.step), final_macs, *_milestone_macs(settings, base, macs_now))
-        step_reduction = 1.0 - next_macs / macs_now
-        start = time.perf_counter()
-        share = (1.0 - _recovery_share(settings)) / settings.max_rounds
-        offset = (round_index - 1) * share
-        relay = _Relay(progress, offset, share * 0.4, f"round {round_index} prune")
-        step_settings = settings.step_settings
-        step_settings.seed = settings.seed + round_index
-        step_settings.precision = precision_now
-        result = prune_step(model, size, in_channels, method, step_reduction, batches, names, weights,
-                            step_settings, progress=relay, params_floor=params_floor)
-        if relay.stop_requested:  # cut with a half-trained allocation: never fine-tuned or recorded
-            stopped = "user"
-            break
-        history = history + result.history
-        if settings.finetune_epochs > 0:
-            config = _finetune_config(settings, round_index)
-            tuned = fine_tune(model, train_ds, val_ds if evaluator is None else None, config,
-                              progress=_Relay(progress, offset + share * 0.4, share * 0.6,
-                                              f"round {round_index} fine-tune"), class_names=names,
-                              teacher=teacher)
-            if tuned.stopped_by_user:
-                stopped = "user"
-                break
-            precision, distill_weight = tuned.precision, tuned.distill_weight
-        else:
-            precision, distill_weight = "", 0.0
-        val = validate_model(model)
-        drop = None if val["defect_miou"] is None or base["defect_miou"] is None else base["defect_miou"] - val["defect_miou"]
-        macs, params = count_macs(model, size, in_channels), count_params(model)
-        ok = drop is None or drop <= settings.tolerance or not settings.stop_at_tolerance
-        round_spec = ModelSpec.from_dict({**spec.to_dict(), "metrics": {"val": val}})
-        checkpoint = save_checkpoint(out_dir / f"round_{round_index:02d}", model, round_spec, history)
-        latency = measure_latency(model, size, in_channels, runs=settings.latency_runs, warmup=2, threads=1).median_ms
-        record = RoundRecord(
-            round=round_index, macs=macs, params=params,
-            macs_reduction=1.0 - macs / base["macs"], params_reduction=1.0 - params / base["params"],
-            defect_miou=val["defect_miou"], drop=drop, val=val, latency_ms=latency,
-            wall_s=time.perf_counter() - start, checkpoint=str(checkpoint), accepted=ok, step=result.summary(),
-            precision=precision, distill_weight=distill_weight,
-        )
-        rounds.append(record)
-        write_json_atomic(state_path, {"base": base, "rounds": [asdict(r) for r in rounds]}, default=float)
-        if progress is not None and progress(round_index * share, f"round {round_index} done"):
-            stopped = "user"
-            break
-        if not ok:
-            stopped = "tolerance"
-            break
-    else:
-        if _reached(settings, base, count_macs(model, size, in_channels), count_params(model)):
-            stopped = "target"
-    return _finish(context, rounds, base, stopped)
+    params_floor = base.params * (1.0 - settings.target) if settings.target_kind == "params" else None
+    start = time.perf_counter()
+    share = (1.0 - _recovery_share(settings)) / settings.max_rounds
+    offset = (round_index - 1) * share
+    relay = _Relay(run.progress, offset, share * 0.4, f"round {round_index} prune")
+    step_settings = replace(settings.step_settings, seed=settings.seed + round_index, precision=calibration.precision)
+    context = pruning_context(state.model, run.size, run.spec.in_channels, calibration.batches, run.names,
+                              calibration.class_weights, step_settings)
+    result = prune_step(context, run.method, 1.0 - next_macs / macs_now, progress=relay, params_floor=params_floor)
+    if relay.stop_requested:  # cut with a half-trained allocation: never fine-tuned or recorded
+        state.stopped = "user"
+        return False
+    state.history = state.history + result.history
+    precision, distill_weight = "", 0.0
+    if settings.finetune_epochs > 0:
+        tuned = fine_tune(state.model, run.train_ds, run.val_ds, _finetune_config(settings, round_index),
+                          progress=_Relay(run.progress, offset + share * 0.4, share * 0.6,
+                                          f"round {round_index} fine-tune"), class_names=run.names,
+                          teacher=run.teacher)
+        if tuned.stopped_by_user:
+            state.stopped = "user"
+            return False
+        precision, distill_weight = tuned.precision, tuned.distill_weight
+    record = _record_round(run, state, round_index, result.summary(), start, precision, distill_weight)
+    state.rounds.append(record)
+    _write_state(run, state.rounds)
+    if run.progress is not None and run.progress(round_index * share, f"round {round_index} done"):
+        state.stopped = "user"
+        return False
+    if not record.accepted:
+        state.stopped = "tolerance"
+        return False
+    return True
 
 
-def _milestone_macs(settings: LoopSettings, base: dict[str, Any], macs_now: float) -> list[float]:
+def _record_round(run: _Run, state: LoopState, round_index: int, step: dict[str, Any], start: float,
+                  precision: str, distill_weight: float) -> RoundRecord:
+    """Validate the round's model, save its checkpoint and measure it."""
+    settings, base, model = run.settings, run.base, state.model
+    val = run.validate(model)
+    drop = base.drop(val)
+    macs, params = run.cost_now(model)
+    ok = drop is None or drop <= settings.tolerance or not settings.stop_at_tolerance
+    round_spec = ModelSpec.from_dict({**run.spec.to_dict(), "metrics": {"val": val}})
+    checkpoint = save_checkpoint(run.out_dir / f"round_{round_index:02d}", model, round_spec, state.history)
+    latency = measure_latency(model, run.size, run.spec.in_channels, runs=settings.latency_runs, warmup=2,
+                              threads=1).median_ms
+    return RoundRecord(
+        round=round_index, macs=macs, params=params,
+        macs_reduction=1.0 - macs / base.macs, params_reduction=1.0 - params / base.params,
+        defect_miou=val["defect_miou"], drop=drop, val=val, latency_ms=latency,
+        wall_s=time.perf_counter() - start, checkpoint=str(checkpoint), accepted=ok, step=step,
+        precision=precision, distill_weight=distill_weight,
+    )
+
+
+def _write_state(run: _Run, rounds: list[RoundRecord], **more: Any) -> None:
+    state = {"base": run.base.to_dict(), "rounds": [asdict(r) for r in rounds], **more}
+    write_json_atomic(run.state_path, state, default=float)
+
+
+def _milestone_macs(settings: LoopSettings, base_macs: float, macs_now: float) -> list[float]:
     """The MACs of the milestones not reached yet (a round stops at the nearest); reached
     within the same 0.1 point as the target (rounded channel counts land a hair short)."""
-    return [base["macs"] * (1.0 - m) for m in settings.milestones if 1.0 - macs_now / base["macs"] < m - 1e-3]
+    return [base_macs * (1.0 - m) for m in settings.milestones if 1.0 - macs_now / base_macs < m - 1e-3]
 
 
-def _reached(settings: LoopSettings, base: dict[str, Any], macs: float, params: float) -> bool:
+def _reached(settings: LoopSettings, base: RunBase, macs: float, params: float) -> bool:
     if settings.target_kind == "macs":
-        return 1.0 - macs / base["macs"] >= settings.target - 1e-3
-    return 1.0 - params / base["params"] >= settings.target - 1e-3
-
-
-@dataclass
-class _RunContext:
-    """What the end of a run (recovery, test, result) needs of the run."""
-    spec: ModelSpec
-    train_ds: Dataset
-    val_ds: Dataset | None  # what fine-tunes pick their best epoch on (None with a test's evaluator)
-    test_ds: Dataset | None
-    out_dir: Path
-    names: list[str]
-    device: torch.device
-    settings: LoopSettings
-    teacher: nn.Module | None
-    validate: Callable[[nn.Module], dict[str, Any]]
-    progress: LoopProgress | None
+        return 1.0 - macs / base.macs >= settings.target - 1e-3
+    return 1.0 - params / base.params >= settings.target - 1e-3
 
 
 def _recovery_share(settings: LoopSettings) -> float:
@@ -378,25 +477,16 @@ def _recovery_share(settings: LoopSettings) -> float:
     return settings.recover_epochs / (settings.recover_epochs + rounds_epochs)
 
 
-def _recover(run: _RunContext, best: RoundRecord, base: dict[str, Any]) -> dict[str, Any] | None:
+def _recover(run: _Run, best: RoundRecord) -> dict[str, Any] | None:
     """The recovery phase on the last accepted round: ``settings.recover_epochs`` more epochs
     (warm-up + cosine, its own rate, distillation from the run's starting model as set),
     validated every epoch (the best epoch is kept), saved as ``<out>/recovered``. None when
     the user stopped it (a resume runs it again from the round's checkpoint)."""
-    settings = run.settings
+    settings, base = run.settings, run.base
     start = time.perf_counter()
     loaded = load_checkpoint(best.checkpoint, device=run.device)
     model = loaded.model
-    config = TrainConfig(**asdict(settings.finetune))
-    config.epochs = settings.recover_epochs
-    config.seed = settings.seed + 999_999
-    config.patience = None
-    config.schedule = "cosine"
-    config.warmup_fraction = settings.recover_warmup
-    if settings.recover_lr is not None:
-        config.lr = settings.recover_lr
-    if settings.recover_distill_weight is not None:
-        config.distill_weight = settings.recover_distill_weight
+    config = _recovery_config(settings)
     share = _recovery_share(settings)
     tuned = fine_tune(model, run.train_ds, run.val_ds, config,
                       progress=_Relay(run.progress, 1.0 - share, share, "recovery"),
@@ -404,53 +494,62 @@ def _recover(run: _RunContext, best: RoundRecord, base: dict[str, Any]) -> dict[
     if tuned.stopped_by_user:
         return None
     val = run.validate(model)
-    drop = None if val["defect_miou"] is None or base["defect_miou"] is None else base["defect_miou"] - val["defect_miou"]
-    size = tuple(run.spec.input_size)
     recovered_spec = ModelSpec.from_dict({**run.spec.to_dict(), "metrics": {"val": val}})
     checkpoint = save_checkpoint(run.out_dir / RECOVERED_DIR, model, recovered_spec, loaded.history)
-    macs, params = count_macs(model, size, run.spec.in_channels), count_params(model)
+    macs, params = run.cost_now(model)
     return {
         "from_round": best.round, "epochs": settings.recover_epochs, "lr": config.lr,
         "warmup": config.warmup_fraction, "distill_weight": tuned.distill_weight,
         "distill_temperature": config.distill_temperature, "precision": tuned.precision,
         "best_epoch": tuned.best_epoch, "checkpoint": str(checkpoint), "macs": macs, "params": params,
-        "macs_reduction": 1.0 - macs / base["macs"], "params_reduction": 1.0 - params / base["params"],
-        "defect_miou": val["defect_miou"], "drop": drop, "val": val,
-        "latency_ms": measure_latency(model, size, run.spec.in_channels, runs=settings.latency_runs, warmup=2,
+        "macs_reduction": 1.0 - macs / base.macs, "params_reduction": 1.0 - params / base.params,
+        "defect_miou": val["defect_miou"], "drop": base.drop(val), "val": val,
+        "latency_ms": measure_latency(model, run.size, run.spec.in_channels, runs=settings.latency_runs, warmup=2,
                                       threads=1).median_ms,
         "train_step_seconds": tuned.train_step_seconds, "teacher_step_seconds": tuned.teacher_step_seconds,
         "wall_s": time.perf_counter() - start,
     }
 
 
-def _test_metrics(run: _RunContext, checkpoint: str) -> dict[str, Any]:
+def _recovery_config(settings: LoopSettings) -> TrainConfig:
+    """The rounds' fine-tuning settings with the recovery's epochs, seed, rate, schedule and
+    distillation weight."""
+    config = TrainConfig(**asdict(settings.finetune))
+    overrides: dict[str, Any] = {"epochs": settings.recover_epochs, "seed": settings.seed + 999_999,
+                                 "patience": None, "schedule": "cosine", "warmup_fraction": settings.recover_warmup}
+    if settings.recover_lr is not None:
+        overrides["lr"] = settings.recover_lr
+    if settings.recover_distill_weight is not None:
+        overrides["distill_weight"] = settings.recover_distill_weight
+    return replace(config, **overrides)
+
+
+def _test_metrics(run: _Run, checkpoint: str) -> dict[str, Any]:
     model = load_checkpoint(checkpoint, device=run.device).model
     return evaluate(model, run.test_ds, device=run.device, class_names=run.names, per_image=False).metrics.to_dict()
 
 
-def _finish(run: _RunContext, rounds: list[RoundRecord], base: dict[str, Any], stopped: str) -> LoopResult:
+def _finish(run: _Run, state: LoopState) -> LoopResult:
     """The result: the last accepted round, after the recovery phase when one is asked for,
     with its test metrics (and the pre-recovery round's beside them)."""
-    settings, state_path = run.settings, Path(run.out_dir) / ROUNDS_FILE
-    saved = read_state(run.out_dir)
-    recovery = saved.get("recovery")
+    settings, base, rounds, stopped = run.settings, run.base, state.rounds, state.stopped
+    recovery = read_state(run.out_dir).get("recovery")
     accepted = [r for r in rounds if r.accepted]
     best = accepted[-1] if accepted else None
     if recovery is not None and (best is None or recovery.get("from_round") != best.round):
         recovery = None  # recorded on another round (a run resumed with more rounds): redo it
     if best is not None and settings.recover_epochs and recovery is None and stopped != "user":
-        recovery = _recover(run, best, base)
+        recovery = _recover(run, best)
         if recovery is None:
             stopped = "user"
         else:
-            write_json_atomic(state_path, {"base": base, "rounds": [asdict(r) for r in rounds],
-                                           "recovery": recovery}, default=float)
+            _write_state(run, rounds, recovery=recovery)
     if best is not None:
         checkpoint = best.checkpoint
         reductions = (best.macs_reduction, best.params_reduction)
         val_miou, drop = best.defect_miou, best.drop
     else:  # even the first round broke tolerance: the unpruned model is the result
-        checkpoint, reductions, val_miou, drop = None, (0.0, 0.0), base["defect_miou"], 0.0
+        checkpoint, reductions, val_miou, drop = None, (0.0, 0.0), base.defect_miou, 0.0
     pre_recovery = None
     if recovery is not None:
         pre_recovery = {"round": best.round, "checkpoint": checkpoint, "defect_miou": val_miou, "drop": drop}
@@ -463,24 +562,22 @@ def _finish(run: _RunContext, rounds: list[RoundRecord], base: dict[str, Any], s
         if pre_recovery is not None:
             pre_recovery["test"] = _test_metrics(run, pre_recovery["checkpoint"])
     result = {"checkpoint": checkpoint, "macs_reduction": reductions[0], "params_reduction": reductions[1],
-              "defect_miou": val_miou, "drop": drop, "test": test, "base_val_defect_miou": base["defect_miou"]}
+              "defect_miou": val_miou, "drop": drop, "test": test, "base_val_defect_miou": base.defect_miou}
     if pre_recovery is not None:
         result["pre_recovery"] = pre_recovery
     if test_skipped:
         result["test_skipped"] = test_skipped
-    state = {"base": base, "rounds": [asdict(r) for r in rounds], "result": result, "stopped": stopped}
+    more: dict[str, Any] = {"result": result, "stopped": stopped}
     if recovery is not None:
-        state["recovery"] = recovery
-    write_json_atomic(state_path, state, default=float)
+        more["recovery"] = recovery
+    _write_state(run, rounds, **more)
     return LoopResult(rounds=rounds, result=result, stopped=stopped, recovery=recovery)
 
 
 def _finetune_config(settings: LoopSettings, round_index: int) -> TrainConfig:
-    config = TrainConfig(**{**asdict(settings.finetune)})
-    config.epochs = settings.finetune_epochs
-    config.seed = settings.seed + 1000 * round_index
-    config.patience = None  # a fixed budget per round, the same for every method
-    return config
+    # a fixed budget per round (no early stop), the same for every method
+    return replace(TrainConfig(**asdict(settings.finetune)), epochs=settings.finetune_epochs,
+                   seed=settings.seed + 1000 * round_index, patience=None)
 
 
 def _unaugmented(dataset: Dataset) -> Dataset:

@@ -2,15 +2,16 @@
 
 Every method runs through the same prune step and the same prune-retrain loop, so that
 differences between them come from the method alone. Ablations set the allocator and the
-criterion directly."""
+criterion directly. `METHODS` is the registry every list of methods reads (a new method is one
+line); its allocators and criteria are names in `ALLOCATORS` and `CRITERIA`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from core.allocation.baselines import ALLOCATORS
+from core.allocation.registry import ALLOCATORS
 from core.importance.criteria import CRITERIA
-from core.pruning.graph import PruningError
+from core.models.graph import PruningError
 
 
 @dataclass(frozen=True)
