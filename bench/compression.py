@@ -439,7 +439,7 @@ def fine_tune_copy(checkpoint: str | Path, epochs: int, out: Path, args: argpars
 
 
 def datasets_for(checkpoint: Path, args: argparse.Namespace):
-    from core.commands.evaluate import index_for_checkpoint
+    from core.services.datasets import index_for_checkpoint
     from core.data.dataset import SegmentationDataset
     from core.models.checkpoint import read_spec
 

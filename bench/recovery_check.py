@@ -54,7 +54,7 @@ def run_prune(command: list[str], out: Path, log: Path) -> dict:
 
 def control(checkpoint: Path, args: argparse.Namespace, out: Path) -> dict:
     """The unpruned model fine-tuned with the recovery's schedule, rate and epochs."""
-    from core.commands.evaluate import index_for_checkpoint
+    from core.services.datasets import index_for_checkpoint
     from core.data.dataset import SegmentationDataset
     from core.models.checkpoint import load_checkpoint
     from core.train import TrainConfig, evaluate, fine_tune

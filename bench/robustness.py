@@ -336,11 +336,12 @@ def probes(tmp: Path) -> list[Probe]:
             one_line_error([*command, "--workers", "1000000"], "more than the limit"))
 
     def job_workers() -> tuple[bool, str]:
-        from core.runs.jobs import JobParameterError, validate_params
+        from core.runs.kinds import job_request
+        from core.services.request import ParameterError
 
         try:
-            validate_params("train", {"format": "synthetic-steel", "workers": 1_000_000})
-        except JobParameterError as exc:
+            job_request("train", {"format": "synthetic-steel", "workers": 1_000_000})
+        except ParameterError as exc:
             return "more than the limit" in str(exc), str(exc)[:150]
         return False, "accepted"
     add("caps", "jobs submit train workers=1000000", "refused at submission", job_workers)

@@ -1,7 +1,10 @@
 """``python -m core ...``: every job the dashboard can start, from the command line.
 
 Each command lives in ``core/commands/<name>.py`` with ``add_parser(subparsers)`` (which sets
-``func``) so that commands are added without touching each other. Errors a user can act on
+``func``) so that commands are added without touching each other. A command that runs a
+service builds its options from the service's request type (`add_request_arguments`) and
+turns the parsed arguments into that request (`request_from_args`): the request holds the
+checks, defaults and help, the command only prints. Errors a user can act on
 (`DefectPruneError`) and file-system errors (`OSError`: a folder that cannot be written, a full
 disk) print one line and exit 2; so do bad arguments (`OneLineParser`).
 """
@@ -9,80 +12,104 @@ disk) print one line and exit 2; so do bad arguments (`OneLineParser`).
 from __future__ import annotations
 
 import argparse
-import math
+import dataclasses
 import importlib
 import json
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from core.atomic import disk_full_message
 from core.errors import DefectPruneError
+from core.services import request as checks
+from core.services.request import FLAG, LIST, OPTIONS, Check, ParameterError, Request, choices_of, default_of, flag_of
 
 COMMAND_MODULES = ["data", "train", "evaluate", "prune", "profile", "export_onnx", "jobs", "worker"]
+R = TypeVar("R", bound=Request)
 
 
-def checked_number(convert: type, what: str, ok, requirement: str):
-    """An argparse type: ``convert`` the text, then check it, with a message saying why not."""
+def argument_type(check: Check) -> Callable[[str], Any]:
+    """An argparse type made of a request's `Check`: the same message on the command line as
+    in a job's parameters."""
 
-    def parse(text: str):
+    def parse(text: str) -> Any:
         try:
-            value = convert(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"{value} must be {requirement}")
-        return value
+            return check.parse(text)
+        except ParameterError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
 
     return parse
 
 
-positive_int = checked_number(int, "a whole number", lambda v: v >= 1, "at least 1")
-non_negative_int = checked_number(int, "a whole number", lambda v: v >= 0, "0 or more")
-non_negative_float = checked_number(float, "a number", lambda v: v >= 0, "0 or more")
-fraction = checked_number(float, "a number", lambda v: 0.0 < v < 1.0, "between 0 and 1 (e.g. 0.8 = 80% fewer)")
-unit_interval = checked_number(float, "a number", lambda v: 0.0 <= v <= 1.0, "from 0 to 1")
-def workers_count(text: str) -> int:
-    """``--workers``: 0 up to the cap (each worker is a process with its own copy of the data)."""
-    from core.config import max_workers
-
-    value = non_negative_int(text)
-    cap = max_workers()
-    if value > cap:
-        raise argparse.ArgumentTypeError(f"{value} data-loader workers is more than the limit of {cap} "
-                                         "(the CPU count; set DEFECTPRUNE_MAX_WORKERS to change it)")
-    return value
-
-
-# Seeds feed NumPy and torch generators, which take 0 .. 2**32 - 1 (NumPy refuses a negative
-# seed with a traceback, torch wraps a huge one silently).
-seed_int = checked_number(int, "a whole number", lambda v: 0 <= v < 2**32, "from 0 to 4294967295")
-# `float` alone lets nan and inf through, which every comparison then accepts
-finite_float = checked_number(float, "a number", math.isfinite, "a finite number")
-non_negative_finite = checked_number(float, "a number", lambda v: math.isfinite(v) and v >= 0, "0 or more")
-positive_float = checked_number(float, "a number", lambda v: v > 0 and v < float("inf"), "a positive number")
+positive_int = argument_type(checks.POSITIVE_INT)
+non_negative_int = argument_type(checks.NON_NEGATIVE_INT)
+non_negative_float = argument_type(checks.NON_NEGATIVE_FLOAT)
+seed_int = argument_type(checks.SEED)
 
 
 def print_json(payload: Any) -> None:
     print(json.dumps(payload, indent=2, default=str))
 
 
-def add_precision_argument(parser: argparse.ArgumentParser) -> None:
-    from core.precision import PRECISIONS
+def add_device_argument(parser: argparse.ArgumentParser, default: str, help: str) -> None:
+    from core.services.datasets import DEVICES
 
-    parser.add_argument("--precision", choices=list(PRECISIONS), default="auto",
-                        help="training forward passes: bf16 autocast with channels_last where the device runs it "
-                             "fast (auto), or as asked; evaluation, export and saved weights stay fp32")
+    parser.add_argument("--device", choices=list(DEVICES), default=default, help=help)
 
 
 def add_strict_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--strict", action="store_true",
-                        help="stop on a mask holding a value its format does not define (default: skip "
-                             "that file, listed with a warning)")
+    from core.services.datasets import STRICT_HELP
+
+    parser.add_argument("--strict", action="store_true", help=STRICT_HELP)
 
 
-def add_device_argument(parser: argparse.ArgumentParser, default: str = "auto",
-                        help: str = "where to compute (auto: CUDA when present)") -> None:
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=default, help=help)
+def add_request_arguments(parser: argparse.ArgumentParser, request_type: type[Request]) -> None:
+    """One option per field of ``request_type`` that the command line has, with the field's
+    check, choices, default and help."""
+    groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
+    for field in dataclasses.fields(request_type):
+        meta = field.metadata
+        if not meta.get("cli", True):
+            continue
+        target: Any = parser
+        if meta.get("exclusive"):
+            target = groups.setdefault(meta["exclusive"], parser.add_mutually_exclusive_group())
+        help_text = meta.get("help") or None
+        options: dict[str, Any] = {"help": help_text() if callable(help_text) else help_text}
+        if meta.get("metavar"):
+            options["metavar"] = meta["metavar"]
+        kind = meta.get("kind")
+        if kind == FLAG:
+            target.add_argument(flag_of(field), action="store_true", **options)
+            continue
+        if kind == OPTIONS:
+            target.add_argument(flag_of(field), action="append", default=[], **options)
+            continue
+        if meta.get("check") is not None:
+            options["type"] = argument_type(meta["check"])
+        if kind == LIST:
+            target.add_argument(flag_of(field), nargs="+", default=[], **options)
+            continue
+        target.add_argument(flag_of(field), default=default_of(field), choices=choices_of(field),
+                            required=bool(meta.get("required")), **options)
+
+
+def request_from_args(request_type: type[R], args: argparse.Namespace, **fixed: Any) -> R:
+    """The request the parsed arguments stand for; ``fixed`` sets the fields the command has
+    no option for."""
+    values: dict[str, Any] = dict(fixed)
+    for field in dataclasses.fields(request_type):
+        if not field.metadata.get("cli", True) or field.name in fixed:
+            continue
+        value = getattr(args, field.name)
+        kind = field.metadata.get("kind")
+        if kind == OPTIONS:
+            value = checks.parse_options(value or [])
+        elif kind == LIST:
+            value = tuple(value or ())
+        if value is not None:
+            values[field.name] = value
+    return request_type(**values)
 
 
 class OneLineParser(argparse.ArgumentParser):

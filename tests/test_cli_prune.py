@@ -76,12 +76,12 @@ def test_prune_with_recovery_and_distillation_reports_both_phases(checkpoint, tm
 
 
 def test_job_parameters_take_the_new_options_and_refuse_bad_ones():
-    from core.runs.jobs import JobParameterError, parse_params
+    from core.runs.kinds import job_request
+    from core.services.request import ParameterError
 
-    args = parse_params("prune", {"checkpoint": "c", "recover_epochs": 3, "distill_weight": 0.5, "precision": "bf16"},
-                        out="o")
+    args = job_request("prune", {"checkpoint": "c", "recover_epochs": 3, "distill_weight": 0.5, "precision": "bf16"})
     assert (args.recover_epochs, args.distill_weight, args.precision) == (3, 0.5, "bf16")
-    assert parse_params("train", {"format": "neu-seg", "precision": "fp32"}, out="o").precision == "fp32"
+    assert job_request("train", {"format": "neu-seg", "precision": "fp32"}).precision == "fp32"
     for bad in ({"precision": "fp64"}, {"distill_weight": 2}, {"recover_lr": -1}):
-        with pytest.raises(JobParameterError):
-            parse_params("prune", {"checkpoint": "c", **bad}, out="o")
+        with pytest.raises(ParameterError):
+            job_request("prune", {"checkpoint": "c", **bad})

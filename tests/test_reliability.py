@@ -292,12 +292,13 @@ def test_workers_are_capped_before_anything_forks(tmp_path, capsys, command):
 
 
 def test_a_job_with_too_many_workers_is_refused_at_submission(monkeypatch):
-    from core.runs.jobs import JobParameterError, validate_params
+    from core.runs.kinds import job_request
+    from core.services.request import ParameterError
 
     monkeypatch.setenv("DEFECTPRUNE_MAX_WORKERS", "3")
-    validate_params("train", {"format": "synthetic-steel", "workers": 3})
-    with pytest.raises(JobParameterError, match="more than the limit of 3"):
-        validate_params("train", {"format": "synthetic-steel", "workers": 4})
+    job_request("train", {"format": "synthetic-steel", "workers": 3})
+    with pytest.raises(ParameterError, match="more than the limit of 3"):
+        job_request("train", {"format": "synthetic-steel", "workers": 4})
 
 
 def write_bomb(path: Path, side: int) -> Path:

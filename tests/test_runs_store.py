@@ -1,5 +1,5 @@
 """The run store without running jobs: schema and migrations, job states, stale heartbeats,
-parameters as the commands take them, atomic artifacts, and readers beside a busy writer."""
+parameters as the requests take them, atomic artifacts, and readers beside a busy writer."""
 
 from __future__ import annotations
 
@@ -16,11 +16,13 @@ import pytest
 
 from core.runs import api
 from core.runs.artifacts import atomic_write_bytes, atomic_write_json
-from core.runs.jobs import JobParameterError, params_to_argv, parse_params
+from core.runs.kinds import JobNotResumableError, job_request
 from core.runs.store import (
-    DB_FILE, FAILED, QUEUED, RUNNING, SCHEMA_VERSION, STOPPED, JobNotFoundError, JobNotResumableError, JobStateError,
-    Store, StoreError,
+    DB_FILE, FAILED, QUEUED, RUNNING, SCHEMA_VERSION, STOPPED, JobNotFoundError, JobStateError, Store, StoreError,
 )
+from core.services.prune import PruneRequest
+from core.services.request import ParameterError
+from core.services.train import TrainRequest
 
 pytestmark = pytest.mark.timeout(120)
 V1_SQL = Path(__file__).parent / "fixtures" / "run_store_v1.sql"  # frozen: not the code's V1_SCHEMA
@@ -209,28 +211,33 @@ def test_rounds_are_mirrored_without_duplicates(store, tmp_path):
 
 
 # ---------------------------------------------------------------- parameters
-def test_parameters_are_the_commands_options():
-    assert params_to_argv("prune", {"checkpoint": "/c", "target_macs": 0.5, "no_tolerance_stop": True,
-                                    "option": {"num_images": 24}}) == [
-        "--checkpoint", "/c", "--target-macs", "0.5", "--no-tolerance-stop", "--option", "num_images=24"]
-    args = parse_params("train", {"format": "synthetic-steel", "epochs": 2, "batch_size": 3}, out="/o")
+def test_parameters_are_the_requests_fields_as_the_command_takes_them():
+    from core.cli import build_parser, request_from_args
+
+    params = {"checkpoint": "/c", "target_macs": 0.5, "no_tolerance_stop": True, "option": {"num_images": 24}}
+    argv = ["prune", "--checkpoint", "/c", "--target-macs", "0.5", "--no-tolerance-stop", "--option", "num_images=24",
+            "--out", "/o"]
+    request = PruneRequest.from_json(params, out="/o")
+    assert request == request_from_args(PruneRequest, build_parser().parse_args(argv))
+    assert PruneRequest.from_json(request.to_json(), out="/o") == request  # what a job stores reads back the same
+    args = TrainRequest.from_json({"format": "synthetic-steel", "epochs": 2, "batch_size": 3}, out="/o")
     assert (args.epochs, args.batch_size, args.out, args.lr, args.schedule) == (2, 3, "/o", 1e-3, "cosine")
-    with pytest.raises(JobParameterError, match="unknown parameter 'epoch' for a train job; known: .*epochs"):
-        parse_params("train", {"format": "neu-seg", "epoch": 2}, out="/o")
-    with pytest.raises(JobParameterError, match="unknown parameter 'out'"):
-        parse_params("prune", {"checkpoint": "/c", "out": "/elsewhere"}, out="/o")
-    with pytest.raises(JobParameterError, match="required: --format"):
-        parse_params("train", {}, out="/o")
-    with pytest.raises(JobParameterError, match="must be between 0 and 1"):
-        parse_params("prune", {"checkpoint": "/c", "target_macs": 1.5}, out="/o")
-    with pytest.raises(JobParameterError, match="true or false"):
-        parse_params("prune", {"checkpoint": "/c", "no_tolerance_stop": "yes"}, out="/o")
-    assert parse_params("score", {"checkpoint": "/c", "target": 0.4}).target == 0.4
-    assert parse_params("export", {"checkpoint": "/c", "no_profile": True}, out="/m.onnx").no_profile
+    with pytest.raises(ParameterError, match="unknown parameter 'epoch' for a train job; known: .*epochs"):
+        job_request("train", {"format": "neu-seg", "epoch": 2})
+    with pytest.raises(ParameterError, match="unknown parameter 'out'"):
+        job_request("prune", {"checkpoint": "/c", "out": "/elsewhere"})
+    with pytest.raises(ParameterError, match="required: --format"):
+        job_request("train", {})
+    with pytest.raises(ParameterError, match="must be between 0 and 1"):
+        job_request("prune", {"checkpoint": "/c", "target_macs": 1.5})
+    with pytest.raises(ParameterError, match="true or false"):
+        job_request("prune", {"checkpoint": "/c", "no_tolerance_stop": "yes"})
+    assert job_request("score", {"checkpoint": "/c", "target": 0.4}).target == 0.4
+    assert job_request("export", {"checkpoint": "/c", "no_profile": True}).no_profile
 
 
 def test_submit_checks_parameters_and_takes_the_models_dataset(store, tmp_path):
-    with pytest.raises(JobParameterError):
+    with pytest.raises(ParameterError):
         api.submit("train", {"format": "neu-seg", "epochs": 0}, store)
     assert store.list_jobs() == []  # nothing queued for a refused job
     train = api.submit("train", {"format": "synthetic-steel", "root": str(tmp_path / "cache"),

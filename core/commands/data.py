@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 import warnings
 
-from core import safe_json
-from core.safe_json import JSONLimitError
 from core.cli import add_strict_argument, print_json, seed_int
-from core.data.base import InvalidOptionError, parse_size
+from core.data.base import parse_size
 from core.data.registry import format_names, load_index
+from core.services.request import parse_options
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -27,22 +26,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_strict_argument(info)
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=run_info)
-
-
-def parse_options(items: list[str]) -> dict:
-    """``KEY=VALUE`` strings -> options; VALUE is JSON where it parses, else the text."""
-    options = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise InvalidOptionError(f"--option {item!r} is not KEY=VALUE, e.g. --option category=bottle")
-        try:
-            options[key.strip()] = safe_json.loads(value, f"--option {key.strip()}", InvalidOptionError)
-        except JSONLimitError:
-            raise
-        except InvalidOptionError:  # not JSON at all: the text itself (category=bottle)
-            options[key.strip()] = value
-    return options
 
 
 def run_info(args: argparse.Namespace) -> int:

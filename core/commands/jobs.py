@@ -8,7 +8,9 @@ import json
 
 from core import safe_json
 from core.cli import print_json
-from core.runs.store import JOB_KINDS, JOB_STATES, JobRecord, iso_time
+from core.runs.kinds import JOB_KINDS
+from core.runs.store import JOB_STATES, JobRecord, iso_time
+from core.services.request import ParameterError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -48,7 +50,6 @@ def _line(job: JobRecord) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from core.runs import api
-    from core.runs.jobs import JobParameterError
 
     store = api.open_store(args.db)
     command = args.jobs_command
@@ -81,9 +82,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {a['kind']}: {a['path']}")
         return 0
     if command == "submit":
-        params = safe_json.loads(args.params, "--params", JobParameterError)
+        params = safe_json.loads(args.params, "--params", ParameterError)
         if not isinstance(params, dict):
-            raise JobParameterError(f"--params must be a JSON object of the command's options, e.g. "
+            raise ParameterError(f"--params must be a JSON object of the command's options, e.g. "
                                     f"'{{\"epochs\": 5}}'; not {type(params).__name__}")
         job = api.submit(args.kind, params, store)
     elif command == "stop":

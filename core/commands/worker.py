@@ -7,11 +7,12 @@ from __future__ import annotations
 import argparse
 
 from core.cli import non_negative_float, positive_int
+from core.runs.kinds import JOB_KINDS
 from core.runs.worker import DEFAULT_POLL, WorkerSettings
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("worker", help="run queued jobs (train, score, prune, evaluate, export)")
+    parser = sub.add_parser("worker", help=f"run queued jobs ({', '.join(JOB_KINDS)})")
     parser.add_argument("--db", default=None, help="run store file (default: the workspace's)")
     parser.add_argument("--concurrency", type=positive_int, default=1, help="jobs at once (default 1)")
     parser.add_argument("--poll", type=non_negative_float, default=DEFAULT_POLL, help="seconds between queue checks")

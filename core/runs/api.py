@@ -1,7 +1,7 @@
 """What the dashboard (and ``python -m core jobs``) calls: submit, list, show, stop, resume,
 and start a worker when none is running. Nothing here runs a job; every call is one or two
 short store transactions, safe to make on every rerun of a page. Only `submit` imports the
-engine (it checks parameters with the command's own parser, which imports torch)."""
+engine (a request's choices are the engine's registries, which import torch)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from core.runs.kinds import check_resumable, job_kind
 from core.runs.store import RUNS_DIR, JobRecord, Store, StoreError, default_db_path
+from core.services.request import ParameterError, Request
 from core.runs.worker import _child_env, default_heartbeat_timeout, worker_running
 
 DEFAULT_IDLE_EXIT = 600.0  # a worker started on demand leaves after 10 idle minutes
@@ -37,17 +39,19 @@ def _store(store: Store | None) -> Store:
     return store if store is not None else open_store()
 
 
-def submit(kind: str, params: dict[str, Any], store: Store | None = None) -> JobRecord:
-    """Queue a job after checking its parameters as its command would. A checkpoint path is
-    made absolute, and a job on a checkpoint the store knows takes that model's dataset
-    (format, root, split seed, options) unless the parameters name one."""
-    from core.runs.jobs import CHECKPOINT_KINDS, DATASET_KINDS, validate_params
-
+def submit(kind: str, params: dict[str, Any] | Request, store: Store | None = None) -> JobRecord:
+    """Queue a job after checking its parameters (a request, or its JSON) with its kind's
+    request type. A checkpoint path is made absolute, and a job on a checkpoint the store knows
+    takes that model's dataset (format, root, split seed, options) unless the parameters name
+    one. The job stores the request's JSON; its runner rebuilds the request from it."""
     store = _store(store)
-    params = dict(params)
-    if kind in CHECKPOINT_KINDS and params.get("checkpoint"):
+    job = job_kind(kind)
+    if isinstance(params, Request) and params.KIND != kind:
+        raise ParameterError(f"a {params.KIND} request is not a {kind} job's")
+    params = params.to_json() if isinstance(params, Request) else dict(params)
+    if job.takes_checkpoint and params.get("checkpoint"):
         params["checkpoint"] = str(Path(params["checkpoint"]).expanduser().resolve())
-    if kind in DATASET_KINDS and params.get("checkpoint") and not params.get("format"):
+    if job.takes_dataset and params.get("checkpoint") and not params.get("format"):
         model = store.find_model(params["checkpoint"])
         dataset = store.get_dataset(model["dataset_id"]) if model and model["dataset_id"] else None
         if dataset:
@@ -55,9 +59,10 @@ def submit(kind: str, params: dict[str, Any], store: Store | None = None) -> Job
             if dataset["root"]:
                 params.setdefault("root", dataset["root"])
             params.setdefault("split_seed", dataset["split_seed"])
-            if dataset["options"]:
-                params.setdefault("option", dataset["options"])
-    validate_params(kind, params)
+            if dataset["options"] and not params.get("option"):  # a request's JSON holds {} when it names none
+                params["option"] = dataset["options"]
+    request = job.request.from_json(params)
+    params = request.to_json()
     dataset_id = None
     if params.get("format"):
         root = params.get("root")
@@ -116,7 +121,9 @@ def resume(job_id: int, store: Store | None = None) -> JobRecord:
     """Queue a failed or stopped prune job again under the same id and folder: it continues
     after its last finished round. Other kinds would start over and overwrite their outputs,
     so they are refused (`JobNotResumableError`): submit a new job instead."""
-    return _store(store).requeue(job_id, message="queued again (resume)")
+    store = _store(store)
+    check_resumable(store.get_job(job_id))
+    return store.requeue(job_id, message="queued again (resume)")
 
 
 def recover_stale_jobs(store: Store | None = None, heartbeat_timeout: float | None = None) -> list[int]:

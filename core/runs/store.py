@@ -39,10 +39,6 @@ DB_FILE = "defectprune.sqlite"
 RUNS_DIR = "runs"
 BUSY_TIMEOUT_MS = 30_000
 
-JOB_KINDS = ("train", "score", "prune", "evaluate", "export")
-# kinds that continue where they stopped when resumed (a prune run after its last finished
-# round); the others would start over in the same folder and overwrite what they wrote
-RESUMABLE_KINDS = ("prune",)
 QUEUED, RUNNING, SUCCEEDED, FAILED, STOPPED = "queued", "running", "succeeded", "failed", "stopped"
 JOB_STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, STOPPED)
 FINAL_STATES = (SUCCEEDED, FAILED, STOPPED)
@@ -58,17 +54,6 @@ class JobNotFoundError(DefectPruneError):
 
 class JobStateError(DefectPruneError):
     """The job is not in a state that allows what was asked (e.g. resume a running job)."""
-
-
-class JobNotResumableError(JobStateError):
-    """Resume was asked for a kind of job that cannot continue where it stopped."""
-
-
-def retry_advice(kind: str, job_id: int) -> str:
-    """What to do after a job of ``kind`` failed for a reason the user can fix."""
-    if kind in RESUMABLE_KINDS:
-        return f"resume the job (`python -m core jobs resume {job_id}`); it continues after its last finished round"
-    return f"submit a new {kind} job (its parameters: `python -m core jobs show {job_id}`)"
 
 
 # ---------------------------------------------------------------- schema and migrations
@@ -411,8 +396,6 @@ class Store:
 
     # ------------------------------------------------------------ jobs
     def create_job(self, kind: str, params: dict[str, Any], dataset_id: int | None = None) -> int:
-        if kind not in JOB_KINDS:
-            raise JobStateError(f"unknown job kind {kind!r}; choose one of {', '.join(JOB_KINDS)}")
         with self.write() as conn:  # under the write lock: two creators cannot pick the same id
             last = int(conn.execute("SELECT COALESCE(MAX(id), 0) FROM jobs").fetchone()[0])
             job_id = max(last, self._last_job_folder()) + 1
@@ -515,18 +498,14 @@ class Store:
         return self.get_job(job_id)
 
     def requeue(self, job_id: int, message: str = "queued again (resume)") -> JobRecord:
-        """Queue a failed or stopped job of a resumable kind again, keeping its id, folder and
-        outputs. The queue is ordered by id, so it runs before the jobs submitted after it
-        first was (it keeps its place rather than going to the end)."""
+        """Queue a failed or stopped job again, keeping its id, folder and outputs (whether its
+        kind may be resumed is `core.runs.kinds`'s to say: the store knows no kinds). The queue
+        is ordered by id, so it runs before the jobs submitted after it first was (it keeps its
+        place rather than going to the end)."""
         with self.write() as conn:
-            row = conn.execute("SELECT state, kind FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            row = conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
                 raise JobNotFoundError(f"there is no job {job_id} in {self.path}")
-            if row["kind"] not in RESUMABLE_KINDS:
-                raise JobNotResumableError(
-                    f"job {job_id} is a {row['kind']} job, which cannot be resumed: it would start over in the "
-                    f"same folder and overwrite its outputs (only {', '.join(RESUMABLE_KINDS)} jobs continue "
-                    f"where they stopped); {retry_advice(row['kind'], job_id)} instead")
             if row["state"] not in (FAILED, STOPPED):
                 raise JobStateError(f"job {job_id} is {row['state']}; only a failed or stopped job can be resumed")
             conn.execute("UPDATE jobs SET state = ?, message = ?, error = NULL, stop_requested = 0, "

@@ -14,7 +14,6 @@ written atomically and is intact, and ``jobs resume`` continues from there.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
 import signal
@@ -31,9 +30,9 @@ from typing import IO
 
 from core.atomic import disk_full_message
 from core.errors import DefectPruneError
-from core.runs.store import (
-    FAILED, RUNNING, RUNS_DIR, STOPPED, SUCCEEDED, JobRecord, Store, StoreError, retry_advice,
-)
+from core.runs.jobs import Heartbeat, JobContext
+from core.runs.kinds import KINDS, retry_advice
+from core.runs.store import FAILED, RUNNING, RUNS_DIR, STOPPED, SUCCEEDED, JobRecord, Store, StoreError
 
 DEFAULT_HEARTBEAT_TIMEOUT = 30.0
 DEFAULT_STOP_GRACE = 10.0
@@ -214,94 +213,12 @@ def run_worker(store: Store, settings: WorkerSettings | None = None, log: IO[str
         say(f"another worker already runs jobs for {store.workspace}; leaving")
         return 0
     worker_id = store.register_worker(os.getpid(), socket.gethostname())
-    shutting_down = {"flag": False}
-
-    def on_signal(signum: int, _frame: object) -> None:
-        shutting_down["flag"] = True
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    children: dict[int, _Child] = {}
-    done = 0
+    worker = _Worker(store, settings, worker_id, say)
+    previous = {s: signal.signal(s, worker.on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        for job_id in store.fail_stale_jobs(settings.heartbeat_timeout):
-            say(f"job {job_id}: marked failed, its heartbeat stopped (the previous worker died)")
-        idle_since = last_sweep = last_beat = time.monotonic()
-        store_failures = 0
-        while True:
-            try:
-                now = time.monotonic()
-                # supervise the running jobs
-                for job_id, child in list(children.items()):
-                    code = child.process.poll()
-                    if code is None:
-                        job = store.get_job(job_id)
-                        if shutting_down["flag"] and not job.stop_requested:
-                            store.request_stop(job_id)
-                            continue
-                        if job.stop_requested or job.state != RUNNING:
-                            asked = job.stop_requested_at or time.time()
-                            if time.time() - asked > settings.stop_grace:
-                                _kill(child)
-                                store.finish_job(job_id, STOPPED, message=_killed_message(settings.stop_grace))
-                                say(f"job {job_id}: killed after the stop grace")
-                            else:
-                                continue
-                        else:
-                            continue
-                        code = child.process.returncode
-                    _record_exit(store, child, code)
-                    say(f"job {job_id}: {store.get_job(job_id).state} (exit code {code})")
-                    del children[job_id]
-                    done += 1
-                if shutting_down["flag"] and not children:
-                    break
-                limit_reached = settings.max_jobs is not None and done + len(children) >= settings.max_jobs
-                while not shutting_down["flag"] and not limit_reached and len(children) < settings.concurrency:
-                    job = store.claim_next_job(os.getpid())
-                    if job is None:
-                        break
-                    try:
-                        children[job.id] = spawn_job_process(store, job.id, job.kind)
-                    except OSError as exc:
-                        store.finish_job(job.id, FAILED, message="failed", error=f"cannot start the job process: {exc}")
-                        continue
-                    store.set_job_pid(job.id, children[job.id].process.pid)
-                    say(f"job {job.id} ({job.kind}): started, pid {children[job.id].process.pid}")
-                    limit_reached = settings.max_jobs is not None and done + len(children) >= settings.max_jobs
-                if not children:
-                    if limit_reached:
-                        break
-                    if settings.idle_exit is not None and now - idle_since > settings.idle_exit:
-                        say(f"idle for {settings.idle_exit:g} s; leaving")
-                        break
-                else:
-                    idle_since = now
-                if now - last_beat >= 1.0:
-                    store.worker_heartbeat(worker_id, "running" if children else "idle")
-                    last_beat = now
-                if now - last_sweep >= max(settings.heartbeat_timeout / 3, 1.0):
-                    for job_id in store.fail_stale_jobs(settings.heartbeat_timeout, exclude=list(children)):
-                        say(f"job {job_id}: marked failed, no heartbeat for {settings.heartbeat_timeout:g} s")
-                    last_sweep = now
-                store_failures = 0
-            except STORE_FAILURES as exc:
-                if shutting_down["flag"]:  # the stop requests cannot go through the store
-                    say(f"the run store failed ({exc}) while shutting down; stopping {len(children)} job(s) by signal")
-                    _stop_without_store(store, children, settings.stop_grace, say)
-                    break
-                # a locked or full store: the jobs run on (they keep their own heartbeat), the
-                # loop tries again, more slowly each time; every step above can be repeated
-                store_failures += 1
-                pause = min(MAX_STORE_BACKOFF, max(settings.poll_seconds, DEFAULT_POLL) * 2 ** (store_failures - 1))
-                say(f"the run store failed ({exc}); {len(children)} running job(s) go on; retrying in {pause:g} s")
-                time.sleep(pause)
-                continue
-            time.sleep(settings.poll_seconds)
+        worker.run()
     finally:
-        for job_id, child in children.items():  # only on an error in the loop itself
-            _kill(child)
-            _try(say, store.finish_job, job_id, FAILED, message="failed",
-                 error=f"the worker stopped with an error while the job ran; {retry_advice(child.kind, job_id)}")
+        worker.abandon_jobs()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         try:
@@ -309,6 +226,137 @@ def run_worker(store: Store, settings: WorkerSettings | None = None, log: IO[str
         finally:
             lock.release()
     return 0
+
+
+class _Worker:
+    """A worker between two polls: its running job processes, how many it finished, and when
+    it last beat, swept for stale jobs and had work. Every step of a poll can be repeated, so
+    a poll the run store fails halfway through is simply run again later."""
+
+    def __init__(self, store: Store, settings: WorkerSettings, worker_id: int, say: Callable[[str], None]):
+        self.store, self.settings, self.worker_id, self.say = store, settings, worker_id, say
+        self.children: dict[int, _Child] = {}
+        self.done = 0
+        self.shutting_down = False
+        self.store_failures = 0
+        self.idle_since = self.last_sweep = self.last_beat = time.monotonic()
+
+    def on_signal(self, signum: int, _frame: object) -> None:
+        self.shutting_down = True
+
+    def run(self) -> None:
+        for job_id in self.store.fail_stale_jobs(self.settings.heartbeat_timeout):
+            self.say(f"job {job_id}: marked failed, its heartbeat stopped (the previous worker died)")
+        self.idle_since = self.last_sweep = self.last_beat = time.monotonic()
+        while True:
+            try:
+                if not self.poll():
+                    return
+                self.store_failures = 0
+            except STORE_FAILURES as exc:
+                if self.shutting_down:  # the stop requests cannot go through the store
+                    self.say(f"the run store failed ({exc}) while shutting down; stopping {len(self.children)} "
+                             "job(s) by signal")
+                    _stop_without_store(self.store, self.children, self.settings.stop_grace, self.say)
+                    return
+                self.back_off(exc)
+                continue
+            time.sleep(self.settings.poll_seconds)
+
+    def poll(self) -> bool:
+        """Supervise the running jobs, start queued ones, keep the worker's heartbeat; False
+        when the worker should leave."""
+        now = time.monotonic()
+        self.supervise()
+        if self.shutting_down and not self.children:
+            return False
+        self.start_jobs()
+        if not self.children:
+            if self.limit_reached():
+                return False
+            if self.settings.idle_exit is not None and now - self.idle_since > self.settings.idle_exit:
+                self.say(f"idle for {self.settings.idle_exit:g} s; leaving")
+                return False
+        else:
+            self.idle_since = now
+        self.keep_alive(now)
+        return True
+
+    def supervise(self) -> None:
+        """Record the end of every job process that ended (or was killed now)."""
+        for job_id, child in list(self.children.items()):
+            code = self.exit_code(job_id, child)
+            if code is None:
+                continue
+            _record_exit(self.store, child, code)
+            self.say(f"job {job_id}: {self.store.get_job(job_id).state} (exit code {code})")
+            del self.children[job_id]
+            self.done += 1
+
+    def exit_code(self, job_id: int, child: _Child) -> int | None:
+        """The exit code of a job process that has ended, or that is killed now because it
+        did not honour a stop within the grace; None while it runs on. A shutting-down
+        worker asks each of its jobs to stop."""
+        code = child.process.poll()
+        if code is not None:
+            return code
+        job = self.store.get_job(job_id)
+        if self.shutting_down and not job.stop_requested:
+            self.store.request_stop(job_id)
+            return None
+        if not job.stop_requested and job.state == RUNNING:
+            return None
+        asked = job.stop_requested_at or time.time()
+        if time.time() - asked <= self.settings.stop_grace:
+            return None
+        _kill(child)
+        self.store.finish_job(job_id, STOPPED, message=_killed_message(self.settings.stop_grace))
+        self.say(f"job {job_id}: killed after the stop grace")
+        return child.process.returncode
+
+    def limit_reached(self) -> bool:
+        return self.settings.max_jobs is not None and self.done + len(self.children) >= self.settings.max_jobs
+
+    def start_jobs(self) -> None:
+        """Claim queued jobs, oldest first, up to the concurrency, each in its own process."""
+        while not self.shutting_down and not self.limit_reached() and len(self.children) < self.settings.concurrency:
+            job = self.store.claim_next_job(os.getpid())
+            if job is None:
+                return
+            try:
+                child = spawn_job_process(self.store, job.id, job.kind)
+            except OSError as exc:
+                self.store.finish_job(job.id, FAILED, message="failed", error=f"cannot start the job process: {exc}")
+                continue
+            self.children[job.id] = child
+            self.store.set_job_pid(job.id, child.process.pid)
+            self.say(f"job {job.id} ({job.kind}): started, pid {child.process.pid}")
+
+    def keep_alive(self, now: float) -> None:
+        """The worker's own heartbeat every second, and a sweep for jobs whose process died."""
+        if now - self.last_beat >= 1.0:
+            self.store.worker_heartbeat(self.worker_id, "running" if self.children else "idle")
+            self.last_beat = now
+        timeout = self.settings.heartbeat_timeout
+        if now - self.last_sweep >= max(timeout / 3, 1.0):
+            for job_id in self.store.fail_stale_jobs(timeout, exclude=list(self.children)):
+                self.say(f"job {job_id}: marked failed, no heartbeat for {timeout:g} s")
+            self.last_sweep = now
+
+    def back_off(self, exc: Exception) -> None:
+        """A locked or full store: the jobs run on (they keep their own heartbeat) and the
+        poll is tried again, more slowly each time."""
+        self.store_failures += 1
+        pause = min(MAX_STORE_BACKOFF, max(self.settings.poll_seconds, DEFAULT_POLL) * 2 ** (self.store_failures - 1))
+        self.say(f"the run store failed ({exc}); {len(self.children)} running job(s) go on; retrying in {pause:g} s")
+        time.sleep(pause)
+
+    def abandon_jobs(self) -> None:
+        """Kill the jobs still running when the loop itself failed (an error, not a shutdown)."""
+        for job_id, child in self.children.items():
+            _kill(child)
+            _try(self.say, self.store.finish_job, job_id, FAILED, message="failed",
+                 error=f"the worker stopped with an error while the job ran; {retry_advice(child.kind, job_id)}")
 
 
 def _try(say: Callable[[str], None], store_call: Callable[..., object], *args: object, **kwargs: object) -> None:
@@ -360,7 +408,6 @@ def failure_message(exc: BaseException, store: Store, job: JobRecord) -> str:
 def execute_job(store: Store, job_id: int, parent_pid: int | None = None) -> str:
     """Run one claimed job in this process and record how it ended; returns the final
     state. The worker runs this in a child process; tests may call it directly."""
-    from core.runs.jobs import KINDS, Heartbeat, JobContext
     from core.train import StopRequested
 
     job = store.get_job(job_id)

@@ -1,0 +1,166 @@
+"""The iterative prune-retrain loop on a checkpoint: ``python -m core prune``, the prune job and
+the Prune page. Dataset, root and split seed default to the checkpoint's; the test split is
+evaluated once, on the result. Run again on the same ``out`` it resumes after the last
+finished round.
+
+`StepRequest` holds the settings of one pruning step (method, its ablation overrides, the
+criterion's and the allocator's settings), shared with the score request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from core.services.datasets import CheckpointDataRequest
+from core.services.request import (
+    FINITE_FLOAT, FLAG, FRACTION, LIST, NON_NEGATIVE_FINITE, NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, SEED,
+    UNIT_INTERVAL, ParameterError, setting,
+)
+from core.services.train import precision_setting
+
+if TYPE_CHECKING:
+    from core.pruning.loop import LoopProgress, LoopResult, LoopSettings
+    from core.pruning.step import StepSettings
+
+
+def _methods() -> list[str]:
+    from core.pruning.methods import METHODS
+
+    return list(METHODS)
+
+
+def _allocators() -> list[str]:
+    from core.allocation.registry import ALLOCATORS
+
+    return list(ALLOCATORS)
+
+
+def _criteria() -> list[str]:
+    from core.importance.criteria import CRITERIA
+
+    return list(CRITERIA)
+
+
+def _correlation_sources() -> list[str]:
+    from core.importance.substitutability import CORRELATION_SOURCES
+
+    return list(CORRELATION_SOURCES)
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepRequest(CheckpointDataRequest):
+    """A checkpoint, its dataset and how one pruning step scores and allocates."""
+
+    method: str = setting("collaborative", choices=_methods)
+    allocator: str | None = setting(None, choices=_allocators, help="ablation: override the allocator")
+    criterion: str | None = setting(None, choices=_criteria, help="ablation: override the criterion")
+    beta: float = setting(0.5, check=FINITE_FLOAT, help="weight of substitutability in the score")
+    correlation: str = setting("activations", choices=_correlation_sources,
+                               help="substitutability from the channels' responses on calibration images (default) "
+                                    "or, without data, from the cosine of the filters' weights")
+    scoring_steps: int = setting(300, check=POSITIVE_INT, help="scoring-network steps per round")
+    calibration_images: int = setting(64, check=POSITIVE_INT)
+    max_prune_ratio: float = setting(0.9, check=FRACTION, help="largest share cut from one layer")
+    round_to: int = setting(1, check=POSITIVE_INT, help="keep channel counts multiples of this")
+    cut_head_input: bool = setting(False, kind=FLAG,
+                                   help="let allocators cut the layer the classifier reads (kept whole by default)")
+    seed: int = setting(0, check=SEED)
+    precision: str = precision_setting()
+
+    def step_settings(self, precision: str | None = None) -> StepSettings:
+        """The step's settings; ``precision``: the resolved name its forward passes run in
+        (None: the step's default, for the loop, which sets it from its fine-tunes')."""
+        from core.allocation.base import AllocationLimits
+        from core.allocation.context import ScoringNetworkSettings
+        from core.pruning.step import StepSettings
+
+        return StepSettings(
+            beta=self.beta, correlation=self.correlation, seed=self.seed,
+            **({} if precision is None else {"precision": precision}),
+            scoring=ScoringNetworkSettings(steps=self.scoring_steps, seed=self.seed),
+            limits=AllocationLimits(max_prune_ratio=self.max_prune_ratio, round_to=self.round_to,
+                                    protect_head_input=not self.cut_head_input))
+
+
+@dataclass(frozen=True, kw_only=True)
+class PruneRequest(StepRequest):
+    KIND = "prune"
+
+    target_macs: float | None = setting(None, check=FRACTION, exclusive="target",
+                                        help="MACs reduction to reach (0.8)")
+    target_params: float | None = setting(None, check=FRACTION, exclusive="target",
+                                          help="parameter reduction to reach")
+    tolerance: float = setting(1.0, check=NON_NEGATIVE_FINITE, help="largest defect-mIoU drop, in points")
+    no_tolerance_stop: bool = setting(False, kind=FLAG, help="keep going past the tolerance (trace the whole frontier)")
+    step: float = setting(0.3, check=FRACTION, help="share of the remaining MACs removed per round")
+    milestones: tuple[float, ...] = setting(kind=LIST, check=FRACTION, metavar="REDUCTION",
+                                            help="MACs reductions a round lands on exactly on its way to the target "
+                                                 "(0.5 0.7)")
+    finetune_epochs: int = setting(2, check=NON_NEGATIVE_INT)
+    max_rounds: int = setting(10, check=POSITIVE_INT)
+    lr: float = setting(1e-3, check=POSITIVE_FLOAT, help="fine-tuning learning rate")
+    recover_epochs: int = setting(0, check=NON_NEGATIVE_INT,
+                                  help="final recovery phase: fine-tune the last accepted round this many more epochs "
+                                       "(warm-up + cosine); its checkpoint becomes the result (0: none)")
+    recover_lr: float | None = setting(None, check=POSITIVE_FLOAT,
+                                       help="learning rate of the recovery phase (default: --lr)")
+    distill_weight: float = setting(0.0, check=UNIT_INTERVAL,
+                                    help="distil every fine-tune from the run's starting model: loss = (1 - a) x "
+                                         "supervised + a x T^2 x KL (0: off)")
+    distill_temperature: float = setting(2.0, check=POSITIVE_FLOAT, help="distillation temperature T")
+    recover_distill_weight: float | None = setting(None, check=UNIT_INTERVAL,
+                                                   help="distillation weight of the recovery phase (default: "
+                                                        "--distill-weight)")
+    out: str | None = setting(None, required=True, job=False, help="folder for the rounds' checkpoints and rounds.json")
+
+    def loop_settings(self, device: str) -> LoopSettings:
+        """The loop's settings (fine-tunes on ``device``)."""
+        from core.pruning.loop import LoopSettings
+        from core.train import TrainConfig
+
+        kind, target = ("params", self.target_params) if self.target_params else ("macs", self.target_macs or 0.8)
+        return LoopSettings(
+            method=self.method, allocator=self.allocator, criterion=self.criterion, target=target,
+            target_kind=kind, tolerance=self.tolerance, step=self.step, milestones=tuple(self.milestones),
+            finetune_epochs=self.finetune_epochs, recover_epochs=self.recover_epochs, recover_lr=self.recover_lr,
+            recover_distill_weight=self.recover_distill_weight,
+            max_rounds=self.max_rounds, stop_at_tolerance=not self.no_tolerance_stop,
+            calibration_images=self.calibration_images, seed=self.seed,
+            step_settings=self.step_settings(),
+            finetune=TrainConfig(epochs=max(self.finetune_epochs, 1), batch_size=self.batch_size, lr=self.lr,
+                                 patience=None, seed=self.seed, num_threads=self.threads, device=str(device),
+                                 num_workers=self.workers, precision=self.precision,
+                                 distill_weight=self.distill_weight, distill_temperature=self.distill_temperature),
+        )
+
+
+def run_prune(request: PruneRequest, progress: LoopProgress | None = None) -> LoopResult:
+    """Run (or resume) the loop in ``request.out``."""
+    from core.atomic import check_output_folder
+    from core.data.dataset import SegmentationDataset
+    from core.models.checkpoint import load_checkpoint, read_spec
+    from core.pruning.loop import is_prune_run, run_prune_loop
+    from core.train import TorchThreads, resolve_device
+
+    if not request.out:
+        raise ParameterError("pruning needs the folder for its rounds (--out)")
+    # before anything is loaded: a dataset folder or the source checkpoint is never an output,
+    # nor a folder holding something other than an earlier run of this kind (resumed)
+    dataset_root = request.root if request.root is not None else read_spec(request.checkpoint).dataset_root
+    check_output_folder(request.out, "prune run (rounds.json and its rounds)", is_prune_run,
+                        protected=[("the checkpoint", request.checkpoint), ("the dataset folder", dataset_root)])
+    device = resolve_device(request.device)
+    loaded = load_checkpoint(request.checkpoint, device=device)
+    spec = loaded.spec
+    index, size = request.dataset(spec)
+    spec.input_size = size
+    datasets = {
+        split: SegmentationDataset(index, split, size, spec.in_channels, augment=split == "train",
+                                   seed=request.seed, limit=request.limit)
+        for split in ("train", "val", "test")
+    }
+    settings = request.loop_settings(str(device))
+    with TorchThreads(request.threads):
+        return run_prune_loop(loaded.model, spec, list(loaded.history), datasets["train"], datasets["val"],
+                              datasets["test"], request.out, settings, progress=progress)
+

@@ -1,0 +1,179 @@
+"""Train a model from scratch and save it as a checkpoint whose spec remembers the dataset and
+its val metrics: ``python -m core train``, the train job and the Model page."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from core.errors import DefectPruneError
+from core.services.datasets import DataRequest, format_choices
+from core.services.request import (
+    FINITE_FLOAT, FLAG, NON_NEGATIVE_FINITE, POSITIVE_FLOAT, POSITIVE_INT, SEED, WHOLE_NUMBER, ParameterError, setting,
+)
+
+if TYPE_CHECKING:
+    from core.train import ProgressCallback
+
+TRAINING_HISTORY_FILE = "training_history.json"
+
+
+def _zoo() -> Any:
+    from core.models import zoo
+
+    return zoo
+
+
+def _train_config() -> Any:
+    from core.train import TrainConfig
+
+    return TrainConfig
+
+
+def _precisions() -> list[str]:
+    from core.precision import PRECISIONS
+
+    return list(PRECISIONS)
+
+
+def _schedules() -> list[str]:
+    from core.train import SCHEDULES
+
+    return list(SCHEDULES)
+
+
+PRECISION_HELP = ("training forward passes: bf16 autocast with channels_last where the device runs it fast (auto), "
+                  "or as asked; evaluation, export and saved weights stay fp32")
+
+
+def precision_setting() -> Any:
+    """The ``precision`` field of every request that trains (train, prune, score)."""
+    return setting("auto", choices=_precisions, help=PRECISION_HELP)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainRequest(DataRequest):
+    KIND = "train"
+
+    format: str = setting(required=True, choices=format_choices)
+    split_seed: int = setting(0, check=SEED, help="seed of the train/val/test split for formats without an official one")
+    arch: str = setting(default_factory=lambda: _zoo().DEFAULT_ARCH, choices=lambda: list(_zoo().ARCHITECTURES))
+    encoder: str = setting(default_factory=lambda: _zoo().DEFAULT_ENCODER, choices=lambda: list(_zoo().ENCODERS))
+    in_channels: int | None = setting(None, check=WHOLE_NUMBER, choices=(1, 3),
+                                      help="model input channels (default: the dataset's native channels)")
+    epochs: int = setting(30, check=POSITIVE_INT)
+    lr: float = setting(1e-3, check=POSITIVE_FLOAT)
+    weight_decay: float = setting(1e-4, check=NON_NEGATIVE_FINITE)
+    schedule: str = setting("cosine", choices=_schedules,
+                            help=lambda: "cosine over --epochs, one-cycle, or plateau: constant rate cut tenfold after "
+                                         f"every {_train_config().plateau_patience} epochs without a better val defect "
+                                         "mIoU (for training until converged, with --patience)")
+    patience: int = setting(8, check=POSITIVE_INT, help="stop after this many epochs without a better val defect mIoU")
+    no_early_stop: bool = setting(False, kind=FLAG, help="train every epoch")
+    max_steps_per_epoch: int | None = setting(None, check=POSITIVE_INT)
+    no_augment: bool = setting(False, kind=FLAG, help="train without augmentation")
+    defect_share: float = setting(default_factory=lambda: _train_config().defect_share, check=FINITE_FLOAT,
+                                  help="images with a defect make at least this share of the draws (0: plain shuffling)")
+    seed: int = setting(0, check=SEED, help="seed of weights, order and augmentation")
+    out: str | None = setting(None, required=True, job=False, help="checkpoint folder to write")
+    precision: str = precision_setting()
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a training run did (the command's JSON, the job's result)."""
+
+    checkpoint: str
+    epochs_run: int
+    best_epoch: int | None
+    stopped_early: bool
+    stopped_by_user: bool
+    seconds: float
+    seconds_per_epoch: float | None
+    device: str
+    precision: str
+    memory_format: str
+    train_step_seconds: float | None
+    train_images: int
+    val_images: int
+    val: dict[str, Any] | None
+
+    @property
+    def history_file(self) -> Path:
+        return Path(self.checkpoint) / TRAINING_HISTORY_FILE
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def run_train(request: TrainRequest, progress: ProgressCallback | None = None) -> TrainResult:
+    """Train, save the checkpoint at ``request.out`` with its training history."""
+    import torch
+
+    from core.atomic import check_output_folder, write_json_atomic
+    from core.data.dataset import SegmentationDataset
+    from core.data.base import parse_size
+    from core.data.registry import load_index
+    from core.models.checkpoint import holds_only_checkpoint, save_checkpoint
+    from core.models.zoo import ModelSpec, build_model
+    from core.train import EmptySplitError, TrainConfig, fit, resolve_device, seed_everything
+
+    if not request.out:
+        raise ParameterError("training needs the checkpoint folder to write (--out)")
+    # refuse a bad --out before any data is read or any step is trained (not after the run)
+    out = check_output_folder(request.out, "checkpoint", holds_only_checkpoint,
+                              protected=[("the dataset folder", request.root)])
+    device = resolve_device(request.device)
+    index = load_index(request.format, request.root, seed=request.split_seed, strict=request.strict, **request.option)
+    size = parse_size(request.size, index.default_size)
+    in_channels = request.in_channels or index.native_channels
+    train_ds = SegmentationDataset(index, "train", size, in_channels, augment=not request.no_augment,
+                                   seed=request.seed, limit=request.limit)
+    val_ds = SegmentationDataset(index, "val", size, in_channels, limit=request.limit)
+    for name, dataset in (("train", train_ds), ("val", val_ds)):
+        if len(dataset) == 0:
+            raise EmptySplitError(
+                f"the {name} split of {index.format} at {index.root} has no images; training needs "
+                "images in both train and val (add images, or use a format with a seeded split)"
+            )
+    config = TrainConfig(
+        epochs=request.epochs, batch_size=request.batch_size, lr=request.lr, weight_decay=request.weight_decay,
+        schedule=request.schedule, patience=None if request.no_early_stop else request.patience,
+        seed=request.seed, num_threads=request.threads, device=str(device),
+        max_steps_per_epoch=request.max_steps_per_epoch, num_workers=request.workers,
+        defect_share=request.defect_share, precision=request.precision,
+    )
+    config.validate()
+    spec = ModelSpec(
+        classes=list(index.classes), arch=request.arch, encoder=request.encoder, in_channels=in_channels,
+        input_size=size, dataset_format=index.format,
+        dataset_root=str(index.root.resolve()) if request.root is not None else "",
+        split_seed=request.split_seed,
+    )
+    seed_everything(request.seed)  # the initial weights follow the seed too
+    model = build_model(spec)
+    result = fit(model, train_ds, val_ds, config, progress=progress, class_names=index.classes)
+    if result.epochs_run == 0:
+        raise DefectPruneError("training was stopped before the first epoch ended; nothing was saved")
+    spec.metrics = {"split": "val", **(result.best_val or {}),
+                    "training": {"precision": result.precision, "memory_format": result.memory_format,
+                                 "epochs_run": result.epochs_run, "best_epoch": result.best_epoch}}
+
+    checkpoint = Path(save_checkpoint(out, model.cpu(), spec))
+    write_json_atomic(checkpoint / TRAINING_HISTORY_FILE, {
+        "config": dict(vars(config)),
+        "dataset": {"format": index.format, "root": str(index.root), "split_seed": request.split_seed,
+                    "options": request.option, "train_images": len(train_ds), "val_images": len(val_ds),
+                    "size": list(size)},
+        "torch_threads": request.threads or torch.get_num_threads(),
+        **{k: v for k, v in result.to_dict().items() if k != "val"},
+    }, default=str)
+    return TrainResult(
+        checkpoint=str(checkpoint), epochs_run=result.epochs_run, best_epoch=result.best_epoch,
+        stopped_early=result.stopped_early, stopped_by_user=result.stopped_by_user,
+        seconds=round(result.seconds, 3), seconds_per_epoch=result.seconds_per_epoch, device=str(device),
+        precision=result.precision, memory_format=result.memory_format,
+        train_step_seconds=result.train_step_seconds, train_images=len(train_ds), val_images=len(val_ds),
+        val=result.best_val,
+    )
