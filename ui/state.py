@@ -18,7 +18,10 @@ from core.data.base import DatasetIndex, DatasetRootMissingError
 from core.data.registry import DEFAULT_FORMAT, is_synthetic, load_index
 from core.errors import DefectPruneError
 from core.runs import api
+from core.runs.kinds import DATASET, MODEL, RUN, address_kinds, job_kind
 from core.runs.store import JobNotFoundError, JobRecord
+from core.services.request import ParameterError, Request
+from core.services.score import ScoreResult
 
 log = logging.getLogger("defectprune.ui")
 
@@ -208,45 +211,51 @@ def require_dataset(choice: DatasetChoice, missing: str) -> DatasetIndex:
     return index
 
 
-# the address keys that name a job (a refreshed or reopened tab finds it again), and its kind
-ADDRESS_JOBS = {"run": "prune", "score": "score", "sensitivity": "score", "job": "train"}
+def job_request(job: JobRecord) -> Request:
+    """The request a job was submitted with, rebuilt from its parameters (pages read a job's
+    settings from it, never from the stored JSON)."""
+    return job_kind(job.kind).request.from_json(job.params)
+
+
+def score_result(job: JobRecord) -> ScoreResult:
+    """What a finished score job found (its ``scores.json``)."""
+    return ScoreResult.from_json(job_json(job, "scores"))
 
 
 def address_job() -> JobRecord | None:
     """The job the page's address names (``?run=``, ``?score=``, ``?sensitivity=``,
-    ``?job=``), when it names one of the right kind; a bad or unknown id is left to the page
-    that reads that key, which says what is wrong with it."""
-    for key, kind in ADDRESS_JOBS.items():
+    ``?job=``: each kind's address keys), when it names one of the right kind; a bad or
+    unknown id is left to the page that reads that key, which says what is wrong with it."""
+    for key, kind in address_kinds().items():
         try:
             job_id = query_job_id(key)
             job = api.get_job(job_id) if job_id is not None else None
         except (JobIdError, JobNotFoundError):
             continue
-        if job is not None and job.kind == kind:
+        if job is not None and job.kind == kind.name:
             return job
     return None
 
 
 def restore_from_address() -> None:
     """A refreshed or reopened tab starts with an empty session: the job in its address
-    brings back the workspace that job works on (its dataset; its checkpoint as the model;
-    a prune job as the run). Only a session that has chosen nothing yet is restored: what
-    the user chose in this session wins."""
+    brings back the workspace that job works on (what its kind restores: its dataset; its
+    checkpoint as the model; a prune job as the run). Only a session that has chosen nothing
+    yet is restored: what the user chose in this session wins."""
     if "model" in st.session_state or "dataset" in st.session_state:
         return
     with error_box("Reading the job in the address"):
         job = address_job()
         if job is None:
             return
-        params = job.params
-        if params.get("format"):
-            option = params.get("option")
-            set_dataset(DatasetChoice(format=params["format"], root=params.get("root"),
-                                      seed=int(params.get("split_seed") or 0),
-                                      options=json.dumps(option) if option else ""))
-        if job.kind in ("prune", "score") and params.get("checkpoint"):
-            st.session_state["model"] = params["checkpoint"]
-        if job.kind == "prune":
+        restores = job_kind(job.kind).restores
+        request = job_request(job)
+        if DATASET in restores and getattr(request, "format", None):
+            set_dataset(DatasetChoice(format=request.format, root=request.root, seed=int(request.split_seed or 0),
+                                      options=json.dumps(request.option) if request.option else ""))
+        if MODEL in restores and getattr(request, "checkpoint", None):
+            st.session_state["model"] = request.checkpoint
+        if RUN in restores:
             st.session_state["run"] = job.id
 
 
@@ -259,7 +268,11 @@ def run_label(run_id: int) -> str:
     except Exception:  # noqa: BLE001 - drawn on every page, outside any page's error box
         log.error("reading run %s for the sidebar failed:\n%s", run_id, traceback.format_exc())
         return f"#{run_id} (run store unreadable: see the server log)"
-    return f"#{job.id} {job.params.get('method', '')} ({job.state})"
+    try:
+        method = getattr(job_request(job), "method", "")
+    except ParameterError:  # parameters this version no longer reads: the label goes without
+        method = ""
+    return f"#{job.id} {method} ({job.state})"
 
 
 def sidebar_workspace() -> None:

@@ -6,6 +6,7 @@ logits, the sensitivity curves) take them from a score job run once in the backg
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +18,12 @@ from core.data.dataset import SegmentationDataset
 from core.live import group_l1_scores, live_allocation, preview_pruned
 from core.runs import api
 from core.runs.store import JobRecord
+from core.services.request import ParameterError
+from core.services.score import ScoreRequest, ScoreResult
 from ui.jobs import follow_job, job_bar
 from ui.state import (
-    current_cost_model, current_dataset, dataset_index, error_box, job_json, query_job_id, require_model,
-    weights_mtime,
+    current_cost_model, current_dataset, dataset_index, error_box, job_request, query_job_id, require_model,
+    score_result, weights_mtime,
 )
 from ui.widgets import image_grid, layer_bars, layer_table, load_style
 
@@ -33,10 +36,23 @@ checkpoint = st.session_state["model"]
 graph, cost = current_cost_model()
 groups = layer_table(graph)
 
-# the score jobs this page starts: (session key, address key, parameters, what the user reads)
-SCORING = ("score_job", "score", {"method": "collaborative", "target": 0.8}, "The scoring network")
-SENSITIVITY = ("sensitivity_job", "sensitivity",
-               {"method": "uniform-l1", "allocator": "sensitivity", "target": 0.8}, "Measuring the sensitivity curves")
+@dataclass(frozen=True)
+class ScoreJob:
+    """A score job this page starts: where its id is kept (session and address keys), the
+    method and allocator it runs, and what the user reads about it."""
+
+    session_key: str
+    address_key: str
+    method: str
+    allocator: str | None
+    what: str
+
+    def request(self) -> ScoreRequest:
+        return ScoreRequest(checkpoint=checkpoint, method=self.method, allocator=self.allocator, target=0.8)
+
+
+SCORING = ScoreJob("score_job", "score", "collaborative", None, "The scoring network")
+SENSITIVITY = ScoreJob("sensitivity_job", "sensitivity", "uniform-l1", "sensitivity", "Measuring the sensitivity curves")
 
 
 @st.cache_data(show_spinner="Scoring every channel by group L1 (once per model)...")
@@ -44,44 +60,47 @@ def l1_scores(path: str, mtime: float) -> dict[str, np.ndarray]:
     return group_l1_scores(graph)
 
 
-def followed_job(kind: tuple) -> JobRecord | None:
+def followed_job(kind: ScoreJob) -> JobRecord | None:
     """The newest job of ``kind`` for this model among the one started here, the one in the
     address (a refreshed or reopened tab) and the recent ones in the run store."""
-    session_key, query_key, params, _what = kind
     resolved = str(Path(checkpoint).resolve())
 
     def ours(job: JobRecord) -> bool:
-        return (job.kind == "score" and job.params.get("checkpoint") == resolved
-                and job.params.get("allocator") == params.get("allocator"))
+        if job.kind != "score":
+            return False
+        try:
+            request = job_request(job)
+        except ParameterError:  # parameters this version no longer reads: not a job to draw
+            return False
+        return request.checkpoint == resolved and request.allocator == kind.allocator
 
-    named = [api.get_job(int(i)) for i in (st.session_state.get(session_key), query_job_id(query_key)) if i is not None]
+    named = [api.get_job(int(i)) for i in (st.session_state.get(kind.session_key), query_job_id(kind.address_key))
+             if i is not None]
     found = [job for job in named + api.list_jobs(kind="score", limit=50) if ours(job)]
     return max(found, key=lambda job: job.id, default=None)
 
 
-def start_job(kind: tuple) -> None:
-    session_key, query_key, params, _what = kind
-    job = api.submit("score", {"checkpoint": checkpoint, **params})
+def start_job(kind: ScoreJob) -> None:
+    job = api.submit("score", kind.request())
     api.ensure_worker()
-    st.session_state[session_key] = job.id
-    st.query_params[query_key] = str(job.id)
+    st.session_state[kind.session_key] = job.id
+    st.query_params[kind.address_key] = str(job.id)
     st.rerun()
 
 
-def job_status(job: JobRecord | None, kind: tuple) -> dict | None:
-    """The job's scores.json when it succeeded; otherwise its progress or failure, and None."""
-    what = kind[3]
+def job_status(job: JobRecord | None, kind: ScoreJob) -> ScoreResult | None:
+    """The job's result when it succeeded; otherwise its progress or failure, and None."""
     if job is None:
         return None
     if job.state == "failed":
-        st.error(f"{what} failed (job {job.id}): {job.error}")
+        st.error(f"{kind.what} failed (job {job.id}): {job.error}")
     elif job.state == "stopped":
-        st.warning(f"{what} was stopped (job {job.id}); start it again.")
+        st.warning(f"{kind.what} was stopped (job {job.id}); start it again.")
     elif not job.finished:
         # once it is final the whole page reruns and draws the results (or the failure)
-        follow_job(job, f"Following job {job.id}", lambda latest: job_bar(latest, what))
+        follow_job(job, f"Following job {job.id}", lambda latest: job_bar(latest, kind.what))
     else:
-        return job_json(job, "scores")
+        return score_result(job)
     return None
 
 
@@ -95,18 +114,17 @@ if (score_job is None or score_job.finished) and st.button("Run the scoring netw
     with error_box("Starting the scoring network"):
         start_job(SCORING)
 if scores:
-    allocation = scores["allocation"]
-    frame = groups.assign(importance=[allocation["group_importance"][g] for g in groups["group"]])
+    frame = groups.assign(importance=[scores.group_importance[g] for g in groups["group"]])
     st.plotly_chart(layer_bars(frame, "importance", pattern_shape="role",
                                title="Importance per layer (keep ratio at 80% fewer MACs), network order"),
                     width="stretch")
-    per_scale = pd.DataFrame({"scale": [f"stride {s}" for s in allocation["scale_importance"]],
-                              "importance": list(allocation["scale_importance"].values())})
+    per_scale = pd.DataFrame({"scale": [f"stride {s}" for s in scores.scale_importance],
+                              "importance": list(scores.scale_importance.values())})
     c1, c2 = st.columns(2)
     c1.plotly_chart(px.bar(per_scale, x="scale", y="importance", title="Importance per scale (MACs-weighted)"),
                     width="stretch")
-    if allocation.get("class_importance"):
-        matrix = pd.DataFrame(allocation["class_importance"]).T.loc[list(groups["group"])]
+    if scores.class_importance:
+        matrix = pd.DataFrame(scores.class_importance).T.loc[list(groups["group"])]
         c2.plotly_chart(px.imshow(matrix.T, aspect="auto", color_continuous_scale="RdBu", zmin=-1, zmax=1,
                                   title="Layer x defect-class importance"), width="stretch")
 else:
@@ -125,8 +143,8 @@ if allocator == "sensitivity":
     sensitivity_job = None
     with error_box("Reading the sensitivity job"):
         sensitivity_job = followed_job(SENSITIVITY)
-        details = (job_status(sensitivity_job, SENSITIVITY) or {}).get("details") or {}
-        curves = details if details.get("drops") else None  # {"drops": {group: [loss rise per level]}, "levels"}
+        measured = job_status(sensitivity_job, SENSITIVITY)
+        curves = measured.sensitivity_curves if measured else None
     if curves is None and (sensitivity_job is None or sensitivity_job.finished):
         st.info("No sensitivity curves for this model yet. Sensitivity analysis prunes each layer alone at "
                 "30, 50, 70 and 90% and measures the loss on calibration images: too slow to redo for every "
@@ -146,7 +164,7 @@ if allocator in ("uniform", "global (L1)") or (allocator == "scoring network" an
         live = live_allocation(
             ALLOCATORS[allocator], graph, cost, target,
             l1_scores=l1_scores(checkpoint, weights_mtime(checkpoint)) if allocator == "global (L1)" else None,
-            logits=scores["details"]["logits"] if allocator == "scoring network" else None,
+            logits=scores.logits if allocator == "scoring network" else None,
             drops=curves["drops"] if curves else None,
             **({"levels": curves["levels"]} if curves and curves.get("levels") else {}))
         kept = dict(live.kept)

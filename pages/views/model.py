@@ -17,6 +17,7 @@ from core.precision import PRECISIONS
 from core.predictions import predict_split
 from core.runs import api
 from core.runs.store import JobRecord
+from core.services.train import TrainRequest
 from core.visual import class_colour_hex, overlay_mask
 from ui.jobs import follow_job, job_bar
 from ui.state import JobIdError, current_checkpoint, current_dataset, error_box, query_job_id, require_dataset
@@ -78,12 +79,10 @@ with train_tab:
         start = st.form_submit_button("Train in the background")
     if start:
         with error_box("Starting the training"):
-            params = {"format": choice.format, "size": size, "arch": arch, "encoder": encoder,
-                      "epochs": int(epochs), "batch_size": int(batch), "seed": int(seed),
-                      "split_seed": choice.seed, "option": choice.parsed_options(), "precision": precision}
-            if choice.root:
-                params["root"] = choice.root
-            job = api.submit("train", params)
+            request = TrainRequest(format=choice.format, root=choice.root or None, size=size, arch=arch,
+                                   encoder=encoder, epochs=int(epochs), batch_size=int(batch), seed=int(seed),
+                                   split_seed=choice.seed, option=choice.parsed_options(), precision=precision)
+            job = api.submit("train", request)
             api.ensure_worker()
             st.session_state["train_job"] = job.id
             st.query_params["job"] = str(job.id)

@@ -14,8 +14,9 @@ from core.precision import PRECISIONS
 from core.pruning.methods import METHODS
 from core.runs import api
 from core.runs.store import JobRecord
+from core.services.prune import PruneRequest
 from ui.jobs import follow_job, job_bar
-from ui.state import JobIdError, current_dataset, error_box, query_job_id, require_model
+from ui.state import JobIdError, current_dataset, error_box, job_request, query_job_id, require_model
 from ui.widgets import load_style
 
 load_style()
@@ -89,7 +90,8 @@ def round_chart(frame: pd.DataFrame, base: dict, tolerance: float, recovery: dic
 
 
 def draw_run(job: JobRecord) -> None:
-    job_bar(job, f"Prune run ({job.params.get('method')})")
+    request = job_request(job)
+    job_bar(job, f"Prune run ({request.method})")
     c1, c2 = st.columns(2)
     if job.stop_requested and not job.finished:
         st.caption("Stop requested: the run stops within seconds and keeps its finished rounds.")
@@ -106,7 +108,7 @@ def draw_run(job: JobRecord) -> None:
     if frame.empty:
         st.caption("No round finished yet.")
         return
-    st.plotly_chart(round_chart(frame, base, float(job.params.get("tolerance", 1.0)), recovery), width="stretch",
+    st.plotly_chart(round_chart(frame, base, request.tolerance, recovery), width="stretch",
                     key=f"rounds_{job.id}")
     st.dataframe(frame[["round", "accepted", "macs_reduction", "params_reduction", "defect_miou", "drop",
                         "latency_ms", "precision", "distillation"]], hide_index=True)
@@ -170,16 +172,15 @@ if loaded is not None:
     if launch:
         with error_box("Launching the run"):
             choice = current_dataset()
-            params = {"checkpoint": st.session_state["model"], "method": method, "target_macs": float(target),
-                      "tolerance": float(tolerance), "step": float(step), "finetune_epochs": int(epochs),
-                      "max_rounds": int(rounds), "recover_epochs": int(recover_epochs),
-                      "distill_weight": float(distill_weight), "distill_temperature": float(temperature),
-                      "precision": precision}
-            if recover_lr is not None:  # else the command's default: the fine-tune rate
-                params["recover_lr"] = float(recover_lr)
-            if loaded.spec.dataset_format == choice.format and choice.options:
-                params["option"] = choice.parsed_options()
-            job = api.submit("prune", params)
+            # options only for the model's own format: the job takes that dataset from the store
+            options = choice.parsed_options() if loaded.spec.dataset_format == choice.format and choice.options else {}
+            request = PruneRequest(
+                checkpoint=st.session_state["model"], method=method, target_macs=float(target),
+                tolerance=float(tolerance), step=float(step), finetune_epochs=int(epochs), max_rounds=int(rounds),
+                recover_epochs=int(recover_epochs), distill_weight=float(distill_weight),
+                distill_temperature=float(temperature), precision=precision, option=options,
+                recover_lr=None if recover_lr is None else float(recover_lr))  # None: the fine-tune rate
+            job = api.submit("prune", request)
             api.ensure_worker()
             st.session_state["run"] = job.id
             st.query_params["run"] = str(job.id)
@@ -200,7 +201,7 @@ with error_box("Reading the runs"):
     runs = api.list_jobs(kind="prune")
     for run in runs:
         frame, base, _recovery = run_rounds(run.id)
-        name = f"#{run.id} {run.params.get('method')}"
+        name = f"#{run.id} {job_request(run).method}"
         if base.get("macs") and len(frame):  # each line starts at its starting checkpoint
             points.append({"run": name, "MACs reduction": 0.0, "val defect mIoU": base.get("defect_miou"), "round": 0})
         points += [{"run": name, "MACs reduction": r["macs_reduction"], "val defect mIoU": r["defect_miou"],
@@ -213,7 +214,7 @@ else:
     st.info("No kept round yet: each run's kept rounds appear here (the plot refreshes when a run ends).")
 if runs:
     # no state in the label: a keyed selectbox can keep showing the label it was first drawn with
-    labels = {run.id: f"#{run.id} {run.params.get('method')}, launched "
+    labels = {run.id: f"#{run.id} {job_request(run).method}, launched "
                       f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(run.created_at))}" for run in runs}
     c1, c2 = st.columns([4, 1], vertical_alignment="bottom")
     opened = c1.selectbox("Open a run", list(labels), format_func=labels.get, key="prune_open")
