@@ -27,8 +27,7 @@ import torch  # noqa: E402
 
 from bench.method_smoke import SHARED, datasets, loop_settings  # noqa: E402
 from core.allocation.base import AllocationLimits  # noqa: E402
-from core.allocation.context import StepSettings  # noqa: E402
-from core.allocation.scoring_network import ScoringNetworkSettings  # noqa: E402
+from core.allocation.context import ScoringNetworkSettings, StepSettings  # noqa: E402
 from core.models.checkpoint import load_checkpoint  # noqa: E402
 from core.pruning.loop import run_prune_loop  # noqa: E402
 

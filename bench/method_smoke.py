@@ -32,8 +32,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from core.allocation.context import StepSettings  # noqa: E402
-from core.allocation.scoring_network import ScoringNetworkSettings  # noqa: E402
+from core.allocation.context import ScoringNetworkSettings, StepSettings  # noqa: E402
 from core.data.dataset import SegmentationDataset  # noqa: E402
 from core.data.registry import load_index  # noqa: E402
 from core.models.checkpoint import is_checkpoint, load_checkpoint  # noqa: E402

@@ -26,6 +26,10 @@ from core.pruning.step import pruned_copy
 from core.visual import overlay_mask
 
 
+# the page's allocator choices: label -> registry name, in the registry's order
+ALLOCATOR_LABELS: dict[str, str] = {allocator.label: name for name, allocator in ALLOCATORS.items()}
+
+
 def group_l1_scores(graph: PruningGraph) -> dict[str, np.ndarray]:
     """Each channel's group L1 contribution: what the global allocator ranks (computed once
     per model; the page caches it)."""

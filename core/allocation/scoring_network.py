@@ -23,9 +23,7 @@ import torch.nn.functional as F
 from core.allocation.base import (
     Allocation, AllocationLimits, ProgressFn, counts_for, fill_budget, finish, meet_budget,
 )
-from core.allocation.context import (
-    Allocator, Batch, PruningContext, ScoringNetworkSettings, StoredResults, require,
-)
+from core.allocation.context import Allocator, Batch, PruningContext, StoredResults, require
 from core.allocation.cost import CostModel
 from core.allocation.masks import ChannelMasks, ranks_from_scores
 from core.importance.scoring import GroupAnalysis
