@@ -42,25 +42,11 @@ def argument_type(check: Check) -> Callable[[str], Any]:
 
 
 positive_int = argument_type(checks.POSITIVE_INT)
-non_negative_int = argument_type(checks.NON_NEGATIVE_INT)
 non_negative_float = argument_type(checks.NON_NEGATIVE_FLOAT)
-seed_int = argument_type(checks.SEED)
 
 
 def print_json(payload: Any) -> None:
     print(json.dumps(payload, indent=2, default=str))
-
-
-def add_device_argument(parser: argparse.ArgumentParser, default: str, help: str) -> None:
-    from core.services.datasets import DEVICES
-
-    parser.add_argument("--device", choices=list(DEVICES), default=default, help=help)
-
-
-def add_strict_argument(parser: argparse.ArgumentParser) -> None:
-    from core.services.datasets import STRICT_HELP
-
-    parser.add_argument("--strict", action="store_true", help=STRICT_HELP)
 
 
 def add_request_arguments(parser: argparse.ArgumentParser, request_type: type[Request]) -> None:

@@ -34,6 +34,59 @@ def format_choices() -> list[str]:
 
 
 @dataclass(frozen=True, kw_only=True)
+class DatasetInfoRequest(Request):
+    """A dataset to describe: ``python -m core data info``."""
+
+    KIND = "data info"
+
+    format: str = setting(required=True, choices=format_choices)
+    root: str | None = setting(None, help="dataset folder (synthetic: generation cache)")
+    size: str | None = setting(None, help="input size N or HxW (default: the format's)")
+    seed: int = setting(0, check=SEED, help="split seed")
+    option: dict[str, Any] = setting(kind=OPTIONS, metavar="KEY=VALUE",
+                                     help="a format option, VALUE as JSON where it parses (repeatable), e.g. "
+                                          "category=bottle, class_names='[\"background\",\"scratch\"]', "
+                                          "colours='[[0,0,0],[255,0,0]]', threshold=128")
+    strict: bool = setting(False, kind=FLAG, help=STRICT_HELP)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    format: str
+    root: str
+    classes: list[str]
+    splits: dict[str, int]
+    images_per_class: dict[str, int]
+    size: list[int]
+    skipped: list[dict[str, str]]
+    warnings: list[str]
+    images: int
+
+    def to_json(self) -> dict[str, Any]:
+        """The command's JSON (without the image count, which the splits add up to)."""
+        return {"format": self.format, "root": self.root, "classes": self.classes, "splits": self.splits,
+                "images_per_class": self.images_per_class, "size": self.size, "skipped": self.skipped,
+                "warnings": self.warnings}
+
+
+def describe_dataset(request: DatasetInfoRequest) -> DatasetInfo:
+    """Classes, images per split and per class, the input size, the files skipped and the
+    warnings (listed here, not also warned)."""
+    import warnings
+
+    from core.data.base import parse_size
+    from core.data.registry import load_index
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        index = load_index(request.format, request.root, seed=request.seed, strict=request.strict, **request.option)
+    return DatasetInfo(format=index.format, root=str(index.root), classes=index.classes,
+                       splits=index.split_counts(), images_per_class=index.images_per_class(),
+                       size=list(parse_size(request.size, index.default_size)), skipped=index.skipped,
+                       warnings=index.warnings, images=len(index.samples))
+
+
+@dataclass(frozen=True, kw_only=True)
 class DataRequest(Request):
     """A dataset, how it is read and batched, and where to compute."""
 

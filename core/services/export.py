@@ -7,27 +7,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from core.services.profile import profile_defaults
 from core.services.request import FLAG, WHOLE_NUMBER, Check, ParameterError, Request, setting
 
 StageProgress = Callable[[float, str], bool]  # (fraction, message) -> stop?
 
 
 def _opset_problem(value: int) -> str | None:
-    from core.profile import MAX_OPSET, MIN_OPSET
-
-    return None if MIN_OPSET <= value <= MAX_OPSET else f"{value} must be {MIN_OPSET} to {MAX_OPSET}"
-
-
-def _opset_help() -> str:
-    from core.profile import MAX_OPSET, MIN_OPSET
-
-    return f"ONNX opset ({MIN_OPSET} to {MAX_OPSET})"
-
-
-def _default_opset() -> int:
-    from core.profile import DEFAULT_OPSET
-
-    return DEFAULT_OPSET
+    low, high = profile_defaults().MIN_OPSET, profile_defaults().MAX_OPSET
+    return None if low <= value <= high else f"{value} must be {low} to {high}"
 
 
 OPSET = Check(int, "a whole number", _opset_problem)
@@ -40,12 +28,15 @@ class ExportRequest(Request):
     checkpoint: str = setting(required=True, help="checkpoint folder")
     out: str | None = setting(None, required=True, job=False, help="ONNX file to write")
     size: str | None = setting(None, help="input size N or HxW (default: the checkpoint's)")
-    opset: int = setting(default_factory=_default_opset, check=OPSET, help=_opset_help)
+    opset: int = setting(default_factory=lambda: profile_defaults().DEFAULT_OPSET, check=OPSET,
+                         help=lambda: f"ONNX opset ({profile_defaults().MIN_OPSET} to {profile_defaults().MAX_OPSET})")
     # the profile after the export: the export job's, not the command's (`profile` is its own command)
     no_profile: bool = setting(False, kind=FLAG, cli=False, help="skip params/MACs/latency")
-    runs: int = setting(20, check=WHOLE_NUMBER, cli=False, help="timed runs per engine")
-    warmup: int = setting(3, check=WHOLE_NUMBER, cli=False)
-    threads: int = setting(1, check=WHOLE_NUMBER, cli=False, help="CPU threads while timing")
+    runs: int = setting(default_factory=lambda: profile_defaults().DEFAULT_RUNS, check=WHOLE_NUMBER, cli=False,
+                        help="timed runs per engine")
+    warmup: int = setting(default_factory=lambda: profile_defaults().DEFAULT_WARMUP, check=WHOLE_NUMBER, cli=False)
+    threads: int = setting(default_factory=lambda: profile_defaults().DEFAULT_THREADS, check=WHOLE_NUMBER, cli=False,
+                           help="CPU threads while timing")
 
 
 @dataclass(frozen=True)
