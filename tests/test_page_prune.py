@@ -151,7 +151,7 @@ def test_a_store_read_that_fails_inside_the_progress_fragment_is_an_error_box(ti
     def unreadable(*_args, **_kwargs):
         raise OSError("disk I/O error")
 
-    monkeypatch.setattr(api, "job_details", unreadable)
+    monkeypatch.setattr(api, "prune_run", unreadable)  # what the page reads a run with
     at = page()
     at.session_state["model"] = tiny_model
     at.session_state["run"] = job_id

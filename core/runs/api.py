@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from core.runs.jobs import PruneRunState
 from core.runs.kinds import check_resumable, job_kind
 from core.runs.store import RUNS_DIR, JobRecord, Store, StoreError, default_db_path
 from core.services.request import ParameterError, Request
@@ -110,6 +111,13 @@ def job_details(job_id: int, store: Store | None = None) -> dict[str, Any]:
         details["prune_run"] = store.get_prune_run(job_id)
         details["rounds"] = store.list_rounds(job_id)
     return details
+
+
+def prune_run(job_id: int, store: Store | None = None) -> PruneRunState:
+    """A prune job's starting measurement, its finished rounds and its recovery phase."""
+    store = _store(store)
+    _mark_stale(store)
+    return PruneRunState.of(store, job_id)
 
 
 def stop(job_id: int, store: Store | None = None) -> JobRecord:

@@ -15,6 +15,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -120,6 +121,41 @@ class Heartbeat(threading.Thread):
     def stop(self) -> None:
         self.done.set()
         self.join(timeout=10)
+
+
+# ---------------------------------------------------------------- what the dashboard reads back
+@dataclass(frozen=True)
+class TrainingProgress:
+    """What a train job last reported (`_train_relay` writes it into the job's metrics) and
+    the checkpoint it saved: the dashboard reads them here, not by the keys they are stored at."""
+
+    epoch: int | None
+    loss: float | None
+    val_defect_miou: float | None
+    curve: list[dict[str, Any]]  # per finished epoch: epoch, loss, val_defect_miou
+    checkpoint: str | None  # once it ended with weights (a stopped job keeps its best so far)
+    reported: bool  # it reported progress at all yet
+
+    @classmethod
+    def of(cls, job: JobRecord) -> TrainingProgress:
+        metrics, result = job.metrics or {}, job.result or {}
+        return cls(epoch=metrics.get("epoch"), loss=metrics.get("loss"), val_defect_miou=metrics.get("val_defect_miou"),
+                   curve=list(metrics.get("curve") or []), checkpoint=result.get("checkpoint"), reported=bool(metrics))
+
+
+@dataclass(frozen=True)
+class PruneRunState:
+    """A prune job's run as the store mirrors it (`sync_rounds`)."""
+
+    base: dict[str, Any]  # what the starting checkpoint measured before round 1 (empty until then)
+    rounds: list[dict[str, Any]]  # the store's rounds, oldest first, each with the loop's record
+    recovery: dict[str, Any] | None  # the recovery phase's record, when one ran
+
+    @classmethod
+    def of(cls, store: Store, job_id: int) -> PruneRunState:
+        run = store.get_prune_run(job_id) or {}
+        return cls(base=run.get("base") or {}, rounds=store.list_rounds(job_id),
+                   recovery=(run.get("result") or {}).get("recovery"))
 
 
 # ---------------------------------------------------------------- helpers

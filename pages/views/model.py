@@ -16,6 +16,7 @@ from core.models.zoo import ARCHITECTURES, DEFAULT_ARCH, DEFAULT_ENCODER, ENCODE
 from core.precision import PRECISIONS
 from core.predictions import predict_split
 from core.runs import api
+from core.runs.jobs import TrainingProgress
 from core.runs.store import JobRecord
 from core.services.train import TrainRequest
 from core.visual import class_colour_hex, overlay_mask
@@ -35,12 +36,13 @@ index = require_dataset(choice, "Choose a readable dataset on the Data page firs
 def draw_training(job: JobRecord) -> None:
     """What the worker reported of a training job (it runs there, not in this page)."""
     job_bar(job, "Training")
-    if job.metrics:
+    progress = TrainingProgress.of(job)
+    if progress.reported:
         cols = st.columns(3)
-        cols[0].metric("Epoch", job.metrics.get("epoch", "-"))
-        cols[1].metric("Loss", job.metrics.get("loss", "-"))
-        cols[2].metric("Val defect mIoU", job.metrics.get("val_defect_miou", "-"))
-    curve = pd.DataFrame(job.metrics.get("curve") or [])
+        for col, label, value in zip(cols, ("Epoch", "Loss", "Val defect mIoU"),
+                                     (progress.epoch, progress.loss, progress.val_defect_miou)):
+            col.metric(label, "-" if value is None else value)
+    curve = pd.DataFrame(progress.curve)
     if len(curve):
         long = curve.melt(id_vars="epoch", value_vars=["loss", "val_defect_miou"], var_name="series")
         st.plotly_chart(px.line(long, x="epoch", y="value", facet_col="series", markers=True,
@@ -53,8 +55,8 @@ def draw_training(job: JobRecord) -> None:
         st.rerun()
     elif job.state == "failed":
         st.error(f"Training failed: {job.error}")
-    elif job.state in ("succeeded", "stopped") and job.result and job.result.get("checkpoint"):
-        checkpoint = job.result["checkpoint"]
+    elif job.state in ("succeeded", "stopped") and progress.checkpoint:
+        checkpoint = progress.checkpoint
         if st.session_state.get("model") != checkpoint and st.button("Use this model", key=f"use_{job.id}"):
             st.session_state["model"] = checkpoint
             st.rerun()

@@ -37,22 +37,20 @@ def run_rounds(job_id: int) -> tuple[pd.DataFrame, dict, dict | None]:
     """A run's finished rounds, what its starting checkpoint measured before round 1
     (``base``: MACs, val defect mIoU; empty until the run has measured it) and its recovery
     phase's record (None when none ran), from the run store."""
-    details = api.job_details(job_id)
-    run = details.get("prune_run") or {}
-    base = run.get("base") or {}
+    run = api.prune_run(job_id)
     rows = []
-    for r in details.get("rounds") or []:
+    for r in run.rounds:
         record = r.get("record") or {}
         # rounds recorded before precision was kept have "" there: shown as unknown, not as fp32
         rows.append({**r, "precision": record.get("precision") or "-",
                      "distillation": _distillation(record.get("distill_weight") or 0.0)})
     frame = pd.DataFrame(rows, columns=ROUND_COLUMNS)
     frame["MACs (M)"] = frame["macs"] / 1e6
-    recovery = (run.get("result") or {}).get("recovery")
+    recovery = run.recovery
     accepted = [r["round"] for r in rows if r["accepted"]]
     if recovery and (not accepted or recovery.get("from_round") != accepted[-1]):
         recovery = None  # of an earlier last round (a resumed run goes on): it is redone at the end
-    return frame, base, recovery
+    return frame, run.base, recovery
 
 
 def round_chart(frame: pd.DataFrame, base: dict, tolerance: float, recovery: dict | None = None) -> go.Figure:
