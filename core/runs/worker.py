@@ -31,7 +31,7 @@ from typing import IO
 from core.atomic import disk_full_message
 from core.errors import DefectPruneError
 from core.runs.jobs import Heartbeat, JobContext
-from core.runs.kinds import KINDS, retry_advice
+from core.runs.kinds import job_kind, retry_advice
 from core.runs.store import FAILED, RUNNING, RUNS_DIR, STOPPED, SUCCEEDED, JobRecord, Store, StoreError
 
 DEFAULT_HEARTBEAT_TIMEOUT = 30.0
@@ -421,7 +421,7 @@ def execute_job(store: Store, job_id: int, parent_pid: int | None = None) -> str
     state, message, error, result = FAILED, "failed", None, None
     try:
         print(f"job {job_id} ({job.kind}) attempt {job.attempts}: {job.params}", flush=True)
-        result = KINDS[job.kind].run(context)
+        result = job_kind(job.kind).run(context)
         if context.final_state == STOPPED:
             state, message = STOPPED, context.final_message or "stopped"
         else:
