@@ -80,6 +80,16 @@ def add_request_arguments(parser: argparse.ArgumentParser, request_type: type[Re
                             required=bool(meta.get("required")), **options)
 
 
+def add_request_command(sub: argparse._SubParsersAction, name: str, help: str, request_type: type[Request],
+                        func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+    """A command whose options are ``request_type``'s fields, and ``--json``, run by ``func``."""
+    parser = sub.add_parser(name, help=help)
+    add_request_arguments(parser, request_type)
+    parser.add_argument("--json", action="store_true")
+    parser.set_defaults(func=func)
+    return parser
+
+
 def request_from_args(request_type: type[R], args: argparse.Namespace, **fixed: Any) -> R:
     """The request the parsed arguments stand for; ``fixed`` sets the fields the command has
     no option for."""

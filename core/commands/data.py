@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from core.cli import add_request_arguments, print_json, request_from_args
+from core.cli import add_request_command, print_json, request_from_args
 from core.services.datasets import DatasetInfoRequest, describe_dataset
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="inspect datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True)
-    info = data_sub.add_parser("info", help="classes, images per split and per class, warnings")
-    add_request_arguments(info, DatasetInfoRequest)
-    info.add_argument("--json", action="store_true")
-    info.set_defaults(func=run_info)
+    add_request_command(data_sub, "info", "classes, images per split and per class, warnings", DatasetInfoRequest,
+                        run_info)
 
 
 def run_info(args: argparse.Namespace) -> int:

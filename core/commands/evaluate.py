@@ -7,16 +7,13 @@ from __future__ import annotations
 
 import argparse
 
-from core.cli import add_request_arguments, print_json, request_from_args
+from core.cli import add_request_command, print_json, request_from_args
 from core.commands.train import format_metrics
 from core.services.evaluate import EvaluateRequest, run_evaluate
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("evaluate", help="metrics of a checkpoint on a dataset split")
-    add_request_arguments(parser, EvaluateRequest)
-    parser.add_argument("--json", action="store_true")
-    parser.set_defaults(func=run)
+    add_request_command(sub, "evaluate", "metrics of a checkpoint on a dataset split", EvaluateRequest, run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from core.cli import add_request_arguments, print_json, request_from_args
+from core.cli import add_request_command, print_json, request_from_args
 from core.services.export import ExportRequest, run_export
 
 # Float32 logits of the same network in two runtimes differ by rounding only.
@@ -15,10 +15,7 @@ DIFF_WARNING = 1e-3
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("export-onnx", help="export a checkpoint to ONNX and check it")
-    add_request_arguments(parser, ExportRequest)
-    parser.add_argument("--json", action="store_true")
-    parser.set_defaults(func=run)
+    add_request_command(sub, "export-onnx", "export a checkpoint to ONNX and check it", ExportRequest, run)
 
 
 def run(args: argparse.Namespace) -> int:

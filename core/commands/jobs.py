@@ -8,7 +8,7 @@ import json
 
 from core import safe_json
 from core.cli import print_json
-from core.runs.kinds import JOB_KINDS
+from core.runs.kinds import JOB_KINDS, KINDS
 from core.runs.store import JOB_STATES, JobRecord, iso_time
 from core.services.request import ParameterError
 
@@ -35,7 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         command.add_argument("--json", action="store_true")
 
     submit = jobs_sub.add_parser("submit", help="queue a job; parameters as a JSON object")
-    submit.add_argument("kind", choices=JOB_KINDS)
+    submit.add_argument("kind", choices=JOB_KINDS, help="; ".join(f"{k.name}: {k.description}" for k in KINDS.values()))
     submit.add_argument("--params", default="{}", help='e.g. \'{"checkpoint": "runs/1/checkpoint", "split": "val"}\'')
     submit.add_argument("--start-worker", action="store_true", help="start a worker if none runs")
     submit.add_argument("--json", action="store_true")

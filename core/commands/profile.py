@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import argparse
 
-from core.cli import add_request_arguments, print_json, request_from_args
+from core.cli import add_request_command, print_json, request_from_args
 from core.services.profile import ProfileRequest, run_profile
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("profile", help="cost of a checkpoint: params, MACs, size, CPU latency")
-    add_request_arguments(parser, ProfileRequest)
-    parser.add_argument("--json", action="store_true")
-    parser.set_defaults(func=run)
+    add_request_command(sub, "profile", "cost of a checkpoint: params, MACs, size, CPU latency", ProfileRequest, run)
 
 
 def run(args: argparse.Namespace) -> int:

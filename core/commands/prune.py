@@ -7,15 +7,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from core.cli import add_request_arguments, print_json, request_from_args
+from core.cli import add_request_command, print_json, request_from_args
 from core.services.prune import PruneRequest, run_prune
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("prune", help="iterative prune-retrain of a checkpoint")
-    add_request_arguments(parser, PruneRequest)
-    parser.add_argument("--json", action="store_true")
-    parser.set_defaults(func=run)
+    add_request_command(sub, "prune", "iterative prune-retrain of a checkpoint", PruneRequest, run)
 
 
 class LoopBar:

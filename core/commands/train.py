@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import argparse
 
-from core.cli import add_request_arguments, print_json, request_from_args
+from core.cli import add_request_command, print_json, request_from_args
 from core.services.train import TrainRequest, run_train
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("train", help="train a segmentation model and save a checkpoint")
-    add_request_arguments(parser, TrainRequest)
-    parser.add_argument("--json", action="store_true")
-    parser.set_defaults(func=run)
+    add_request_command(sub, "train", "train a segmentation model and save a checkpoint", TrainRequest, run)
 
 
 def run(args: argparse.Namespace) -> int:
