@@ -236,6 +236,21 @@ def test_parameters_are_the_requests_fields_as_the_command_takes_them():
     assert job_request("export", {"checkpoint": "/c", "no_profile": True}).no_profile
 
 
+@pytest.mark.parametrize("kind, params", [
+    ("train", {"format": "synthetic-steel", "option": {"num_images": 24}, "size": 64, "no_augment": True}),
+    ("evaluate", {"checkpoint": "/c", "split": "val", "limit": 3}),
+    ("prune", {"checkpoint": "/c", "target_params": 0.4, "milestones": [0.2], "recover_lr": 1e-4}),
+    ("score", {"checkpoint": "/c", "method": "uniform-l1", "allocator": "sensitivity", "precision": "fp32"}),
+    ("export", {"checkpoint": "/c", "opset": 18, "no_profile": True}),
+])
+def test_every_kind_reads_back_the_json_a_job_stores(kind, params):
+    request = job_request(kind, params)
+    stored = request.to_json()
+    assert job_request(kind, stored) == request and stored == job_request(kind, stored).to_json()
+    assert {k: stored[k] for k in params} == {k: [*v] if isinstance(v, list) else str(v) if k == "size" else v
+                                             for k, v in params.items()}  # the same keys, as given
+
+
 def test_submit_checks_parameters_and_takes_the_models_dataset(store, tmp_path):
     with pytest.raises(ParameterError):
         api.submit("train", {"format": "neu-seg", "epochs": 0}, store)
