@@ -148,7 +148,7 @@ def parse_options(items: Sequence[str]) -> dict[str, Any]:
 class Request:
     """A typed request: its fields are its settings (`setting`), checked when it is made."""
 
-    KIND: ClassVar[str] = ""
+    KIND: ClassVar[str] = ""  # the job kind (or command) it is the request of: named in its messages
 
     def __post_init__(self) -> None:
         groups: dict[str, dataclasses.Field] = {}
