@@ -46,7 +46,8 @@ from core.atomic import fsync_dir, fsync_file, json_default
 from core import safe_json
 from core.config import max_input_size
 from core.errors import DefectPruneError
-from core.models.groups import classifier_layers, eval_mode, example_input, model_in_channels
+from core.models.groups import classifier_layers, model_in_channels
+from core.models.runtime import eval_mode, example_input
 from core.models.zoo import ARCHITECTURES, ENCODERS, ModelSpec, build_model
 
 SPEC_FILE = "spec.json"

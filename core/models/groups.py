@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch_pruning as tp
 from torch_pruning.utils import op_counter
 
-from core.models.runtime import eval_mode, example_input, model_device  # noqa: F401 (moved there)
+from core.models.runtime import eval_mode, example_input, model_device
 
 ROOT_MODULE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.ConvTranspose2d)
 ROLES = ("encoder", "decoder", "head")
