@@ -38,7 +38,6 @@ os.environ.setdefault("DEFECTPRUNE_WORKSPACE", str(CACHE / "ui" / "workspace"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from core.allocation.base import AllocationLimits  # noqa: E402
 from core.allocation.baselines import allocate_by_sensitivity  # noqa: E402
 from core.allocation.context import PruningContext, ScoringNetworkSettings, StepSettings  # noqa: E402
 from core.allocation.cost import CostModel  # noqa: E402

@@ -3,7 +3,6 @@ side. `core.services.compare` runs it for the dashboard's Compare page and its r
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import numpy as np
 import pandas as pd
 from torch.utils.data import Dataset
 
+from core.progress import StageProgress
 from core.errors import DefectPruneError
 from core.metrics import SegmentationMetrics, batch_confusion, per_image_table
 from core.models.checkpoint import load_checkpoint
@@ -21,7 +21,6 @@ from core.train import Progress, ProgressCallback, StopRequested
 from core.visual import diff_masks
 
 # (fraction of the whole comparison, what is being done) -> stop? (as the services report)
-StageProgress = Callable[[float, str], "bool | None"]
 
 # Where each part of a comparison ends, as a fraction of it: reading the images and their
 # masks, then predicting with each model (the slow parts on a CPU, unless cached on disk).

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Lowest first; a module may import its own layer and the layers below it, never one above.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("foundation", ("core.errors", "core.atomic", "core.config", "core.safe_json", "core.precision",
+    ("foundation", ("core.errors", "core.atomic", "core.config", "core.safe_json", "core.precision", "core.progress",
                     "core.data", "core.visual")),
     ("models, metrics", ("core.models", "core.metrics")),
     ("train, profile", ("core.train", "core.profile", "core.predictions")),

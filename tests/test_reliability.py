@@ -49,7 +49,7 @@ def test_folder_options_cannot_leave_the_dataset_root(tmp_path, outside, option,
 
 
 def test_folder_options_inside_the_root_still_work(tmp_path):
-    root = make_folder(tmp_path / "data" / "sub")
+    make_folder(tmp_path / "data" / "sub")
     index = load_index("folder", tmp_path / "data", images="sub/images", masks="sub/masks",
                        class_names=["background", "a", "b"])
     assert len(index.samples) == 6
@@ -435,8 +435,6 @@ def test_a_tampered_checkpoint_is_one_named_error(tampered, capsys, name, edit, 
 
 
 def test_nan_weights_in_a_checkpoint_are_refused(tiny_checkpoint, tmp_path):
-    import shutil
-
     import torch
 
     from core.models.checkpoint import CheckpointWeightsError, load_checkpoint, save_checkpoint

@@ -11,7 +11,6 @@ import numpy as np
 from core.allocation.cost import CostModel
 from core.models.graph import PrunableGroup, PruningGraph, kept_count
 
-ProgressFn = Callable[[float, str], "bool | None"]  # (fraction, message) -> True asks to stop
 
 
 @dataclass

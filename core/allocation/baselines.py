@@ -20,8 +20,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
+from core.progress import StageProgress
 from core.allocation.base import (
-    Allocation, AllocationLimits, ProgressFn, counts_for, fill_budget, finish, meet_budget,
+    Allocation, AllocationLimits, counts_for, fill_budget, finish, meet_budget,
 )
 from core.allocation.context import Allocator, PruningContext, StoredResults, require
 from core.allocation.cost import CostModel
@@ -79,7 +80,7 @@ def allocate_global(graph: PruningGraph, cost: CostModel, scores: Mapping[str, n
 
 @torch.no_grad()
 def allocate_by_sensitivity(context: PruningContext, analysis: GroupAnalysis, target_reduction: float,
-                            progress: ProgressFn | None = None,
+                            progress: StageProgress | None = None,
                             levels: Sequence[float] = SENSITIVITY_LEVELS) -> Allocation:
     """Prune each group alone at each of ``levels`` (masks over the channels ranked by the
     analysis' scores, nothing cut) and record the rise of the class-balanced loss on the
@@ -183,7 +184,7 @@ class UniformAllocator(Allocator):
     label = "uniform"
 
     def allocate(self, context: PruningContext, analysis: GroupAnalysis, target_reduction: float,
-                 progress: ProgressFn | None = None) -> Allocation:
+                 progress: StageProgress | None = None) -> Allocation:
         return allocate_uniform(context.graph, context.cost, target_reduction, context.settings.limits)
 
     def recreate(self, graph: PruningGraph, cost: CostModel, target_reduction: float, stored: StoredResults,
@@ -195,7 +196,7 @@ class GlobalAllocator(Allocator):
     label = "global (L1)"
 
     def allocate(self, context: PruningContext, analysis: GroupAnalysis, target_reduction: float,
-                 progress: ProgressFn | None = None) -> Allocation:
+                 progress: StageProgress | None = None) -> Allocation:
         return allocate_global(context.graph, context.cost, analysis.scores, target_reduction, context.settings.limits)
 
     def recreate(self, graph: PruningGraph, cost: CostModel, target_reduction: float, stored: StoredResults,
@@ -208,7 +209,7 @@ class SensitivityAllocator(Allocator):
     label = "sensitivity"
 
     def allocate(self, context: PruningContext, analysis: GroupAnalysis, target_reduction: float,
-                 progress: ProgressFn | None = None) -> Allocation:
+                 progress: StageProgress | None = None) -> Allocation:
         return allocate_by_sensitivity(context, analysis, target_reduction, progress=progress)
 
     def recreate(self, graph: PruningGraph, cost: CostModel, target_reduction: float, stored: StoredResults,

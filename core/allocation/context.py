@@ -15,7 +15,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from core.allocation.base import Allocation, AllocationLimits, ProgressFn
+from core.progress import StageProgress
+from core.allocation.base import Allocation, AllocationLimits
 from core.allocation.cost import CostModel
 from core.errors import DefectPruneError
 from core.importance.scoring import GroupAnalysis
@@ -106,7 +107,7 @@ class Allocator(ABC):
 
     @abstractmethod
     def allocate(self, context: PruningContext, analysis: GroupAnalysis, target_reduction: float,
-                 progress: ProgressFn | None = None) -> Allocation:
+                 progress: StageProgress | None = None) -> Allocation:
         """Kept channels per group that remove ``target_reduction`` of the current MACs."""
 
     def recreate(self, graph: PruningGraph, cost: CostModel, target_reduction: float, stored: StoredResults,

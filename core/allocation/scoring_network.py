@@ -20,8 +20,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from core.progress import StageProgress
 from core.allocation.base import (
-    Allocation, AllocationLimits, ProgressFn, counts_for, fill_budget, finish, meet_budget,
+    Allocation, AllocationLimits, counts_for, fill_budget, finish, meet_budget,
 )
 from core.allocation.context import Allocator, Batch, PruningContext, StoredResults, require
 from core.allocation.cost import CostModel
@@ -48,7 +49,7 @@ def frozen_weights(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def allocate_by_scoring_network(context: PruningContext, analysis: GroupAnalysis, target_reduction: float,
-                                progress: ProgressFn | None = None) -> Allocation:
+                                progress: StageProgress | None = None) -> Allocation:
     """Per-group kept channels that remove ``target_reduction`` of the current MACs, channels
     ranked by the analysis' scores. The frozen model's forward passes run in the settings'
     precision (bf16 autocast or fp32); the logits, the cost and the loss stay fp32."""
@@ -157,7 +158,7 @@ class ScoringNetworkAllocator(Allocator):
     label = "scoring network"
 
     def allocate(self, context: PruningContext, analysis: GroupAnalysis, target_reduction: float,
-                 progress: ProgressFn | None = None) -> Allocation:
+                 progress: StageProgress | None = None) -> Allocation:
         return allocate_by_scoring_network(context, analysis, target_reduction, progress=progress)
 
     def recreate(self, graph: PruningGraph, cost: CostModel, target_reduction: float, stored: StoredResults,

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
+from core.progress import StageProgress
 from core.allocation.context import Batch, StepSettings, pruning_context
 from core.atomic import write_json_atomic
 from core.errors import DefectPruneError
@@ -41,7 +42,6 @@ from core.train import (
     Progress, TrainConfig, class_pixel_counts, class_weights_from_counts, evaluate, fine_tune,
 )
 
-LoopProgress = Callable[[float, str], "bool | None"]
 ROUNDS_FILE = "rounds.json"
 RECOVERED_DIR = "recovered"  # the recovery phase's checkpoint, beside the rounds'
 
@@ -200,7 +200,7 @@ def read_rounds(out_dir: str | Path) -> list[RoundRecord]:
 class _Relay:
     """Turns fine-tuning `Progress` into loop progress within a round's share of the bar."""
 
-    def __init__(self, progress: LoopProgress | None, start: float, width: float, label: str):
+    def __init__(self, progress: StageProgress | None, start: float, width: float, label: str):
         self.progress, self.start, self.width, self.label = progress, start, width, label
         self.stop_requested = False  # the callback asked to stop (the step only shortens its work)
 
@@ -272,7 +272,7 @@ class _Run:
     settings: LoopSettings
     teacher: nn.Module | None
     validate: Callable[[nn.Module], dict[str, Any]]
-    progress: LoopProgress | None
+    progress: StageProgress | None
     base: RunBase
 
     @property
@@ -305,7 +305,7 @@ def run_prune_loop(
     test_ds: Dataset | None,
     out_dir: str | Path,
     settings: LoopSettings,
-    progress: LoopProgress | None = None,
+    progress: StageProgress | None = None,
     evaluator: Callable[[nn.Module], dict[str, Any]] | None = None,
 ) -> LoopResult:
     """Prune ``model`` (already pruned by ``history``, possibly) round by round.
@@ -335,7 +335,7 @@ def run_prune_loop(
 
 
 def _start_run(model: nn.Module, spec: ModelSpec, history: list, train_ds: Dataset, val_ds: Dataset,
-               test_ds: Dataset | None, out_dir: Path, settings: LoopSettings, progress: LoopProgress | None,
+               test_ds: Dataset | None, out_dir: Path, settings: LoopSettings, progress: StageProgress | None,
                evaluator: Callable[[nn.Module], dict[str, Any]] | None) -> _Run:
     """The run's fixed parts: the base read back from ``rounds.json`` (refused when it was
     measured on another model) or measured now, and the teacher of distilled fine-tunes."""

@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 import torch.nn as nn
 
-from core.allocation.base import Allocation, ProgressFn, cap_at_params
+from core.progress import StageProgress
+from core.allocation.base import Allocation, cap_at_params
 # the step's callers (the score and prune services) build their context and settings from here;
 # both are defined with the allocators, the lowest layer that reads them
 from core.allocation.context import PruningContext, StepSettings, pruning_context
@@ -91,7 +92,7 @@ def analyse(context: PruningContext, criterion: str) -> GroupAnalysis:
 
 
 def plan_step(context: PruningContext, method: MethodSpec, target_reduction: float,
-              progress: ProgressFn | None = None, params_floor: float | None = None,
+              progress: StageProgress | None = None, params_floor: float | None = None,
               on_phase: PhaseFn | None = None) -> StepPlan:
     """Score the filters, allocate ``target_reduction`` of the current MACs (never below
     ``params_floor`` parameters when given: a parameter target scales the cut back) and select
@@ -110,7 +111,7 @@ def plan_step(context: PruningContext, method: MethodSpec, target_reduction: flo
 
 
 def prune_step(context: PruningContext, method: MethodSpec, target_reduction: float,
-               progress: ProgressFn | None = None, params_floor: float | None = None) -> StepResult:
+               progress: StageProgress | None = None, params_floor: float | None = None) -> StepResult:
     """Remove ``target_reduction`` of the model's current MACs, in place: `plan_step`, then the
     cut (the context's graph is stale afterwards)."""
     plan = plan_step(context, method, target_reduction, progress=progress, params_floor=params_floor)

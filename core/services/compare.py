@@ -15,7 +15,8 @@ from typing import Any
 import pandas as pd
 
 import core.compare as analysis  # module-qualified: a test may stand in for its checks
-from core.compare import Comparison, StageProgress, pixel_changes
+from core.progress import StageProgress
+from core.compare import Comparison, pixel_changes
 from core.data.base import SPLITS, DatasetIndex
 from core.data.dataset import SegmentationDataset
 from core.data.registry import DEFAULT_FORMAT, load_index

@@ -3,14 +3,13 @@ job) its profile: params, MACs, size, latency. ``python -m core export-onnx`` ex
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from core.progress import StageProgress
 from core.services.profile import profile_defaults
 from core.services.request import FLAG, WHOLE_NUMBER, Check, ParameterError, Request, setting
 
-StageProgress = Callable[[float, str], bool]  # (fraction, message) -> stop?
 
 
 def _opset_problem(value: int) -> str | None:

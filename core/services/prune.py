@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from core.progress import StageProgress
 from core.services.datasets import CheckpointDataRequest
 from core.services.request import (
     FINITE_FLOAT, FLAG, FRACTION, LIST, NON_NEGATIVE_FINITE, NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, SEED,
@@ -19,7 +20,7 @@ from core.services.request import (
 from core.services.train import precision_setting
 
 if TYPE_CHECKING:
-    from core.pruning.loop import LoopProgress, LoopResult, LoopSettings
+    from core.pruning.loop import LoopResult, LoopSettings
     from core.pruning.step import StepSettings
 
 
@@ -134,7 +135,7 @@ class PruneRequest(StepRequest):
         )
 
 
-def run_prune(request: PruneRequest, progress: LoopProgress | None = None) -> LoopResult:
+def run_prune(request: PruneRequest, progress: StageProgress | None = None) -> LoopResult:
     """Run (or resume) the loop in ``request.out``."""
     from core.atomic import check_output_folder
     from core.data.dataset import SegmentationDataset

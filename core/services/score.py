@@ -8,18 +8,17 @@ the criterion reads them); pages read it back with `ScoreResult.from_json`, neve
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from core.progress import StageProgress
 from core.services.prune import StepRequest
 from core.services.request import FRACTION, setting
 
 if TYPE_CHECKING:
     import numpy as np
 
-StageProgress = Callable[[float, str], bool]  # (fraction, message) -> stop?
 
 
 @dataclass(frozen=True, kw_only=True)

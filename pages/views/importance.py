@@ -15,7 +15,7 @@ import plotly.express as px
 import streamlit as st
 
 from core.data.dataset import SegmentationDataset
-from core.live import group_l1_scores, live_allocation, preview_pruned
+from core.live import ALLOCATOR_LABELS, group_l1_scores, live_allocation, preview_pruned
 from core.runs import api
 from core.runs.store import JobRecord
 from core.services.request import ParameterError
@@ -132,11 +132,9 @@ else:
             "(a few minutes on a CPU). Uniform and global allocations below work without it.")
 
 st.markdown("#### Live pruning-ratio tuning")
-ALLOCATORS = {"uniform": "uniform", "global (L1)": "global", "scoring network": "scoring-network",
-              "sensitivity": "sensitivity"}
 c1, c2 = st.columns(2)
 target = c1.slider("Fewer MACs", 0.05, 0.95, 0.8, 0.05, key="importance_target")
-allocator = c2.radio("Allocator", list(ALLOCATORS), horizontal=True, key="importance_allocator")
+allocator = c2.radio("Allocator", list(ALLOCATOR_LABELS), horizontal=True, key="importance_allocator")
 
 curves = None
 if allocator == "sensitivity":
@@ -162,7 +160,7 @@ if allocator in ("uniform", "global (L1)") or (allocator == "scoring network" an
     with error_box("Allocating"):
         start = time.perf_counter()
         live = live_allocation(
-            ALLOCATORS[allocator], graph, cost, target,
+            ALLOCATOR_LABELS[allocator], graph, cost, target,
             l1_scores=l1_scores(checkpoint, weights_mtime(checkpoint)) if allocator == "global (L1)" else None,
             logits=scores.logits if allocator == "scoring network" else None,
             drops=curves["drops"] if curves else None,
