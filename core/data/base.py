@@ -401,19 +401,27 @@ def _inspect(
     }
 
 
+@dataclass(frozen=True)
+class FormatTraits:
+    """What `build_index` needs to know of a format: fixed for the format, or for one folder
+    and its options (a folder's class names, a mask reader with its threshold)."""
+
+    name: str
+    classes: Sequence[str]
+    read_mask: MaskReader
+    default_size: tuple[int, int]
+    native_channels: int = 1
+    require_masks: bool = False  # every image has a mask (else: no mask = all background)
+    layout: str = ""  # the expected layout, for the message when no image is found
+    ratios: tuple[float, float, float] = (0.7, 0.15, 0.15)  # the seeded split where there is none
+
+
 def build_index(
-    format_name: str,
+    traits: FormatTraits,
     root: Path,
-    classes: Sequence[str],
     records: Sequence[SampleRecord],
-    read_mask: MaskReader,
-    default_size: tuple[int, int],
-    native_channels: int = 1,
     seed: int = 0,
-    ratios: tuple[float, float, float] = (0.7, 0.15, 0.15),
     skipped: Sequence[dict] = (),
-    require_masks: bool = False,
-    layout: str = "",
     strict: bool = False,
 ) -> DatasetIndex:
     """Read every image and mask once, validate, compute per-class pixels, assign splits.
@@ -427,14 +435,15 @@ def build_index(
     A mask holding a value the format does not define (outside the class map, a colour where
     values are expected) is one file's problem: that sample is skipped and listed in
     ``skipped`` and ``warnings``, unless ``strict``, where it stops the whole dataset."""
+    classes, read_mask = traits.classes, traits.read_mask
     check_class_names(classes)
     if not records:
-        expected = f"it should hold {layout}" if layout else "check the folder layout"
+        expected = f"it should hold {traits.layout}" if traits.layout else "check the folder layout"
         raise NoImagesFoundError(
-            f"no images found under {root} for format {format_name}; {expected} "
+            f"no images found under {root} for format {traits.name}; {expected} "
             "(see the README's dataset formats)"
         )
-    if require_masks:
+    if traits.require_masks:
         for rec in records:
             if rec.mask is None:
                 raise MissingMaskError(
@@ -466,10 +475,10 @@ def build_index(
     # keep "no mask" as None: a string column would turn it into NaN, a float
     samples["mask"] = pd.Series([row["mask"] for row in rows], index=samples.index, dtype=object)
     if (samples["split"] == "").any():
-        samples["split"] = seeded_split(samples, seed=seed, ratios=ratios)
+        samples["split"] = seeded_split(samples, seed=seed, ratios=traits.ratios)
     return DatasetIndex(
-        format=format_name, root=Path(root), classes=list(classes), samples=samples,
-        read_mask=read_mask, default_size=default_size, native_channels=native_channels,
+        format=traits.name, root=Path(root), classes=list(classes), samples=samples,
+        read_mask=read_mask, default_size=traits.default_size, native_channels=traits.native_channels,
         skipped=skipped, seed=seed,
         warnings=[f"{len(value_problems)} file(s) skipped for values the format does not define, e.g. "
                   f"{value_problems[0]['file']}; pass --strict to stop on them instead"] if value_problems else [],

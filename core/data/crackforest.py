@@ -24,7 +24,7 @@ import numpy as np
 import scipy.io
 
 from core.data.base import (
-    IMAGE_SUFFIXES, CorruptImageError, DatasetIndex, MaskValueError, NoImagesFoundError, SampleRecord,
+    IMAGE_SUFFIXES, CorruptImageError, DatasetIndex, FormatTraits, MaskValueError, NoImagesFoundError, SampleRecord,
     build_index, reject_options, require_root, warn_skipped,
 )
 
@@ -120,8 +120,9 @@ def build(root: Path, seed: int = 0, strict: bool = False, **options) -> Dataset
         )
     enclosed: set[str] = set()
     index = build_index(
-        FORMAT, root, CLASSES, records, functools.partial(read_ground_truth, enclosed=enclosed), DEFAULT_SIZE,
-        native_channels=3, seed=seed, skipped=skipped, layout=LAYOUT, strict=strict,
+        FormatTraits(FORMAT, CLASSES, functools.partial(read_ground_truth, enclosed=enclosed), DEFAULT_SIZE,
+                     native_channels=3, layout=LAYOUT),
+        root, records, seed=seed, skipped=skipped, strict=strict,
     )
     if enclosed:
         names = ", ".join(sorted(Path(p).name for p in enclosed))

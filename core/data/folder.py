@@ -25,9 +25,9 @@ import cv2
 import numpy as np
 
 from core.data.base import (
-    IMAGE_SUFFIXES, CorruptImageError, DatasetIndex, check_class_names, decode_file, DatasetRootMissingError, InvalidOptionError,
-    MaskReader, MaskValueError, MissingMaskError, SampleRecord, build_index, probe_image,
-    option_folder, read_label_image, reject_options, require_root, size_keeping_aspect, warn_skipped,
+    IMAGE_SUFFIXES, CorruptImageError, DatasetIndex, DatasetRootMissingError, FormatTraits, InvalidOptionError,
+    MaskReader, MaskValueError, MissingMaskError, SampleRecord, build_index, check_class_names, decode_file,
+    probe_image, option_folder, read_label_image, reject_options, require_root, size_keeping_aspect, warn_skipped,
 )
 
 FORMAT = "folder"
@@ -189,8 +189,8 @@ def build(
     else:
         reader = values_reader(names)
     index = build_index(
-        FORMAT, root, names, records, reader, DEFAULT_SIZE, native_channels=3, seed=seed,
-        skipped=skipped, require_masks=True, layout=LAYOUT, strict=strict,
+        FormatTraits(FORMAT, names, reader, DEFAULT_SIZE, native_channels=3, require_masks=True, layout=LAYOUT),
+        root, records, seed=seed, skipped=skipped, strict=strict,
     )
     height, width, channels = probe_image(index.samples["image"].iloc[0])
     index.native_channels = channels

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from core.data.base import (
-    IMAGE_SUFFIXES, DatasetIndex, MissingMaskError, SampleRecord, binary_mask_reader, build_index,
+    FormatTraits, IMAGE_SUFFIXES, DatasetIndex, MissingMaskError, SampleRecord, binary_mask_reader, build_index,
     reject_options, require_root, warn_skipped,
 )
 
@@ -55,6 +55,6 @@ def build(root: Path, seed: int = 0, strict: bool = False, **options) -> Dataset
             else:
                 warn_skipped(path, "not an image", skipped)
     return build_index(
-        FORMAT, root, CLASSES, records, binary_mask_reader(1), DEFAULT_SIZE,
-        native_channels=1, seed=seed, skipped=skipped, require_masks=True, layout=LAYOUT, strict=strict,
+        FormatTraits(FORMAT, CLASSES, binary_mask_reader(1), DEFAULT_SIZE, require_masks=True, layout=LAYOUT),
+        root, records, seed=seed, skipped=skipped, strict=strict,
     )

@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from core.data.base import (
-    DatasetIndex, MissingMaskError, SampleRecord, binary_mask_reader, build_index, reject_options,
+    FormatTraits, DatasetIndex, MissingMaskError, SampleRecord, binary_mask_reader, build_index, reject_options,
     require_root, warn_skipped,
 )
 
@@ -73,8 +73,8 @@ def build(root: Path, seed: int = 0, strict: bool = False, **options) -> Dataset
             else:
                 warn_skipped(path, "not an image", skipped)
     index = build_index(
-        FORMAT, root, CLASSES, records, binary_mask_reader(THRESHOLD), DEFAULT_SIZE,
-        native_channels=1, seed=seed, skipped=skipped, require_masks=True, layout=LAYOUT, strict=strict,
+        FormatTraits(FORMAT, CLASSES, binary_mask_reader(THRESHOLD), DEFAULT_SIZE, require_masks=True, layout=LAYOUT),
+        root, records, seed=seed, skipped=skipped, strict=strict,
     )
     empty = index.samples[(index.samples["label"] > 0) & (index.samples["classes"].map(max) == 0)]
     for image in empty["image"]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from core.data.base import (
-    IMAGE_SUFFIXES, DatasetIndex, InvalidOptionError, NoImagesFoundError, SampleRecord, option_folder,
+    IMAGE_SUFFIXES, DatasetIndex, FormatTraits, InvalidOptionError, NoImagesFoundError, SampleRecord, option_folder,
     binary_mask_reader, build_index, probe_image, reject_options, require_root,
     size_keeping_aspect, warn_skipped,
 )
@@ -123,8 +123,8 @@ def build(root: Path, seed: int = 0, category: str | None = None, strict: bool =
                 if not any((folder / "test" / sub.name / f"{stem}{s}").is_file() for s in IMAGE_SUFFIXES):
                     warn_skipped(mask, f"mask without its image test/{sub.name}/{stem}.png", skipped)
     index = build_index(
-        FORMAT, folder, classes, records, binary_mask_reader(THRESHOLD), DEFAULT_SIZE,
-        native_channels=3, seed=seed, skipped=skipped, layout=LAYOUT, strict=strict,
+        FormatTraits(FORMAT, classes, binary_mask_reader(THRESHOLD), DEFAULT_SIZE, native_channels=3, layout=LAYOUT),
+        folder, records, seed=seed, skipped=skipped, strict=strict,
     )
     height, width, channels = probe_image(index.samples["image"].iloc[0])
     index.native_channels = channels

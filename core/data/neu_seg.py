@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from core.data.base import (
-    IMAGE_SUFFIXES, SPLITS, DatasetIndex, MissingMaskError, SampleRecord, build_index,
+    FormatTraits, IMAGE_SUFFIXES, SPLITS, DatasetIndex, MissingMaskError, SampleRecord, build_index,
     index_mask_reader, list_images, reject_options, require_root, warn_skipped,
 )
 
@@ -45,6 +45,6 @@ def build(root: Path, seed: int = 0, strict: bool = False, **options) -> Dataset
             if other.is_file() and other.suffix.lower() not in IMAGE_SUFFIXES:
                 warn_skipped(other, "not an image", skipped)
     return build_index(
-        FORMAT, root, CLASSES, records, index_mask_reader, DEFAULT_SIZE,
-        native_channels=1, seed=seed, skipped=skipped, layout=LAYOUT, strict=strict,
+        FormatTraits(FORMAT, CLASSES, index_mask_reader, DEFAULT_SIZE, layout=LAYOUT),
+        root, records, seed=seed, skipped=skipped, strict=strict,
     )

@@ -44,7 +44,8 @@ import numpy as np
 
 from core import config
 from core.data.base import (
-    DatasetError, DatasetIndex, SampleRecord, UnknownFormatError, build_index, index_mask_reader, reject_options,
+    DatasetError, DatasetIndex, FormatTraits, SampleRecord, UnknownFormatError, build_index, index_mask_reader,
+    reject_options,
 )
 
 FORMAT_PREFIX = "synthetic-"
@@ -676,6 +677,6 @@ def build(
         name = _file_name(i, count)
         records.append(SampleRecord(str(folder / "images" / name), str(folder / "masks" / name)))
     return build_index(
-        FORMAT_PREFIX + family, folder, classes, records, index_mask_reader, (size, size),
-        native_channels=1, seed=seed, require_masks=True, strict=strict,
+        FormatTraits(FORMAT_PREFIX + family, classes, index_mask_reader, (size, size), require_masks=True),
+        folder, records, seed=seed, strict=strict,
     )
