@@ -85,3 +85,41 @@ def test_job_parameters_take_the_new_options_and_refuse_bad_ones():
     for bad in ({"precision": "fp64"}, {"distill_weight": 2}, {"recover_lr": -1}):
         with pytest.raises(ParameterError):
             job_request("prune", {"checkpoint": "c", **bad})
+
+
+def _allocation_file(checkpoint: Path, folder: Path, scale: int = 1) -> tuple[Path, dict]:
+    """An allocation file as the Layer importance page writes it: half of every group kept
+    (``scale``: channel counts multiplied, as for another model)."""
+    from core.models.checkpoint import load_checkpoint
+    from core.models.graph import PruningGraph
+    from core.pruning.step import FixedAllocation
+
+    loaded = load_checkpoint(checkpoint)
+    graph = PruningGraph.traced(loaded.model, tuple(loaded.spec.input_size), loaded.spec.in_channels)
+    channels = {g.name: g.channels * scale for g in graph.groups}
+    kept = {name: max(count // 2, 1) for name, count in channels.items()}
+    path = folder / "allocation.json"
+    path.write_text(json.dumps(FixedAllocation(kept=kept, channels=channels, allocator="uniform", target=0.5,
+                                               checkpoint=str(checkpoint)).to_json()))
+    return path, kept
+
+
+def test_prune_with_a_fixed_allocation_cuts_its_first_round_to_it(checkpoint, tmp_path):
+    allocation, kept = _allocation_file(checkpoint, tmp_path)
+    out = tmp_path / "fixed"
+    proc = core("prune", "--checkpoint", str(checkpoint), "--method", "uniform-l1", "--allocation", str(allocation),
+                "--target-macs", "0.5", "--max-rounds", "1", "--finetune-epochs", "0", "--batch-size", "3",
+                "--calibration-images", "4", "--no-tolerance-stop", "--threads", "1", "--out", str(out), "--json")
+    assert proc.returncode == 0, proc.stderr
+    rounds = json.loads((out / "rounds.json").read_text())["rounds"]
+    assert rounds[0]["step"]["allocation"]["kept"] == kept
+
+
+def test_prune_refuses_an_allocation_made_for_another_model_before_running(checkpoint, tmp_path):
+    allocation, _ = _allocation_file(checkpoint, tmp_path, scale=2)
+    out = tmp_path / "o"
+    proc = core("prune", "--checkpoint", str(checkpoint), "--allocation", str(allocation), "--out", str(out))
+    assert_one_line_error(proc, "was made for another model")
+    assert not (out / "rounds.json").exists()
+    assert_one_line_error(core("prune", "--checkpoint", str(checkpoint), "--allocation", str(tmp_path / "none.json"),
+                               "--out", str(out)), "none.json cannot be read")

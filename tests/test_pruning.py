@@ -340,3 +340,36 @@ def test_allocators_run_their_forward_passes_in_the_asked_precision(method):
                spec, 0.5)
     assert torch.bfloat16 in seen
     assert 1 - macs_of(model) / before == pytest.approx(0.5, abs=0.03)
+
+
+def test_a_fixed_allocation_is_the_first_rounds_cut_exactly(tiny_data, tmp_path):
+    from core.models.graph import PruningGraph
+
+    train, val, _, classes = tiny_data
+    model, spec = fresh(classes)
+    graph = PruningGraph.traced(model, (SIZE, SIZE), 3)
+    # an uneven allocation no allocator would make: every other group keeps a quarter
+    kept = {g.name: g.channels if i % 2 else max(g.channels // 4, 1) for i, g in enumerate(graph.groups)}
+    result = run_prune_loop(model, spec, [], train, val, None, tmp_path,
+                            loop_settings(allocation=kept, target=0.3, max_rounds=3),
+                            evaluator=ScriptedEvaluator([50.0]))
+    first = result.rounds[0]
+    assert first.step["allocation"]["kept"] == kept and first.step["allocation"]["allocator"] == "fixed"
+    after = PruningGraph.traced(load_checkpoint(first.checkpoint).model, (SIZE, SIZE), 3)
+    assert {g.name: g.channels for g in after.groups} == kept
+
+
+def test_a_fixed_allocation_for_another_model_is_refused_by_name():
+    from core.models.graph import PruningGraph
+    from core.pruning.step import AllocationFileError, FixedAllocation
+
+    model, _ = fresh(CLASSES)
+    graph = PruningGraph.traced(model, (SIZE, SIZE), 3)
+    channels = {g.name: g.channels for g in graph.groups}
+    first = graph.groups[0].name
+    FixedAllocation(kept=channels, channels=channels, allocator="uniform", target=0.5).check(graph, "a.json")
+    for wrong in ({**channels, first: channels[first] * 2}, {"encoder.other": 8, **channels}):
+        with pytest.raises(AllocationFileError, match="a.json was made for another model"):
+            FixedAllocation(kept=wrong, channels=wrong, allocator="uniform", target=0.5).check(graph, "a.json")
+    with pytest.raises(AllocationFileError, match="is not an allocation file"):
+        FixedAllocation.from_json({"kept": {first: 0}, "channels": {first: 4}, "target": 0.5}, "b.json")

@@ -478,3 +478,21 @@ def test_score_and_export_jobs_write_their_artifacts(trained):
     kinds = {a["kind"]: a for a in store.list_artifacts(export.id)}
     assert set(kinds) == {"onnx", "profile"} and kinds["onnx"]["bytes"] == (store.job_dir(export.id) / "model.onnx").stat().st_size
     assert kinds["onnx"]["model_id"] == store.find_model(checkpoint)["id"]
+
+
+def test_a_prune_job_reads_an_allocation_file_only_inside_the_workspace_or_a_data_root(trained):
+    import tempfile
+
+    store, checkpoint = trained
+    outside = Path(tempfile.mkdtemp(prefix="defectprune-outside-")) / "allocation.json"
+    outside.write_text("{}")
+    try:
+        job = api.submit("prune", {"checkpoint": str(checkpoint), "allocation": str(outside), "max_rounds": 1,
+                                   "finetune_epochs": 0}, store)
+        assert store.claim_next_job(worker_pid=os.getpid()).id == job.id
+        assert execute_job(store, job.id) == FAILED
+        failed = store.get_job(job.id)
+        assert "outside the configured data roots" in failed.error and not store.list_rounds(job.id)
+    finally:
+        outside.unlink()
+        outside.parent.rmdir()

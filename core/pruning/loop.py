@@ -37,7 +37,7 @@ from core.models.zoo import ModelSpec
 from core.precision import resolve_precision
 from core.profile import count_macs, count_params, measure_latency
 from core.pruning.methods import MethodSpec, resolve_method
-from core.pruning.step import prune_step
+from core.pruning.step import prune_step, prune_to
 from core.train import (
     Progress, TrainConfig, class_pixel_counts, class_weights_from_counts, evaluate, fine_tune,
 )
@@ -78,6 +78,9 @@ class LoopSettings:
     # distillation weight of the recovery (None: the rounds' ``finetune.distill_weight``)
     recover_distill_weight: float | None = None
     max_rounds: int = 10
+    # kept channels per group that the first round cuts to exactly (a fixed allocation tuned on
+    # the Layer importance page, `FixedAllocation`); later rounds allocate with the method again
+    allocation: dict[str, int] | None = None
     stop_at_tolerance: bool = True  # the benchmark turns this off to trace the whole frontier
     calibration_images: int = 64
     calibration_batch: int = 8
@@ -404,7 +407,11 @@ def _prune_round(run: _Run, state: LoopState, calibration: _Calibration, round_i
     step_settings = replace(settings.step_settings, seed=settings.seed + round_index, precision=calibration.precision)
     context = pruning_context(state.model, run.size, run.spec.in_channels, calibration.batches, run.names,
                               calibration.class_weights, step_settings)
-    result = prune_step(context, run.method, 1.0 - next_macs / macs_now, progress=relay, params_floor=params_floor)
+    if round_index == 1 and settings.allocation:
+        result = prune_to(context, run.method, settings.allocation, progress=relay)
+    else:
+        result = prune_step(context, run.method, 1.0 - next_macs / macs_now, progress=relay,
+                            params_floor=params_floor)
     if relay.stop_requested:  # cut with a half-trained allocation: never fine-tuned or recorded
         state.stopped = "user"
         return False

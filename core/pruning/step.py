@@ -7,26 +7,28 @@ shows); `prune_step` is the plan, then the cut."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch.nn as nn
 
 from core.progress import StageProgress
-from core.allocation.base import Allocation, cap_at_params
+from core.allocation.base import Allocation, cap_at_params, finish
 # the step's callers (the score and prune services) build their context and settings from here;
 # both are defined with the allocators, the lowest layer that reads them
 from core.allocation.context import PruningContext, StepSettings, pruning_context
 from core.allocation.registry import ALLOCATORS
 from core.importance.magnitude import ContributionImportance
 from core.importance.scoring import GroupAnalysis, score_filters
+from core.errors import DefectPruneError
 from core.models.graph import PruningGraph, select_removal
 from core.pruning.methods import MethodSpec
 
-__all__ = ["LIVE_DETAILS", "PruningContext", "StepPlan", "StepResult", "StepSettings", "analyse",
-           "plan_step", "prune_step", "pruned_copy", "pruning_context"]
+__all__ = ["LIVE_DETAILS", "AllocationFileError", "FixedAllocation", "PruningContext", "StepPlan", "StepResult",
+           "StepSettings", "analyse", "plan_step", "prune_step", "prune_to", "pruned_copy", "pruning_context"]
 
 
 @dataclass
@@ -79,6 +81,83 @@ class StepPlan:
                 for i, g in enumerate(self.graph.groups) if g.name in self.analysis.correlations}
 
 
+class AllocationFileError(DefectPruneError):
+    """An allocation file that cannot be read, or was made for another model."""
+
+
+FIXED = "fixed"  # the allocator name a fixed allocation's round records
+
+
+@dataclass(frozen=True)
+class FixedAllocation:
+    """Per-group kept channel counts tuned on the Layer importance page, for the model it was
+    made for (``channels``: that model's counts), with the allocator and target it came from
+    and the counts typed over the allocator's (``overrides``). A prune run's first round cuts
+    exactly ``kept``; the file is this as JSON (`to_json`, `read`)."""
+
+    kept: dict[str, int]
+    channels: dict[str, int]
+    allocator: str
+    target: float
+    checkpoint: str = ""
+    overrides: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"checkpoint": self.checkpoint, "allocator": self.allocator, "target": self.target,
+                "kept": dict(self.kept), "channels": dict(self.channels), "overrides": dict(self.overrides)}
+
+    @classmethod
+    def from_json(cls, payload: Any, source: str) -> FixedAllocation:
+        bad = f"{source} is not an allocation file ({{}}); write one with the Layer importance page"
+        if not isinstance(payload, dict):
+            raise AllocationFileError(bad.format("not a JSON object"))
+        counts = {}
+        for key in ("kept", "channels"):
+            value = payload.get(key)
+            if not isinstance(value, dict) or not value or not all(
+                    isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in value.values()):
+                raise AllocationFileError(bad.format(f"{key!r} must map every group to a channel count of 1 or more"))
+            counts[key] = {str(k): int(v) for k, v in value.items()}
+        if set(counts["kept"]) != set(counts["channels"]):
+            raise AllocationFileError(bad.format("'kept' and 'channels' name different groups"))
+        target = payload.get("target")
+        if not isinstance(target, (int, float)) or isinstance(target, bool) or not 0.0 <= target < 1.0:
+            raise AllocationFileError(bad.format("'target' must be a reduction from 0 to 1"))
+        overrides = payload.get("overrides") or {}
+        if not isinstance(overrides, dict):
+            raise AllocationFileError(bad.format("'overrides' must map groups to channel counts"))
+        return cls(kept=counts["kept"], channels=counts["channels"], allocator=str(payload.get("allocator") or ""),
+                   target=float(target), checkpoint=str(payload.get("checkpoint") or ""),
+                   overrides={str(k): int(v) for k, v in overrides.items()})
+
+    @classmethod
+    def read(cls, path: str | Path) -> FixedAllocation:
+        from core import safe_json
+
+        return cls.from_json(safe_json.read(path, error=AllocationFileError), str(path))
+
+    def check(self, graph: PruningGraph, source: str) -> None:
+        """Refuse an allocation made for another model: the groups or their channel counts
+        differ from ``graph``'s, or a kept count is more than its group has."""
+        here = {g.name: g.channels for g in graph.groups}
+        other = (f"{source} was made for another model ({{}}); tune an allocation for this checkpoint on the "
+                 "Layer importance page")
+        if set(here) != set(self.channels):
+            missing = sorted(set(here) - set(self.channels)) or sorted(set(self.channels) - set(here))
+            raise AllocationFileError(other.format(f"its groups differ from this model's, e.g. {missing[0]!r}"))
+        for name, channels in here.items():
+            if self.channels[name] != channels:
+                raise AllocationFileError(other.format(f"group {name!r} has {channels} channels here, "
+                                                       f"{self.channels[name]} in the file"))
+            if self.kept[name] > channels:
+                raise AllocationFileError(other.format(f"it keeps {self.kept[name]} of the {channels} channels "
+                                                       f"of group {name!r}"))
+            step = graph.by_name[name].channel_step
+            if self.kept[name] % step:  # GroupNorm groups are cut whole
+                raise AllocationFileError(f"{source} keeps {self.kept[name]} channels of group {name!r}, which is "
+                                          f"cut in steps of {step}; choose a multiple of {step}")
+
+
 PhaseFn = Callable[[str], None]  # told "scoring filters (l1)", "allocating (uniform)" as each phase starts
 
 
@@ -117,6 +196,25 @@ def prune_step(context: PruningContext, method: MethodSpec, target_reduction: fl
     plan = plan_step(context, method, target_reduction, progress=progress, params_floor=params_floor)
     history = plan.graph.prune(plan.removed)
     return StepResult(allocation=plan.allocation, removed=plan.removed, history=history, analysis=plan.analysis)
+
+
+def prune_to(context: PruningContext, method: MethodSpec, kept: Mapping[str, int],
+             progress: StageProgress | None = None) -> StepResult:
+    """Cut the model to exactly ``kept`` channels per group, in place (a fixed allocation:
+    no allocator runs); which filters go is the method's criterion's choice."""
+    if progress is not None:
+        progress(0.0, f"scoring filters ({method.criterion}) for the fixed allocation")
+    analysis = analyse(context, method.criterion)
+    graph = context.graph
+    keep = np.array([kept[g.name] / g.channels for g in graph.groups], dtype=float)
+    allocation = finish(FIXED, graph, context.cost, {g.name: int(kept[g.name]) for g in graph.groups}, keep,
+                        {g.name: float(k) for g, k in zip(graph.groups, keep)}, True)
+    removed = {g.name: select_removal(g, analysis.scores[g.name].tolist(), g.channels - allocation.kept[g.name])
+               for g in graph.groups}
+    history = graph.prune(removed)
+    if progress is not None:
+        progress(1.0, "cut to the fixed allocation")
+    return StepResult(allocation=allocation, removed=removed, history=history, analysis=analysis)
 
 
 def pruned_copy(model: nn.Module, input_size: Sequence[int], in_channels: int, kept: dict[str, int]) -> nn.Module:

@@ -15,7 +15,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -303,8 +303,13 @@ def prune_job(ctx: JobContext) -> dict[str, Any]:
     from core.pruning.loop import ROUNDS_FILE
     from core.train import StopRequested
 
+    from core.config import confine_to_data_roots, data_roots
+
     out_dir = ctx.out_dir / "prune"
     request = PruneRequest.from_json(ctx.params, out=str(out_dir))
+    if request.allocation:  # a file a job reads lies in the workspace or a data root, as the pages' typed paths
+        allocation = confine_to_data_roots(request.allocation, roots=[ctx.store.workspace, *data_roots()])
+        request = replace(request, allocation=str(allocation))
     base_model_id = _base_model_id(ctx, request.checkpoint)
     prune_run_id = ctx.store.upsert_prune_run(ctx.job_id, request.checkpoint, out_dir, request.method, ctx.params,
                                               base_model_id=base_model_id)

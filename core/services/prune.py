@@ -112,10 +112,14 @@ class PruneRequest(StepRequest):
     recover_distill_weight: float | None = setting(None, check=UNIT_INTERVAL,
                                                    help="distillation weight of the recovery phase (default: "
                                                         "--distill-weight)")
+    allocation: str | None = setting(None, metavar="FILE.json",
+                                     help="a fixed allocation (the Layer importance page's JSON: kept channels per "
+                                          "layer for this checkpoint) the first round cuts to exactly")
     out: str | None = setting(None, required=True, job=False, help="folder for the rounds' checkpoints and rounds.json")
 
-    def loop_settings(self, device: str) -> LoopSettings:
-        """The loop's settings (fine-tunes on ``device``)."""
+    def loop_settings(self, device: str, allocation: dict[str, int] | None = None) -> LoopSettings:
+        """The loop's settings (fine-tunes on ``device``; ``allocation``: the fixed allocation's
+        kept counts, read and checked by `run_prune`)."""
         from core.pruning.loop import LoopSettings
         from core.train import TrainConfig
 
@@ -125,7 +129,7 @@ class PruneRequest(StepRequest):
             target_kind=kind, tolerance=self.tolerance, step=self.step, milestones=tuple(self.milestones),
             finetune_epochs=self.finetune_epochs, recover_epochs=self.recover_epochs, recover_lr=self.recover_lr,
             recover_distill_weight=self.recover_distill_weight,
-            max_rounds=self.max_rounds, stop_at_tolerance=not self.no_tolerance_stop,
+            max_rounds=self.max_rounds, allocation=allocation, stop_at_tolerance=not self.no_tolerance_stop,
             calibration_images=self.calibration_images, seed=self.seed,
             step_settings=self.step_settings(),
             finetune=TrainConfig(epochs=max(self.finetune_epochs, 1), batch_size=self.batch_size, lr=self.lr,
@@ -140,7 +144,9 @@ def run_prune(request: PruneRequest, progress: StageProgress | None = None) -> L
     from core.atomic import check_output_folder
     from core.data.dataset import SegmentationDataset
     from core.models.checkpoint import load_checkpoint, read_spec
+    from core.models.graph import PruningGraph
     from core.pruning.loop import is_prune_run, run_prune_loop
+    from core.pruning.step import FixedAllocation
     from core.train import TorchThreads, resolve_device
 
     if not request.out:
@@ -151,8 +157,11 @@ def run_prune(request: PruneRequest, progress: StageProgress | None = None) -> L
     check_output_folder(request.out, "prune run (rounds.json and its rounds)", is_prune_run,
                         protected=[("the checkpoint", request.checkpoint), ("the dataset folder", dataset_root)])
     device = resolve_device(request.device)
+    fixed = FixedAllocation.read(request.allocation) if request.allocation else None
     loaded = load_checkpoint(request.checkpoint, device=device)
     spec = loaded.spec
+    if fixed is not None:  # refused before the dataset is read or anything is cut
+        fixed.check(PruningGraph.traced(loaded.model, tuple(spec.input_size), spec.in_channels), request.allocation)
     index, size = request.dataset(spec)
     spec.input_size = size
     datasets = {
@@ -160,7 +169,7 @@ def run_prune(request: PruneRequest, progress: StageProgress | None = None) -> L
                                    seed=request.seed, limit=request.limit)
         for split in ("train", "val", "test")
     }
-    settings = request.loop_settings(str(device))
+    settings = request.loop_settings(str(device), None if fixed is None else fixed.kept)
     with TorchThreads(request.threads):
         return run_prune_loop(loaded.model, spec, list(loaded.history), datasets["train"], datasets["val"],
                               datasets["test"], request.out, settings, progress=progress)
