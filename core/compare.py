@@ -149,10 +149,14 @@ def pixel_changes(truth: np.ndarray, before: np.ndarray, after: np.ndarray, clas
 
 
 def cost_row(checkpoint: str | Path, runs: int = 10, threads: int = 1) -> dict:
-    """MACs, parameters, size on disk and batch-1 latency (torch and ONNX Runtime) of a checkpoint."""
+    """MACs, parameters, size on disk and batch-1 latency of a checkpoint: the median per
+    engine (torch, ONNX Runtime) and, under ``latency``, its spread over the timed runs
+    (``median_ms``, ``p10_ms``, ``p90_ms`` per engine)."""
     loaded = load_checkpoint(checkpoint)
     profile = profile_model(loaded.model, loaded.spec, checkpoint_dir=checkpoint, runs=runs, warmup=2,
                             threads=threads)
+    spread = {engine: {key: stats[key] for key in ("median_ms", "p10_ms", "p90_ms")}
+              for engine, stats in profile["latency"].items()}
     return {"checkpoint": str(checkpoint), "macs": profile["macs"], "params": profile["params"],
             "size_bytes": profile["size_bytes"], "latency_torch_ms": profile["latency_ms"]["torch"],
-            "latency_ort_ms": profile["latency_ms"].get("onnxruntime")}
+            "latency_ort_ms": profile["latency_ms"].get("onnxruntime"), "latency": spread}

@@ -172,8 +172,9 @@ def measure_latency(model: nn.Module, input_size: Sequence[int], in_channels: in
 # ---------------------------------------------------------------- ONNX
 
 def export_onnx(model: nn.Module, path: str | Path, input_size: Sequence[int], in_channels: int,
-                opset: int = DEFAULT_OPSET) -> Path:
-    """Export to one ONNX file with a dynamic batch axis (input ``image``, output ``logits``).
+                opset: int = DEFAULT_OPSET, metadata: dict[str, str] | None = None) -> Path:
+    """Export to one ONNX file with a dynamic batch axis (input ``image``, output ``logits``),
+    ``metadata`` (text keys and values) in the file's ``metadata_props``.
 
     Uses PyTorch's TorchScript exporter (``dynamo=False``): with torch 2.14 it writes a single
     self-contained file at the requested opset, while the torch.export-based exporter insists
@@ -196,11 +197,31 @@ def export_onnx(model: nn.Module, path: str | Path, input_size: Sequence[int], i
                 dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
                 do_constant_folding=True,
             )
+            if metadata:
+                _write_metadata(tmp, metadata)
     except DefectPruneError:
         raise
     except Exception as exc:  # the exporter raises many types; the user needs one message
         raise OnnxExportError(f"ONNX export to {path} failed: {type(exc).__name__}: {exc}".splitlines()[0]) from exc
     return path
+
+
+def _write_metadata(path: Path, metadata: dict[str, str]) -> None:
+    import onnx
+
+    proto = onnx.load(str(path))
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = str(key), str(value)
+    onnx.save(proto, str(path))
+
+
+def onnx_metadata(path: str | Path) -> dict[str, str]:
+    """The ``metadata_props`` of an ONNX file (without loading its weights)."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return {entry.key: entry.value for entry in proto.metadata_props}
 
 
 def onnx_session(onnx_path: str | Path, threads: int = DEFAULT_THREADS):

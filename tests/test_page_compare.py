@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+import streamlit as st
 import torch
 from streamlit.testing.v1 import AppTest
 
@@ -80,9 +81,12 @@ def test_two_models_are_compared_with_cost_and_downloads(pair):
     assert any(t.startswith("IoU per defect class") for t in titles)
     assert any(t.startswith("Image ") for t in titles)
     cost = at.table[0].value
-    assert list(cost.index) == ["before", "after"]
-    assert cost["MACs (M)"].iloc[1] < cost["MACs (M)"].iloc[0]
-    assert (cost["ONNX Runtime ms"] > 0).all()
+    assert list(cost.columns) == ["before", "after", "change", "speed-up"]
+    assert cost.loc["MACs", "change"].startswith("-")  # the pruned model has fewer MACs
+    assert cost.loc["MACs", "before"].endswith(" M")  # MACs in M or G, not raw counts
+    for engine in ("torch", "ONNX Runtime"):  # median (p10-p90) and a speed-up factor per engine
+        assert cost.loc[f"{engine} latency, median (p10-p90)", "after"].endswith(")")
+        assert "x" in cost.loc[f"{engine} latency, median (p10-p90)", "speed-up"]
     assert len(at.get("download_button")) == 3
     assert not at.get("progress")  # the comparison's bar goes once the comparison is drawn
     at.run()  # drawn from the cache: its bar is replayed emptied, as nothing
@@ -147,10 +151,65 @@ def test_the_onnx_offered_is_the_chosen_after_models(pair, monkeypatch):
     run_inline(job.id)
     at.run()
     assert "model.onnx" in labels()
+    assert "compare_export" not in [b.key for b in at.button]  # the download took the button's place
     at.selectbox(key="compare_after").set_value(before).run()
     assert "model.onnx" not in labels()  # not the other model's export
     at.selectbox(key="compare_after").set_value(after).run()
     assert "model.onnx" in labels()  # the same version's export is still good
+
+
+def test_an_earlier_export_is_offered_at_once_and_carries_its_metadata(pair, monkeypatch):
+    """One click: a fresh session (a refresh) offers the file exported earlier for this version
+    of the after model, without exporting again; the file names classes, size and normalisation."""
+    import onnx
+
+    from core.runs import api
+
+    monkeypatch.setattr(api, "ensure_worker", lambda *a, **k: None)
+    monkeypatch.setattr(api, "worker_alive", lambda *a, **k: True)
+    before, after = pair
+    at = two_models_page(before, after)
+    at.selectbox(key="compare_after").set_value(after).run()
+    at.button(key="compare_export").click().run()
+    job = api.list_jobs(kind="export")[0]
+    run_inline(job.id)
+    fresh = page()
+    fresh.session_state["model"] = before
+    fresh.run()
+    fresh.selectbox(key="compare_after").set_value(after).run()
+    assert not fresh.exception and not fresh.error, [e.value for e in fresh.error]
+    assert "model.onnx" in [b.proto.label for b in fresh.get("download_button")]
+    assert "compare_export" not in [b.key for b in fresh.button]  # nothing to click before the download
+    assert len(api.list_jobs(kind="export")) == 1
+    meta = {p.key: p.value for p in onnx.load(api.get_job(job.id).result["path"]).metadata_props}
+    assert json.loads(meta["classes"]) == CLASSES and json.loads(meta["input_size"]) == [64, 64]
+    assert (float(meta["mean"]), float(meta["std"])) == (0.5, 0.25)
+
+
+def test_a_pruned_model_that_is_not_faster_on_an_engine_is_flagged(pair, monkeypatch):
+    import core.compare
+
+    def cost_row(path, runs=10, threads=1):
+        slow = path == pair[1]  # the after model: fewer MACs, slower on ONNX Runtime
+        ort = {"median_ms": 7.58, "p10_ms": 7.4, "p90_ms": 7.8} if slow else {"median_ms": 6.82, "p10_ms": 6.7,
+                                                                                "p90_ms": 6.9}
+        torch_ms = {"median_ms": 13.9, "p10_ms": 13.0, "p90_ms": 15.0} if slow else {"median_ms": 32.5,
+                                                                                       "p10_ms": 31.0, "p90_ms": 34.0}
+        return {"checkpoint": path, "macs": 2e8 if slow else 1e9, "params": 1e6, "size_bytes": 2**22,
+                "latency_torch_ms": torch_ms["median_ms"], "latency_ort_ms": ort["median_ms"],
+                "latency": {"torch": torch_ms, "onnxruntime": ort}}
+
+    monkeypatch.setattr(core.compare, "cost_row", cost_row)
+    st.cache_data.clear()  # the page caches each model's cost: the measured ones of other tests are there
+    before, after = pair
+    at = two_models_page(before, after)
+    at.selectbox(key="compare_after").set_value(after).run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    cost = at.table[0].value
+    assert cost.loc["ONNX Runtime latency, median (p10-p90)", "speed-up"] == "0.90x ⚠ not faster"
+    assert cost.loc["torch latency, median (p10-p90)", "speed-up"] == "2.34x"
+    assert [w.value for w in at.warning if "not faster on ONNX Runtime: 6.82 -> 7.58 ms" in w.value]
+    st.cache_data.clear()  # nor may these stand in for measured ones in later tests
 
 
 def test_a_model_saved_again_at_the_same_path_is_compared_afresh(pair, tmp_path):

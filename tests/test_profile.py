@@ -21,7 +21,7 @@ from core.models.runtime import example_input
 from core.models.zoo import ModelSpec, build_model
 from core.profile import (
     LatencyResult, OnnxExportError, ProfileError, checkpoint_size_bytes, count_macs, count_params,
-    export_onnx, measure_latency, measure_onnx_latency, onnx_max_abs_diff, profile_model,
+    export_onnx, measure_latency, measure_onnx_latency, onnx_max_abs_diff, onnx_metadata, profile_model,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -179,6 +179,20 @@ def test_cli_export_onnx_json(tiny_checkpoint: Path, tmp_path: Path) -> None:
     assert Path(report["path"]) == out.resolve() and out.is_file()
     assert 0 <= report["max_abs_diff"] < 1e-4
     assert report["size_bytes"] == out.stat().st_size
+    # what a program running the file needs, read back with onnx (ONNX Runtime ran it above: max_abs_diff)
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert meta == onnx_metadata(out)
+    assert json.loads(meta["classes"]) == ["background", "defect"]
+    assert json.loads(meta["input_size"]) == [64, 64] and meta["in_channels"] == "1"
+    assert (float(meta["mean"]), float(meta["std"])) == (0.5, 0.25) and "/ 255" in meta["normalisation"]
+    assert meta["arch"] == "unet-resnet18" and json.loads(meta["pruned"]) is True
+
+
+def test_export_without_metadata_writes_none(tmp_path: Path) -> None:
+    path = export_onnx(build_model(tiny_spec()), tmp_path / "plain.onnx", SIZE, 1)
+    assert onnx_metadata(path) == {}
 
 
 def test_cli_bad_checkpoint_is_one_line(tmp_path: Path) -> None:

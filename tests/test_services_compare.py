@@ -19,7 +19,7 @@ from core.models.zoo import ModelSpec, build_model
 from core.pruning.methods import resolve_method
 from core.pruning.step import prune_step, pruning_context
 from core.services.compare import (
-    COST_COLUMNS, CompareRequest, CompareRequestError, checkpoint_zip, cost_rows, run_compare,
+    NOT_FASTER, CompareRequest, CompareRequestError, amount, checkpoint_zip, compare_costs, run_compare,
 )
 from core.train import EmptySplitError, StopRequested, evaluate
 
@@ -152,15 +152,49 @@ def test_a_request_with_bad_values_is_refused_by_name(fields, expected):
         CompareRequest(**{"before": "a", "after": "b", **fields})
 
 
-def test_cost_rows_in_the_units_the_table_shows():
-    row = {"checkpoint": "x", "macs": 2_000_000, "params": 500_000, "size_bytes": 2**21,
-           "latency_torch_ms": 1.5, "latency_ort_ms": 0.5}
-    table = cost_rows({"before": row, "after": {**row, "macs": 1_000_000}})
-    assert list(table["model"]) == ["before", "after"]
-    assert set(COST_COLUMNS) <= set(table.columns) and "macs" in table.columns  # the report keeps raw numbers
-    assert table[["MACs (M)", "params (M)", "size (MiB)", "torch ms", "ONNX Runtime ms"]].iloc[1].tolist() == [
-        1.0, 0.5, 2.0, 1.5, 0.5]
-    assert isinstance(table, pd.DataFrame)
+def cost(macs: float, torch_ms: tuple[float, float, float], ort_ms: tuple[float, float, float]) -> dict:
+    """A cost row as core.compare.cost_row gives it: latency as (median, p10, p90) per engine."""
+    spread = lambda ms: dict(zip(("median_ms", "p10_ms", "p90_ms"), ms))  # noqa: E731
+    return {"checkpoint": "x", "macs": macs, "params": macs / 100, "size_bytes": macs / 50,
+            "latency_torch_ms": torch_ms[0], "latency_ort_ms": ort_ms[0],
+            "latency": {"torch": spread(torch_ms), "onnxruntime": spread(ort_ms)}}
+
+
+def test_the_cost_table_shows_change_speed_up_and_spread_in_plain_units():
+    costs = compare_costs(cost(1.34e9, (32.5, 31.0, 34.0), (6.8, 6.5, 7.0)),
+                          cost(2.68e8, (13.0, 12.5, 14.0), (3.4, 3.2, 3.6)))
+    table = costs.table
+    assert list(table.columns) == ["before", "after", "change", "speed-up"]
+    assert list(table.index) == ["MACs", "parameters", "size on disk", "torch latency, median (p10-p90)",
+                                 "ONNX Runtime latency, median (p10-p90)"]
+    assert table.loc["MACs"].tolist() == ["1.34 G", "268.00 M", "-80.0%", ""]
+    assert table.loc["parameters", "before"] == "13.40 M"
+    assert table.loc["torch latency, median (p10-p90)"].tolist() == [
+        "32.50 ms (31.00-34.00)", "13.00 ms (12.50-14.00)", "-60.0%", "2.50x"]
+    assert table.loc["ONNX Runtime latency, median (p10-p90)", "speed-up"] == "2.00x"
+    assert costs.not_faster == [] and costs.notes == []
+    # the report keeps the raw numbers, spreads as columns
+    assert costs.models["model"].tolist() == ["before", "after"]
+    assert costs.models["macs"].tolist() == [1.34e9, 2.68e8]
+    assert costs.models["latency_onnxruntime_p90_ms"].tolist() == [7.0, 3.6]
+
+
+def test_an_engine_on_which_the_pruned_model_is_not_faster_is_flagged_with_a_note():
+    clearly = compare_costs(cost(1e9, (32.5, 31.0, 34.0), (6.82, 6.7, 6.9)),
+                            cost(2e8, (13.9, 13.0, 15.0), (7.58, 7.4, 7.8)))
+    ort = clearly.table.loc["ONNX Runtime latency, median (p10-p90)"]
+    assert ort["change"] == "+11.1%" and ort["speed-up"] == f"0.90x ⚠ {NOT_FASTER}"
+    assert NOT_FASTER not in clearly.table.loc["torch latency, median (p10-p90)", "speed-up"]
+    assert clearly.not_faster == ["ONNX Runtime"] and len(clearly.notes) == 1
+    assert "not faster on ONNX Runtime: 6.82 -> 7.58 ms" in clearly.notes[0]
+    assert "measure again" not in clearly.notes[0]  # the spreads do not overlap: no noise to blame
+    noisy = compare_costs(cost(1e9, (10.0, 9.0, 14.0), (5.0, 4.0, 6.0)), cost(2e8, (10.5, 9.5, 13.0), (4.0, 3.0, 5.0)))
+    assert noisy.not_faster == ["torch"] and "measure again" in noisy.notes[0]
+
+
+def test_amounts_read_in_g_m_and_k():
+    assert [amount(v) for v in (1.337e9, 2.68e8, 5e5, 1_500, 12)] == ["1.34 G", "268.00 M", "500.00 k", "1.50 k",
+                                                                    "12"]
 
 
 def test_the_checkpoint_zip_holds_the_checkpoint_files(pair):

@@ -25,8 +25,12 @@ from core.models.checkpoint import CheckpointMissingFileError, read_spec, restor
 from core.models.zoo import ModelSpec
 from core.train import EmptySplitError
 
-# The columns of the cost table a reader compares; the report keeps the raw numbers too.
-COST_COLUMNS = ["model", "MACs (M)", "params (M)", "size (MiB)", "torch ms", "ONNX Runtime ms"]
+# A cost row's latency engines, as the cost table names them.
+ENGINES = {"torch": "torch", "onnxruntime": "ONNX Runtime"}
+NOT_FASTER = "not faster"  # the speed-up cell's marker where the after model is not faster
+# What most often makes a pruned model slower on ONNX Runtime (bench/results/latency.md).
+SLOWER_CAUSE = (" Channel counts that are not multiples of 16 keep ONNX Runtime off its blocked convolution "
+                "kernels: prune with channel counts rounded to 16 (--round-to 16).")
 
 
 class CompareRequestError(DefectPruneError):
@@ -120,15 +124,75 @@ def run_compare(request: CompareRequest, progress: StageProgress | None = None,
     return CompareResult(request=request, comparison=comparison)
 
 
-def cost_rows(costs: dict[str, dict[str, Any]]) -> pd.DataFrame:
-    """The cost table: one row per model (its label -> `core.compare.cost_row` of its
-    checkpoint), MACs and parameters in millions, size in MiB, latencies in ms. The table
-    shows `COST_COLUMNS`; the report keeps every column."""
-    table = pd.DataFrame([{"model": label, **row} for label, row in costs.items()])
-    table["MACs (M)"] = table["macs"] / 1e6
-    table["params (M)"] = table["params"] / 1e6
-    table["size (MiB)"] = table["size_bytes"] / 2**20
-    return table.rename(columns={"latency_torch_ms": "torch ms", "latency_ort_ms": "ONNX Runtime ms"})
+@dataclass(frozen=True)
+class CostComparison:
+    """The cost of two models side by side (the Compare page's cost table)."""
+
+    models: pd.DataFrame  # one row per model (before, after), the raw numbers: what the report keeps
+    table: pd.DataFrame  # one row per measure: before, after, change (%), speed-up (latency only)
+    not_faster: list[str]  # the engines (as ENGINES names them) on which the after model is not faster
+    notes: list[str]  # one line per engine in not_faster
+
+
+def amount(value: float, unit: str = "") -> str:
+    """A count in G, M or k (MACs, parameters), two significant decimals."""
+    for scale, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f} {prefix}{unit}"
+    return f"{value:.0f} {unit}".rstrip()
+
+
+def _change(before: float, after: float) -> str:
+    return f"{(after / before - 1) * 100:+.1f}%" if before else "-"
+
+
+def _latency(stats: dict[str, float]) -> str:
+    return f"{stats['median_ms']:.2f} ms ({stats['p10_ms']:.2f}-{stats['p90_ms']:.2f})"
+
+
+def compare_costs(before: dict[str, Any], after: dict[str, Any]) -> CostComparison:
+    """Two `core.compare.cost_row`s as the cost table: MACs and parameters in M or G, size in
+    MiB, latency per engine as median (p10-p90) of the timed runs, the change in percent and
+    the speed-up (before's median / after's). An engine on which the after model is not
+    faster is marked in its speed-up cell and explained in ``notes``."""
+    rows, not_faster, notes = [], [], []
+    for measure, key, show in (("MACs", "macs", amount), ("parameters", "params", amount),
+                               ("size on disk", "size_bytes", lambda v: f"{v / 2**20:.2f} MiB")):
+        rows.append({"measure": measure, "before": show(before[key]), "after": show(after[key]),
+                     "change": _change(before[key], after[key]), "speed-up": ""})
+    for engine, label in ENGINES.items():
+        was, now = before["latency"].get(engine), after["latency"].get(engine)
+        if was is None or now is None:
+            continue
+        speedup = was["median_ms"] / now["median_ms"]
+        marker = f"{speedup:.2f}x"
+        if speedup <= 1.0:
+            marker += f" ⚠ {NOT_FASTER}"
+            not_faster.append(label)
+            notes.append(_slower_note(label, was, now))
+        rows.append({"measure": f"{label} latency, median (p10-p90)", "before": _latency(was),
+                     "after": _latency(now), "change": _change(was["median_ms"], now["median_ms"]),
+                     "speed-up": marker})
+    models = pd.DataFrame([{"model": "before", **_flat(before)}, {"model": "after", **_flat(after)}])
+    return CostComparison(models=models, table=pd.DataFrame(rows).set_index("measure"), not_faster=not_faster,
+                          notes=notes)
+
+
+def _flat(row: dict[str, Any]) -> dict[str, Any]:
+    """A cost row with its spreads as columns (latency_torch_p10_ms, ...): the report's record."""
+    flat = {k: v for k, v in row.items() if k != "latency"}
+    for engine, stats in row.get("latency", {}).items():
+        flat.update({f"latency_{engine}_{k}": v for k, v in stats.items()})
+    return flat
+
+
+def _slower_note(engine: str, was: dict[str, float], now: dict[str, float]) -> str:
+    overlap = now["p10_ms"] <= was["p90_ms"]  # the spreads overlap: the machine's load may decide
+    why = (SLOWER_CAUSE if engine == ENGINES["onnxruntime"] else "")
+    if overlap:
+        why += " The timings' p10-p90 ranges overlap, so other work on the machine may have decided it: measure again."
+    return (f"⚠ The pruned model is not faster on {engine}: {was['median_ms']:.2f} -> {now['median_ms']:.2f} ms "
+            f"median.{why}")
 
 
 def checkpoint_zip(folder: str | Path) -> bytes:

@@ -57,6 +57,20 @@ class ExportResult:
         return payload
 
 
+def onnx_metadata_for(spec: Any, input_size: tuple[int, int], pruned: bool) -> dict[str, str]:
+    """What a program running the ONNX file needs to know of it, as text (lists as JSON): the
+    class names in logit order, the input size and channels, and the normalisation its inputs
+    take (the one every dataset here gets)."""
+    import json
+
+    from core.data.dataset import PIXEL_MEAN, PIXEL_STD
+
+    return {"classes": json.dumps(list(spec.classes)), "input_size": json.dumps(list(input_size)),
+            "in_channels": str(spec.in_channels), "layout": "NCHW, float32",
+            "mean": str(PIXEL_MEAN), "std": str(PIXEL_STD), "normalisation": "x = (pixel / 255 - mean) / std",
+            "arch": f"{spec.arch}-{spec.encoder}", "pruned": json.dumps(pruned)}
+
+
 def run_export(request: ExportRequest, progress: StageProgress | None = None) -> ExportResult:
     from core.data.base import parse_size
     from core.models.checkpoint import load_checkpoint
@@ -74,7 +88,8 @@ def run_export(request: ExportRequest, progress: StageProgress | None = None) ->
     loaded = load_checkpoint(request.checkpoint, device="cpu")
     size = parse_size(request.size, tuple(loaded.spec.input_size))
     channels = loaded.spec.in_channels
-    path = export_onnx(loaded.model, request.out, size, channels, opset=request.opset)
+    path = export_onnx(loaded.model, request.out, size, channels, opset=request.opset,
+                       metadata=onnx_metadata_for(loaded.spec, size, pruned=bool(loaded.history)))
     # Batch 2 although the export traced batch 1: proves the batch axis is really dynamic.
     diff = onnx_max_abs_diff(loaded.model, path, example_input(size, channels, batch=2))
     profile = None

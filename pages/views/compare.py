@@ -17,8 +17,8 @@ from plotly.subplots import make_subplots
 from core.compare import ALL_CLASSES, cost_row
 from core.data.base import DatasetIndex
 from core.runs import api
-from core.runs.store import FAILED, SUCCEEDED, JobRecord
-from core.services.compare import COST_COLUMNS, CompareRequest, CompareResult, checkpoint_zip, cost_rows, run_compare
+from core.runs.store import FAILED, STOPPED, SUCCEEDED, JobRecord
+from core.services.compare import CompareRequest, CompareResult, checkpoint_zip, compare_costs, run_compare
 from core.visual import class_colour_hex, diff_overlay, overlay_mask
 from ui.jobs import follow_job, job_bar
 from ui.state import current_dataset, dataset_index, error_box, weights_mtime
@@ -75,15 +75,31 @@ def costs(path: str, mtime: float) -> dict:
     return cost_row(path, runs=10)
 
 
+def onnx_download(onnx: Path) -> None:
+    st.download_button("model.onnx", onnx.read_bytes, file_name="model.onnx", key="dl_onnx",
+                       help="the after model as one ONNX file (opset 17, dynamic batch); its metadata names "
+                            "the classes, input size and normalisation")
+
+
 def draw_export(job: JobRecord) -> None:
-    """The export job's bar while the worker exports, then the file to download."""
+    """The export job's bar while the worker exports, then the file to download in its place."""
     if job.state == SUCCEEDED:
-        onnx = Path(job.result["path"])
-        st.download_button("model.onnx", onnx.read_bytes, file_name="model.onnx", key="dl_onnx")
+        onnx_download(Path(job.result["path"]))
     elif job.state == FAILED:
         st.error(f"Exporting ONNX failed: {job.error}")
     else:
         job_bar(job, "Exporting ONNX")
+
+
+def exported_onnx(checkpoint: str, mtime: float) -> Path | None:
+    """An earlier export of this version of the checkpoint whose file is still there: offered
+    for download at once, without exporting again (also after a refresh)."""
+    wanted = str(Path(checkpoint).resolve())
+    for job in api.list_jobs(states=[SUCCEEDED], kind="export", limit=50):
+        onnx = Path(job.result.get("path", "")) if job.result else None
+        if job.params.get("checkpoint") == wanted and onnx and onnx.is_file() and onnx.stat().st_mtime >= mtime:
+            return onnx
+    return None
 
 
 result: CompareResult | None = None
@@ -153,27 +169,44 @@ with error_box("Showing the image"):
 st.markdown("#### Cost")
 cost = None
 with error_box("Measuring cost"):
-    cost = cost_rows({"before": costs(before, versions[0]), "after": costs(after, versions[1])})
-    st.table(cost[COST_COLUMNS].set_index("model").round(2))
+    cost = compare_costs(costs(before, versions[0]), costs(after, versions[1]))
+    st.table(cost.table)
+    st.caption("Batch 1 on the CPU, one thread; latency is the median of 10 timed runs with the 10th to 90th "
+               "percentile in brackets. Change = after / before - 1; speed-up = before's median / after's.")
+    for note in cost.notes:
+        st.warning(note)
 
 st.markdown("#### Downloads")
 d1, d2, d3, d4 = st.columns(4)
 with error_box("Exporting ONNX"):
     exported_for = (after, versions[1])  # the ONNX offered is always the chosen after model's
-    if d2.button("Export ONNX", key="compare_export"):
-        # exported by the worker (checked against PyTorch), like every other job; no profile:
-        # the cost table above already has it
-        job = api.submit("export", {"checkpoint": after, "no_profile": True})
-        api.ensure_worker()
-        st.session_state["compare_onnx"] = {"model": exported_for, "job": job.id}
     export = st.session_state.get("compare_onnx")
-    if export and export["model"] == exported_for:
+    if export and export["model"] != exported_for:
+        export = None
+    ready = None if export else exported_onnx(after, versions[1])
+    job = api.get_job(export["job"]) if export else None
+    if ready is not None:
         with d2:
-            follow_job(api.get_job(export["job"]), "Reading the export job", draw_export)
+            onnx_download(ready)
+    else:
+        if job is not None:
+            with d2:
+                follow_job(job, "Reading the export job", draw_export)
+        if (job is None or job.state in (FAILED, STOPPED)) and d2.button(
+                "Export ONNX", key="compare_export",
+                help="exports the after model in the background; the download button takes this one's "
+                     "place when the file is ready"):
+            # exported by the worker (checked against PyTorch), like every other job; no profile:
+            # the cost table above already has it
+            job = api.submit("export", {"checkpoint": after, "no_profile": True})
+            api.ensure_worker()
+            st.session_state["compare_onnx"] = {"model": exported_for, "job": job.id}
+            st.rerun()  # the export's bar, then its download, in the button's place
+
 with error_box("Preparing downloads"):
     d1.download_button("Pruned checkpoint (zip)", functools.partial(checkpoint_zip, after),
                        file_name="checkpoint.zip", mime="application/zip", key="dl_ckpt")
-    d3.download_button("Report (JSON)", json.dumps(result.report(cost), indent=2, default=str),
+    d3.download_button("Report (JSON)", json.dumps(result.report(cost.models if cost else None), indent=2, default=str),
                        file_name="report.json", key="dl_json")
     d4.download_button("Per-image table (CSV)", compared.per_image.to_csv(index=False), file_name="per_image.csv",
                        key="dl_csv")
