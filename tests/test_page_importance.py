@@ -61,9 +61,9 @@ def test_without_a_model_the_page_says_what_to_do():
 def test_live_tuning_answers_the_slider_and_the_allocator(tiny_model):
     at = page(tiny_model)
     assert not at.error
-    at.slider(key="importance_target").set_value(0.5).run()
+    at.slider(key="importance_target").set_value(50).run()
     half = macs_metric(at)
-    at.slider(key="importance_target").set_value(0.9).run()
+    at.slider(key="importance_target").set_value(90).run()
     assert macs_metric(at) != half
     uniform = figure(at, "Share of channels kept per layer (uniform)")
     at.radio(key="importance_allocator").set_value("global (L1)").run()
@@ -94,12 +94,19 @@ def test_scoring_network_results_are_drawn_in_network_order_in_a_reopened_tab(ne
     at.radio(key="importance_allocator").set_value("scoring network").run()
     assert not at.exception and not at.error
     figure(at, "Share of channels kept per layer (scoring network)")
+    # the importance follows the slider's target (the job scored at 80%; its logits answer any)
+    at80 = bar_heights(figure(at, "Importance per layer (keep ratio at 80% fewer MACs)"))
+    at.slider(key="importance_target").set_value(40).run()
+    assert not at.exception and not at.error
+    at40 = bar_heights(figure(at, "Importance per layer (keep ratio at 40% fewer MACs)"))
+    assert at40 != at80 and sum(at40.values()) > sum(at80.values())  # less cut: more kept
+    figure(at, "Importance per scale (MACs-weighted, at 40% fewer MACs)")
 
 
 def test_a_per_layer_override_changes_the_allocation_chart_and_the_predicted_macs(network):
     tiny_model, graph, _cost = network
     at = page(tiny_model)
-    at.slider(key="importance_target").set_value(0.5).run()
+    at.slider(key="importance_target").set_value(50).run()
     title = "Share of channels kept per layer (uniform)"
     before, macs_before = bar_heights(figure(at, title)), macs_metric(at)
     first = graph.groups[0]
@@ -117,7 +124,7 @@ def test_a_per_layer_override_changes_the_allocation_chart_and_the_predicted_mac
 
 def test_the_preview_shows_masks_without_changing_the_totals(tiny_model):
     at = page(tiny_model)
-    at.slider(key="importance_target").set_value(0.5).run()
+    at.slider(key="importance_target").set_value(50).run()
     before = macs_metric(at)
     at.button(key="importance_preview").click().run()
     assert not at.exception and not at.error
@@ -150,10 +157,10 @@ def test_sensitivity_without_curves_says_what_to_do_then_answers_live(tiny_model
     at.run()
     assert not at.exception and not at.error
     assert not any("No sensitivity curves" in info.value for info in at.info)
-    at.slider(key="importance_target").set_value(0.5).run()
+    at.slider(key="importance_target").set_value(50).run()
     half = figure(at, "Share of channels kept per layer (sensitivity)")
     half_macs = macs_metric(at)
-    at.slider(key="importance_target").set_value(0.8).run()
+    at.slider(key="importance_target").set_value(80).run()
     assert not at.exception and not at.error
     tight = figure(at, "Share of channels kept per layer (sensitivity)")
     assert macs_metric(at) != half_macs
@@ -199,13 +206,13 @@ def test_a_failed_sensitivity_job_says_why_and_offers_to_run_it_again(tiny_model
     claim(job.id)
     assert execute_job(store, job.id) == "failed"
     at = page(tiny_model)
-    at.slider(key="importance_target").set_value(0.6).run()
+    at.slider(key="importance_target").set_value(60).run()
     at.radio(key="importance_allocator").set_value("sensitivity").run()
     assert not at.exception
     errors = [e.value for e in at.error]
     assert any(f"Measuring the sensitivity curves failed (job {job.id})" in e and "vanished" in e for e in errors)
     assert [b for b in at.button if b.key == "importance_sensitivity_run"]  # run it again from here
-    assert at.slider(key="importance_target").value == 0.6  # what the user set is kept
+    assert at.slider(key="importance_target").value == 60  # what the user set is kept
 
 
 def test_a_score_job_whose_results_were_deleted_says_so(tiny_model):
@@ -219,3 +226,30 @@ def test_a_score_job_whose_results_were_deleted_says_so(tiny_model):
     assert at.error and "is gone (was the workspace cleaned?)" in at.error[0].value
     assert any("Run the scoring network" in info.value for info in at.info)
     assert [b for b in at.button if b.key == "importance_run"]
+
+
+def test_prune_with_this_allocation_launches_a_run_holding_it_and_opens_it_on_the_prune_page(network, monkeypatch):
+    from core.pruning.step import FixedAllocation
+
+    monkeypatch.setattr(api, "ensure_worker", lambda *a, **k: None)
+    monkeypatch.setattr(api, "worker_alive", lambda *a, **k: True)
+    tiny_model, graph, _cost = network
+    at = page(tiny_model)
+    at.slider(key="importance_target").set_value(50).run()
+    at.session_state["importance_overrides"] = {"edited_rows": {0: {"kept": 3}}, "added_rows": [],
+                                                "deleted_rows": []}
+    at.run()
+    shown = bar_heights(figure(at, "Share of channels kept per layer (uniform)"))
+    at.button(key="importance_prune").click().run()
+    assert not at.exception and not at.error
+    [job] = api.list_jobs(kind="prune")
+    assert job.state == "queued" and job.params["target_macs"] == 0.5 and job.params["method"] == "collaborative"
+    allocation = FixedAllocation.read(job.params["allocation"])
+    first = graph.groups[0]
+    assert allocation.allocator == "uniform" and allocation.target == 0.5 and allocation.overrides == {first.name: 3}
+    assert {g.name: allocation.kept[g.name] / g.channels for g in graph.groups} == pytest.approx(shown)
+    allocation.check(graph, "the page's file")  # made for this model
+    # on the Prune page, following that run, which the address names
+    assert at.session_state["run"] == job.id and at.query_params["run"] == str(job.id)
+    assert any(f"job {job.id}" in p.proto.text for p in at.get("progress"))
+    assert at.title[0].value == "Prune"

@@ -5,6 +5,8 @@ logits, the sensitivity curves) take them from a score job run once in the backg
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,10 +16,15 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
+from core.atomic import write_json_atomic
+from core.config import workspace_dir
 from core.data.dataset import SegmentationDataset
 from core.live import ALLOCATOR_LABELS, group_l1_scores, live_allocation, preview_pruned
+from core.pruning.methods import METHODS
+from core.pruning.step import FixedAllocation
 from core.runs import api
 from core.runs.store import JobRecord
+from core.services.prune import PruneRequest
 from core.services.request import ParameterError
 from core.services.score import ScoreRequest, ScoreResult
 from ui.jobs import follow_job, job_bar
@@ -104,6 +111,44 @@ def job_status(job: JobRecord | None, kind: ScoreJob) -> ScoreResult | None:
     return None
 
 
+def draw_scores(scores: ScoreResult, target: float) -> None:
+    """The scoring network's keep ratio per layer and per scale at the slider's target (its
+    logits answer any target), and the layer x class importance."""
+    importance = scores.allocation
+    if scores.logits is not None:  # a job scored at 80%: its logits answer the slider's target
+        importance = live_allocation("scoring-network", graph, cost, target, logits=scores.logits).to_dict()
+    frame = groups.assign(importance=[importance["group_importance"][g] for g in groups["group"]])
+    st.plotly_chart(layer_bars(frame, "importance", pattern_shape="role",
+                               title=f"Importance per layer (keep ratio at {target:.0%} fewer MACs), network order"),
+                    width="stretch")
+    by_scale = importance["scale_importance"]
+    per_scale = pd.DataFrame({"scale": [f"stride {s}" for s in by_scale], "importance": list(by_scale.values())})
+    c1, c2 = st.columns(2)
+    c1.plotly_chart(px.bar(per_scale, x="scale", y="importance",
+                           title=f"Importance per scale (MACs-weighted, at {target:.0%} fewer MACs)"), width="stretch")
+    if scores.class_importance:
+        matrix = pd.DataFrame(scores.class_importance).T.loc[list(groups["group"])]
+        c2.plotly_chart(px.imshow(matrix.T, aspect="auto", color_continuous_scale="RdBu", zmin=-1, zmax=1,
+                                  title="Layer x defect-class importance"), width="stretch")
+
+
+def launch_with(allocation: FixedAllocation) -> None:
+    """Write ``allocation`` into the workspace (named by its content: the same setting is one
+    file), submit a prune run with it at its target, and open that run on the Prune page."""
+    text = json.dumps(allocation.to_json(), sort_keys=True)
+    path = write_json_atomic(workspace_dir() / "allocations" / f"{hashlib.sha256(text.encode()).hexdigest()[:16]}.json",
+                             allocation.to_json())
+    choice = current_dataset()
+    # options only for the model's own format, as the Prune page: the job takes that dataset from the store
+    options = choice.parsed_options() if loaded.spec.dataset_format == choice.format and choice.options else {}
+    request = PruneRequest(checkpoint=checkpoint, method=list(METHODS)[0], allocation=str(path),
+                           target_macs=allocation.target, option=options)
+    job = api.submit("prune", request)
+    api.ensure_worker()
+    st.session_state["run"] = job.id
+    st.switch_page("pages/views/prune.py", query_params={"run": str(job.id)})
+
+
 st.markdown("#### The scoring network")
 score_job, scores = None, None
 with error_box("Reading the scoring job"):
@@ -113,28 +158,20 @@ if (score_job is None or score_job.finished) and st.button("Run the scoring netw
                                                            key="importance_run"):
     with error_box("Starting the scoring network"):
         start_job(SCORING)
-if scores:
-    frame = groups.assign(importance=[scores.group_importance[g] for g in groups["group"]])
-    st.plotly_chart(layer_bars(frame, "importance", pattern_shape="role",
-                               title="Importance per layer (keep ratio at 80% fewer MACs), network order"),
-                    width="stretch")
-    per_scale = pd.DataFrame({"scale": [f"stride {s}" for s in scores.scale_importance],
-                              "importance": list(scores.scale_importance.values())})
-    c1, c2 = st.columns(2)
-    c1.plotly_chart(px.bar(per_scale, x="scale", y="importance", title="Importance per scale (MACs-weighted)"),
-                    width="stretch")
-    if scores.class_importance:
-        matrix = pd.DataFrame(scores.class_importance).T.loc[list(groups["group"])]
-        c2.plotly_chart(px.imshow(matrix.T, aspect="auto", color_continuous_scale="RdBu", zmin=-1, zmax=1,
-                                  title="Layer x defect-class importance"), width="stretch")
-else:
+score_charts = st.container()  # drawn below, once the slider's target is read
+if not scores:
     st.info("Run the scoring network to see which layers and scales matter for this dataset's defects "
             "(a few minutes on a CPU). Uniform and global allocations below work without it.")
 
 st.markdown("#### Live pruning-ratio tuning")
 c1, c2 = st.columns(2)
-target = c1.slider("Fewer MACs", 0.05, 0.95, 0.8, 0.05, key="importance_target")
+# in percent as it reads; the allocators take the fraction
+target = c1.slider("Fewer MACs", 5, 95, 80, 5, format="%d%%", key="importance_target") / 100
 allocator = c2.radio("Allocator", list(ALLOCATOR_LABELS), horizontal=True, key="importance_allocator")
+
+if scores:
+    with score_charts, error_box("Drawing the scoring network's importance"):
+        draw_scores(scores, target)
 
 curves = None
 if allocator == "sensitivity":
@@ -187,6 +224,14 @@ if allocator in ("uniform", "global (L1)") or (allocator == "scoring network" an
         share = groups.assign(keep=[kept[g] / c for g, c in zip(groups["group"], groups["channels"])])
         st.plotly_chart(layer_bars(share, "keep", range_y=[0, 1], pattern_shape="role",
                                    title=f"Share of channels kept per layer ({allocator})"), width="stretch")
+    if kept is not None and st.button("Prune with this allocation", key="importance_prune",
+                                      help="Launch a prune run whose first round cuts exactly these channel counts "
+                                           "(the Prune page's default settings otherwise), and follow it there."):
+        with error_box("Launching a run with this allocation"):
+            launch_with(FixedAllocation(
+                kept=kept, channels={g: int(c) for g, c in zip(groups["group"], groups["channels"])},
+                allocator=ALLOCATOR_LABELS[allocator], target=float(target), checkpoint=checkpoint,
+                overrides={name: count for name, count in kept.items() if count != live.kept[name]}))
 
 st.markdown("#### Live preview")
 st.caption("Prunes a copy at this setting (group L1 within each layer, no fine-tuning) and shows its masks "
