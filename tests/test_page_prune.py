@@ -35,10 +35,11 @@ def no_worker(monkeypatch) -> list:
 
 
 def stored_run(checkpoint: str, method: str, mious: list[float], base_miou: float = 50.0,
-               state: str = "succeeded") -> int:
-    """A prune run as the worker records it (job, run, base measurement, rounds), without running it."""
+               state: str = "succeeded", result: dict | None = None, **params) -> int:
+    """A prune run as the worker records it (job, run, base measurement, rounds, the loop's
+    ``result`` when given), without running it."""
     store = api.open_store()
-    job_id = store.create_job("prune", {"checkpoint": checkpoint, "method": method, "tolerance": 5.0})
+    job_id = store.create_job("prune", {"checkpoint": checkpoint, "method": method, "tolerance": 5.0, **params})
     claim(job_id)
     run_id = store.upsert_prune_run(job_id, checkpoint, store.job_dir(job_id) / "prune", method, {})
     base_macs = 1e9
@@ -48,6 +49,8 @@ def stored_run(checkpoint: str, method: str, mious: list[float], base_miou: floa
                "drop": base_miou - m, "latency_ms": 1.0, "wall_s": 1.0, "checkpoint": checkpoint}
               for i, m in enumerate(mious)]
     store.save_rounds(run_id, rounds)
+    if result is not None:
+        store.update_prune_run(run_id, result=result)
     if state != "running":
         store.finish_job(job_id, state, result={})
     return job_id
@@ -124,6 +127,30 @@ def test_runs_of_several_methods_share_one_frontier_and_any_can_be_opened(tiny_m
     assert not at.exception and not at.error
     assert at.session_state["run"] == first and at.query_params["run"] == str(first)
     assert figure(at, ROUNDS)["data"][0]["text"] == ["r0", "r1", "r2"]
+
+
+def test_a_run_panel_shows_the_runs_own_settings_and_its_test_result(tiny_model):
+    job_id = stored_run(tiny_model, "uniform-l1", [49.0], target_macs=0.6, step=0.4, finetune_epochs=3,
+                        distill_weight=0.3, recover_epochs=4, result={"checkpoint": tiny_model, "test": {
+                            "defect_miou": 41.26}, "base_val_defect_miou": 50.0, "drop": 1.0})
+    plain = stored_run(tiny_model, "collaborative", [49.0], state="running")
+    at = page()
+    at.session_state["model"] = tiny_model
+    at.session_state["run"] = job_id
+    at.run()
+    assert not at.exception and not at.error
+    settings = next(c.value for c in at.caption if c.value.startswith("Settings:"))
+    for words in ("method uniform-l1", "target 60% fewer MACs", "tolerance 5 points", "step 40%",
+                  "3 fine-tune epoch(s) per round", "at most 10 rounds", "distillation 0.3 (T 2)",
+                  "recovery 4 epoch(s) (the fine-tune rate)"):
+        assert words in settings, settings
+    assert next(m.value for m in at.metric if m.label == "Test defect mIoU of the result") == "41.3"
+    at.session_state["run"] = plain  # running: no test result yet, and no distillation or recovery said
+    at.run()
+    assert not at.exception and not at.error
+    settings = next(c.value for c in at.caption if c.value.startswith("Settings:"))
+    assert "method collaborative" in settings and "distillation" not in settings and "recovery" not in settings
+    assert not [m for m in at.metric if m.label == "Test defect mIoU of the result"]
 
 
 def test_stop_asks_the_store_and_a_run_without_a_worker_gets_one(tiny_model, no_worker):

@@ -150,12 +150,17 @@ class PruneRunState:
     base: dict[str, Any]  # what the starting checkpoint measured before round 1 (empty until then)
     rounds: list[dict[str, Any]]  # the store's rounds, oldest first, each with the loop's record
     recovery: dict[str, Any] | None  # the recovery phase's record, when one ran
+    # the loop's result once it ended (checkpoint, reductions, val drop, "test": the test
+    # split's metrics or None, "test_skipped" when a stop left it out); None before
+    result: dict[str, Any] | None = None
 
     @classmethod
     def of(cls, store: Store, job_id: int) -> PruneRunState:
         run = store.get_prune_run(job_id) or {}
-        return cls(base=run.get("base") or {}, rounds=store.list_rounds(job_id),
-                   recovery=(run.get("result") or {}).get("recovery"))
+        stored = run.get("result") or {}
+        result = {k: v for k, v in stored.items() if k != "recovery"}
+        return cls(base=run.get("base") or {}, rounds=store.list_rounds(job_id), recovery=stored.get("recovery"),
+                   result=result or None)
 
 
 # ---------------------------------------------------------------- helpers

@@ -13,6 +13,7 @@ import streamlit as st
 from core.precision import PRECISIONS
 from core.pruning.methods import METHODS
 from core.runs import api
+from core.runs.api import PruneRunState
 from core.runs.store import JobRecord
 from core.services.prune import PruneRequest
 from ui.jobs import follow_job, job_bar
@@ -33,10 +34,10 @@ def _distillation(weight) -> str:
     return f"on (weight {weight:g})" if weight else "off"
 
 
-def run_rounds(job_id: int) -> tuple[pd.DataFrame, dict, dict | None]:
-    """A run's finished rounds, what its starting checkpoint measured before round 1
-    (``base``: MACs, val defect mIoU; empty until the run has measured it) and its recovery
-    phase's record (None when none ran), from the run store."""
+def run_rounds(job_id: int) -> tuple[pd.DataFrame, PruneRunState, dict | None]:
+    """A run's finished rounds, the run as the store holds it (``base``: what its starting
+    checkpoint measured before round 1, empty until then; ``result`` once it ended) and its
+    recovery phase's record (None when none ran, or of an earlier last round)."""
     run = api.prune_run(job_id)
     rows = []
     for r in run.rounds:
@@ -50,7 +51,40 @@ def run_rounds(job_id: int) -> tuple[pd.DataFrame, dict, dict | None]:
     accepted = [r["round"] for r in rows if r["accepted"]]
     if recovery and (not accepted or recovery.get("from_round") != accepted[-1]):
         recovery = None  # of an earlier last round (a resumed run goes on): it is redone at the end
-    return frame, run.base, recovery
+    return frame, run, recovery
+
+
+def settings_line(request: PruneRequest) -> str:
+    """The run's own settings, in words: what it was launched with (not the form's values now)."""
+    kind, target = ("parameters", request.target_params) if request.target_params else \
+        ("MACs", request.target_macs or 0.8)  # the loop's default target
+    parts = [f"method {request.method}", f"target {target:.0%} fewer {kind}",
+             f"tolerance {request.tolerance:g} points", f"step {request.step:.0%}",
+             f"{request.finetune_epochs} fine-tune epoch(s) per round", f"at most {request.max_rounds} rounds"]
+    if request.distill_weight:
+        parts.append(f"distillation {request.distill_weight:g} (T {request.distill_temperature:g})")
+    if request.recover_epochs:
+        rate = "the fine-tune rate" if request.recover_lr is None else f"lr {request.recover_lr:g}"
+        parts.append(f"recovery {request.recover_epochs} epoch(s) ({rate})")
+    if request.allocation:
+        parts.append("round 1 cut to a fixed allocation")
+    return "Settings: " + ", ".join(parts) + "."
+
+
+def draw_result(result: dict | None) -> None:
+    """A finished run's result on the test split (touched once, on the result)."""
+    if not result:
+        return
+    test = result.get("test")
+    if test and test.get("defect_miou") is not None:
+        base = result.get("base_val_defect_miou")
+        st.metric("Test defect mIoU of the result", f"{test['defect_miou']:.1f}",
+                  help="The test split, evaluated once on the run's result checkpoint. "
+                       + ("" if base is None else f"The unpruned model's validation defect mIoU was {base:.1f}."))
+    elif result.get("test_skipped"):
+        st.caption(f"Test split: not evaluated ({result['test_skipped']}).")
+    elif result.get("checkpoint") is None:
+        st.caption("No round was kept: the unpruned model is the result.")
 
 
 def round_chart(frame: pd.DataFrame, base: dict, tolerance: float, recovery: dict | None = None) -> go.Figure:
@@ -90,6 +124,7 @@ def round_chart(frame: pd.DataFrame, base: dict, tolerance: float, recovery: dic
 def draw_run(job: JobRecord) -> None:
     request = job_request(job)
     job_bar(job, f"Prune run ({request.method})")
+    st.caption(settings_line(request))
     c1, c2 = st.columns(2)
     if job.stop_requested and not job.finished:
         st.caption("Stop requested: the run stops within seconds and keeps its finished rounds.")
@@ -102,11 +137,13 @@ def draw_run(job: JobRecord) -> None:
         st.rerun()  # the page follows it again
     if job.state == "failed":
         st.error(f"The run failed: {job.error}")
-    frame, base, recovery = run_rounds(job.id)
+    frame, run, recovery = run_rounds(job.id)
+    if job.finished:
+        draw_result(run.result)
     if frame.empty:
         st.caption("No round finished yet.")
         return
-    st.plotly_chart(round_chart(frame, base, request.tolerance, recovery), width="stretch",
+    st.plotly_chart(round_chart(frame, run.base, request.tolerance, recovery), width="stretch",
                     key=f"rounds_{job.id}")
     st.dataframe(frame[["round", "accepted", "macs_reduction", "params_reduction", "defect_miou", "drop",
                         "latency_ms", "precision", "distillation"]], hide_index=True)
@@ -198,7 +235,8 @@ runs, points = [], []
 with error_box("Reading the runs"):
     runs = api.list_jobs(kind="prune")
     for run in runs:
-        frame, base, _recovery = run_rounds(run.id)
+        frame, state, _recovery = run_rounds(run.id)
+        base = state.base
         name = f"#{run.id} {job_request(run).method}"
         if base.get("macs") and len(frame):  # each line starts at its starting checkpoint
             points.append({"run": name, "MACs reduction": 0.0, "val defect mIoU": base.get("defect_miou"), "round": 0})
