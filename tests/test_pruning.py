@@ -373,3 +373,33 @@ def test_a_fixed_allocation_for_another_model_is_refused_by_name():
             FixedAllocation(kept=wrong, channels=wrong, allocator="uniform", target=0.5).check(graph, "a.json")
     with pytest.raises(AllocationFileError, match="is not an allocation file"):
         FixedAllocation.from_json({"kept": {first: 0}, "channels": {first: 4}, "target": 0.5}, "b.json")
+
+
+def test_progress_counts_the_rounds_the_target_needs_not_the_round_limit(tiny_data, tmp_path):
+    train, val, _, classes = tiny_data
+    model, spec = fresh(classes)
+    reports = []
+    # step 0.3 to a 50% target: 70%, then 49% of the MACs left, two rounds of the ten allowed
+    result = run_prune_loop(model, spec, [], train, val, None, tmp_path,
+                            loop_settings(target=0.5, step=0.3, max_rounds=10),
+                            progress=lambda fraction, message: reports.append((fraction, message)) and False,
+                            evaluator=ScriptedEvaluator([50.0]))
+    assert [r.round for r in result.rounds] == [1, 2] and result.stopped == "target"
+    done = {message: fraction for fraction, message in reports if message.endswith(" done")}
+    assert done["round 1 done"] == pytest.approx(0.5, abs=0.01)
+    assert done["round 2 done"] == pytest.approx(1.0, abs=0.01)
+    fractions = [fraction for fraction, _ in reports]
+    assert fractions == sorted(fractions)  # never back
+
+
+def test_rounds_needed_follows_the_step_the_milestones_and_the_round_limit():
+    from core.pruning.loop import RunBase, rounds_needed
+
+    base = RunBase(macs=1000.0, params=100.0, defect_miou=50.0)
+    assert rounds_needed(loop_settings(target=0.5, step=0.3), base, 1000.0, 100.0) == 2
+    # 700, 490, 343, 240, then 200 (the target): five; milestones at 10 and 20% land two rounds first
+    assert rounds_needed(loop_settings(target=0.8, step=0.3), base, 1000.0, 100.0) == 5
+    assert rounds_needed(loop_settings(target=0.8, step=0.3, milestones=(0.1, 0.2)), base, 1000.0, 100.0) == 6
+    assert rounds_needed(loop_settings(target=0.8, step=0.3, max_rounds=3), base, 1000.0, 100.0) == 3
+    assert rounds_needed(loop_settings(target=0.8, step=0.3), base, 300.0, 30.0) == 2  # from 70% fewer
+    assert rounds_needed(loop_settings(target=0.5, step=0.3, target_kind="params"), base, 1000.0, 100.0) == 2

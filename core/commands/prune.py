@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     bar = LoopBar()
     try:
         result = run_prune(request, progress=bar)
-        bar(1.0, f"stopped: {result.stopped}")  # rounds are budgeted for the round limit; fewer may do
+        bar(1.0, f"stopped: {result.stopped}")  # a run stopped early (tolerance, user) ends short of it
     finally:
         bar.close()
     if args.json:

@@ -258,6 +258,7 @@ class LoopState:
     history: list
     rounds: list[RoundRecord]
     stopped: str = "rounds"
+    progress_done: float | None = None  # the bar's fraction the finished rounds fill (None: not set yet)
 
 
 @dataclass
@@ -401,8 +402,7 @@ def _prune_round(run: _Run, state: LoopState, calibration: _Calibration, round_i
     # target has its cut scaled back to land on it
     params_floor = base.params * (1.0 - settings.target) if settings.target_kind == "params" else None
     start = time.perf_counter()
-    share = (1.0 - _recovery_share(settings)) / settings.max_rounds
-    offset = (round_index - 1) * share
+    offset, share = _round_span(run, state, round_index, macs_now)
     relay = _Relay(run.progress, offset, share * 0.4, f"round {round_index} prune")
     step_settings = replace(settings.step_settings, seed=settings.seed + round_index, precision=calibration.precision)
     context = pruning_context(state.model, run.size, run.spec.in_channels, calibration.batches, run.names,
@@ -429,13 +429,44 @@ def _prune_round(run: _Run, state: LoopState, calibration: _Calibration, round_i
     record = _record_round(run, state, round_index, result.summary(), start, precision, distill_weight)
     state.rounds.append(record)
     _write_state(run, state.rounds)
-    if run.progress is not None and run.progress(round_index * share, f"round {round_index} done"):
+    state.progress_done = offset + share
+    if run.progress is not None and run.progress(offset + share, f"round {round_index} done"):
         state.stopped = "user"
         return False
     if not record.accepted:
         state.stopped = "tolerance"
         return False
     return True
+
+
+def rounds_needed(settings: LoopSettings, base: RunBase, macs_now: float, params_now: float) -> int:
+    """The rounds still needed to reach the target from the model's current cost, as the loop
+    steps (a share ``step`` of the remaining MACs, landing on each milestone and on the
+    target), at least 1: what the progress bar counts instead of the round limit."""
+    count, macs, params = 0, float(macs_now), float(params_now)
+    final_macs = base.macs * (1.0 - settings.target) if settings.target_kind == "macs" else 0.0
+    while not _reached(settings, base, macs, params):
+        # parameters shrink about as the MACs do: a parameter target is estimated on that step
+        shrink = max(macs * (1.0 - settings.step), final_macs, *_milestone_macs(settings, base.macs, macs)) / macs
+        macs, params, count = macs * shrink, params * shrink, count + 1
+        if count >= settings.max_rounds:
+            break
+    return max(count, 1)
+
+
+def _round_span(run: _Run, state: LoopState, round_index: int, macs_now: float) -> tuple[float, float]:
+    """Where round ``round_index`` starts on the progress bar and the width it fills: the rounds
+    before it fill ``state.progress_done``, and the rest (less the recovery's share) is split
+    evenly over the rounds the target still needs, re-estimated each round from the model's
+    cost, so the bar never goes back and reaches the end with the target."""
+    settings = run.settings
+    rounds_share = 1.0 - _recovery_share(settings)
+    left = min(rounds_needed(settings, run.base, macs_now, count_params(state.model)),
+               settings.max_rounds - round_index + 1)
+    if state.progress_done is None:  # a resumed run: its finished rounds against those still needed
+        finished = round_index - 1
+        state.progress_done = rounds_share * finished / (finished + left)
+    return state.progress_done, max(rounds_share - state.progress_done, 0.0) / left
 
 
 def _record_round(run: _Run, state: LoopState, round_index: int, step: dict[str, Any], start: float,
