@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -16,7 +17,7 @@ from core.metrics import SegmentationMetrics, batch_confusion, per_image_table
 from core.models.checkpoint import load_checkpoint
 from core.models.zoo import ModelSpec
 from core.predictions import cached_predictions
-from core.profile import profile_model
+from core.profile import checkpoint_size_bytes, count_macs, count_params, latency_in_turns
 from core.train import Progress, ProgressCallback, StopRequested
 from core.visual import diff_masks
 
@@ -148,15 +149,29 @@ def pixel_changes(truth: np.ndarray, before: np.ndarray, after: np.ndarray, clas
     return frame
 
 
+def cost_rows(checkpoints: Sequence[str | Path], runs: int = 10, threads: int = 1) -> list[dict]:
+    """Per checkpoint: MACs, parameters, size on disk and batch-1 latency, the median per engine
+    (torch, ONNX Runtime) and, under ``latency``, its spread over the timed runs (``median_ms``,
+    ``p10_ms``, ``p90_ms`` per engine). The checkpoints are timed in turns (`latency_in_turns`)
+    so their latencies are comparable on a busy machine; they take the same input."""
+    loaded = [load_checkpoint(c) for c in checkpoints]
+    specs = {(tuple(entry.spec.input_size), entry.spec.in_channels) for entry in loaded}
+    if len(specs) > 1:
+        raise ComparisonError(f"models with different inputs {sorted(specs)} are not timed side by side")
+    ((size, channels),) = specs
+    latencies = latency_in_turns([entry.model for entry in loaded], size, channels, runs=runs, warmup=2,
+                                 threads=threads)
+    rows = []
+    for checkpoint, entry, latency in zip(checkpoints, loaded, latencies):
+        spread = {engine: {"median_ms": r.median_ms, "p10_ms": r.p10_ms, "p90_ms": r.p90_ms}
+                  for engine, r in latency.items()}
+        rows.append({"checkpoint": str(checkpoint), "macs": count_macs(entry.model, size, channels),
+                     "params": count_params(entry.model), "size_bytes": checkpoint_size_bytes(checkpoint),
+                     "latency_torch_ms": latency["torch"].median_ms,
+                     "latency_ort_ms": latency["onnxruntime"].median_ms, "latency": spread})
+    return rows
+
+
 def cost_row(checkpoint: str | Path, runs: int = 10, threads: int = 1) -> dict:
-    """MACs, parameters, size on disk and batch-1 latency of a checkpoint: the median per
-    engine (torch, ONNX Runtime) and, under ``latency``, its spread over the timed runs
-    (``median_ms``, ``p10_ms``, ``p90_ms`` per engine)."""
-    loaded = load_checkpoint(checkpoint)
-    profile = profile_model(loaded.model, loaded.spec, checkpoint_dir=checkpoint, runs=runs, warmup=2,
-                            threads=threads)
-    spread = {engine: {key: stats[key] for key in ("median_ms", "p10_ms", "p90_ms")}
-              for engine, stats in profile["latency"].items()}
-    return {"checkpoint": str(checkpoint), "macs": profile["macs"], "params": profile["params"],
-            "size_bytes": profile["size_bytes"], "latency_torch_ms": profile["latency_ms"]["torch"],
-            "latency_ort_ms": profile["latency_ms"].get("onnxruntime"), "latency": spread}
+    """`cost_rows` of one checkpoint."""
+    return cost_rows([checkpoint], runs=runs, threads=threads)[0]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import statistics
 import sys
 import tempfile
@@ -265,6 +266,46 @@ def measure_onnx_latency(onnx_path: str | Path, input_size: Sequence[int], in_ch
         session.run(None, feed)
         times.append((time.perf_counter() - start) * 1000.0)
     return _summarise("onnxruntime", times, warmup, threads)
+
+
+def latency_in_turns(models: Sequence[nn.Module], input_size: Sequence[int], in_channels: int,
+                     runs: int = DEFAULT_RUNS, warmup: int = DEFAULT_WARMUP, threads: int = DEFAULT_THREADS,
+                     onnx: bool = True) -> list[dict[str, LatencyResult]]:
+    """Batch-1 CPU latency of several models on one input, per engine (``torch``, and
+    ``onnxruntime`` unless ``onnx=False``), timed in turns: run i of every model, then run
+    i + 1. Other work on a shared machine then slows all of them alike; timings of two models
+    taken minutes apart (one of them cached from an earlier, quieter moment) made a pruned
+    model look slower than its baseline."""
+    _check_timing(runs, warmup, threads)
+    size = tuple(int(v) for v in input_size)
+    cpu = [m if model_device(m) == torch.device("cpu") else copy.deepcopy(m).cpu() for m in models]
+    example = example_input(size, int(in_channels))
+    with contextlib.ExitStack() as stack:
+        engines = {"torch": [functools.partial(m, example) for m in cpu]}
+        if onnx:
+            folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="defectprune-onnx-")))
+            sessions = [onnx_session(export_onnx(m, folder / f"model{i}.onnx", size, in_channels), threads)
+                        for i, m in enumerate(cpu)]
+            engines["onnxruntime"] = [functools.partial(s.run, None, {s.get_inputs()[0].name: example.numpy()})
+                                      for s in sessions]
+        for m in cpu:
+            stack.enter_context(eval_mode(m))
+        stack.enter_context(TorchThreads(threads))
+        stack.enter_context(torch.inference_mode())
+        results: list[dict[str, LatencyResult]] = [{} for _ in cpu]
+        for engine, calls in engines.items():
+            for _ in range(warmup):
+                for call in calls:
+                    call()
+            times: list[list[float]] = [[] for _ in calls]
+            for _ in range(runs):
+                for i, call in enumerate(calls):
+                    start = time.perf_counter()
+                    call()
+                    times[i].append((time.perf_counter() - start) * 1000.0)
+            for i, timed in enumerate(times):
+                results[i][engine] = _summarise(engine, timed, warmup, threads)
+    return results
 
 
 # ---------------------------------------------------------------- everything at once

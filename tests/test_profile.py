@@ -21,7 +21,8 @@ from core.models.runtime import example_input
 from core.models.zoo import ModelSpec, build_model
 from core.profile import (
     LatencyResult, OnnxExportError, ProfileError, checkpoint_size_bytes, count_macs, count_params,
-    export_onnx, measure_latency, measure_onnx_latency, onnx_max_abs_diff, onnx_metadata, profile_model,
+    export_onnx, latency_in_turns, measure_latency, measure_onnx_latency, onnx_max_abs_diff, onnx_metadata,
+    profile_model,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,6 +87,21 @@ def test_latency_is_measured_with_the_requested_threads_and_restored() -> None:
         measure_latency(model, SIZE, 1, runs=0)
     with pytest.raises(ProfileError, match="threads"):
         measure_latency(model, SIZE, 1, threads=0)
+
+
+def test_models_timed_in_turns_get_one_result_per_engine_each() -> None:
+    torch.manual_seed(0)
+    first, second = build_model(tiny_spec()).train(), build_model(tiny_spec()).eval()
+    results = latency_in_turns([first, second], SIZE, 1, runs=3, warmup=1, threads=1)
+    assert [sorted(r) for r in results] == [["onnxruntime", "torch"]] * 2
+    for r in results:
+        for engine, result in r.items():
+            assert (result.engine, result.runs, result.warmup, result.threads) == (engine, 3, 1, 1)
+            assert 0 < result.p10_ms <= result.median_ms <= result.p90_ms
+    assert first.training and not second.training  # each model's mode is given back
+    assert list(latency_in_turns([second], SIZE, 1, runs=1, warmup=0, onnx=False)[0]) == ["torch"]
+    with pytest.raises(ProfileError, match="runs must be at least 1"):
+        latency_in_turns([second], SIZE, 1, runs=0)
 
 
 def test_onnx_export_matches_pytorch_with_a_dynamic_batch(tmp_path: Path) -> None:
