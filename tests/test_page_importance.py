@@ -253,3 +253,4 @@ def test_prune_with_this_allocation_launches_a_run_holding_it_and_opens_it_on_th
     assert at.session_state["run"] == job.id and at.query_params["run"] == str(job.id)
     assert any(f"job {job.id}" in p.proto.text for p in at.get("progress"))
     assert at.title[0].value == "Prune"
+    api.stop(job.id)  # a queued job stops at once: later tests in this workspace claim their own jobs
