@@ -106,6 +106,19 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Store, Path]:
     return store, checkpoint
 
 
+@pytest.fixture(autouse=True)
+def no_job_left_behind(request):
+    """The tests share one store: a job a test leaves queued or running (a failure part way)
+    would be claimed by the next test and fail it too. Each test ends with every job final,
+    so a failure shows once, where it happened."""
+    yield
+    if "trained" not in request.fixturenames:
+        return
+    store, _ = request.getfixturevalue("trained")
+    for job in store.list_jobs(states=[QUEUED, RUNNING]):
+        store.finish_job(job.id, STOPPED, "left unfinished by a test", only_if_running=False)
+
+
 @pytest.fixture
 def workers(trained, tmp_path):
     store, _ = trained
