@@ -26,6 +26,22 @@ def page(model: str | None = None) -> AppTest:
 def titles(at: AppTest) -> dict[str, dict]:
     return chart_titles(at)
 
+
+def values(array) -> np.ndarray:
+    """A plotly array from a chart's JSON: a list, or numpy's base64 form (``bdata``)."""
+    if isinstance(array, dict):
+        import base64
+
+        flat = np.frombuffer(base64.b64decode(array["bdata"]), dtype=np.dtype(array["dtype"]))
+        shape = [int(n) for n in str(array.get("shape", len(flat))).split(",")]
+        return flat.reshape(shape)
+    return np.asarray(array)
+
+
+def bars(at: AppTest, title_start: str) -> dict:
+    [trace] = next(v for k, v in titles(at).items() if k.startswith(title_start))["data"]  # one trace
+    return trace
+
 def test_without_a_model_the_page_says_what_to_do():
     assert any("No model yet" in info.value for info in page().info)
 
@@ -51,12 +67,34 @@ def test_heatmap_bars_and_selections_follow_the_widgets(tiny_model, monkeypatch)
     assert not at.exception and not at.error
     assert measured[-1] == "encoder.layer1.0.conv1" and len(measured) == 2
     heat = next(v for k, v in titles(at).items() if k.startswith("|correlation|"))
-    assert len(heat["data"][0]["x"]) == 64  # that layer's 64 filters
+    assert values(heat["data"][0]["z"]).shape == (64, 64)  # that layer's 64 filters, one cell each
+    # both bar charts keep the heatmap's (clustered) filter order: one trace, no kept/removed split
+    l1, combined = bars(at, "L1 contribution"), bars(at, "Combined score")
+    assert list(l1["text"]) == list(combined["text"]) and len(set(l1["text"])) == 64
+    assert heat["layout"]["xaxis"]["ticktext"] == list(l1["text"])
+    colours = values(combined["marker"]["color"])
+    assert list(colours).count("#e63946") == at.slider(key="correlation_remove").value
     counts = {m.label: int(m.value) for m in at.metric}
     remove = at.slider(key="correlation_remove").value
     # each method removes exactly the slider's count
     assert counts["Removed by L1 only"] + counts["Removed by both"] == remove
     assert counts["Removed by the method only"] + counts["Removed by both"] == remove
+
+
+def test_a_wide_layer_is_drawn_in_blocks_and_its_bars_name_no_filter_on_the_axis(tiny_model):
+    at = page(tiny_model)
+    at.selectbox(key="correlation_group").set_value("encoder.layer4.0.conv1").run()  # 512 filters
+    assert not at.exception and not at.error
+    [title] = [k for k in titles(at) if k.startswith("|correlation|")]
+    heat = titles(at)[title]
+    z = values(heat["data"][0]["z"])
+    assert z.shape == (128, 128) and "largest |R| in a block of 4 x 4 filters" in title
+    assert np.allclose(np.diag(z), 1.0, atol=1e-3)  # each diagonal block holds a filter's |R| with itself
+    removed = heat["data"][1]
+    assert len(removed["x"]) == at.slider(key="correlation_remove").value and max(removed["x"]) < 512
+    l1_figure = next(v for k, v in titles(at).items() if k.startswith("L1 contribution"))
+    assert "ticktext" not in heat["layout"]["xaxis"] and "ticktext" not in l1_figure["layout"]["xaxis"]
+    assert len(bars(at, "L1 contribution")["text"]) == 512
 
 
 def test_the_weight_cosine_source_reads_no_images_and_is_labelled(tiny_model, monkeypatch):

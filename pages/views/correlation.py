@@ -3,8 +3,7 @@ ones plain L1 and the collaborative method would remove."""
 
 from __future__ import annotations
 
-import pandas as pd
-import plotly.express as px
+import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
@@ -70,34 +69,71 @@ with error_box("Measuring correlations"):
 if analysis is None:
     st.stop()
 
+# Above this many filters the heatmap shows blocks of filters (the largest |R| in each block):
+# a 512-filter matrix is 262,144 cells (3.5 MB sent on every slider move) for a 520-pixel chart.
+HEATMAP_CELLS = 128
+# Above this many filters the bar charts name no filter on the axis (the hover still does).
+NAMED_TICKS = 64
+REMOVED, KEPT_L1, KEPT_METHOD = "#e63946", "#457b9d", "#2a9d8f"
+
+
+def block_max(matrix: np.ndarray, block: int) -> np.ndarray:
+    """The largest entry of every ``block`` x ``block`` tile (the last tile may be smaller)."""
+    n = matrix.shape[0]
+    starts = np.arange(0, n, block)
+    rows = np.maximum.reduceat(matrix, starts, axis=0)
+    return np.maximum.reduceat(rows, starts, axis=1)
+
+
 order = analysis.clustered_order
 labels = [f"f{i}" for i in order]
-heat = go.Figure(go.Heatmap(z=analysis.abs_correlation[order][:, order], x=labels, y=labels, zmin=0, zmax=1,
-                            colorscale="Viridis", colorbar={"title": "|R|"}))
+position = np.arange(len(order))  # a filter's place in the clustered order: the charts' x
+block = max(1, int(np.ceil(len(order) / HEATMAP_CELLS)))
+shown = analysis.abs_correlation[order][:, order]
+if block > 1:
+    shown = block_max(shown, block)
+# blocks drawn at their centres, in filter positions: markers and bars share the axis
+heat = go.Figure(go.Heatmap(z=shown.astype(np.float32), x0=(block - 1) / 2, dx=block, y0=(block - 1) / 2, dy=block,
+                            zmin=0, zmax=1, colorscale="Viridis", colorbar={"title": "|R|"},
+                            hovertemplate=("filters at %{x:.0f}, %{y:.0f} (clustered order)" if block == 1 else
+                                           f"blocks of {block} filters around %{{x:.0f}}, %{{y:.0f}}")
+                            + "<br>|R| %{z:.2f}<extra></extra>"))
 collaborative = set(analysis.removed_collaborative)
-heat.add_trace(go.Scatter(x=[f"f{i}" for i in order if i in collaborative],
-                          y=[f"f{i}" for i in order if i in collaborative], mode="markers",
-                          marker={"symbol": "x", "color": "#e63946", "size": 9}, name="removed (collaborative)"))
+cut = [p for p, i in zip(position, order) if i in collaborative]
+heat.add_trace(go.Scatter(x=cut, y=cut, mode="markers", text=[labels[p] for p in cut],
+                          hovertemplate="%{text}: removed by the method<extra></extra>",
+                          marker={"symbol": "x", "color": REMOVED, "size": 9 if len(order) <= NAMED_TICKS else 5},
+                          name="removed (collaborative)"))
+blocks = f"; each cell the largest |R| in a block of {block} x {block} filters" if block > 1 else ""
 heat.update_layout(title=f"|correlation| ({CORRELATION_SOURCES[source]}), clustered order "
-                         "(x: removed by the method)",
-                   yaxis_autorange="reversed", height=520)
+                         f"(x: removed by the method{blocks})",
+                   xaxis_title="filter (clustered order)", yaxis_title="filter",
+                   yaxis_autorange="reversed", height=520, legend={"orientation": "h", "y": -0.15})
+if len(order) <= NAMED_TICKS:  # few enough to name every filter
+    heat.update_xaxes(tickmode="array", tickvals=position, ticktext=labels)
+    heat.update_yaxes(tickmode="array", tickvals=position, ticktext=labels)
 st.plotly_chart(heat, width="stretch")
 
-frame = pd.DataFrame({
-    "filter": labels,
-    "contribution (L1)": analysis.contribution[order],
-    "combined score S": analysis.combined[order],
-    "substitutability s": analysis.substitutability[order],
-    "L1 removes": [i in set(analysis.removed_l1) for i in order],
-    "collaborative removes": [i in collaborative for i in order],
-})
+
+def score_bars(values: np.ndarray, removed: set[int], kept_colour: str, title: str, axis: str) -> go.Figure:
+    """One bar per filter in the heatmap's clustered order (the same order on both charts),
+    red where the method named in the title removes it."""
+    figure = go.Figure(go.Bar(
+        x=position, y=values[order], text=labels, marker_color=[REMOVED if i in removed else kept_colour for i in order],
+        hovertemplate="%{text}: %{y:.3f}<extra></extra>", textposition="none"))
+    ticks = {"tickmode": "array", "tickvals": position, "ticktext": labels} if len(order) <= NAMED_TICKS else {}
+    figure.update_layout(title=title, xaxis={"title": "filter (clustered order, as in the heatmap)", **ticks},
+                         yaxis_title=axis, bargap=0.1 if len(order) <= NAMED_TICKS else 0)
+    return figure
+
+
 c1, c2 = st.columns(2)
-c1.plotly_chart(px.bar(frame, x="filter", y="contribution (L1)", color="L1 removes",
-                       color_discrete_map={True: "#e63946", False: "#457b9d"},
-                       title="L1 contribution (removed by plain L1 in red)"), width="stretch")
-c2.plotly_chart(px.bar(frame, x="filter", y="combined score S", color="collaborative removes",
-                       color_discrete_map={True: "#e63946", False: "#2a9d8f"},
-                       title=f"Combined score S = c(1 - {beta:g} s) (removed by the method in red)"), width="stretch")
+c1.plotly_chart(score_bars(analysis.contribution, set(analysis.removed_l1), KEPT_L1,
+                           "L1 contribution (removed by plain L1 in red)", "contribution c (min-max L1)"),
+                width="stretch")
+c2.plotly_chart(score_bars(analysis.combined, collaborative, KEPT_METHOD,
+                           f"Combined score S = c(1 - {beta:g} s) (removed by the method in red)", "combined score S"),
+                width="stretch")
 m1, m2, m3 = st.columns(3)
 m1.metric("Removed by L1 only", len(set(analysis.removed_l1) - collaborative))
 m2.metric("Removed by the method only", len(collaborative - set(analysis.removed_l1)))
