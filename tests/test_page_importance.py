@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import pytest
 from streamlit.testing.v1 import AppTest
 
 from core.runs import api
+from core.runs.store import RUNNING, STOPPED
 from core.runs.worker import execute_job
 from page_helpers import chart_titles, claim, figure, open_page, run_inline, tiny_steel_model, values
 
@@ -148,9 +151,13 @@ def test_sensitivity_without_curves_says_what_to_do_then_answers_live(tiny_model
     # while it waits: progress, no button, no chart
     assert any(f"job {job_id}" in p.proto.text for p in at.get("progress"))
     assert not [b for b in at.button if b.key == "importance_sensitivity_run"]
-    api.stop(job_id)  # a queued job stops at once; the test measures with fewer images below
-    at.run()
-    assert any("was stopped" in w.value for w in at.warning)
+    assert any("waiting for the worker" in p.proto.text for p in at.get("progress"))
+    # its panel stops it (a queued job at once); the test measures with fewer images below
+    at.button(key=f"stop_{job_id}").click().run()
+    assert not at.exception and not at.error
+    assert api.get_job(job_id).state == "stopped"
+    assert any(f"was stopped (job {job_id}); start it again" in w.value for w in at.warning)
+    assert [b for b in at.button if b.key == "importance_sensitivity_run"]
     measured = api.submit("score", {"checkpoint": tiny_model, "method": "uniform-l1", "allocator": "sensitivity",
                                     "calibration_images": 8})
     run_inline(measured.id)
@@ -254,3 +261,69 @@ def test_prune_with_this_allocation_launches_a_run_holding_it_and_opens_it_on_th
     assert any(f"job {job.id}" in p.proto.text for p in at.get("progress"))
     assert at.title[0].value == "Prune"
     api.stop(job.id)  # a queued job stops at once: later tests in this workspace claim their own jobs
+
+
+# ---------------------------------------------------------------- progress and stop
+def bar_of(at: AppTest, job_id: int) -> str:
+    [text] = [p.proto.text for p in at.get("progress") if f"job {job_id}" in p.proto.text]
+    return text
+
+
+def test_a_running_score_job_shows_its_time_left_and_a_stop_button(tiny_model, monkeypatch):
+    monkeypatch.setattr(api, "worker_alive", lambda *a, **k: True)  # the test is the job's worker
+    monkeypatch.setattr(api, "ensure_worker", lambda *a, **k: None)
+    job = api.submit("score", {"checkpoint": tiny_model, "method": "collaborative", "target": 0.8})
+    store = api.open_store()
+    claim(job.id)
+    try:
+        store.heartbeat(job.id, 0.4, "scoring network step 40/100", eta_seconds=170)
+        at = page(tiny_model)
+        assert not at.exception and not at.error
+        text = bar_of(at, job.id)
+        assert "The scoring network" in text and "(running): scoring network step 40/100" in text
+        assert "elapsed, about 3 min left" in text
+        assert not [b for b in at.button if b.key == "importance_run"]  # one at a time
+        at.button(key=f"stop_{job.id}").click().run()
+        assert not at.exception and not at.error
+        assert api.get_job(job.id).stop_requested
+        assert any("Stop requested" in c.value for c in at.caption)
+        assert not [b for b in at.button if b.key == f"stop_{job.id}"]
+        assert bar_of(at, job.id).endswith("elapsed, stopping")  # no time left promised any more
+        assert store.heartbeat(job.id, 0.41, "scoring network step 41/100") is True  # the runner hears it
+        store.finish_job(job.id, STOPPED, "stopped")  # and ends
+        at.run()
+        assert any(f"The scoring network was stopped (job {job.id}); start it again" in w.value for w in at.warning)
+        assert [b for b in at.button if b.key == "importance_run"]
+    finally:
+        store.finish_job(job.id, STOPPED, "stopped")  # nothing left running in the shared store
+
+
+def test_the_stop_button_stops_a_real_scoring_network_part_way(tiny_model, monkeypatch):
+    monkeypatch.setattr(api, "worker_alive", lambda *a, **k: True)  # the thread below is the worker
+    monkeypatch.setattr(api, "ensure_worker", lambda *a, **k: None)
+    job = api.submit("score", {"checkpoint": tiny_model, "method": "collaborative", "target": 0.8,
+                               "scoring_steps": 100_000, "calibration_images": 4, "batch_size": 4})
+    store = api.open_store()
+    claim(job.id)
+    ended: dict[str, str] = {}
+    runner = threading.Thread(target=lambda: ended.setdefault("state", execute_job(store, job.id)), daemon=True)
+    runner.start()
+    try:
+        deadline = time.monotonic() + 120
+        while (latest := store.get_job(job.id)).eta_seconds is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert latest.state == RUNNING and latest.eta_seconds is not None, latest
+        at = page(tiny_model)
+        assert not at.exception and not at.error
+        text = bar_of(at, job.id)
+        assert "scoring network step" in text and " left" in text, text
+        at.button(key=f"stop_{job.id}").click().run()
+        assert not at.exception and not at.error
+        runner.join(timeout=60)
+        assert ended.get("state") == STOPPED
+        assert 0 < store.get_job(job.id).progress < 1  # stopped part-way, not run to the end
+        at.run()
+        assert any(f"The scoring network was stopped (job {job.id})" in w.value for w in at.warning)
+    finally:
+        api.stop(job.id)
+        runner.join(timeout=60)

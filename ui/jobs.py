@@ -7,6 +7,7 @@ from collections.abc import Callable
 import streamlit as st
 
 from core.runs import api
+from core.runs.jobs import JobTiming
 from core.runs.store import SUCCEEDED, JobRecord
 from ui.state import error_box
 
@@ -37,7 +38,27 @@ def _follow(job_id: int, was_finished: bool, action: str, draw: Callable[[JobRec
         draw(job)
 
 
-def job_bar(job: JobRecord, what: str) -> None:
-    """The job's progress bar (full once it succeeded) with its latest message."""
+def job_bar(job: JobRecord, what: str, stoppable: bool = False) -> None:
+    """The job's progress bar (full once it succeeded) with its latest message and its time:
+    elapsed and, when its progress supports an estimate, the time left (`JobTiming`). With
+    ``stoppable``, the job's Stop button under it (`stop_button`)."""
     fraction = 1.0 if job.state == SUCCEEDED else min(max(job.progress, 0.0), 1.0)
-    st.progress(fraction, text=f"{what}, job {job.id} ({job.state}): {job.message or job.state}")
+    timing = JobTiming.of(job).text
+    text = f"{what}, job {job.id} ({job.state}): {job.message or job.state}"
+    st.progress(fraction, text=f"{text} · {timing}" if timing else text)
+    if stoppable:
+        stop_button(job)
+
+
+def stop_button(job: JobRecord, label: str = "Stop",
+                requested: str = "Stop requested: the job stops within seconds.") -> None:
+    """A button that stops an unfinished job (a queued one at once, a running one within
+    seconds), then reruns the page; once asked, ``requested`` in its place. Nothing for a
+    finished job. In a `follow_job` fragment the page reruns again when the job ends."""
+    if job.finished:
+        return
+    if job.stop_requested:
+        st.caption(requested)
+    elif st.button(label, key=f"stop_{job.id}"):
+        api.stop(job.id)
+        st.rerun()

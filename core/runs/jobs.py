@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from core.errors import DefectPruneError
+from core.progress import duration_text, estimate_remaining, remaining_text
 from core.runs.artifacts import atomic_write_bytes, atomic_write_json, atomic_write_npz
-from core.runs.store import STOPPED, JobRecord, Store
+from core.runs.store import FAILED, QUEUED, RUNNING, STOPPED, SUCCEEDED, JobRecord, Store
 from core.services.evaluate import EvaluateRequest, run_evaluate
 from core.services.export import ExportRequest, run_export
 from core.services.prune import PruneRequest, run_prune
@@ -57,6 +58,7 @@ class JobContext:
         self._metrics: dict[str, Any] = dict(job.metrics or {})
         self._start = time.monotonic()
         self._start_fraction: float | None = None
+        self._reported_eta: tuple[float, float] | None = None  # the runner's own ETA, and when
         self.fraction = float(job.progress)  # the latest reported
 
     @property
@@ -65,25 +67,39 @@ class JobContext:
 
     def progress(self, fraction: float, message: str, eta_seconds: float | None = None,
                  metrics: dict[str, Any] | None = None) -> bool:
-        """Record progress; returns True when the job should stop."""
+        """Record progress; returns True when the job should stop. Without the runner's own
+        ``eta_seconds`` the ETA is this attempt's pace (`estimate_remaining`)."""
         fraction = float(min(max(fraction, 0.0), 1.0))
-        self.fraction = fraction
-        if self._start_fraction is None:
-            self._start_fraction, self._start = fraction, time.monotonic()
-        if eta_seconds is None:  # from this attempt's pace (a resumed job starts part-way)
-            done = fraction - self._start_fraction
-            if done > 0.005:
-                eta_seconds = (time.monotonic() - self._start) / done * (1.0 - fraction)
+        now = time.monotonic()
         with self._lock:
+            self.fraction = fraction
+            if self._start_fraction is None:
+                self._start_fraction, self._start = fraction, now
+            self._reported_eta = None if eta_seconds is None else (float(eta_seconds), now)
             if metrics:
                 self._metrics.update(metrics)
-            self._pending = {"progress": fraction, "message": message, "eta_seconds": eta_seconds,
+            self._pending = {"progress": fraction, "message": message, "eta_seconds": self._eta(now),
                              "metrics": dict(self._metrics)}
         return self.stop_event.is_set()
 
+    def _eta(self, now: float) -> float | None:
+        """Seconds left as of ``now``: the runner's last ETA less the time since it said so,
+        else the pace of this attempt (a resumed job starts part-way) up to now."""
+        if self._reported_eta is not None:
+            eta, at = self._reported_eta
+            return max(eta - (now - at), 0.0)
+        if self._start_fraction is None:
+            return None
+        return estimate_remaining(self.fraction, now - self._start, self._start_fraction)
+
     def take_pending(self) -> dict[str, Any]:
+        """What the next heartbeat writes. With no new report since the last one, still the
+        ETA as of now: a long phase that reports nothing (a profile, a validation) does not
+        leave the page showing the minutes left as they were when it began."""
         with self._lock:
             pending, self._pending = self._pending, None
+            if pending is None and self._start_fraction is not None:
+                pending = {"progress": self.fraction, "eta_seconds": self._eta(time.monotonic())}
         return pending or {}
 
     def flush(self) -> None:
@@ -141,6 +157,43 @@ class TrainingProgress:
         metrics, result = job.metrics or {}, job.result or {}
         return cls(epoch=metrics.get("epoch"), loss=metrics.get("loss"), val_defect_miou=metrics.get("val_defect_miou"),
                    curve=list(metrics.get("curve") or []), checkpoint=result.get("checkpoint"), reported=bool(metrics))
+
+
+@dataclass(frozen=True)
+class JobTiming:
+    """How long a job has run and, when its progress supports one, how long it has left: the
+    runner's ETA as the store holds it (`JobContext` keeps it current every heartbeat), else
+    (a row written without one) the pace since the job started. ``text`` is what a page shows
+    beside the progress bar."""
+
+    elapsed: float | None  # seconds run (queued: None; final: its whole run)
+    remaining: float | None  # seconds left; None when nothing honest can be said
+    text: str
+
+    @classmethod
+    def of(cls, job: JobRecord, now: float | None = None) -> JobTiming:
+        now = time.time() if now is None else now
+        if job.state == QUEUED:
+            return cls(None, None, "waiting for the worker")
+        if job.started_at is None:  # stopped before it started
+            return cls(None, None, "")
+        end = job.finished_at if job.finished and job.finished_at is not None else now
+        elapsed = max(end - job.started_at, 0.0)
+        if job.finished:
+            verb = {SUCCEEDED: "done in", FAILED: "failed after", STOPPED: "stopped after"}.get(job.state, "ran")
+            return cls(elapsed, None, f"{verb} {duration_text(elapsed)}")
+        ran = f"{duration_text(elapsed)} elapsed"
+        if job.state != RUNNING or job.stop_requested:
+            return cls(elapsed, None, f"{ran}, stopping" if job.stop_requested else ran)
+        if job.eta_seconds is not None:
+            # 0: the runner's estimate ran out and the job goes on: nothing honest to add
+            remaining = job.eta_seconds if job.eta_seconds > 0 else None
+        elif job.attempts <= 1:  # a resumed job started part-way: its pace from 0 would lie
+            remaining = estimate_remaining(job.progress, elapsed)
+        else:
+            remaining = None
+        left = remaining_text(remaining)
+        return cls(elapsed, remaining, f"{ran}, {left}" if left else ran)
 
 
 @dataclass(frozen=True)

@@ -105,7 +105,7 @@ def job_status(job: JobRecord | None, kind: ScoreJob) -> ScoreResult | None:
         st.warning(f"{kind.what} was stopped (job {job.id}); start it again.")
     elif not job.finished:
         # once it is final the whole page reruns and draws the results (or the failure)
-        follow_job(job, f"Following job {job.id}", lambda latest: job_bar(latest, kind.what))
+        follow_job(job, f"Following job {job.id}", lambda latest: job_bar(latest, kind.what, stoppable=True))
     else:
         return score_result(job)
     return None
