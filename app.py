@@ -4,7 +4,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from ui.state import restore_from_address, sidebar_workspace
+from ui.state import restore_from_address, sidebar_workspace, write_address
 
 ASSETS = Path(__file__).parent / "assets"
 
@@ -20,8 +20,10 @@ pages = [
     st.Page("pages/views/compare.py", title="Compare", icon=":material/compare:"),
 ]
 navigation = st.navigation(pages)
-# A refreshed or reopened tab has an empty session: the job in its address brings the workspace back.
+# A refreshed or reopened tab has an empty session: its address brings the workspace back
+# (the dataset, model and run written there on every run, or the job it names).
 restore_from_address()
+write_address()
 # Drawn before the page (a page may st.stop()); a page that changes the workspace reruns.
 sidebar_workspace()
 navigation.run()

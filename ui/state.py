@@ -14,13 +14,14 @@ import streamlit as st
 from streamlit.runtime.scriptrunner_utils.exceptions import RerunException, StopException
 
 from core import safe_json
+from core.config import confine_to_data_roots, data_roots, workspace_dir
 from core.data.base import DatasetIndex, DatasetRootMissingError
-from core.data.registry import DEFAULT_FORMAT, is_synthetic, load_index
+from core.data.registry import DEFAULT_FORMAT, format_names, is_synthetic, load_index
 from core.errors import DefectPruneError
 from core.runs import api
 from core.runs.kinds import DATASET, MODEL, RUN, address_kinds, job_kind
 from core.runs.store import JobNotFoundError, JobRecord
-from core.services.request import ParameterError, Request
+from core.services.request import SEED, ParameterError, Request
 from core.services.score import ScoreResult
 
 log = logging.getLogger("defectprune.ui")
@@ -36,6 +37,18 @@ class JobIdError(DefectPruneError):
 
 class JobResultError(DefectPruneError):
     """A finished job's result file is gone or unreadable."""
+
+
+class AddressValueError(DefectPruneError):
+    """A workspace value in the page's address (``?format=``, ``?seed=``, ...) is unusable."""
+
+
+# The workspace in the page's address, so a refresh or a shared link reopens it: the dataset
+# (``?format=&root=&seed=&options=``) and the model (``?model=``, relative to the workspace when
+# inside it). The run is ``?run=ID``, the prune job's own address key (core/runs/kinds.py).
+DATASET_KEYS = ("format", "root", "seed", "options")
+MODEL_KEY = "model"
+RUN_KEY = "run"
 
 
 @dataclass(frozen=True)
@@ -133,6 +146,15 @@ def current_checkpoint():
     return checkpoint_at(path) if path else None
 
 
+def choose_model(path: str):
+    """Make ``path`` the workspace's model, once it has loaded: a checkpoint that fails to load
+    raises here (the caller's error box says why, once) and the working model stays the
+    workspace's model (and the sidebar's)."""
+    loaded = checkpoint_at(path)
+    st.session_state["model"] = path
+    return loaded
+
+
 @st.cache_resource(show_spinner="Tracing the model's prunable groups...", max_entries=4)
 def cached_cost_model(path: str, mtime: float):
     """The pruning graph and closed-form cost model of a checkpoint (built once: seconds;
@@ -187,8 +209,10 @@ def cached_json(path: str, mtime: float) -> dict:
 
 def require_model(missing: str = "No model yet: train or load one on the Model page.", stop: bool = True):
     """The current model, loaded; or an info box saying what to do, and the page stops (with
-    ``stop=False`` it goes on without a model: None). A chosen model that fails to load stays
-    chosen (the error box says why): replacing its files and rerunning brings the page back."""
+    ``stop=False`` it goes on without a model: None). Choosing a model only replaces the working
+    one once it loaded (`choose_model`); a model that loaded when chosen and whose files broke
+    later stays chosen (one error box says why): repairing its files and rerunning brings the
+    page back."""
     loaded = None
     with error_box("Loading the model"):
         loaded = current_checkpoint()
@@ -222,41 +246,147 @@ def score_result(job: JobRecord) -> ScoreResult:
     return ScoreResult.from_json(job_json(job, "scores"))
 
 
-def address_job() -> JobRecord | None:
-    """The job the page's address names (``?run=``, ``?score=``, ``?sensitivity=``,
-    ``?job=``: each kind's address keys), when it names one of the right kind; a bad or
-    unknown id is left to the page that reads that key, which says what is wrong with it."""
-    for key, kind in address_kinds().items():
+def address_jobs() -> list[JobRecord]:
+    """The jobs the page's address names (``?run=``, ``?score=``, ``?sensitivity=``,
+    ``?job=``: each kind's address keys), those of the right kind, the page's own job first
+    (``?run=`` names the workspace's run on every page); a bad or unknown id is left to the page
+    that reads that key, which says what is wrong with it."""
+    found = []
+    for key, kind in sorted(address_kinds().items(), key=lambda item: item[0] == RUN_KEY):
         try:
             job_id = query_job_id(key)
             job = api.get_job(job_id) if job_id is not None else None
         except (JobIdError, JobNotFoundError):
             continue
         if job is not None and job.kind == kind.name:
-            return job
-    return None
+            found.append(job)
+    return found
+
+
+def job_workspace(jobs: list[JobRecord]) -> dict:
+    """What the jobs in the address bring back (what their kinds restore: the dataset; the
+    checkpoint as the model; a prune job as the run), the first job naming each first."""
+    restored: dict = {}
+    for job in jobs:
+        restores = job_kind(job.kind).restores
+        request = job_request(job)
+        if DATASET in restores and getattr(request, "format", None) and DATASET not in restored:
+            restored[DATASET] = DatasetChoice(format=request.format, root=request.root,
+                                              seed=int(request.split_seed or 0),
+                                              options=json.dumps(request.option) if request.option else "")
+        if MODEL in restores and getattr(request, "checkpoint", None) and MODEL not in restored:
+            restored[MODEL] = request.checkpoint
+        if RUN in restores and RUN not in restored:
+            restored[RUN] = job.id
+    return restored
+
+
+def address_dataset() -> DatasetChoice | None:
+    """The dataset the address names (``?format=&root=&seed=&options=``), checked and read
+    once, or None when it names none. The root is a path typed by whoever wrote the link: it
+    must lie inside a data root (or the workspace's datasets folder, where uploads go)."""
+    params = st.query_params
+    if not any(params.get(key) for key in DATASET_KEYS):
+        return None
+    fmt = params.get("format") or DEFAULT_FORMAT
+    if fmt not in format_names():
+        raise AddressValueError(f"?format={fmt} is not a dataset format (known: {', '.join(format_names())})")
+    seed_text = params.get("seed") or "0"
+    try:
+        seed = SEED.parse(seed_text)
+    except ParameterError as exc:
+        raise AddressValueError(f"?seed={seed_text}: {exc}") from None
+    root = None
+    if not is_synthetic(fmt):  # the synthetic families live in the workspace's cache: no root
+        if not params.get("root"):
+            raise AddressValueError(f"?format={fmt} needs the dataset folder as ?root=FOLDER")
+        root = str(confine_to_data_roots(params["root"], roots=[*data_roots(), workspace_dir() / "datasets"]))
+    choice = DatasetChoice(format=fmt, root=root, seed=seed, options=params.get("options") or "")
+    choice.parsed_options()
+    dataset_index(choice)  # a folder that is gone or unreadable is refused here, not on every page
+    return choice
+
+
+def address_model() -> str | None:
+    """The checkpoint the address names (``?model=``), loaded once, or None when it names
+    none. It must lie inside the workspace or a data root (as a prune job's allocation file,
+    core/runs/jobs.py); a relative path is taken against the workspace first."""
+    value = st.query_params.get(MODEL_KEY)
+    if not value:
+        return None
+    folder = str(confine_to_data_roots(value, roots=[workspace_dir(), *data_roots()]))
+    checkpoint_at(folder)
+    return folder
 
 
 def restore_from_address() -> None:
-    """A refreshed or reopened tab starts with an empty session: the job in its address
-    brings back the workspace that job works on (what its kind restores: its dataset; its
-    checkpoint as the model; a prune job as the run). Only a session that has chosen nothing
-    yet is restored: what the user chose in this session wins."""
+    """A refreshed or reopened tab (or a shared link) starts with an empty session: its address
+    brings the workspace back: the dataset and model named there (``?format=``, ``?model=``
+    ...) and, for what those do not name, the jobs there (``?run=``, ``?job=`` ...: what their
+    kinds restore). A bad value there is one error box and the default dataset and model (the
+    run in ``?run=`` is left to its own checks). Only a session that has chosen nothing yet is
+    restored: what the user chose in this session wins."""
     if "model" in st.session_state or "dataset" in st.session_state:
         return
+    restored: dict = {}
     with error_box("Reading the job in the address"):
-        job = address_job()
-        if job is None:
-            return
-        restores = job_kind(job.kind).restores
-        request = job_request(job)
-        if DATASET in restores and getattr(request, "format", None):
-            set_dataset(DatasetChoice(format=request.format, root=request.root, seed=int(request.split_seed or 0),
-                                      options=json.dumps(request.option) if request.option else ""))
-        if MODEL in restores and getattr(request, "checkpoint", None):
-            st.session_state["model"] = request.checkpoint
-        if RUN in restores:
-            st.session_state["run"] = job.id
+        restored = job_workspace(address_jobs())
+    named: dict = {}
+    with error_box("Reopening the workspace in the address"):
+        dataset, model = address_dataset(), address_model()
+        named = {key: value for key, value in ((DATASET, dataset), (MODEL, model)) if value is not None}
+        named["ok"] = True
+    if not named.pop("ok", False):  # a bad value: the default workspace, nothing half-restored
+        restored.pop(DATASET, None)
+        restored.pop(MODEL, None)
+    restored.update(named)
+    if DATASET in restored:
+        set_dataset(restored[DATASET])
+    if MODEL in restored:
+        st.session_state["model"] = restored[MODEL]
+    if RUN in restored:
+        st.session_state["run"] = restored[RUN]
+
+
+def address_path(path: str) -> str:
+    """A checkpoint path as the address writes it: relative to the workspace when inside it."""
+    resolved = Path(path).resolve()
+    try:
+        return resolved.relative_to(workspace_dir()).as_posix()
+    except ValueError:
+        return str(resolved)
+
+
+def workspace_address() -> dict[str, str]:
+    """The workspace as address values (only those it has)."""
+    choice = current_dataset()
+    values = {"format": choice.format, "seed": str(choice.seed)}
+    if choice.root:
+        values["root"] = choice.root
+    if choice.options.strip():
+        values["options"] = choice.options
+    model = st.session_state.get("model")
+    if model:
+        values[MODEL_KEY] = address_path(model)
+    return values
+
+
+def write_address() -> None:
+    """The workspace into the page's address on every run, so a refresh or a copied link
+    reopens it (`restore_from_address`). Keys the pages set (``?job=``, ``?score=``) stay;
+    ``?run=`` names the session's run when it has one, else it is left to the page (the Prune
+    page says what is wrong with a bad one)."""
+    with error_box("Writing the workspace into the address"):
+        wanted = workspace_address()
+        for key in (*DATASET_KEYS, MODEL_KEY):
+            if key in wanted:
+                if st.query_params.get(key) != wanted[key]:
+                    st.query_params[key] = wanted[key]
+            elif key in st.query_params:
+                del st.query_params[key]
+        run = st.session_state.get("run")
+        if run is not None and st.query_params.get(RUN_KEY) != str(run):
+            st.query_params[RUN_KEY] = str(run)
 
 
 def run_label(run_id: int) -> str:
