@@ -153,3 +153,117 @@ def test_a_store_read_that_fails_inside_the_training_fragment_is_an_error_box(mo
     assert any("Reading the training job failed unexpectedly (OSError: worker lock unreadable)" in e.value
                for e in at.error)
     api.stop(job.id)
+
+
+def broken_checkpoint(folder) -> str:
+    """A checkpoint folder whose weights file is not safetensors (a copy cut short)."""
+    spec = ModelSpec(classes=["background", "scratch", "inclusion", "patch"], input_size=(64, 64), in_channels=1)
+    path = save_checkpoint(folder, build_model(spec).eval(), spec)
+    (path / "weights.safetensors").write_bytes(b"not safetensors")
+    return str(path)
+
+
+@pytest.mark.parametrize("how", ["typed path", "missing folder"])
+def test_a_checkpoint_that_fails_to_load_is_one_error_and_the_working_model_stays(app, tmp_path, how):
+    working = tiny_steel_model(tmp_path)
+    app.session_state["model"] = working
+    app.run()
+    assert not app.exception and not app.error
+    bad = broken_checkpoint(tmp_path / "broken") if how == "typed path" else str(tmp_path / "gone")
+    app.text_input(key="model_path").input(bad)
+    app.button(key="model_load").click().run()
+    assert not app.exception
+    assert len(app.error) == 1 and app.error[0].value.startswith("Loading the checkpoint failed")
+    assert app.session_state["model"] == working
+    assert "model" in sidebar_text(app) and "broken" not in sidebar_text(app) and "gone" not in sidebar_text(app)
+    assert len(app.get("image")) == 8  # the working model's predictions are still drawn
+
+
+def test_the_training_form_defaults_are_the_requests(app, monkeypatch):
+    """One place for defaults: the form shows TrainRequest's (here changed under it)."""
+    import dataclasses
+
+    from core.services.train import TrainRequest
+
+    fields = {f.name: f for f in dataclasses.fields(TrainRequest)}
+    monkeypatch.setattr(fields["epochs"], "default", 7)
+    monkeypatch.setattr(fields["batch_size"], "default", 5)
+    at = open_page("model")
+    assert at.number_input(key="model_epochs").value == 7
+    assert at.number_input(key="model_batch").value == 5
+
+
+def finish_training(job_id: int, checkpoint: str, state: str = "succeeded") -> None:
+    """The worker's end of a training job that saved ``checkpoint``."""
+    store = api.open_store()
+    if store.get_job(job_id).state == "queued":
+        assert store.claim_next_job(worker_pid=os.getpid()).id == job_id
+    store.finish_job(job_id, state, result={"checkpoint": checkpoint})
+
+
+def start_training(at: AppTest) -> int:
+    at.number_input(key="model_epochs").set_value(1)
+    at.button[0].click().run()  # the form's submit button
+    assert not at.exception and not at.error
+    return at.session_state["train_job"]
+
+
+@pytest.mark.parametrize("state", ["succeeded", "stopped"])
+def test_a_finished_training_jobs_model_becomes_the_workspaces_model(app, tmp_path, monkeypatch, state):
+    monkeypatch.setattr(api, "ensure_worker", lambda *a, **k: None)
+    monkeypatch.setattr(api, "worker_alive", lambda *a, **k: True)
+    job_id = start_training(app)
+    trained = tiny_steel_model(tmp_path)
+    finish_training(job_id, trained, state)
+    app.run()
+    assert not app.exception and not app.error
+    assert app.session_state["model"] == trained  # no "Use this model" press
+    assert any("is now the workspace's model" in s.value for s in app.success)
+    assert not any("No model yet" in info.value for info in app.info)
+    assert "none yet (Model page)" not in sidebar_text(app) and "model" in sidebar_text(app)
+    assert not [b for b in app.button if b.key == f"use_{job_id}"]
+    # once: a model picked afterwards is not replaced by the same job again
+    other = tiny_steel_model(tmp_path / "other")
+    app.session_state["model"] = other
+    app.run()
+    assert not app.exception and app.session_state["model"] == other
+    assert app.button(key=f"use_{job_id}")  # offered, not forced
+
+
+def test_a_model_picked_while_training_is_not_replaced(app, tmp_path, monkeypatch):
+    monkeypatch.setattr(api, "ensure_worker", lambda *a, **k: None)
+    monkeypatch.setattr(api, "worker_alive", lambda *a, **k: True)
+    job_id = start_training(app)
+    picked = tiny_steel_model(tmp_path / "picked")
+    app.session_state["model"] = picked
+    finish_training(job_id, tiny_steel_model(tmp_path / "trained"))
+    app.run()
+    assert not app.exception and not app.error
+    assert app.session_state["model"] == picked
+    app.button(key=f"use_{job_id}").click().run()  # "Use this model" is still there for it
+    assert not app.exception and app.session_state["model"] == str(tmp_path / "trained" / "model")
+
+
+def test_a_finished_training_job_in_the_address_gives_a_tab_without_a_model_its_model(tmp_path, monkeypatch):
+    monkeypatch.setattr(api, "ensure_worker", lambda *a, **k: None)
+    job = api.submit("train", {"format": "synthetic-steel", "size": "64", "epochs": 1})
+    trained = tiny_steel_model(tmp_path)
+    finish_training(job.id, trained)
+    at = open_page("model", run=False)
+    at.query_params["job"] = str(job.id)
+    at.run()
+    assert not at.exception and not at.error
+    assert at.session_state["model"] == trained
+
+
+def test_a_listed_model_that_fails_to_load_is_one_error_and_the_working_model_stays(tmp_path):
+    working = tiny_steel_model(tmp_path)
+    bad = broken_checkpoint(tmp_path / "listed-broken")
+    api.open_store().register_model(bad, arch="unet", encoder="resnet18")
+    at = open_page("model", model=working)
+    listed = next(m["path"] for m in api.list_models() if "listed-broken" in m["path"])
+    at.selectbox(key="model_pick").set_value(listed)
+    at.button(key="model_use_listed").click().run()
+    assert not at.exception
+    assert len(at.error) == 1 and at.error[0].value.startswith("Loading the checkpoint failed")
+    assert at.session_state["model"] == working and "listed-broken" not in sidebar_text(at)

@@ -3,6 +3,9 @@ a few predictions beside the ground truth."""
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import plotly.express as px
@@ -18,10 +21,13 @@ from core.predictions import predict_split
 from core.runs import api
 from core.runs.jobs import TrainingProgress
 from core.runs.store import JobRecord
+from core.services.request import default_of
 from core.services.train import TrainRequest
 from core.visual import class_colour_hex, overlay_mask
 from ui.jobs import follow_job, job_bar
-from ui.state import JobIdError, current_checkpoint, current_dataset, error_box, query_job_id, require_dataset
+from ui.state import (
+    JobIdError, choose_model, current_checkpoint, current_dataset, error_box, query_job_id, require_dataset,
+)
 from ui.widgets import class_legend, image_grid, load_style
 
 load_style()
@@ -31,6 +37,28 @@ st.caption("Train a baseline on the current dataset (it runs in the background a
 
 choice = current_dataset()
 index = require_dataset(choice, "Choose a readable dataset on the Data page first.")
+# the training form's defaults are the request's (one place: core/services/train.py)
+TRAIN_DEFAULTS = {field.name: default_of(field) for field in dataclasses.fields(TrainRequest)}
+# training job id -> the workspace's model when this session started it (None: none yet)
+TRAINING_FOR = "training_for"
+# training jobs whose model this session took as the workspace's model by itself (once each)
+ADOPTED = "adopted_training"
+
+
+def adopt_trained_model(job: JobRecord, checkpoint: str) -> None:
+    """A finished training job's model becomes the workspace's model by itself, once, when the
+    workspace has none or still has the one it had when this session started that training (a
+    model picked since then stays); otherwise "Use this model" offers it."""
+    adopted = st.session_state.setdefault(ADOPTED, {})
+    if job.id in adopted:
+        return
+    training_for = st.session_state.get(TRAINING_FOR, {})
+    current = st.session_state.get("model")
+    if current is None or (job.id in training_for and training_for[job.id] == current):
+        adopted[job.id] = checkpoint  # once, even when it fails to load (the error box says so)
+        with error_box("Taking the trained model"):
+            choose_model(checkpoint)
+            st.rerun()  # the sidebar and the page below show it
 
 
 def draw_training(job: JobRecord) -> None:
@@ -57,9 +85,15 @@ def draw_training(job: JobRecord) -> None:
         st.error(f"Training failed: {job.error}")
     elif job.state in ("succeeded", "stopped") and progress.checkpoint:
         checkpoint = progress.checkpoint
-        if st.session_state.get("model") != checkpoint and st.button("Use this model", key=f"use_{job.id}"):
-            st.session_state["model"] = checkpoint
-            st.rerun()
+        adopt_trained_model(job, checkpoint)
+        if st.session_state.get("model") == checkpoint:
+            if st.session_state.get(ADOPTED, {}).get(job.id) == checkpoint:
+                st.success(f"Training {'finished' if job.state == 'succeeded' else 'stopped'}: its model "
+                           f"({'/'.join(Path(checkpoint).parts[-2:])}) is now the workspace's model.")
+        elif st.button("Use this model", key=f"use_{job.id}"):
+            with error_box("Loading the trained model"):
+                choose_model(checkpoint)
+                st.rerun()
 
 
 train_tab, load_tab = st.tabs(["Train a baseline", "Load a checkpoint"])
@@ -72,9 +106,10 @@ with train_tab:
         size = c3.text_input("Input size (N or HxW)", value="x".join(map(str, index.default_size)),
                              key="model_size")
         c4, c5, c6 = st.columns(3)
-        epochs = c4.number_input("Epochs (early stopping on val defect mIoU)", 1, 500, 30, key="model_epochs")
-        batch = c5.number_input("Batch size", 1, 256, 8, key="model_batch")
-        seed = c6.number_input("Seed", 0, 10_000, 0, key="model_seed")
+        epochs = c4.number_input("Epochs (early stopping on val defect mIoU)", 1, 500, TRAIN_DEFAULTS["epochs"],
+                                 key="model_epochs")
+        batch = c5.number_input("Batch size", 1, 256, TRAIN_DEFAULTS["batch_size"], key="model_batch")
+        seed = c6.number_input("Seed", 0, 10_000, TRAIN_DEFAULTS["seed"], key="model_seed")
         precision = st.selectbox("Precision", PRECISIONS, key="model_precision",
                                  help="Of the training forward passes: auto picks bf16 where the device runs it "
                                       "fast, else fp32. Evaluation and the saved weights are always fp32.")
@@ -87,6 +122,7 @@ with train_tab:
             job = api.submit("train", request)
             api.ensure_worker()
             st.session_state["train_job"] = job.id
+            st.session_state.setdefault(TRAINING_FOR, {})[job.id] = st.session_state.get("model")
             st.query_params["job"] = str(job.id)
     with error_box("Reading the training job"):
         job_id = st.session_state.get("train_job") or query_job_id("job")
@@ -105,15 +141,15 @@ with load_tab:
                              f"{m['path']}" for m in models}
         picked = st.selectbox("Models in the workspace", list(labels), format_func=labels.get, key="model_pick")
         if st.button("Use this model", key="model_use_listed"):
-            st.session_state["model"] = picked
-            st.rerun()
+            with error_box("Loading the checkpoint"):
+                choose_model(picked)  # a checkpoint that fails to load leaves the working model in place
+                st.rerun()
     path = st.text_input("Or a checkpoint folder (inside the workspace or a data root)", key="model_path")
     if st.button("Load checkpoint", key="model_load"):
         with error_box("Loading the checkpoint"):
             folder = str(confine_to_data_roots(path, roots=[workspace_dir(), *data_roots()])) if path else ""
             if folder:
-                st.session_state["model"] = folder
-                current_checkpoint()  # fails here, in the box, if the checkpoint is bad
+                choose_model(folder)  # a checkpoint that fails to load leaves the working model in place
                 st.rerun()
 
 loaded = None
