@@ -20,6 +20,7 @@ from core.allocation.cost import CostModel
 from core.allocation.registry import ALLOCATORS
 from core.data.dataset import SegmentationDataset, normalise
 from core.importance.magnitude import ContributionImportance
+from core.metrics import ConfusionMatrix, SegmentationMetrics
 from core.models.graph import PruningGraph
 from core.models.runtime import model_device
 from core.pruning.step import pruned_copy
@@ -55,7 +56,7 @@ def live_allocation(
 
 @dataclass
 class Preview:
-    pictures: list[np.ndarray]  # per image: unpruned, pruned copy, ground truth (RGB overlays)
+    pictures: list[np.ndarray]  # per image: ground truth, unpruned, pruned copy (RGB overlays)
     captions: list[str]
     seconds: float  # pruning the copy and predicting, what the user waits for
 
@@ -64,17 +65,23 @@ class Preview:
 def preview_pruned(model: nn.Module, input_size: Sequence[int], in_channels: int, kept: Mapping[str, int],
                    dataset: SegmentationDataset, images: int = 3) -> Preview:
     """Prune a copy of ``model`` to ``kept`` channels per group (group L1 within each group,
-    no fine-tuning) and overlay its masks, the unpruned model's and the ground truth on the
-    first ``images`` of ``dataset``. The model itself is untouched."""
+    no fine-tuning) and overlay the ground truth, the unpruned model's masks and the copy's
+    on the first ``images`` of ``dataset``, each model's captioned with its defect mIoU on
+    that image. The model itself is untouched."""
     start = time.perf_counter()
     pruned = pruned_copy(model, input_size, in_channels, dict(kept))
     pictures, captions = [], []
     for i in range(min(images, len(dataset))):
         image, truth = dataset.raw(i)
         x = normalise(image, in_channels)[None].to(model_device(model))
-        for label, net in (("unpruned", model), ("pruned copy", pruned)):
-            pictures.append(overlay_mask(image, net(x).argmax(1)[0].cpu().numpy().astype("uint8")))
-            captions.append(f"{label} {i + 1}")
         pictures.append(overlay_mask(image, truth))
-        captions.append(f"ground truth {i + 1}")
+        captions.append(f"image {i + 1}: ground truth")
+        for label, net in (("unpruned", model), ("pruned copy", pruned)):
+            logits = net(x)
+            mask = logits.argmax(1)[0].cpu().numpy().astype("uint8")
+            pictures.append(overlay_mask(image, mask))
+            miou = SegmentationMetrics.from_confusion(
+                ConfusionMatrix(logits.shape[1]).update(mask, truth)).defect_miou
+            # an image with no defect in truth or prediction has no defect IoU to give
+            captions.append(f"{label}: defect mIoU {'n/a' if miou is None else f'{miou:.1f}'}")
     return Preview(pictures, captions, time.perf_counter() - start)

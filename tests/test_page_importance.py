@@ -94,6 +94,8 @@ def test_scoring_network_results_are_drawn_in_network_order_in_a_reopened_tab(ne
     figure(at, "Importance per scale")
     heatmap = figure(at, "Layer x defect-class importance")
     assert heatmap["data"][0]["type"] == "heatmap"
+    # every layer is named on its axis, in network order
+    assert heatmap["layout"]["xaxis"]["ticktext"] == [g.name for g in graph.groups]
     at.radio(key="importance_allocator").set_value("scoring network").run()
     assert not at.exception and not at.error
     figure(at, "Share of channels kept per layer (scoring network)")
@@ -131,8 +133,17 @@ def test_the_preview_shows_masks_without_changing_the_totals(tiny_model):
     before = macs_metric(at)
     at.button(key="importance_preview").click().run()
     assert not at.exception and not at.error
-    assert len(at.get("image")) == 9  # 3 images x (unpruned, pruned copy, ground truth)
+    assert len(at.get("image")) == 9  # 3 images x (ground truth, unpruned, pruned copy)
+    captions = [image.proto.imgs[0].caption for image in at.get("image")]
+    assert captions[0] == "image 1: ground truth" and captions[1].startswith("unpruned: defect mIoU ")
+    assert captions[2].startswith("pruned copy: defect mIoU ")
     assert macs_metric(at) == before
+    [macs] = [m for m in at.metric if m.label == "MACs"]
+    assert macs.value.endswith((" M", " G")) and macs.proto.delta.startswith("-")
+    from streamlit.proto.Metric_pb2 import Metric
+
+    # a reduction is drawn as a gain: down and green, not a red loss
+    assert macs.proto.direction == Metric.DOWN and macs.proto.color == Metric.GREEN
 
 
 def test_sensitivity_without_curves_says_what_to_do_then_answers_live(tiny_model, monkeypatch):

@@ -24,6 +24,7 @@ from core.pruning.methods import METHODS
 from core.pruning.step import FixedAllocation
 from core.runs import api
 from core.runs.store import JobRecord
+from core.services.compare import amount
 from core.services.prune import PruneRequest
 from core.services.request import ParameterError
 from core.services.score import ScoreRequest, ScoreResult
@@ -128,8 +129,12 @@ def draw_scores(scores: ScoreResult, target: float) -> None:
                            title=f"Importance per scale (MACs-weighted, at {target:.0%} fewer MACs)"), width="stretch")
     if scores.class_importance:
         matrix = pd.DataFrame(scores.class_importance).T.loc[list(groups["group"])]
-        c2.plotly_chart(px.imshow(matrix.T, aspect="auto", color_continuous_scale="RdBu", zmin=-1, zmax=1,
-                                  title="Layer x defect-class importance"), width="stretch")
+        heat = px.imshow(matrix.T, aspect="auto", color_continuous_scale="RdBu", zmin=-1, zmax=1,
+                         title="Layer x defect-class importance", labels={"x": "layer", "y": "defect class"})
+        # every layer named (plotly would skip labels to fit), in network order
+        heat.update_xaxes(tickmode="array", tickvals=list(matrix.index), ticktext=list(matrix.index), tickangle=-60,
+                          tickfont={"size": 9})
+        c2.plotly_chart(heat, width="stretch")
 
 
 def launch_with(allocation: FixedAllocation) -> None:
@@ -214,8 +219,10 @@ if allocator in ("uniform", "global (L1)") or (allocator == "scoring network" an
         predicted = cost.predict(kept)
         elapsed_ms = (time.perf_counter() - start) * 1000
         m1, m2, m3, m4 = st.columns(4)
-        m1.metric("MACs", f"{predicted['macs'] / 1e6:.1f} M", f"-{predicted['macs_reduction']:.1%}")
-        m2.metric("Parameters", f"{predicted['params'] / 1e6:.2f} M", f"-{predicted['params_reduction']:.1%}")
+        # fewer is the point: a reduction is drawn green ("inverse"), not as a red loss
+        m1.metric("MACs", amount(predicted["macs"]), f"-{predicted['macs_reduction']:.1%}", delta_color="inverse")
+        m2.metric("Parameters", amount(predicted["params"]), f"-{predicted['params_reduction']:.1%}",
+                  delta_color="inverse")
         m3.metric("Size (float32)", f"{predicted['params'] * 4 / 2**20:.1f} MiB")
         m4.metric("Answered in", f"{elapsed_ms:.0f} ms")
         if not live.budget_met:
