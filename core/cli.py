@@ -24,7 +24,7 @@ from core.errors import DefectPruneError
 from core.services import request as checks
 from core.services.request import FLAG, LIST, OPTIONS, Check, ParameterError, Request, choices_of, default_of, flag_of
 
-COMMAND_MODULES = ["data", "train", "evaluate", "prune", "profile", "export_onnx", "jobs", "worker"]
+COMMAND_MODULES = ["data", "train", "evaluate", "import_model", "prune", "profile", "export_onnx", "jobs", "worker"]
 R = TypeVar("R", bound=Request)
 
 
@@ -59,7 +59,10 @@ def add_request_arguments(parser: argparse.ArgumentParser, request_type: type[Re
             continue
         target: Any = parser
         if meta.get("exclusive"):
-            target = groups.setdefault(meta["exclusive"], parser.add_mutually_exclusive_group())
+            # not setdefault: its default is built every time, and an extra empty group breaks --help
+            if meta["exclusive"] not in groups:
+                groups[meta["exclusive"]] = parser.add_mutually_exclusive_group()
+            target = groups[meta["exclusive"]]
         help_text = meta.get("help") or None
         options: dict[str, Any] = {"help": help_text() if callable(help_text) else help_text}
         if meta.get("metavar"):
