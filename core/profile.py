@@ -19,7 +19,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -306,6 +306,40 @@ def latency_in_turns(models: Sequence[nn.Module], input_size: Sequence[int], in_
             for i, timed in enumerate(times):
                 results[i][engine] = _summarise(engine, timed, warmup, threads)
     return results
+
+
+def time_in_turns(calls: Sequence[Callable[[], Any]], runs: int = DEFAULT_RUNS,
+                  warmup: int = DEFAULT_WARMUP) -> list[list[float]]:
+    """Milliseconds of each of ``calls`` over ``runs`` turns (run i of every call, then run
+    i + 1), after ``warmup`` untimed turns: the timing loop of `latency_in_turns`, for any
+    callables (an ONNX Runtime session's run, a torch forward)."""
+    if runs < 1:
+        raise ProfileError(f"runs must be at least 1, not {runs}")
+    if warmup < 0:
+        raise ProfileError(f"warmup must be 0 or more, not {warmup}")
+    for _ in range(warmup):
+        for call in calls:
+            call()
+    times: list[list[float]] = [[] for _ in calls]
+    for _ in range(runs):
+        for i, call in enumerate(calls):
+            start = time.perf_counter()
+            call()
+            times[i].append((time.perf_counter() - start) * 1000.0)
+    return times
+
+
+def onnx_latency_in_turns(onnx_paths: Sequence[str | Path], input_size: Sequence[int], in_channels: int,
+                          runs: int = DEFAULT_RUNS, warmup: int = DEFAULT_WARMUP,
+                          threads: int = DEFAULT_THREADS) -> list[LatencyResult]:
+    """Batch-1 ONNX Runtime CPU latency of several ONNX files (an fp32 export and its INT8
+    copy, a baseline and its pruned model) on one input, timed in turns as `latency_in_turns`
+    times models, so that their ratio holds on a busy machine."""
+    _check_timing(runs, warmup, threads)
+    example = example_input(tuple(int(v) for v in input_size), int(in_channels)).numpy()
+    sessions = [onnx_session(path, threads) for path in onnx_paths]
+    calls = [functools.partial(s.run, None, {s.get_inputs()[0].name: example}) for s in sessions]
+    return [_summarise("onnxruntime", timed, warmup, threads) for timed in time_in_turns(calls, runs, warmup)]
 
 
 # ---------------------------------------------------------------- everything at once

@@ -18,7 +18,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("core.errors", "core.atomic", "core.config", "core.safe_json", "core.precision", "core.progress",
                     "core.data", "core.visual")),
     ("models, metrics", ("core.models", "core.metrics")),
-    ("train, profile", ("core.train", "core.profile", "core.predictions")),
+    ("train, profile", ("core.train", "core.profile", "core.predictions", "core.quantize")),
     ("importance, allocation", ("core.importance", "core.allocation")),
     ("pruning", ("core.pruning", "core.live")),
     ("services", ("core.services", "core.compare")),
