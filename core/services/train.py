@@ -62,6 +62,10 @@ class TrainRequest(DataRequest):
     encoder: str = setting(default_factory=lambda: _zoo().DEFAULT_ENCODER, choices=lambda: list(_zoo().ENCODERS))
     in_channels: int | None = setting(None, check=WHOLE_NUMBER, choices=(1, 3),
                                       help="model input channels (default: the dataset's native channels)")
+    encoder_weights: str | None = setting(None, metavar="PATH",
+                                          help="initialise the encoder from a local weights file: a torchvision or timm "
+                                               "ResNet, MobileNetV2 or EfficientNet-B0 state dict (.safetensors, or .pth "
+                                               "read with weights_only=True); nothing is downloaded")
     epochs: int = setting(30, check=POSITIVE_INT)
     lr: float = setting(1e-3, check=POSITIVE_FLOAT)
     weight_decay: float = setting(1e-4, check=NON_NEGATIVE_FINITE)
@@ -98,6 +102,7 @@ class TrainResult:
     train_images: int
     val_images: int
     val: dict[str, Any] | None
+    encoder_weights: dict[str, Any] | None = None  # core.models.importer.EncoderWeightsReport's JSON
 
     @property
     def history_file(self) -> Path:
@@ -153,6 +158,11 @@ def run_train(request: TrainRequest, progress: ProgressCallback | None = None) -
     )
     seed_everything(request.seed)  # the initial weights follow the seed too
     model = build_model(spec)
+    encoder_weights = None
+    if request.encoder_weights:  # a local file, never a hub; what loaded and what did not is reported
+        from core.models.importer import load_encoder_weights
+
+        encoder_weights = load_encoder_weights(model, request.encoder_weights, request.encoder).to_json()
     result = fit(model, train_ds, val_ds, config, progress=progress, class_names=index.classes)
     if result.epochs_run == 0:
         raise DefectPruneError("training was stopped before the first epoch ended; nothing was saved")
@@ -167,6 +177,7 @@ def run_train(request: TrainRequest, progress: ProgressCallback | None = None) -
                     "options": request.option, "train_images": len(train_ds), "val_images": len(val_ds),
                     "size": list(size)},
         "torch_threads": request.threads or torch.get_num_threads(),
+        "encoder_weights": encoder_weights,
         **{k: v for k, v in result.to_dict().items() if k != "val"},
     }, default=str)
     return TrainResult(
@@ -175,5 +186,5 @@ def run_train(request: TrainRequest, progress: ProgressCallback | None = None) -
         seconds=round(result.seconds, 3), seconds_per_epoch=result.seconds_per_epoch, device=str(device),
         precision=result.precision, memory_format=result.memory_format,
         train_step_seconds=result.train_step_seconds, train_images=len(train_ds), val_images=len(val_ds),
-        val=result.best_val,
+        val=result.best_val, encoder_weights=encoder_weights,
     )
