@@ -45,11 +45,18 @@ def test_training_starts_a_background_job_with_the_current_dataset(app, monkeypa
     # what the worker reports is drawn: two epochs of curve
     store = api.open_store()
     assert store.claim_next_job(worker_pid=os.getpid()).id == job.id  # as the worker would
-    store.heartbeat(job.id, metrics={"epoch": 2, "curve": [
+    store.heartbeat(job.id, metrics={"epoch": 2, "loss": 0.8, "val_defect_miou": 20.0, "curve": [
         {"epoch": 1, "loss": 1.0, "val_defect_miou": 10.0}, {"epoch": 2, "loss": 0.8, "val_defect_miou": 20.0}]})
     app.run()
     curve = json.loads(app.get("plotly_chart")[0].proto.spec)
     assert curve["layout"]["title"]["text"].startswith("Training loss and validation defect mIoU")
+    # two panels, each with its own y axis showing numbers; whole epochs on x
+    assert [t["xaxis"] for t in curve["data"]] == ["x", "x2"] and [t["yaxis"] for t in curve["data"]] == ["y", "y2"]
+    layout = curve["layout"]
+    assert layout["yaxis2"].get("showticklabels", True) and "matches" not in layout["yaxis2"]
+    assert layout["yaxis"]["title"]["text"] == "loss" and layout["yaxis2"]["title"]["text"] == "defect mIoU (%)"
+    assert layout["xaxis"]["dtick"] == 1 and layout["xaxis2"]["tickmode"] == "linear"
+    assert [m.value for m in app.metric] == ["2", "0.8000", "20.0"]
     api.stop(job.id)
 
 

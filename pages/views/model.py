@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import plotly.express as px
+import plotly.graph_objects as go
 import streamlit as st
+from plotly.subplots import make_subplots
 import torch
 
 from core.config import confine_to_data_roots, data_roots, workspace_dir
@@ -24,7 +26,7 @@ from core.runs.store import JobRecord
 from core.services.request import default_of
 from core.services.train import TrainRequest
 from core.visual import class_colour_hex, overlay_mask
-from ui.jobs import follow_job, job_bar
+from ui.jobs import follow_job, job_bar, stop_button
 from ui.state import (
     JobIdError, choose_model, current_checkpoint, current_dataset, error_box, query_job_id, require_dataset,
 )
@@ -61,27 +63,36 @@ def adopt_trained_model(job: JobRecord, checkpoint: str) -> None:
             st.rerun()  # the sidebar and the page below show it
 
 
+def training_curves(curve: pd.DataFrame) -> go.Figure:
+    """Loss and validation defect mIoU per epoch, side by side, each with its own y axis and
+    numbers on it; whole epochs on x."""
+    figure = make_subplots(rows=1, cols=2, subplot_titles=["Training loss", "Validation defect mIoU (%)"])
+    for col, (series, colour) in enumerate((("loss", "#457b9d"), ("val_defect_miou", "#2a9d8f")), start=1):
+        figure.add_trace(go.Scatter(x=curve["epoch"], y=curve[series], mode="lines+markers", name=series,
+                                    line={"color": colour}, showlegend=False), row=1, col=col)
+        figure.update_xaxes(title_text="epoch", tickmode="linear", tick0=1, dtick=max(1, len(curve) // 10),
+                            row=1, col=col)
+    figure.update_yaxes(title_text="loss", row=1, col=1)
+    figure.update_yaxes(title_text="defect mIoU (%)", row=1, col=2)
+    figure.update_layout(title="Training loss and validation defect mIoU per epoch", height=360)
+    return figure
+
+
 def draw_training(job: JobRecord) -> None:
     """What the worker reported of a training job (it runs there, not in this page)."""
     job_bar(job, "Training")
     progress = TrainingProgress.of(job)
     if progress.reported:
-        cols = st.columns(3)
-        for col, label, value in zip(cols, ("Epoch", "Loss", "Val defect mIoU"),
-                                     (progress.epoch, progress.loss, progress.val_defect_miou)):
-            col.metric(label, "-" if value is None else value)
+        c1, c2, c3 = st.columns(3)
+        c1.metric("Epoch", "-" if progress.epoch is None else int(progress.epoch))
+        c2.metric("Loss", "-" if progress.loss is None else f"{progress.loss:.4f}")
+        c3.metric("Val defect mIoU", "-" if progress.val_defect_miou is None else f"{progress.val_defect_miou:.1f}")
     curve = pd.DataFrame(progress.curve)
     if len(curve):
-        long = curve.melt(id_vars="epoch", value_vars=["loss", "val_defect_miou"], var_name="series")
-        st.plotly_chart(px.line(long, x="epoch", y="value", facet_col="series", markers=True,
-                                title="Training loss and validation defect mIoU per epoch")
-                        .update_yaxes(matches=None), width="stretch", key=f"curve_{job.id}")
-    if job.stop_requested and not job.finished:
-        st.caption("Stop requested: training stops within seconds and keeps its best checkpoint.")
-    elif not job.finished and st.button("Stop training", key=f"stop_{job.id}"):
-        api.stop(job.id)
-        st.rerun()
-    elif job.state == "failed":
+        st.plotly_chart(training_curves(curve), width="stretch", key=f"curve_{job.id}")
+    stop_button(job, "Stop training",
+                requested="Stop requested: training stops within seconds and keeps its best checkpoint.")
+    if job.state == "failed":
         st.error(f"Training failed: {job.error}")
     elif job.state in ("succeeded", "stopped") and progress.checkpoint:
         checkpoint = progress.checkpoint
