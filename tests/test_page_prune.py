@@ -3,14 +3,19 @@ runs, several runs on one frontier."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
+import streamlit.testing.v1.local_script_runner as local_script_runner
+from streamlit.runtime.scriptrunner import RerunData
 from streamlit.testing.v1 import AppTest
 
 from core.runs import api
 from core.runs.worker import execute_job
-from page_helpers import claim, figure, open_page, sidebar_text, tiny_steel_model, values
+from page_helpers import chart_titles, claim, figure, open_page, sidebar_text, tiny_steel_model, values
 
 FRONTIER = "Accuracy against cost, one line per run"
+LATENCY_FRONTIER = "Accuracy against latency, one line per run"
 ROUNDS = "Validation defect mIoU against MACs, round by round"
 
 
@@ -35,25 +40,83 @@ def no_worker(monkeypatch) -> list:
 
 
 def stored_run(checkpoint: str, method: str, mious: list[float], base_miou: float = 50.0,
-               state: str = "succeeded", result: dict | None = None, **params) -> int:
+               state: str = "succeeded", result: dict | None = None, accepted: list[bool] | None = None,
+               checkpoints: list[str] | None = None, latency: list[float | None] | None = None, **params) -> int:
     """A prune run as the worker records it (job, run, base measurement, rounds, the loop's
-    ``result`` when given), without running it."""
+    ``result`` when given), without running it. Rounds are kept unless ``accepted`` says
+    otherwise; each round's checkpoint is ``checkpoints[i]`` (else the starting one) and its
+    latency ``latency[i]`` ms (else 10 x 0.7^round)."""
     store = api.open_store()
     job_id = store.create_job("prune", {"checkpoint": checkpoint, "method": method, "tolerance": 5.0, **params})
     claim(job_id)
     run_id = store.upsert_prune_run(job_id, checkpoint, store.job_dir(job_id) / "prune", method, {})
     base_macs = 1e9
     store.update_prune_run(run_id, base={"macs": base_macs, "params": 1e6, "defect_miou": base_miou})
-    rounds = [{"round": i + 1, "accepted": True, "macs": int(base_macs * 0.7 ** (i + 1)), "params": 10**6,
-               "macs_reduction": 1 - 0.7 ** (i + 1), "params_reduction": 0.0, "defect_miou": m,
-               "drop": base_miou - m, "latency_ms": 1.0, "wall_s": 1.0, "checkpoint": checkpoint}
-              for i, m in enumerate(mious)]
-    store.save_rounds(run_id, rounds)
+    store.save_rounds(run_id, [stored_round(i + 1, m, base_miou, checkpoint if checkpoints is None else checkpoints[i],
+                                            True if accepted is None else accepted[i],
+                                            10 * 0.7 ** (i + 1) if latency is None else latency[i])
+                               for i, m in enumerate(mious)])
     if result is not None:
         store.update_prune_run(run_id, result=result)
     if state != "running":
         store.finish_job(job_id, state, result={})
     return job_id
+
+
+def stored_round(index: int, miou: float, base_miou: float, checkpoint: str, accepted: bool = True,
+                 latency_ms: float | None = 1.0, base_macs: float = 1e9) -> dict:
+    return {"round": index, "accepted": accepted, "macs": int(base_macs * 0.7 ** index), "params": 10**6,
+            "macs_reduction": 1 - 0.7 ** index, "params_reduction": 0.0, "defect_miou": miou,
+            "drop": base_miou - miou, "latency_ms": latency_ms, "wall_s": 1.0, "checkpoint": checkpoint}
+
+
+def add_round(job_id: int, record: dict) -> None:
+    """A round the worker finished while the page was open."""
+    store = api.open_store()
+    store.save_rounds(store.get_prune_run(job_id)["id"], [record])
+
+
+class Screen:
+    """What the browser shows across reruns. AppTest reruns the whole script; the page's timed
+    refresh reruns only its polling fragments (``st.fragment(run_every=...)``), and the browser
+    keeps every element drawn outside them as the last full run left it. ``refresh()`` reruns
+    those fragments alone and shows the last full run's elements overlaid with theirs."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch):
+        self.monkeypatch = monkeypatch
+        self.full: list = []  # the messages of the last full run
+        self.timed: list[str] = []  # the fragments that asked for timed reruns in it
+        self.fragment_run = False
+        parse = local_script_runner.parse_tree_from_messages
+
+        def screen(messages):
+            messages = list(messages)
+            if self.fragment_run:  # what the rerun fragments drew before goes; the rest stays
+                kept = [m for m in self.full if not (m.HasField("delta") and m.delta.fragment_id in self.timed)]
+                return parse(kept + messages)
+            self.full = messages
+            self.timed = list(dict.fromkeys(m.auto_rerun.fragment_id for m in messages if m.HasField("auto_rerun")))
+            return parse(messages)
+
+        monkeypatch.setattr(local_script_runner, "parse_tree_from_messages", screen)
+
+    def refresh(self, at: AppTest) -> AppTest:
+        """The timed rerun of every polling fragment, as the browser asks for it every 2 s."""
+        assert self.timed, "nothing on the page refreshes by itself"
+        self.fragment_run = True
+        with self.monkeypatch.context() as patch:
+            patch.setattr(local_script_runner, "RerunData",
+                          functools.partial(RerunData, fragment_id_queue=self.timed, is_auto_rerun=True))
+            try:
+                at.run()
+            finally:
+                self.fragment_run = False
+        return at
+
+
+def frontier_messages(at: AppTest) -> list[str]:
+    """What the frontier section says instead of (or under) its charts."""
+    return [i.value for i in at.info if i.value.startswith(("No kept round", "No round", "No run"))]
 
 
 def test_without_a_model_the_page_says_what_to_do():
@@ -186,6 +249,176 @@ def test_a_store_read_that_fails_inside_the_progress_fragment_is_an_error_box(ti
     assert not at.exception
     errors = [e.value for e in at.error]
     assert any(e.startswith(f"Following run {job_id} failed unexpectedly (OSError: disk I/O error)") for e in errors)
+
+
+# ---------------------------------------------------------------- the frontier while runs go on
+@pytest.fixture()
+def own_workspace(tmp_path, monkeypatch):
+    """A run store of its own: the frontier draws every run in the store, and the session's
+    store has the other tests' runs."""
+    monkeypatch.setenv("DEFECTPRUNE_WORKSPACE", str(tmp_path / "workspace"))
+
+
+def test_a_round_kept_while_the_run_goes_on_reaches_the_frontier_on_the_timed_refresh(tiny_model, no_worker,
+                                                                                      own_workspace, monkeypatch):
+    screen = Screen(monkeypatch)
+    job_id = stored_run(tiny_model, "uniform-l1", [], state="running")
+    at = page()
+    at.session_state["model"] = tiny_model
+    at.session_state["run"] = job_id
+    at.run()
+    assert not at.exception and not at.error
+    assert not [t for t in chart_titles(at) if t.startswith(FRONTIER)]
+    assert frontier_messages(at)  # nothing on the frontier yet, and the page says so
+    add_round(job_id, stored_round(1, 49.0, 50.0, tiny_model))  # round 1 kept; the run goes on
+    screen.refresh(at)  # what the browser shows 2 s later, without a full rerun
+    assert not at.exception and not at.error
+    assert not frontier_messages(at), frontier_messages(at)  # no "No kept round yet" beside a kept round 1
+    lines = {trace["name"]: trace for trace in figure(at, FRONTIER)["data"]}
+    assert list(values(lines[f"#{job_id} uniform-l1"]["y"])) == [50.0, 49.0]  # its start, then round 1
+    assert figure(at, ROUNDS)["data"][0]["text"] == ["r0", "r1"]  # the panel and the frontier agree
+    add_round(job_id, stored_round(2, 48.0, 50.0, tiny_model))
+    screen.refresh(at)
+    lines = {trace["name"]: trace for trace in figure(at, FRONTIER)["data"]}
+    assert list(values(lines[f"#{job_id} uniform-l1"]["y"])) == [50.0, 49.0, 48.0]
+
+
+def test_a_run_followed_elsewhere_also_refreshes_the_frontier(tiny_model, no_worker, own_workspace, monkeypatch):
+    """Not only the run the page follows: any unfinished run's kept rounds come in."""
+    screen = Screen(monkeypatch)
+    job_id = stored_run(tiny_model, "collaborative", [], state="running")
+    at = page()
+    at.session_state["model"] = tiny_model  # no run opened on the page
+    at.run()
+    assert not at.exception and not at.error
+    add_round(job_id, stored_round(1, 49.5, 50.0, tiny_model))
+    screen.refresh(at)
+    assert not at.exception and not at.error
+    assert f"#{job_id} collaborative" in {trace["name"] for trace in figure(at, FRONTIER)["data"]}
+    assert not frontier_messages(at)
+
+
+def test_rounds_none_of_them_kept_are_said_as_such_not_drawn_as_a_lone_start(tiny_model, own_workspace):
+    at = page()
+    at.session_state["model"] = tiny_model
+    at.run()
+    assert frontier_messages(at) == ["No run yet: launch one above; each run's kept rounds appear here as they "
+                                     "finish."]
+    going = stored_run(tiny_model, "uniform-l1", [], state="running")
+    at.run()
+    assert frontier_messages(at) == ["No round finished yet: each run's kept rounds appear here as they finish "
+                                     "(this refreshes every 2 s while a run is going)."]
+    api.open_store().finish_job(going, "stopped")
+    job_id = stored_run(tiny_model, "uniform-l1", [40.0], accepted=[False])  # round 1 broke the tolerance
+    at.run()
+    assert not at.exception and not at.error
+    assert not [t for t in chart_titles(at) if t.startswith(FRONTIER)]  # no line of one starting point
+    message = " ".join(frontier_messages(at))
+    assert message.startswith("No kept round yet"), frontier_messages(at)
+    assert f"#{job_id}" in message and "1 round" in message and "tolerance" in message
+    kept = stored_run(tiny_model, "collaborative", [49.0])
+    at.run()
+    assert not frontier_messages(at)  # a kept round: the chart, and the other run named under it
+    assert {trace["name"] for trace in figure(at, FRONTIER)["data"]} == {f"#{kept} collaborative"}
+    assert any(f"#{job_id}" in c.value and "tolerance" in c.value for c in at.caption)
+
+
+def test_a_latency_frontier_beside_the_macs_one_in_the_same_colours(tiny_model, own_workspace):
+    first = stored_run(tiny_model, "uniform-l1", [49.0, 47.0, 40.0], accepted=[True, True, False],
+                       latency=[8.0, 6.5, 5.0])
+    second = stored_run(tiny_model, "collaborative", [49.5, 48.0], latency=[7.5, 6.0], base_miou=51.0)
+    at = page()
+    at.session_state["model"] = tiny_model
+    at.run()
+    assert not at.exception and not at.error
+    macs = {trace["name"]: trace for trace in figure(at, FRONTIER)["data"]}
+    latency = {trace["name"]: trace for trace in figure(at, LATENCY_FRONTIER)["data"]}
+    names = {f"#{first} uniform-l1", f"#{second} collaborative"}
+    assert set(macs) == set(latency) == names
+    # the kept rounds only (round 3 broke the tolerance), at the latency each one measured
+    assert list(values(latency[f"#{first} uniform-l1"]["x"])) == [8.0, 6.5]
+    assert list(values(latency[f"#{first} uniform-l1"]["y"])) == [49.0, 47.0]
+    assert list(values(latency[f"#{second} collaborative"]["x"])) == [7.5, 6.0]
+    colours = {name: trace["line"]["color"] for name, trace in macs.items()}
+    assert {name: trace["line"]["color"] for name, trace in latency.items()} == colours
+    assert len(set(colours.values())) == 2
+    # the runs record no latency for their start: each start is a reference line at its val defect mIoU
+    layout = figure(at, LATENCY_FRONTIER)["layout"]
+    starts = sorted(shape["y0"] for shape in layout["shapes"])
+    assert starts == [50.0, 51.0]
+    assert all("latency not recorded" in note["text"] for note in layout["annotations"])
+    assert layout["xaxis"]["title"]["text"].startswith("torch latency (ms")
+    columns = at.main.columns  # the two charts side by side
+    assert any(len(c.get("plotly_chart")) == 1 for c in columns)
+
+
+def test_rounds_that_recorded_no_latency_are_said_to_have_none(tiny_model, own_workspace):
+    stored_run(tiny_model, "uniform-l1", [49.0, 47.0], latency=[None, None])
+    at = page()
+    at.session_state["model"] = tiny_model
+    at.run()
+    assert not at.exception and not at.error
+    figure(at, FRONTIER)  # the MACs frontier still
+    assert not [t for t in chart_titles(at) if t.startswith(LATENCY_FRONTIER)]  # no latency invented
+    assert any(i.value.startswith("No latency recorded") for i in at.info)
+
+
+# ---------------------------------------------------------------- to Compare
+@pytest.fixture()
+def no_comparison(monkeypatch):
+    """Compare stops at its comparison (these tests are about which models it compares)."""
+    import core.services.compare as service
+
+    def refused(request, *_args, **_kwargs):
+        raise service.CompareRequestError(f"not compared in this test ({request.before} -> {request.after})")
+
+    monkeypatch.setattr(service, "run_compare", refused)
+
+
+def test_compare_this_run_opens_compare_on_its_start_and_its_best_kept_round(tiny_model, tmp_path, no_worker,
+                                                                             own_workspace, no_comparison):
+    rounds = [tiny_steel_model(tmp_path / f"round_{i}") for i in (1, 2, 3)]
+    other = tiny_steel_model(tmp_path / "other")
+    job_id = stored_run(tiny_model, "uniform-l1", [49.0, 47.0, 40.0], accepted=[True, True, False],
+                        checkpoints=rounds, state="running")  # round 3 broke the tolerance; the run goes on
+    for path in rounds:  # as the runner registers each round's checkpoint
+        api.open_store().register_model(path, job_id=job_id, arch="unet", encoder="resnet18", pruned=True)
+    at = page()
+    at.session_state["model"] = other  # the workspace is elsewhere
+    at.session_state["run"] = job_id
+    at.run()
+    assert not at.exception and not at.error
+    at.button(key=f"compare_run_{job_id}").click().run()
+    assert not at.exception
+    assert at.title[0].value == "Compare"
+    assert at.session_state["run"] == job_id and at.session_state["model"] == tiny_model  # the run's workspace
+    assert at.selectbox(key="compare_before").value == tiny_model  # its start
+    assert at.selectbox(key="compare_after").value == rounds[1]  # its last kept round, not the rejected one
+    assert any(f"Run #{job_id}: before is its starting model, after is its last kept round so far (round 2)"
+               in c.value for c in at.caption)
+    assert [e.value for e in at.error] == [f"Comparing failed: not compared in this test ({tiny_model} -> "
+                                           f"{rounds[1]})"]
+    # the user's own choice then wins in this session, also after another page ...
+    at.selectbox(key="compare_after").set_value(rounds[0]).run()
+    at.switch_page("pages/views/prune.py").run()
+    at.switch_page("pages/views/compare.py").run()
+    assert at.selectbox(key="compare_after").value == rounds[0]
+    assert not any(c.value.startswith(f"Run #{job_id}:") for c in at.caption)
+    # ... until the run is asked for again
+    at.switch_page("pages/views/prune.py").run()
+    at.button(key=f"compare_run_{job_id}").click().run()
+    assert at.title[0].value == "Compare"
+    assert at.selectbox(key="compare_after").value == rounds[1]
+
+
+def test_a_run_without_a_kept_round_offers_nothing_to_compare(tiny_model, no_worker, own_workspace):
+    job_id = stored_run(tiny_model, "uniform-l1", [40.0], accepted=[False], state="running")
+    at = page()
+    at.session_state["model"] = tiny_model
+    at.session_state["run"] = job_id
+    at.run()
+    assert not at.exception and not at.error
+    assert at.button(key=f"compare_run_{job_id}").disabled
 
 
 # ---------------------------------------------------------------- bad input

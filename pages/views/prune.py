@@ -3,7 +3,9 @@ against the tolerance band, stop and resume them, and compare runs on one fronti
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import pandas as pd
 import plotly.express as px
@@ -16,8 +18,9 @@ from core.runs import api
 from core.runs.api import PruneRunState
 from core.runs.store import JobRecord
 from core.services.prune import PruneRequest
-from ui.jobs import follow_job, job_bar
-from ui.state import JobIdError, current_dataset, error_box, job_request, query_job_id, require_model
+from ui.jobs import POLL_SECONDS, follow_job, job_bar
+from ui.state import (DatasetChoice, JobIdError, current_dataset, error_box, job_request, query_job_id,
+                      require_model, set_dataset)
 from ui.widgets import load_style
 
 load_style()
@@ -121,11 +124,32 @@ def round_chart(frame: pd.DataFrame, base: dict, tolerance: float, recovery: dic
     return figure
 
 
+def compare_run(job: JobRecord, request: PruneRequest) -> None:
+    """Open Compare on this run: the workspace becomes the run's (its dataset, its starting
+    checkpoint as the model, the run), and Compare preselects the run's starting model as
+    before and its result (or last kept round) as after (``compare_run`` asks it to, over
+    what was chosen there earlier)."""
+    if request.format:
+        set_dataset(DatasetChoice(format=request.format, root=request.root, seed=int(request.split_seed or 0),
+                                  options=json.dumps(request.option) if request.option else ""))
+    if Path(request.checkpoint).is_dir():  # a starting checkpoint deleted since is not made the model
+        st.session_state["model"] = request.checkpoint
+    st.session_state["run"] = job.id
+    st.session_state["compare_run"] = job.id
+    st.switch_page("pages/views/compare.py", query_params={"run": str(job.id)})
+
+
 def draw_run(job: JobRecord) -> None:
     request = job_request(job)
     job_bar(job, f"Prune run ({request.method})")
     st.caption(settings_line(request))
-    c1, c2 = st.columns(2)
+    frame, run, recovery = run_rounds(job.id)
+    c1, c2, c3 = st.columns(3)
+    kept = bool(frame["accepted"].any()) or bool((run.result or {}).get("checkpoint"))
+    if c3.button("Compare this run", key=f"compare_run_{job.id}", disabled=not kept,
+                 help="Compare, with this run's starting model as before and its result (or last kept round) as "
+                      "after" if kept else "No kept round yet: nothing to compare with the starting model."):
+        compare_run(job, request)
     if job.stop_requested and not job.finished:
         st.caption("Stop requested: the run stops within seconds and keeps its finished rounds.")
     elif not job.finished and c1.button("Stop", key=f"stop_{job.id}"):
@@ -137,7 +161,6 @@ def draw_run(job: JobRecord) -> None:
         st.rerun()  # the page follows it again
     if job.state == "failed":
         st.error(f"The run failed: {job.error}")
-    frame, run, recovery = run_rounds(job.id)
     if job.finished:
         draw_result(run.result)
     if frame.empty:
@@ -172,6 +195,115 @@ def draw_recovery(frame: pd.DataFrame, recovery: dict) -> None:
     shown = [f"{v:.4g}" if isinstance(v, float) else "-" if v is None else str(v) for v in settings.values()]
     st.dataframe(pd.DataFrame({"setting": list(settings), "value": shown}), hide_index=True)
     st.caption("The recovered checkpoint is the run's result; the Compare page lists it as .../recovered.")
+
+
+# ---------------------------------------------------------------- all runs on one frontier
+PALETTE = px.colors.qualitative.Plotly
+LATENCY_AXIS = "torch latency (ms, CPU, batch 1, 1 thread)"
+
+
+def run_name(run: JobRecord) -> str:
+    return f"#{run.id} {job_request(run).method}"
+
+
+def _rounds_word(count: int) -> str:
+    return f"{count} round" if count == 1 else f"{count} rounds"
+
+
+def frontier_points(runs: list[JobRecord]) -> tuple[pd.DataFrame, dict[str, dict], list[str], int]:
+    """Every run's kept rounds, each run's line starting at its starting checkpoint (round 0):
+    the points (run, round, MACs reduction, latency in ms where the round recorded one, val
+    defect mIoU), each drawn run's base measurement by name, the runs with finished rounds and
+    none kept (in words), and how many rounds finished in all."""
+    points, bases, unkept, finished = [], {}, [], 0
+    for run in sorted(runs, key=lambda r: r.id):
+        frame, state, _recovery = run_rounds(run.id)
+        finished += len(frame)
+        if frame.empty:
+            continue
+        kept = [r for r in frame.to_dict("records") if r["accepted"]]
+        if not kept:  # a lone starting point says nothing: the run is named instead
+            unkept.append(f"#{run.id} finished {_rounds_word(len(frame))}, none within its tolerance of "
+                          f"{job_request(run).tolerance:g} points")
+            continue
+        name, base = run_name(run), state.base
+        bases[name] = base
+        if base.get("macs"):
+            points.append({"run": name, "round": 0, "MACs reduction": 0.0, "latency (ms)": base.get("latency_ms"),
+                           "val defect mIoU": base.get("defect_miou")})
+        points += [{"run": name, "round": r["round"], "MACs reduction": r["macs_reduction"],
+                    "latency (ms)": None if pd.isna(r["latency_ms"]) else r["latency_ms"],
+                    "val defect mIoU": r["defect_miou"]} for r in kept]
+    columns = ["run", "round", "MACs reduction", "latency (ms)", "val defect mIoU"]
+    return pd.DataFrame(points, columns=columns), bases, unkept, finished
+
+
+def run_colours(runs: list[JobRecord]) -> dict[str, str]:
+    """One colour per run, the same on both charts; by age, so a new run leaves the others' alone."""
+    return {run_name(run): PALETTE[i % len(PALETTE)] for i, run in enumerate(sorted(runs, key=lambda r: r.id))}
+
+
+def macs_frontier(points: pd.DataFrame, colours: dict[str, str]) -> go.Figure:
+    figure = px.line(points, x="MACs reduction", y="val defect mIoU", color="run", markers=True,
+                     color_discrete_map=colours, hover_data=["round"], title="Accuracy against cost, one line per run")
+    figure.update_layout(xaxis_title="fewer MACs than the run's start", xaxis_tickformat=".0%",
+                         yaxis_title="val defect mIoU (%)")
+    return figure
+
+
+def latency_frontier(points: pd.DataFrame, bases: dict[str, dict], colours: dict[str, str]) -> go.Figure:
+    """Val defect mIoU against the latency each kept round measured when it finished (faster to
+    the right, as pruning goes). A run's start is its line's first point where its latency was
+    recorded, else a dotted line at its val defect mIoU (the unpruned reference), one per start."""
+    timed = points.dropna(subset=["latency (ms)"])
+    figure = px.line(timed, x="latency (ms)", y="val defect mIoU", color="run", markers=True,
+                     color_discrete_map=colours, hover_data=["round"],
+                     title="Accuracy against latency, one line per run")
+    starts: dict[float, list[str]] = {}
+    for name, base in bases.items():
+        if base.get("latency_ms") is None and base.get("defect_miou") is not None and name in set(timed["run"]):
+            starts.setdefault(round(float(base["defect_miou"]), 6), []).append(name)
+    for miou, names in starts.items():
+        figure.add_hline(y=miou, line_dash="dot", line_color=colours.get(names[0]) if len(names) == 1 else "grey",
+                         annotation_text=f"start of {', '.join(n.split()[0] for n in names)} (latency not recorded)",
+                         annotation_position="bottom left")
+    figure.update_layout(xaxis_title=LATENCY_AXIS, yaxis_title="val defect mIoU (%)", xaxis_autorange="reversed")
+    return figure
+
+
+def draw_frontiers(was_active: bool) -> None:
+    """Both frontiers from one fresh read of the store. The error box is in here: the timed
+    reruns run this function alone. When a run starts or ends, the whole page reruns, so the
+    refresh starts or stops with it."""
+    with error_box("Reading the runs"):
+        runs = api.list_jobs(kind="prune")
+        active = any(not run.finished for run in runs)
+        if active != was_active:
+            st.rerun()
+        points, bases, unkept, finished = frontier_points(runs)
+        refresh = " (this refreshes every 2 s while a run is going)." if active else "."
+        if not runs:
+            st.info("No run yet: launch one above; each run's kept rounds appear here as they finish.")
+            return
+        if points.empty:
+            if unkept:
+                st.info("No kept round yet: " + "; ".join(unkept) + ". Rounds that broke the tolerance are not on "
+                        "the frontier: a smaller step or a wider tolerance keeps more" + refresh)
+            else:
+                st.info("No round finished yet: each run's kept rounds appear here as they finish" + refresh)
+            return
+        colours = run_colours(runs)
+        left, right = st.columns(2)
+        left.plotly_chart(macs_frontier(points, colours), width="stretch", key="frontier_macs")
+        if points["latency (ms)"].notna().any():
+            right.plotly_chart(latency_frontier(points, bases, colours), width="stretch", key="frontier_latency")
+            right.caption("Latency as each round measured it when it finished: PyTorch on the CPU, batch 1, one "
+                          "thread, median of 10 runs, at whatever load the machine had then (Compare times two "
+                          "models together, in turns).")
+        else:
+            right.info("No latency recorded: these runs' kept rounds carry no latency, so only the MACs are drawn.")
+        if unkept:
+            st.caption("Not on the frontier (no kept round): " + "; ".join(unkept) + ".")
 
 
 loaded = require_model("No model yet: train or load one on the Model page, then come back to prune it.", stop=False)
@@ -231,23 +363,14 @@ with error_box("Reading the run"):
         follow_job(job, f"Following run {job.id}", draw_run)
 
 st.markdown("#### All runs on one frontier")
-runs, points = [], []
+runs: list[JobRecord] = []
 with error_box("Reading the runs"):
     runs = api.list_jobs(kind="prune")
-    for run in runs:
-        frame, state, _recovery = run_rounds(run.id)
-        base = state.base
-        name = f"#{run.id} {job_request(run).method}"
-        if base.get("macs") and len(frame):  # each line starts at its starting checkpoint
-            points.append({"run": name, "MACs reduction": 0.0, "val defect mIoU": base.get("defect_miou"), "round": 0})
-        points += [{"run": name, "MACs reduction": r["macs_reduction"], "val defect mIoU": r["defect_miou"],
-                    "round": r["round"]} for r in frame.to_dict("records") if r["accepted"]]
-if points:
-    st.plotly_chart(px.line(pd.DataFrame(points), x="MACs reduction", y="val defect mIoU", color="run",
-                            markers=True, hover_data=["round"], title="Accuracy against cost, one line per run"),
-                    width="stretch")
-else:
-    st.info("No kept round yet: each run's kept rounds appear here (the plot refreshes when a run ends).")
+# Drawn in a fragment that rereads the store every two seconds while any run is unfinished (the
+# panel above follows one run in its own fragment; drawn outside, this section kept whatever the
+# last full rerun had read, e.g. "no kept round yet" beside a kept round 1).
+active = any(not run.finished for run in runs)
+st.fragment(draw_frontiers, run_every=POLL_SECONDS if active else None)(active)
 if runs:
     # no state in the label: a keyed selectbox can keep showing the label it was first drawn with
     labels = {run.id: f"#{run.id} {job_request(run).method}, launched "
