@@ -278,3 +278,57 @@ def test_a_model_whose_checkpoint_was_damaged_shows_an_error(tmp_path):
     at.run()
     assert not at.exception
     assert at.error and f"checkpoint folder {after} does not exist" in at.error[0].value
+
+
+# ---------------------------------------------------------------- the workspace run
+@pytest.fixture()
+def no_comparison(monkeypatch):
+    """The page stops at its comparison: these tests are about which models it compares."""
+    import core.services.compare as service
+
+    def refused(request, *_args, **_kwargs):
+        raise service.CompareRequestError("not compared in this test")
+
+    monkeypatch.setattr(service, "run_compare", refused)
+
+
+def run_page(run_id: int, model: str) -> AppTest:
+    at = page()
+    at.session_state["model"] = model
+    at.session_state["run"] = run_id
+    at.run()
+    assert not at.exception
+    return at
+
+
+def test_the_workspace_run_preselects_its_start_and_the_result_it_recommends(tmp_path, no_comparison):
+    from test_page_prune import stored_run
+
+    start, other = saved(tmp_path / "start"), saved(tmp_path / "other")
+    rounds = [saved(tmp_path / f"round_{i}") for i in (1, 2)]
+    recovered = saved(tmp_path / "recovered")
+    job_id = stored_run(start, "uniform-l1", [49.0, 48.0], checkpoints=rounds, result={
+        "checkpoint": recovered, "recovery": {"from_round": 2, "checkpoint": recovered, "defect_miou": 49.5}})
+    at = run_page(job_id, other)  # a run in the workspace (e.g. from the address), the user's model another
+    assert at.selectbox(key="compare_before").value == start
+    assert at.selectbox(key="compare_after").value == recovered  # the result, past the last kept round
+    assert any(c.value.startswith(f"Run #{job_id}: before is its starting model, after is its result (round 2 "
+                                  "after its recovery phase)") for c in at.caption)
+    plain = stored_run(start, "uniform-l1", [49.0, 48.0], checkpoints=rounds,
+                       result={"checkpoint": rounds[1]})  # no recovery: its last kept round is its result
+    at = run_page(plain, other)
+    assert (at.selectbox(key="compare_before").value, at.selectbox(key="compare_after").value) == (start, rounds[1])
+    assert any("after is its result (round 2)" in c.value for c in at.caption)
+
+
+def test_a_run_that_kept_no_round_preselects_only_its_start(tmp_path, no_comparison):
+    from core.runs import api
+    from test_page_prune import stored_run
+
+    start, other = saved(tmp_path / "start"), saved(tmp_path / "other")
+    api.open_store().register_model(other, arch="unet", encoder="resnet18")
+    job_id = stored_run(start, "uniform-l1", [40.0], accepted=[False], result={"checkpoint": None})
+    at = run_page(job_id, other)
+    assert at.selectbox(key="compare_before").value == start
+    assert any(i.value.startswith(f"Run #{job_id} has no kept round (its result is the unpruned model)")
+               for i in at.info)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import plotly.express as px
@@ -17,11 +18,12 @@ from plotly.subplots import make_subplots
 from core.compare import ALL_CLASSES, cost_rows
 from core.data.base import DatasetIndex
 from core.runs import api
+from core.runs.api import PruneRunState
 from core.runs.store import FAILED, STOPPED, SUCCEEDED, JobRecord
 from core.services.compare import CompareRequest, CompareResult, checkpoint_zip, compare_costs, run_compare
 from core.visual import class_colour_hex, diff_overlay, overlay_mask
 from ui.jobs import follow_job, job_bar
-from ui.state import current_dataset, dataset_index, error_box, weights_mtime
+from ui.state import current_dataset, dataset_index, error_box, job_request, weights_mtime
 from ui.widgets import class_legend, load_style
 
 load_style()
@@ -29,6 +31,69 @@ st.title("Compare")
 st.caption("Ground truth, before and after, for the same images; what changed per class and per image; "
            "and what each model costs.")
 
+
+@dataclass(frozen=True)
+class RunPair:
+    """What a prune run compares: its starting checkpoint (before) and its best kept model
+    (after: its result once it ended, else its last kept round; None while it has none)."""
+
+    run: int
+    before: str
+    after: str | None
+    after_words: str  # which model after is, in words
+
+    def within(self, paths: list[str]) -> RunPair:
+        """The same pair spelt as ``paths`` spells each checkpoint (the store's paths), the
+        checkpoints ``paths`` lacks added to it when their folders are there."""
+        return replace(self, before=_listed(self.before, paths), after=self.after and _listed(self.after, paths))
+
+
+def _same(a: str, b: str) -> bool:
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+def _listed(path: str, paths: list[str]) -> str:
+    for known in paths:
+        if _same(known, path):
+            return known
+    if Path(path).is_dir():
+        paths.append(path)
+    return path
+
+
+def best_kept(state: PruneRunState) -> tuple[str | None, str]:
+    """A run's model to compare with its start, and which it is: the result it recommends once
+    it ended (the recovered checkpoint after a recovery phase), else its last kept round."""
+    kept = [r for r in state.rounds if r["accepted"]]
+    result = state.result or {}
+    if result.get("checkpoint"):
+        path = result["checkpoint"]
+        if state.recovery and _same(state.recovery.get("checkpoint") or "", path):
+            return path, f"its result (round {state.recovery['from_round']} after its recovery phase)"
+        rounds = [r["round"] for r in kept if _same(r["checkpoint"], path)]
+        return path, f"its result (round {rounds[0]})" if rounds else "its result"
+    if result:
+        return None, "no kept round (its result is the unpruned model)"
+    if kept:
+        return kept[-1]["checkpoint"], f"its last kept round so far (round {kept[-1]['round']})"
+    return None, "no kept round yet"
+
+
+def run_pair(run_id: int) -> RunPair | None:
+    job = api.get_job(run_id)
+    if job.kind != "prune":
+        return None
+    after, words = best_kept(api.prune_run(job.id))
+    return RunPair(run=job.id, before=job_request(job).checkpoint, after=after, after_words=words)
+
+
+def _chosen() -> None:
+    """The user chose a model: that pair stays, over the workspace run's, in this session (also
+    after visiting another page, where the widgets' own state is dropped)."""
+    st.session_state["compare_choice"] = {side: st.session_state.get(f"compare_{side}") for side in SIDES}
+
+
+SIDES = ("before", "after")
 models = []
 with error_box("Listing models"):
     models = api.list_models()
@@ -36,16 +101,40 @@ current = st.session_state.get("model")
 paths = [m["path"] for m in models]
 if current and current not in paths:
     paths.insert(0, current)
+pair: RunPair | None = None
+if st.session_state.get("run"):
+    with error_box(f"Reading run {st.session_state['run']}"):
+        pair = run_pair(int(st.session_state["run"]))
+        pair = pair and pair.within(paths)
 if len(paths) < 2:
     st.info("Comparing needs two models: train a baseline on the Model page and prune it on the Prune page.")
     st.stop()
 labels = {m["path"]: f"#{m['id']} {m['arch']}-{m['encoder']}{' pruned' if m['pruned'] else ''} "
                      f"({Path(m['path']).parent.name}/{Path(m['path']).name})" for m in models}
+if st.session_state.pop("compare_run", None) is not None:  # "Compare this run" on the Prune page
+    st.session_state.pop("compare_choice", None)
+choice = st.session_state.get("compare_choice") or {}
+# The run's pair until the user chooses otherwise; then theirs (while both are still listed).
+preset = {"before": paths[0], "after": paths[-1]}
+if pair and not choice:
+    preset["before"] = pair.before if pair.before in paths else preset["before"]
+    preset["after"] = pair.after if pair.after in paths else preset["after"]
+for side in SIDES:  # set before the widgets are drawn: their values, whatever page the user came from
+    st.session_state[f"compare_{side}"] = choice[side] if choice.get(side) in paths else preset[side]
 c1, c2, c3 = st.columns([2, 2, 1])
-before = c1.selectbox("Before", paths, index=0, format_func=lambda p: labels.get(p, p), key="compare_before")
-after = c2.selectbox("After", paths, index=len(paths) - 1, format_func=lambda p: labels.get(p, p),
-                     key="compare_after")
+before = c1.selectbox("Before", paths, format_func=lambda p: labels.get(p, p), key="compare_before",
+                      on_change=_chosen)
+after = c2.selectbox("After", paths, format_func=lambda p: labels.get(p, p), key="compare_after", on_change=_chosen)
 split = c3.selectbox("Split", ["val", "test"], key="compare_split")
+if pair and not choice:
+    if pair.after in paths:
+        st.caption(f"Run #{pair.run}: before is its starting model, after is {pair.after_words}. Choose others above "
+                   "to compare those instead.")
+    elif pair.after is None:
+        st.info(f"Run #{pair.run} has {pair.after_words}: its starting model is before; choose the after model.")
+    else:
+        st.warning(f"Run #{pair.run}'s model to compare, {pair.after_words}, is gone ({pair.after}): its starting "
+                   "model is before; choose the after model.")
 
 
 @st.cache_data(show_spinner=False, max_entries=4)
