@@ -2,21 +2,74 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from core.data.base import DatasetIndex
+from core.errors import DefectPruneError
 
-# One fixed normalisation for every dataset, so that a checkpoint needs no dataset statistics
-# to run on new images: x' = (x / 255 - MEAN) / STD.
+# The normalisation of every model trained here, so that a checkpoint needs no dataset
+# statistics to run on new images: x' = (x / 255 - MEAN) / STD, the same for every channel.
+# A checkpoint whose spec names its own (an imported model) takes that one instead.
 PIXEL_MEAN = 0.5
 PIXEL_STD = 0.25
+# torchvision's and timm's ImageNet statistics (RGB): what an ImageNet-pretrained encoder saw
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def normalise(image: np.ndarray, in_channels: int) -> torch.Tensor:
-    """uint8 HxW or HxWx3 -> float tensor CxHxW with `in_channels` channels."""
+class NormalisationError(DefectPruneError):
+    """A mean/std that cannot normalise the model's images (wrong length, zero std, not finite)."""
+
+
+@dataclass(frozen=True)
+class Normalisation:
+    """Per-channel mean and std on pixels scaled to 0..1: x' = (x / 255 - mean) / std."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def of(cls, mean: Sequence[float], std: Sequence[float], in_channels: int) -> Normalisation:
+        """Checked for ``in_channels`` channels; one value stands for every channel."""
+        values = {}
+        for name, given in (("mean", mean), ("std", std)):
+            items = [float(v) for v in given]
+            if len(items) == 1:
+                items = items * in_channels
+            if len(items) != in_channels:
+                raise NormalisationError(f"the {name} has {len(items)} values for a {in_channels}-channel model; "
+                                         f"give one value or one per channel")
+            if not all(math.isfinite(v) for v in items):
+                raise NormalisationError(f"the {name} {items} holds a value that is not a finite number")
+            values[name] = tuple(items)
+        if not all(v > 0 for v in values["std"]):
+            raise NormalisationError(f"the std {list(values['std'])} must be positive in every channel")
+        return cls(values["mean"], values["std"])
+
+    @classmethod
+    def default(cls, in_channels: int) -> Normalisation:
+        """What every model trained here takes (`PIXEL_MEAN`, `PIXEL_STD`)."""
+        return cls((PIXEL_MEAN,) * in_channels, (PIXEL_STD,) * in_channels)
+
+    @classmethod
+    def imagenet(cls) -> Normalisation:
+        """ImageNet's RGB statistics (`IMAGENET_MEAN`, `IMAGENET_STD`)."""
+        return cls(IMAGENET_MEAN, IMAGENET_STD)
+
+    def to_json(self) -> dict[str, list[float]]:
+        return {"mean": list(self.mean), "std": list(self.std)}
+
+
+def normalise(image: np.ndarray, in_channels: int, normalisation: Normalisation | None = None) -> torch.Tensor:
+    """uint8 HxW or HxWx3 -> float tensor CxHxW with `in_channels` channels, normalised with
+    ``normalisation`` (None: `PIXEL_MEAN`, `PIXEL_STD`, what a checkpoint without its own takes)."""
     if image.ndim == 2:
         image = image[..., None]
     if image.shape[2] == 3 and in_channels == 1:
@@ -24,7 +77,14 @@ def normalise(image: np.ndarray, in_channels: int) -> torch.Tensor:
     if image.shape[2] == 1 and in_channels == 3:
         image = np.repeat(image, 3, axis=2)
     x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float()
-    return (x / 255.0 - PIXEL_MEAN) / PIXEL_STD
+    if normalisation is None:
+        return (x / 255.0 - PIXEL_MEAN) / PIXEL_STD
+    if len(normalisation.mean) != x.shape[0]:
+        raise NormalisationError(f"a normalisation for {len(normalisation.mean)} channel(s) cannot normalise a "
+                                 f"{x.shape[0]}-channel image")
+    mean = torch.tensor(normalisation.mean, dtype=torch.float32).view(-1, 1, 1)
+    std = torch.tensor(normalisation.std, dtype=torch.float32).view(-1, 1, 1)
+    return (x / 255.0 - mean) / std
 
 
 def resize_pair(image: np.ndarray, mask: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -58,7 +118,8 @@ def augment_pair(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) 
 
 
 class SegmentationDataset(Dataset):
-    """Samples of one split. With ``augment`` the augmentation of sample i in epoch e is drawn
+    """Samples of one split, normalised as the model takes them (``normalisation``: its spec's).
+    With ``augment`` the augmentation of sample i in epoch e is drawn
     from a generator seeded with (seed, e, i): reproducible, yet different every epoch."""
 
     def __init__(
@@ -70,6 +131,7 @@ class SegmentationDataset(Dataset):
         augment: bool = False,
         seed: int = 0,
         limit: int | None = None,
+        normalisation: Normalisation | None = None,
     ):
         self.index = index
         self.samples = index.split(split)
@@ -80,6 +142,7 @@ class SegmentationDataset(Dataset):
             self.samples = self.samples.iloc[rows].reset_index(drop=True)
         self.size = tuple(size or index.default_size)
         self.in_channels = in_channels
+        self.normalisation = normalisation  # the model's (ModelSpec.normalisation); None: PIXEL_MEAN, PIXEL_STD
         self.augment = augment
         self.seed = seed
         self.epoch = 0
@@ -99,4 +162,4 @@ class SegmentationDataset(Dataset):
         image, mask = self.raw(i)
         if self.augment:
             image, mask = augment_pair(image, mask, np.random.default_rng((self.seed, self.epoch, i)))
-        return normalise(image, self.in_channels), torch.from_numpy(mask.astype(np.int64))
+        return normalise(image, self.in_channels, self.normalisation), torch.from_numpy(mask.astype(np.int64))

@@ -3,7 +3,8 @@
 A checkpoint folder holds
 
 - ``spec.json``: the `ModelSpec` (architecture, encoder, input channels, class names, input
-  size, dataset format and split seed, metrics), enough to build the unpruned network;
+  size, dataset format and split seed, metrics, and the normalisation of an imported model),
+  enough to build the unpruned network and feed it;
 - ``pruning_history.json``: Torch-Pruning's pruning history, a list of
   ``[module_name, is_out_channel_pruning, channel_indices]`` (empty for an unpruned model);
 - ``weights.safetensors``: the state dict of the (pruned) model, with a SHA-256 of the tensor
@@ -27,6 +28,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import math
 import os
 import shutil
 import uuid
@@ -54,7 +56,10 @@ SPEC_FILE = "spec.json"
 HISTORY_FILE = "pruning_history.json"
 WEIGHTS_FILE = "weights.safetensors"
 CHECKPOINT_FILES = (SPEC_FILE, HISTORY_FILE, WEIGHTS_FILE)
-FORMAT_VERSION = 1
+# 2: the spec may name the model's own normalisation (``mean``, ``std``), which a DefectPrune
+# reading only version 1 would ignore (it would feed the model wrongly normalised images), so
+# only such a spec is written as version 2; every other one stays version 1, readable by both
+FORMAT_VERSION = 2
 CHECKSUM_KEY = "defectprune_sha256"
 # The dependency graph is traced at this size when a history is replayed: the channel graph of
 # these networks does not depend on the image size, and a small trace is fast.
@@ -129,7 +134,7 @@ def _write_and_swap(path: Path, model: nn.Module, spec: ModelSpec, entries: Hist
     tmp.mkdir()
     try:
         spec_data = spec.to_dict()
-        spec_data["format_version"] = FORMAT_VERSION
+        spec_data["format_version"] = 2 if spec.normalisation is not None else 1
         _write_json(tmp / SPEC_FILE, spec_data)
         _write_json(tmp / HISTORY_FILE, entries)
         tensors = _contiguous_state(model)
@@ -266,12 +271,36 @@ def read_spec(path: str | Path) -> ModelSpec:
             problems.append(f"'{key}' must be {'text' if kind is str else 'a whole number'}, not {data[key]!r}")
     if "metrics" in data and not isinstance(data["metrics"], dict):
         problems.append("'metrics' must be an object")
+    problems += _normalisation_problems(data)
     if problems:
         raise CheckpointSpecError(f"{file}: " + "; ".join(problems))
     try:
         return ModelSpec.from_dict(data)
     except (TypeError, ValueError) as exc:
         raise CheckpointSpecError(f"{file}: cannot read the model spec ({exc})") from None
+
+
+def _normalisation_problems(data: dict[str, Any]) -> list[str]:
+    """``mean`` and ``std``: both or neither, one finite number per input channel, std > 0."""
+    present = [key for key in ("mean", "std") if data.get(key) is not None]
+    if not present:
+        return []
+    if len(present) == 1:
+        return [f"'{present[0]}' is given without '{'std' if present[0] == 'mean' else 'mean'}'; "
+                "a normalisation needs both"]
+    channels = data.get("in_channels", 3)
+    problems = []
+    for key in ("mean", "std"):
+        values = data[key]
+        if (not isinstance(values, list) or not values
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                           for v in values)):
+            problems.append(f"'{key}' must be a list of numbers, one per input channel, not {values!r}")
+        elif isinstance(channels, int) and len(values) != channels:
+            problems.append(f"'{key}' has {len(values)} values for {channels} input channel(s)")
+        elif key == "std" and not all(v > 0 for v in values):
+            problems.append(f"'std' {values} must be positive in every channel")
+    return problems
 
 
 def read_history(path: str | Path) -> History:

@@ -4,12 +4,15 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import segmentation_models_pytorch as smp
 import torch.nn as nn
 
 from core.errors import DefectPruneError
+
+if TYPE_CHECKING:
+    from core.data.dataset import Normalisation
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {
     "unet": smp.Unet,
@@ -40,14 +43,40 @@ class ModelSpec:
     dataset_root: str = ""
     split_seed: int = 0
     metrics: dict[str, Any] = field(default_factory=dict)
+    # the normalisation the model was trained with, one value per input channel, on pixels
+    # scaled to 0..1 (an imported model's); None: core.data.dataset's PIXEL_MEAN / PIXEL_STD,
+    # what every model trained here takes (and every checkpoint written before the field)
+    mean: list[float] | None = None
+    std: list[float] | None = None
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def normalisation(self) -> Normalisation | None:
+        """What its images are normalised with: hand it to `SegmentationDataset` / `normalise`
+        (None: the default, bit for bit as before the field existed)."""
+        if self.mean is None and self.std is None:
+            return None
+        from core.data.dataset import Normalisation
+
+        return Normalisation.of(self.mean or [], self.std or [], self.in_channels)
+
+    @property
+    def pixel_normalisation(self) -> Normalisation:
+        """The normalisation spelled out per channel, the default one included (for ONNX
+        metadata and reports)."""
+        from core.data.dataset import Normalisation
+
+        return self.normalisation or Normalisation.default(self.in_channels)
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["input_size"] = list(self.input_size)
+        for key in ("mean", "std"):  # absent, not null: a spec without them reads as before
+            if data[key] is None:
+                del data[key]
         return data
 
     @classmethod
