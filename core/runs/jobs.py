@@ -25,6 +25,7 @@ from core.runs.artifacts import atomic_write_bytes, atomic_write_json, atomic_wr
 from core.runs.store import FAILED, QUEUED, RUNNING, STOPPED, SUCCEEDED, JobRecord, Store
 from core.services.evaluate import EvaluateRequest, run_evaluate
 from core.services.export import ExportRequest, run_export
+from core.services.import_model import ImportRequest, run_import
 from core.services.prune import PruneRequest, run_prune
 from core.services.score import ScoreRequest, run_score
 from core.services.train import TrainRequest, run_train
@@ -329,6 +330,11 @@ def sync_rounds(ctx: JobContext, prune_run_id: int, out_dir: Path, base_model_id
 def train_job(ctx: JobContext) -> dict[str, Any]:
     """Train from scratch; the checkpoint goes to ``runs/<id>/checkpoint``."""
     request = TrainRequest.from_json(ctx.params, out=str(ctx.out_dir / "checkpoint"))
+    if request.encoder_weights:  # a file a job reads lies in the workspace or a data root
+        from core.config import confine_to_data_roots, data_roots
+
+        weights = confine_to_data_roots(request.encoder_weights, roots=[ctx.store.workspace, *data_roots()])
+        request = replace(request, encoder_weights=str(weights))
     result = run_train(request, progress=_train_relay(ctx))
     model_id = _register_checkpoint(ctx, result.checkpoint)
     if result.history_file.is_file():
@@ -426,6 +432,23 @@ def export_job(ctx: JobContext) -> dict[str, Any]:
         report = atomic_write_json(ctx.out_dir / "profile.json", result.profile)
         ctx.store.add_artifact("profile", report, job_id=ctx.job_id, model_id=model_id)
     return result.to_json()
+
+
+def import_job(ctx: JobContext) -> dict[str, Any]:
+    """A model trained elsewhere as the checkpoint ``runs/<id>/checkpoint``, evaluated at once
+    on its dataset and registered as a model. The source is read only inside the workspace
+    (where the pages keep uploads) or a data root, as the pages' typed paths."""
+    from core.config import confine_to_data_roots, data_roots
+
+    request = ImportRequest.from_json(ctx.params, out=str(ctx.out_dir / "checkpoint"))
+    source = confine_to_data_roots(request.source, roots=[ctx.store.workspace, *data_roots()])
+    result = run_import(replace(request, source=str(source)), progress=_train_relay(ctx, "evaluating the import: "))
+    model_id = _register_checkpoint(ctx, result.checkpoint)
+    evaluation = result.evaluation or {}
+    ctx.progress(1.0, f"imported {result.arch}-{result.encoder}"
+                 + (f"; {evaluation['split']} defect mIoU {evaluation.get('defect_miou')}" if evaluation else ""),
+                 metrics={"defect_miou": evaluation.get("defect_miou")} if evaluation else None)
+    return {**result.to_json(), "model_id": model_id}
 
 
 def _stamp(path: Path) -> tuple[int, int] | None:

@@ -9,10 +9,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from core.runs.jobs import JobContext, evaluate_job, export_job, prune_job, score_job, train_job
+from core.runs.jobs import JobContext, evaluate_job, export_job, import_job, prune_job, score_job, train_job
 from core.runs.store import JobRecord, JobStateError
 from core.services.evaluate import EvaluateRequest
 from core.services.export import ExportRequest
+from core.services.import_model import ImportRequest
 from core.services.prune import PruneRequest
 from core.services.request import ParameterError, Request
 from core.services.score import ScoreRequest
@@ -58,6 +59,8 @@ KINDS: dict[str, JobKind] = {kind.name: kind for kind in (
             resumable=True, address=("run",), restores=frozenset({DATASET, MODEL, RUN})),
     JobKind("evaluate", EvaluateRequest, evaluate_job, "metrics and per-image table of a checkpoint on a split"),
     JobKind("export", ExportRequest, export_job, "ONNX export checked with ONNX Runtime, and the profile"),
+    JobKind("import", ImportRequest, import_job, "a model trained elsewhere (smp folder or state dict) as a "
+            "checkpoint, evaluated at once", restores=frozenset({DATASET})),
 )}
 JOB_KINDS = tuple(KINDS)
 
