@@ -208,6 +208,12 @@ def test_a_run_panel_shows_the_runs_own_settings_and_its_test_result(tiny_model)
                   "recovery 4 epoch(s) (the fine-tune rate)"):
         assert words in settings, settings
     assert next(m.value for m in at.metric if m.label == "Test defect mIoU of the result") == "41.3"
+    # the round table reads as people read: plain names, percentages, one decimal, MACs in M
+    [table] = [t.value for t in at.dataframe if "fewer MACs" in t.value.columns]
+    row = table.iloc[0].to_dict()
+    assert row["round"] == 1 and row["kept"] == "yes" and row["fewer MACs"] == "30.0%"
+    assert row["MACs"] == "700.00 M" and row["val defect mIoU"] == "49.0" and row["drop (points)"] == "+1.0"
+    assert "macs_reduction" not in table.columns
     at.session_state["run"] = plain  # running: no test result yet, and no distillation or recovery said
     at.run()
     assert not at.exception and not at.error

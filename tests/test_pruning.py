@@ -100,6 +100,9 @@ def test_loop_reverts_the_round_that_breaks_tolerance(tiny_data, tmp_path):
     assert result.result["test"] is not None  # the test split, once, at the end
     loaded = load_checkpoint(result.result["checkpoint"])
     assert macs_of(loaded.model) == result.rounds[0].macs
+    # the start is timed as each round is (the Prune page's latency frontier starts there)
+    base = json.loads((tmp_path / "rounds.json").read_text())["base"]
+    assert base["latency_ms"] > 0 and all(r.latency_ms > 0 for r in result.rounds)
 
 
 def test_loop_stops_at_the_target_and_is_deterministic(tiny_data, tmp_path):

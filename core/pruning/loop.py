@@ -234,6 +234,8 @@ class RunBase:
     method: str = ""
     settings: dict[str, Any] = field(default_factory=dict)  # the run's LoopSettings, JSON-ready
     fingerprint: str | None = None  # `model_fingerprint` (absent in runs recorded before it)
+    # the starting model timed as every round is (absent in runs recorded before it)
+    latency_ms: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -360,9 +362,12 @@ def _start_run(model: nn.Module, spec: ModelSpec, history: list, train_ds: Datas
                                "continue that run; choose a new output folder (or delete this one)")
     else:
         base_val = validate_model(model)
-        base = RunBase(macs=count_macs(model, tuple(spec.input_size), spec.in_channels), params=count_params(model),
+        size = tuple(spec.input_size)
+        base = RunBase(macs=count_macs(model, size, spec.in_channels), params=count_params(model),
                        defect_miou=base_val["defect_miou"], val=base_val, history=history, method=settings.method,
-                       settings=_settings_dict(settings), fingerprint=fingerprint)
+                       settings=_settings_dict(settings), fingerprint=fingerprint,
+                       latency_ms=measure_latency(model, size, spec.in_channels, runs=settings.latency_runs, warmup=2,
+                                                  threads=1).median_ms)
     # the teacher of every distilled fine-tune: the model the run starts from, frozen
     distilling = settings.finetune.distill_weight > 0 or (settings.recover_distill_weight or 0) > 0
     teacher = copy.deepcopy(model).eval() if distilling else None

@@ -17,6 +17,7 @@ from core.pruning.methods import METHODS
 from core.runs import api
 from core.runs.api import PruneRunState
 from core.runs.store import JobRecord
+from core.services.compare import amount
 from core.services.prune import PruneRequest
 from ui.jobs import POLL_SECONDS, follow_job, job_bar
 from ui.state import (DatasetChoice, JobIdError, current_dataset, error_box, job_request, query_job_id,
@@ -168,10 +169,23 @@ def draw_run(job: JobRecord) -> None:
         return
     st.plotly_chart(round_chart(frame, run.base, request.tolerance, recovery), width="stretch",
                     key=f"rounds_{job.id}")
-    st.dataframe(frame[["round", "accepted", "macs_reduction", "params_reduction", "defect_miou", "drop",
-                        "latency_ms", "precision", "distillation"]], hide_index=True)
+    st.dataframe(round_table(frame), hide_index=True)
     if recovery:
         draw_recovery(frame, recovery)
+
+
+def round_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rounds as people read them: plain column names, reductions in percent, IoU with one
+    decimal, MACs in M or G."""
+    return pd.DataFrame({
+        "round": frame["round"], "kept": frame["accepted"].map({True: "yes", False: "no (reverted)"}),
+        "MACs": frame["macs"].map(amount), "fewer MACs": frame["macs_reduction"].map("{:.1%}".format),
+        "parameters": frame["params"].map(amount), "fewer parameters": frame["params_reduction"].map("{:.1%}".format),
+        "val defect mIoU": frame["defect_miou"].map(lambda v: "n/a" if pd.isna(v) else f"{v:.1f}"),
+        "drop (points)": frame["drop"].map(lambda v: "n/a" if pd.isna(v) else f"{v:+.1f}"),
+        "latency (ms, torch)": frame["latency_ms"].map(lambda v: "n/a" if pd.isna(v) else f"{v:.1f}"),
+        "precision": frame["precision"], "distillation": frame["distillation"],
+    })
 
 
 def draw_recovery(frame: pd.DataFrame, recovery: dict) -> None:
