@@ -447,7 +447,8 @@ def datasets_for(checkpoint: Path, args: argparse.Namespace):
     index, _ = index_for_checkpoint(checkpoint, spec, None, None, None, None)
     size = tuple(spec.input_size)
     return {split: SegmentationDataset(index, split, size, spec.in_channels, augment=split == "train",
-                                       seed=args.seeds[0], limit=args.limit) for split in ("train", "val", "test")}
+                                       seed=args.seeds[0], limit=args.limit, normalisation=spec.normalisation)
+            for split in ("train", "val", "test")}
 
 
 @dataclass

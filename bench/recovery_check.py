@@ -66,7 +66,8 @@ def control(checkpoint: Path, args: argparse.Namespace, out: Path) -> dict:
     spec = loaded.spec
     index, _ = index_for_checkpoint(checkpoint, spec, None, None, None, None)
     splits = {s: SegmentationDataset(index, s, tuple(spec.input_size), spec.in_channels, augment=s == "train",
-                                     seed=0, limit=args.limit) for s in ("train", "val", "test")}
+                                     seed=0, limit=args.limit, normalisation=spec.normalisation)
+              for s in ("train", "val", "test")}
     config = TrainConfig(epochs=args.recover_epochs, batch_size=16, lr=args.recover_lr, patience=None, seed=999_999,
                          num_threads=args.threads, schedule="cosine", warmup_fraction=0.05)
     start = time.perf_counter()

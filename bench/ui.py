@@ -82,7 +82,8 @@ def stored_measurements(checkpoint: Path, loaded, graph, cost, args) -> tuple[di
         return stored, stored["scoring_seconds"], stored["sensitivity_seconds"]
     spec = loaded.spec
     index = load_index(spec.dataset_format, spec.dataset_root or None, seed=spec.split_seed)
-    train = SegmentationDataset(index, "train", tuple(spec.input_size), spec.in_channels)
+    train = SegmentationDataset(index, "train", tuple(spec.input_size), spec.in_channels,
+                                normalisation=spec.normalisation)
     batches = calibration_batches(train, args.calibration_images, 8, seed=0)
     weights = class_weights_from_counts(class_pixel_counts(train, len(spec.classes)))
     analysis = GroupAnalysis(scores=group_l1_scores(graph), correlations={})
@@ -181,7 +182,8 @@ def main() -> None:
         times, inner = [], []
         for _ in range(args.preview_repeats):
             start = time.perf_counter()
-            val = SegmentationDataset(index, "val", tuple(spec.input_size), spec.in_channels, limit=3)
+            val = SegmentationDataset(index, "val", tuple(spec.input_size), spec.in_channels, limit=3,
+                                      normalisation=spec.normalisation)
             preview = preview_pruned(loaded.model, spec.input_size, spec.in_channels, kept_at_80[name], val)
             times.append(time.perf_counter() - start)
             inner.append(preview.seconds)

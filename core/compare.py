@@ -56,6 +56,9 @@ def check_comparable(before: ModelSpec, after: ModelSpec) -> None:
         problems.append(f"{before.in_channels} against {after.in_channels} image channels")
     if tuple(before.input_size) != tuple(after.input_size):
         problems.append(f"input size {tuple(before.input_size)} against {tuple(after.input_size)}")
+    if before.pixel_normalisation != after.pixel_normalisation:
+        problems.append(f"normalisation {before.pixel_normalisation.to_json()} against "
+                        f"{after.pixel_normalisation.to_json()}")
     if problems:
         raise ComparisonError("the two models differ in " + "; ".join(problems) + ": compare a model with its own "
                               "pruned rounds, or two models trained on the same dataset at the same size")

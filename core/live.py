@@ -73,7 +73,7 @@ def preview_pruned(model: nn.Module, input_size: Sequence[int], in_channels: int
     pictures, captions = [], []
     for i in range(min(images, len(dataset))):
         image, truth = dataset.raw(i)
-        x = normalise(image, in_channels)[None].to(model_device(model))
+        x = normalise(image, in_channels, dataset.normalisation)[None].to(model_device(model))
         pictures.append(overlay_mask(image, truth))
         captions.append(f"image {i + 1}: ground truth")
         for label, net in (("unpruned", model), ("pruned copy", pruned)):

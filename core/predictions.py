@@ -120,6 +120,8 @@ def dataset_identity(dataset: Dataset) -> dict[str, Any]:
         "in_channels": getattr(base, "in_channels", None),
         "count": len(dataset),
         "images": hashlib.sha256("\n".join(paths).encode("utf-8")).hexdigest(),
+        # only when the model has its own (an import): the keys of every cache so far stay
+        **({"normalisation": base.normalisation.to_json()} if getattr(base, "normalisation", None) else {}),
     }
 
 

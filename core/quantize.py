@@ -226,7 +226,8 @@ def checkpoint_dataset(index: Any, split: str, size: Sequence[int], spec: Any, l
     `core.services.evaluate` builds it; one place to change with the normalisation)."""
     from core.data.dataset import SegmentationDataset
 
-    return SegmentationDataset(index, split, tuple(int(v) for v in size), spec.in_channels, limit=limit)
+    return SegmentationDataset(index, split, tuple(int(v) for v in size), spec.in_channels, limit=limit,
+                               normalisation=spec.normalisation)
 
 
 def int8_cost_rows(checkpoints: Sequence[str | Path], calibration: Dataset, runs: int = 10, threads: int = 1,

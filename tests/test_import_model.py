@@ -391,3 +391,26 @@ def test_the_command_prints_json_and_a_refused_pickle_in_one_line(tmp_path, data
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert lines[0].startswith("error:") and "needs code to be unpickled" in lines[0]
+
+
+# ---------------------------------------------------------------- every caller takes the spec's normalisation
+def test_the_import_is_evaluated_and_exported_with_its_own_normalisation(tmp_path, data):
+    from core.data.dataset import Normalisation
+    from core.services.export import onnx_metadata_for
+    from core.train import evaluate
+
+    model = source_model(seed=2)
+    model.save_pretrained(tmp_path / "smp")
+    mean, std = (0.2, 0.4, 0.6), (0.1, 0.2, 0.3)
+    result = run_import(ImportRequest(source=str(tmp_path / "smp"), **data, size="64", mean=mean, std=std,
+                                      threads=1, out=str(tmp_path / "ck")))
+    index = load_index(data["format"], data["root"], **data["option"])
+    own, fixed = (evaluate(model, SegmentationDataset(index, "val", (64, 64), 3, normalisation=n), "cpu", 8)
+                  for n in (Normalisation(mean, std), None))
+    assert result.evaluation["pixel_accuracy"] == own.metrics.to_dict()["pixel_accuracy"]
+    assert own.metrics.to_dict()["pixel_accuracy"] != fixed.metrics.to_dict()["pixel_accuracy"]
+    spec = load_checkpoint(result.checkpoint).spec
+    meta = onnx_metadata_for(spec, (64, 64), pruned=False)
+    assert json.loads(meta["mean"]) == list(mean) and json.loads(meta["std"]) == list(std)
+    legacy = onnx_metadata_for(ModelSpec(classes=CLASSES, in_channels=1), (64, 64), pruned=False)
+    assert (float(legacy["mean"]), float(legacy["std"])) == (PIXEL_MEAN, PIXEL_STD)  # as every export so far

@@ -28,6 +28,11 @@ def run(args: argparse.Namespace) -> int:
           f"{', stopped early' if result.stopped_early else ''}"
           f"{', stopped by user' if result.stopped_by_user else ''})")
     print(format_metrics("val", result.val or {}))
+    if result.encoder_weights:
+        weights = result.encoder_weights
+        left = f"; not loaded: {', '.join(weights['not_loaded'][:5])}" if weights["not_loaded"] else ""
+        print(f"encoder initialised from {weights['file']}: {weights['loaded']} of {weights['total']} tensors "
+              f"(by {weights['mapping']}){left}")
     return 0
 
 

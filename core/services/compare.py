@@ -116,7 +116,7 @@ def run_compare(request: CompareRequest, progress: StageProgress | None = None,
     if index is None:
         index = load_index(request.format, request.root, seed=request.split_seed, **request.options)
     dataset = SegmentationDataset(index, request.split, tuple(spec.input_size), spec.in_channels,
-                                  limit=request.max_images)
+                                  limit=request.max_images, normalisation=spec.normalisation)
     if len(dataset) == 0:
         raise EmptySplitError(f"the {request.split} split of {index.format} has no images; "
                               "choose another split or dataset")

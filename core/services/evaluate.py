@@ -53,7 +53,8 @@ def run_evaluate(request: EvaluateRequest, progress: ProgressCallback | None = N
     loaded = load_checkpoint(request.checkpoint, device="cpu")
     spec, model = loaded.spec, loaded.model
     index, size = request.dataset(spec)
-    dataset = SegmentationDataset(index, request.split, size, spec.in_channels, limit=request.limit)
+    dataset = SegmentationDataset(index, request.split, size, spec.in_channels, limit=request.limit,
+                                  normalisation=spec.normalisation)
     if len(dataset) == 0:
         raise EmptySplitError(f"the {request.split} split of {index.format} at {index.root} has no images")
     with TorchThreads(request.threads):

@@ -124,12 +124,20 @@ def onnx_metadata_for(spec: Any, input_size: tuple[int, int], pruned: bool) -> d
     take (the one every dataset here gets)."""
     import json
 
-    from core.data.dataset import PIXEL_MEAN, PIXEL_STD
 
     return {"classes": json.dumps(list(spec.classes)), "input_size": json.dumps(list(input_size)),
             "in_channels": str(spec.in_channels), "layout": "NCHW, float32",
-            "mean": str(PIXEL_MEAN), "std": str(PIXEL_STD), "normalisation": "x = (pixel / 255 - mean) / std",
+            "mean": _per_channel(spec.pixel_normalisation.mean), "std": _per_channel(spec.pixel_normalisation.std),
+            "normalisation": "x = (pixel / 255 - mean) / std, per channel",
             "arch": f"{spec.arch}-{spec.encoder}", "pruned": json.dumps(pruned)}
+
+
+def _per_channel(values: tuple[float, ...]) -> str:
+    """One number when every channel takes it (the normalisation of every model trained here),
+    else a JSON list, one per channel (an imported model's own)."""
+    import json
+
+    return str(values[0]) if len(set(values)) == 1 else json.dumps(list(values))
 
 
 def run_export(request: ExportRequest, progress: StageProgress | None = None) -> ExportResult:

@@ -166,7 +166,7 @@ def run_prune(request: PruneRequest, progress: StageProgress | None = None) -> L
     spec.input_size = size
     datasets = {
         split: SegmentationDataset(index, split, size, spec.in_channels, augment=split == "train",
-                                   seed=request.seed, limit=request.limit)
+                                   seed=request.seed, limit=request.limit, normalisation=spec.normalisation)
         for split in ("train", "val", "test")
     }
     settings = request.loop_settings(str(device), None if fixed is None else fixed.kept)

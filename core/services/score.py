@@ -102,7 +102,8 @@ def run_score(request: ScoreRequest, progress: StageProgress) -> ScoreResult:
     loaded = load_checkpoint(request.checkpoint, device=device)
     spec, model = loaded.spec, loaded.model
     index, size = request.dataset(spec)
-    train_ds = SegmentationDataset(index, "train", size, spec.in_channels, augment=False, limit=request.limit)
+    train_ds = SegmentationDataset(index, "train", size, spec.in_channels, augment=False, limit=request.limit,
+                                   normalisation=spec.normalisation)
     names = list(spec.classes)
     settings = request.step_settings(resolve_precision(request.precision, device))
     # the step's two phases start at these fractions; the allocation fills the rest

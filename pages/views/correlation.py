@@ -33,7 +33,8 @@ def measured(path: str, mtime: float, group_name: str, source: str, dataset_key:
         return measure_group(_model.model, _graph, group_name, [], source=source)
     count, batch_size, seed = calibration
     spec = _model.spec
-    train = SegmentationDataset(_index, "train", tuple(spec.input_size), spec.in_channels)
+    train = SegmentationDataset(_index, "train", tuple(spec.input_size), spec.in_channels,
+                                normalisation=spec.normalisation)
     batches = [x for x, _ in calibration_batches(train, count, batch_size, seed=seed)]
     return measure_group(_model.model, _graph, group_name, batches, seed=seed, source=source)
 

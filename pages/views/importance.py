@@ -249,7 +249,8 @@ elif st.button("Preview this setting", key="importance_preview"):
     with error_box("Previewing"):
         spec = loaded.spec
         index = dataset_index(current_dataset())
-        val = SegmentationDataset(index, "val", tuple(spec.input_size), spec.in_channels, limit=3)
+        val = SegmentationDataset(index, "val", tuple(spec.input_size), spec.in_channels, limit=3,
+                                  normalisation=spec.normalisation)
         preview = preview_pruned(loaded.model, spec.input_size, spec.in_channels, kept, val)
         image_grid(preview.pictures, preview.captions, columns=3)
         st.caption(f"Pruned and predicted in {preview.seconds:.1f} s.")

@@ -202,7 +202,8 @@ split = c1.selectbox("Split", [s for s, n in index.split_counts().items() if n a
 heading.markdown(f"#### Predictions on {'validation' if split == 'val' else split} images")
 count = c2.slider("Images", 2, 8, 4, step=2, key="model_preview_count")
 with error_box("Predicting"):
-    shown = SegmentationDataset(index, split, tuple(spec.input_size), spec.in_channels, limit=count)
+    shown = SegmentationDataset(index, split, tuple(spec.input_size), spec.in_channels, limit=count,
+                                normalisation=spec.normalisation)
     with torch.inference_mode():
         predictions = predict_split(loaded.model, shown)
     pictures, captions, truths = [], [], []
