@@ -1,0 +1,251 @@
+"""Time the dashboard's pages in a real browser against the dashboard's targets: every page
+opens within 3 s on the demo model, a slider move answers within 300 ms on the server, a
+preview within 2 s. (bench/ui.py times the Layer importance page's live answers in-process.)
+
+    .venv/bin/python bench/ui_pages.py [--epochs 1] [--limit 64] [--repeats 3]
+
+It builds a workspace under bench/cache/ui_pages/ (git-ignored): a baseline trained on the
+default dataset (synthetic-steel) and one prune round of it, both run as the dashboard's own
+jobs (so the Compare page lists them); starts `streamlit run app.py` on it; and drives Debian's
+Chromium with Playwright. Each page is opened by its address with the workspace in the query
+parameters (``?model=...&format=...``), as a shared link or F5 does.
+
+What is timed: from the action (navigation, a click, a key press) to the moment the browser
+receives the server's "script finished" message for that run (Streamlit's ForwardMsg, read off
+the page's websocket): the server's whole answer as the user waits for it, transfers included;
+then, separately, until the page has drawn (no element left stale, two animation frames).
+"Cold" is a page's first open after the server started (models loaded, graphs traced, caches
+filled); "warm" its open in a new browser session afterwards. Writes bench/results/ui_pages.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+CACHE = REPO / "bench" / "cache" / "ui_pages"
+WORKSPACE = CACHE / "workspace"
+os.environ["DEFECTPRUNE_WORKSPACE"] = str(WORKSPACE)
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+OPEN_LIMIT_S, MOVE_LIMIT_S, PREVIEW_LIMIT_S = 3.0, 0.3, 2.0
+PAGES = {"Data": "", "Model": "model", "Layer importance": "importance", "Filter correlation": "correlation",
+         "Prune": "prune", "Compare": "compare"}
+
+
+def build_workspace(args: argparse.Namespace) -> tuple[str, str]:
+    """A baseline and its pruned round, as dashboard jobs in the workspace (made once)."""
+    from core.runs import api
+    from core.runs.store import SUCCEEDED
+    from core.runs.worker import execute_job
+
+    store = api.open_store()
+    done = {job.kind: job for job in reversed(store.list_jobs(states=[SUCCEEDED]))}
+    if "train" not in done:
+        job = api.submit("train", {"format": "synthetic-steel", "epochs": args.epochs, "limit": args.limit,
+                                   "threads": args.threads, "seed": 0}, store)
+        store.claim_next_job(worker_pid=os.getpid())
+        if execute_job(store, job.id) != SUCCEEDED:
+            raise SystemExit(f"training failed: {store.get_job(job.id).error}")
+        done["train"] = store.get_job(job.id)
+    baseline = done["train"].result["checkpoint"]
+    if "prune" not in done:
+        job = api.submit("prune", {"checkpoint": baseline, "method": "uniform-l1", "max_rounds": 1, "finetune_epochs": 0,
+                                   "tolerance": 100.0, "target_macs": 0.5, "threads": args.threads}, store)
+        store.claim_next_job(worker_pid=os.getpid())
+        if execute_job(store, job.id) != SUCCEEDED:
+            raise SystemExit(f"the prune run failed: {store.get_job(job.id).error}")
+        done["prune"] = store.get_job(job.id)
+    return baseline, str(done["prune"].id)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server() -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port), "--server.headless", "true",
+         "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false"],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).status == 200:
+                return process, url
+        except OSError:
+            time.sleep(0.5)
+    os.killpg(process.pid, 9)
+    raise SystemExit("the dashboard did not start within 90 s")
+
+
+class Timer:
+    """Times a browser page's reruns by the server's "script finished" messages."""
+
+    def __init__(self, page):
+        from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
+
+        self.page, self.finished = page, []
+
+        def frame(payload) -> None:
+            if isinstance(payload, (bytes, bytearray)):
+                msg = ForwardMsg()
+                try:
+                    msg.ParseFromString(bytes(payload))
+                except Exception:  # noqa: BLE001 - not every frame is a ForwardMsg
+                    return
+                if msg.WhichOneof("type") == "script_finished":
+                    self.finished.append(time.perf_counter())
+
+        page.on("websocket", lambda ws: ws.on("framereceived", frame))
+
+    def time(self, action, timeout_s: float = 300.0) -> tuple[float, float]:
+        """(seconds to the server's answer, seconds until the page has drawn it)."""
+        seen = len(self.finished)
+        start = time.perf_counter()
+        action()
+        while len(self.finished) == seen:
+            if time.perf_counter() - start > timeout_s:
+                raise SystemExit(f"no answer within {timeout_s:.0f} s")
+            self.page.wait_for_timeout(10)
+        answered = self.finished[seen] - start
+        self.page.wait_for_function(
+            "() => !document.querySelector('[data-stale=true]') && "
+            "new Promise(r => requestAnimationFrame(() => requestAnimationFrame(() => r(true))))")
+        drawn = time.perf_counter() - start
+        if self.page.locator("[data-testid=stException]").count():
+            raise SystemExit("a page showed an exception")
+        return answered, drawn
+
+
+def measure(url: str, query: str, repeats: int) -> list[dict]:
+    from playwright.sync_api import sync_playwright
+
+    rows: list[dict] = []
+
+    def add(case: str, limit: float, times: list[tuple[float, float]]) -> None:
+        rows.append({"case": case, "limit_s": limit, "answer_s": [a for a, _ in times],
+                     "drawn_s": [d for _, d in times]})
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+
+        def session():
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(300_000)
+            return page, Timer(page)
+
+        for label, path in PAGES.items():  # cold: the first open of each page after the server started
+            page, timer = session()
+            cold = timer.time(lambda: page.goto(f"{url}/{path}?{query}"))
+            warm = []
+            for _ in range(repeats):  # a new session each time: F5 or a shared link
+                again, again_timer = session()
+                warm.append(again_timer.time(lambda: again.goto(f"{url}/{path}?{query}")))
+                again.close()
+            add(f"open {label} (cold)", OPEN_LIMIT_S, [cold])
+            add(f"open {label} (warm)", OPEN_LIMIT_S, warm)
+            page.close()
+
+        page, timer = session()
+        timer.time(lambda: page.goto(f"{url}/importance?{query}"))
+        add("Layer importance: switch to the global allocator", MOVE_LIMIT_S,
+            [timer.time(lambda: page.get_by_text("global (L1)", exact=True).click())])
+        slider = page.get_by_role("slider", name="Fewer MACs")
+        add("Layer importance: move the target slider", MOVE_LIMIT_S,
+            [timer.time(lambda key=key: (slider.focus(), page.keyboard.press(key)))
+             for key in ["ArrowLeft", "ArrowRight"] * repeats])
+        add("Layer importance: preview", PREVIEW_LIMIT_S,
+            [timer.time(lambda: page.get_by_role("button", name="Preview this setting").click())
+             for _ in range(repeats)])
+
+        timer.time(lambda: page.goto(f"{url}/correlation?{query}"))
+        beta = page.get_by_role("slider", name="beta (weight of substitutability)")
+        add("Filter correlation: move beta", MOVE_LIMIT_S,
+            [timer.time(lambda key=key: (beta.focus(), page.keyboard.press(key)))
+             for key in ["ArrowRight", "ArrowLeft"] * repeats])
+        layers = []
+        for option in ("encoder.layer4.0.conv1", "encoder.layer2.0.conv1", "decoder.blocks.0.conv1"):
+            def switch(option=option):
+                page.get_by_label("Layer (prunable group, network order)").click()
+                page.get_by_role("option", name=option, exact=False).first.click()
+            layers.append(timer.time(switch))
+        add("Filter correlation: switch layer (first visit of each)", OPEN_LIMIT_S, layers)
+
+        timer.time(lambda: page.goto(f"{url}/compare?{query}"))
+        splits = []
+        for split in ["test", "val"] * repeats:
+            def choose(split=split):
+                page.get_by_label("Split").click()
+                page.get_by_role("option", name=split, exact=True).click()
+            splits.append(timer.time(choose))
+        add("Compare: switch split (val/test)", OPEN_LIMIT_S, splits)
+        browser.close()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--epochs", type=int, default=1, help="the baseline's epochs (made once)")
+    parser.add_argument("--limit", type=int, default=64, help="images per split for the baseline")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "ui_pages.md")
+    args = parser.parse_args()
+    if not Path(CHROMIUM).exists():
+        raise SystemExit("needs Debian's chromium (apt-get install chromium)")
+    started, load_before = time.perf_counter(), os.getloadavg()
+    baseline, run = build_workspace(args)
+    model = Path(baseline).resolve().relative_to(WORKSPACE.resolve())
+    query = urllib.parse.urlencode({"model": str(model), "run": run, "format": "synthetic-steel"})
+    process, url = start_server()
+    try:
+        rows = measure(url, query, args.repeats)
+    finally:
+        os.killpg(process.pid, 9)
+        subprocess.run(["pkill", "-9", "-f", f"{WORKSPACE}"], check=False)
+    load_after = os.getloadavg()
+
+    command = "python bench/ui_pages.py " + shlex.join(sys.argv[1:])
+    lines = ["# The dashboard's pages in a browser: answer times", "", f"Command: `{command}`", "",
+             f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores (load average {load_before[0]:.1f} at the "
+             f"start, {load_after[0]:.1f} at the end: above 1, other work shared the CPU), Chromium headless, "
+             f"server on the same machine. Wall time {time.perf_counter() - started:.0f} s.", "",
+             f"Model: the workspace's baseline `{model}` (Unet-resnet18 on synthetic-steel, {args.epochs} epoch(s), "
+             f"{args.limit} images per split) and its prune run {run}.", "",
+             "Answer: from the action to the server's 'script finished' message in the browser. Drawn: until the "
+             "page shows it. Median (max) over the repeats.", "",
+             "| case | limit | answer s | drawn s | within the limit |", "|---|---|---|---|---|"]
+    for r in rows:
+        answer, drawn = r["answer_s"], r["drawn_s"]
+        ok = "yes" if max(answer) <= r["limit_s"] else "no"
+        lines.append(f"| {r['case']} | {r['limit_s']:g} s | {statistics.median(answer):.2f} ({max(answer):.2f}) | "
+                     f"{statistics.median(drawn):.2f} ({max(drawn):.2f}) | {ok} |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
+    print(json.dumps({"written": str(args.out), "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
