@@ -100,30 +100,46 @@ def train_and_prune(args: argparse.Namespace, work: Path) -> tuple[Path, Path, l
              str(TARGET_MACS), "--step", "0.5", "--scoring-steps", str(args.scoring_steps), "--calibration-images",
              "16", "--finetune-epochs", "1", "--recover-epochs", str(args.recover_epochs), "--max-rounds", "4",
              "--no-tolerance-stop", "--batch-size", "8", "--threads", str(max(args.threads)), "--out", str(prune_dir)]
-    stamp = work / "settings.json"
-    settings = {"train": train, "prune": prune}
+    # each step is reused when the work folder holds it from the same settings (a run cut short
+    # keeps its trained baseline)
+    stamps = {"train": work / "train.json", "prune": work / "prune.json"}
     summary: dict[str, Any] = {}
-    if stamp.is_file() and json.loads(stamp.read_text()).get("settings") == settings:
-        summary = json.loads(stamp.read_text())["summary"]
-        commands = [("python -m core " + " ".join(shlex.quote(a) for a in c)) for c in (train, prune)]
-        log(f"reusing the baseline and pruned model in {work}")
-        return baseline, Path(summary["pruned"]), commands, summary
+
+    def cached(step: str, settings: list[str]) -> dict[str, Any] | None:
+        if stamps[step].is_file():
+            saved = json.loads(stamps[step].read_text())
+            if saved.get("settings") == settings:
+                commands.append("python -m core " + " ".join(shlex.quote(a) for a in settings))
+                log(f"reusing {step} from {stamps[step]}")
+                return saved["summary"]
+        return None
+
     work.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    trained = run_core(train, env, commands)
-    summary["train_seconds"] = round(time.perf_counter() - start)
-    summary["baseline_val_defect_miou"] = (trained.get("val") or {}).get("defect_miou")
-    summary["epochs_run"], summary["seconds_per_epoch"] = trained.get("epochs_run"), trained.get("seconds_per_epoch")
-    start = time.perf_counter()
-    pruned = run_core(prune, env, commands)
-    summary["prune_seconds"] = round(time.perf_counter() - start)
-    result = pruned["result"]
-    if not result.get("checkpoint"):
-        raise SystemExit(f"the prune run kept no round ({pruned['stopped']}); nothing to benchmark")
-    summary.update(pruned=result["checkpoint"], macs_reduction=result["macs_reduction"], stopped=pruned["stopped"],
-                   rounds=len(pruned["rounds"]))
-    stamp.write_text(json.dumps({"settings": settings, "summary": summary}, indent=1))
-    return baseline, Path(result["checkpoint"]), commands, summary
+    trained = cached("train", train)
+    if trained is None:
+        start = time.perf_counter()
+        result = run_core(train, env, commands)
+        trained = {"train_seconds": round(time.perf_counter() - start),
+                   "baseline_val_defect_miou": (result.get("val") or {}).get("defect_miou"),
+                   "epochs_run": result.get("epochs_run"), "seconds_per_epoch": result.get("seconds_per_epoch")}
+        stamps["train"].write_text(json.dumps({"settings": train, "summary": trained}, indent=1))
+    summary.update(trained)
+    pruned = cached("prune", prune)
+    if pruned is None:
+        if prune_dir.exists():  # an earlier run's rounds, from other settings or cut short
+            import shutil
+
+            shutil.rmtree(prune_dir)
+        start = time.perf_counter()
+        result = run_core(prune, env, commands)
+        if not result["result"].get("checkpoint"):
+            raise SystemExit(f"the prune run kept no round ({result['stopped']}); nothing to benchmark")
+        pruned = {"prune_seconds": round(time.perf_counter() - start), "pruned": result["result"]["checkpoint"],
+                  "macs_reduction": result["result"]["macs_reduction"], "stopped": result["stopped"],
+                  "rounds": len(result["rounds"])}
+        stamps["prune"].write_text(json.dumps({"settings": prune, "summary": pruned}, indent=1))
+    summary.update(pruned)
+    return baseline, Path(summary["pruned"]), commands, summary
 
 
 # ------------------------------------------------------------------ measuring
@@ -299,7 +315,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, help="at most this many test images")
     parser.add_argument("--epochs", type=int, default=6, help="baseline training epochs (trained here)")
     parser.add_argument("--train-size", type=int, default=128, help="baseline training size (trained here)")
-    parser.add_argument("--scoring-steps", type=int, default=30, help="scoring-network steps per prune round")
+    parser.add_argument("--scoring-steps", type=int, default=8, help="scoring-network steps per prune round")
     parser.add_argument("--recover-epochs", type=int, default=1, help="recovery epochs after the last round")
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK)
     parser.add_argument("--quick", action="store_true", help="smoke run: 64 px, a 40-image dataset, few runs")
