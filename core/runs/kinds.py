@@ -60,7 +60,7 @@ KINDS: dict[str, JobKind] = {kind.name: kind for kind in (
     JobKind("evaluate", EvaluateRequest, evaluate_job, "metrics and per-image table of a checkpoint on a split"),
     JobKind("export", ExportRequest, export_job, "ONNX export checked with ONNX Runtime, and the profile"),
     JobKind("import", ImportRequest, import_job, "a model trained elsewhere (smp folder or state dict) as a "
-            "checkpoint, evaluated at once", restores=frozenset({DATASET})),
+            "checkpoint, evaluated at once", address=("import",), restores=frozenset({DATASET})),
 )}
 JOB_KINDS = tuple(KINDS)
 

@@ -1,10 +1,16 @@
-"""Model: train a baseline in the background or load a checkpoint; its per-class metrics and
-a few predictions beside the ground truth."""
+"""Model: train a baseline in the background, load a checkpoint or import a model trained
+elsewhere; its per-class metrics and a few predictions beside the ground truth."""
 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
+import hashlib
+import io
+import re
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pandas as pd
@@ -14,16 +20,21 @@ import streamlit as st
 from plotly.subplots import make_subplots
 import torch
 
+from core.atomic import write_atomic
 from core.config import confine_to_data_roots, data_roots, workspace_dir
 from core.data.dataset import SegmentationDataset
+from core.data.upload import MAX_UNPACKED_BYTES
+from core.errors import DefectPruneError
 from core.metrics import SegmentationMetrics, batch_confusion
+from core.models.importer import SMP_CONFIG, SMP_WEIGHTS, STATE_SUFFIXES, is_smp_folder
 from core.models.zoo import ARCHITECTURES, DEFAULT_ARCH, DEFAULT_ENCODER, ENCODERS
 from core.precision import PRECISIONS
 from core.predictions import predict_split
 from core.runs import api
 from core.runs.jobs import TrainingProgress
 from core.runs.store import JobRecord
-from core.services.request import default_of
+from core.services.import_model import ImportRequest
+from core.services.request import FINITE_FLOAT, POSITIVE_FLOAT, ParameterError, default_of
 from core.services.train import TrainRequest
 from core.visual import class_colour_hex, overlay_mask
 from ui.jobs import follow_job, job_bar, stop_button
@@ -35,7 +46,7 @@ from ui.widgets import class_legend, image_grid, load_style
 load_style()
 st.title("Model")
 st.caption("Train a baseline on the current dataset (it runs in the background and survives a page "
-           "refresh), or load a checkpoint.")
+           "refresh), load a checkpoint, or import a model trained elsewhere.")
 
 choice = current_dataset()
 index = require_dataset(choice, "Choose a readable dataset on the Data page first.")
@@ -43,22 +54,31 @@ index = require_dataset(choice, "Choose a readable dataset on the Data page firs
 TRAIN_DEFAULTS = {field.name: default_of(field) for field in dataclasses.fields(TrainRequest)}
 # training job id -> the workspace's model when this session started it (None: none yet)
 TRAINING_FOR = "training_for"
-# training jobs whose model this session took as the workspace's model by itself (once each)
+# import job id -> the workspace's model when this session submitted it (None: none yet)
+IMPORTING_FOR = "importing_for"
+# training (and import) jobs whose model this session took as the workspace's model by itself (once each)
 ADOPTED = "adopted_training"
+# where uploaded models are kept: inside the workspace, where the import job may read them
+IMPORTS_DIR = "imports"
 
 
-def adopt_trained_model(job: JobRecord, checkpoint: str) -> None:
-    """A finished training job's model becomes the workspace's model by itself, once, when the
-    workspace has none or still has the one it had when this session started that training (a
-    model picked since then stays); otherwise "Use this model" offers it."""
+class ModelUploadError(DefectPruneError):
+    """An uploaded model file or zip that cannot be kept for an import."""
+
+
+def adopt_trained_model(job: JobRecord, checkpoint: str, started_for: str = TRAINING_FOR,
+                        action: str = "Taking the trained model") -> None:
+    """A finished training (or import) job's model becomes the workspace's model by itself,
+    once, when the workspace has none or still has the one it had when this session started
+    that job (a model picked since then stays); otherwise "Use this model" offers it."""
     adopted = st.session_state.setdefault(ADOPTED, {})
     if job.id in adopted:
         return
-    training_for = st.session_state.get(TRAINING_FOR, {})
+    training_for = st.session_state.get(started_for, {})
     current = st.session_state.get("model")
     if current is None or (job.id in training_for and training_for[job.id] == current):
         adopted[job.id] = checkpoint  # once, even when it fails to load (the error box says so)
-        with error_box("Taking the trained model"):
+        with error_box(action):
             choose_model(checkpoint)
             st.rerun()  # the sidebar and the page below show it
 
@@ -107,7 +127,162 @@ def draw_training(job: JobRecord) -> None:
                 st.rerun()
 
 
-train_tab, load_tab = st.tabs(["Train a baseline", "Load a checkpoint"])
+def upload_cap_bytes() -> int:
+    """The largest upload the server takes (``server.maxUploadSize``, MB), also the largest model file."""
+    return int(st.get_option("server.maxUploadSize")) * 2**20
+
+
+def save_model_upload(upload, folder: Path) -> Path:
+    """An uploaded state dict (``.safetensors``, ``.pt``, ``.pth`` ...) kept as
+    ``folder/<name>-<hash>/weights<suffix>``, or an uploaded zip of an smp ``save_pretrained``
+    folder unpacked into ``folder/<name>-<hash>/``; the path the import reads."""
+    name = Path(upload.name or "model").name
+    suffix = Path(name).suffix.lower()
+    if suffix != ".zip" and suffix not in STATE_SUFFIXES:
+        raise ModelUploadError(f"{name}: upload a state dict ({', '.join(STATE_SUFFIXES)}) or a .zip of an smp "
+                               f"save_pretrained folder, not {suffix or 'a file without a suffix'}")
+    cap = upload_cap_bytes()
+    if upload.size > cap:
+        raise ModelUploadError(f"{name} is {upload.size / 2**20:.0f} MiB, more than the limit of "
+                               f"{cap / 2**20:.0f} MiB (server.maxUploadSize)")
+    data = upload.getvalue()
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(name).stem).strip("._")[:60] or "model"
+    target = folder / f"{stem}-{hashlib.sha256(data).hexdigest()[:12]}"
+    if suffix == ".zip":
+        return extract_smp_zip(data, target, name)
+    file = target / f"weights{suffix}"
+    if not file.is_file():
+        target.mkdir(parents=True, exist_ok=True)
+        write_atomic(file, lambda handle: handle.write(data))
+    return file
+
+
+def extract_smp_zip(data: bytes, target: Path, name: str, max_unpacked_bytes: int = MAX_UNPACKED_BYTES) -> Path:
+    """Unpack the one smp ``save_pretrained`` folder of a zip (its ``config.json`` and weights
+    file, nothing else) into ``target``. As a dataset zip (core/data/upload.py): members with an
+    absolute path or ``..`` refuse the whole zip, the unpacked size is capped, and the files are
+    unpacked in a temporary folder renamed into place only when complete."""
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise ModelUploadError(f"{name} is not a readable zip file ({exc}); zip the folder smp's "
+                               "model.save_pretrained(folder) wrote") from None
+    with archive:
+        members = [m for m in archive.infolist() if not m.is_dir()]
+        for member in members:
+            path = PurePosixPath(member.filename)
+            if path.is_absolute() or ".." in path.parts or "\\" in member.filename:
+                raise ModelUploadError(f"{name} holds an unsafe path {member.filename!r}; refusing the whole zip")
+        visible = [m for m in members if not any(p.startswith((".", "__MACOSX")) for p in PurePosixPath(m.filename).parts)]
+        configs = [m for m in visible if PurePosixPath(m.filename).name == SMP_CONFIG]
+        if len(configs) != 1:
+            raise ModelUploadError(f"{name} must hold one smp save_pretrained folder ({SMP_CONFIG} beside "
+                                   f"{' or '.join(SMP_WEIGHTS)}); found {len(configs)} {SMP_CONFIG}")
+        base = PurePosixPath(configs[0].filename).parent
+        by_path = {PurePosixPath(m.filename): m for m in visible}
+        weights = next((by_path[base / w] for w in SMP_WEIGHTS if base / w in by_path), None)
+        if weights is None:
+            raise ModelUploadError(f"{name} has {SMP_CONFIG} but no {' or '.join(SMP_WEIGHTS)} beside it")
+        picked = [configs[0], weights]
+        total = sum(m.file_size for m in picked)
+        if total > max_unpacked_bytes:
+            raise ModelUploadError(f"{name} unpacks to {total / 2**20:.0f} MiB, more than the limit of "
+                                   f"{max_unpacked_bytes / 2**20:.0f} MiB")
+        if target.is_dir():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".unpacking-"))
+        try:
+            for member in picked:  # a member reads at most its declared size
+                with archive.open(member) as src, open(staging / PurePosixPath(member.filename).name, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+            staging.rename(target)
+        except (zipfile.BadZipFile, OSError) as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise ModelUploadError(f"{name} could not be unpacked ({exc})") from None
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return target
+
+
+def parse_numbers(text: str, label: str, check) -> tuple[float, ...]:
+    """``0.485, 0.456, 0.406`` -> numbers, each checked (a ParameterError naming ``label``)."""
+    items = [item.strip() for item in re.split(r"[,\s]+", text.strip())] if text.strip() else []
+    try:
+        return tuple(check.parse(item) for item in items)
+    except ParameterError as exc:
+        raise ParameterError(f"{label}: {exc}; write numbers separated by commas, e.g. 0.485, 0.456, 0.406") from None
+
+
+def parse_classes(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",")) if text.strip() else ()
+    if any(not name for name in names):
+        raise ParameterError(f"class names {text!r}: an empty name; write names separated by commas, background first")
+    return names
+
+
+def draw_import(job: JobRecord) -> None:
+    """An import job as the worker reported it; once it succeeded, its evaluation and its
+    model as the workspace's (once)."""
+    job_bar(job, "Import")
+    stop_button(job, "Stop the import")
+    if job.state == "failed":
+        st.error(f"Import failed: {job.error}")
+        return
+    if job.state == "stopped":
+        st.info("The import was stopped before it finished; nothing was imported.")
+        return
+    result = job.result or {}
+    checkpoint = result.get("checkpoint")
+    if job.state != "succeeded" or not checkpoint:
+        return
+    adopt_trained_model(job, checkpoint, IMPORTING_FOR, "Taking the imported model")
+    size = "x".join(map(str, result.get("input_size") or []))
+    normalisation = result.get("normalisation") or {}
+    st.markdown(f"**Imported {result.get('arch')}-{result.get('encoder')}** ({result.get('in_channels')} channel(s), "
+                f"{size}, {result.get('tensors')} tensors loaded; mean {normalisation.get('mean')}, std "
+                f"{normalisation.get('std')})")
+    for note in result.get("notes") or []:
+        st.caption(note)
+    evaluation = result.get("evaluation") or {}
+    if evaluation:
+        split = evaluation.get("split", "val")
+        cols = st.columns(3)
+        cols[0].metric(f"{split} defect mIoU", f"{evaluation.get('defect_miou') or 0:.1f}")
+        cols[1].metric("Background IoU", f"{evaluation.get('background_iou') or 0:.1f}")
+        cols[2].metric("Pixel accuracy", f"{evaluation.get('pixel_accuracy') or 0:.1f}")
+        classes = result.get("classes") or []
+        iou = evaluation.get("per_class_iou") or {}
+        defects = [name for name in classes[1:] if name in iou]
+        st.dataframe(pd.DataFrame({"class": defects, "IoU (%)": [iou[name] for name in defects]}),
+                     hide_index=True, key=f"import_iou_{job.id}")
+        st.caption(f"On {evaluation.get('images')} {split} images of the current dataset; a class in neither the "
+                   "truth nor the prediction has no IoU.")
+    if st.session_state.get("model") == checkpoint:
+        if st.session_state.get(ADOPTED, {}).get(job.id) == checkpoint:
+            st.success(f"Imported: its model ({'/'.join(Path(checkpoint).parts[-2:])}) is now the workspace's model.")
+    elif st.button("Use this model", key=f"use_{job.id}"):
+        with error_box("Loading the imported model"):
+            choose_model(checkpoint)
+            st.rerun()
+
+
+def import_source(upload, typed: str) -> Path:
+    """The file or folder to import: an upload kept in the workspace, or a typed path inside
+    the workspace or a data root (where the import job reads)."""
+    if upload is not None:
+        return save_model_upload(upload, workspace_dir() / IMPORTS_DIR)
+    if not typed.strip():
+        raise ModelUploadError("no model yet: upload a file or type the path of one")
+    source = confine_to_data_roots(typed.strip(), roots=[workspace_dir(), *data_roots()])
+    if not source.exists():
+        raise ModelUploadError(f"{source} does not exist; type the path of a state-dict file or an smp "
+                               "save_pretrained folder")
+    return source
+
+
+train_tab, load_tab, import_tab = st.tabs(["Train a baseline", "Load a checkpoint", "Import a model"])
 with train_tab:
     with st.form("train_form"):
         c1, c2, c3 = st.columns(3)
@@ -162,6 +337,67 @@ with load_tab:
             if folder:
                 choose_model(folder)  # a checkpoint that fails to load leaves the working model in place
                 st.rerun()
+
+with import_tab:
+    st.caption("A model trained elsewhere, evaluated at once on the current dataset's val split: a state dict "
+               "(.safetensors, or .pt/.pth saved with torch.save(model.state_dict(), ...)) or an smp "
+               "model.save_pretrained(folder) folder (zipped to upload). A pickled whole model is refused.")
+    UPLOAD, TYPED = "Upload", "A path inside the data roots"
+    where = st.radio("Source", [UPLOAD, TYPED], horizontal=True, key="import_from")
+    with st.form("import_form"):
+        upload, typed = None, ""
+        if where == UPLOAD:
+            upload = st.file_uploader(f"A state dict ({', '.join(STATE_SUFFIXES)}) or a .zip of an smp "
+                                      f"save_pretrained folder (at most {upload_cap_bytes() // 2**20} MB)",
+                                      type=[s.lstrip(".") for s in (*STATE_SUFFIXES, ".zip")], key="import_upload")
+        else:
+            typed = st.text_input("A state-dict file or an smp save_pretrained folder", key="import_path",
+                                  help="Inside the workspace or a data root: "
+                                       + ", ".join(str(r) for r in [workspace_dir(), *data_roots()]))
+        st.markdown("For a state dict (an smp folder names its own architecture and encoder):")
+        c1, c2, c3 = st.columns(3)
+        import_arch = c1.selectbox("Architecture", list(ARCHITECTURES),
+                                   index=list(ARCHITECTURES).index(DEFAULT_ARCH), key="import_arch")
+        import_encoder = c2.selectbox("Encoder", ENCODERS, index=ENCODERS.index(DEFAULT_ENCODER), key="import_encoder")
+        import_size = c3.text_input("Input size (N or HxW)", value="x".join(map(str, index.default_size)),
+                                    key="import_size")
+        import_classes = st.text_input("Class names in logit order, background first", key="import_classes",
+                                       value=", ".join(index.classes),
+                                       help="The current dataset's by default; the model must predict them.")
+        c4, c5 = st.columns(2)
+        import_mean = c4.text_input("Mean per channel (optional, pixels scaled to 0..1)", key="import_mean",
+                                    placeholder="ImageNet's for 3 channels, 0.5 for 1")
+        import_std = c5.text_input("Std per channel (optional)", key="import_std",
+                                   placeholder="ImageNet's for 3 channels, 0.25 for 1")
+        start_import = st.form_submit_button("Import in the background")
+    if start_import and where == UPLOAD and upload is None:
+        # a press while the browser is still sending the file reaches us without it
+        st.warning("No file has arrived yet: choose one, wait until its size shows, then press the button again.")
+    elif start_import:
+        with error_box("Starting the import"):
+            mean = parse_numbers(import_mean, "mean", FINITE_FLOAT)
+            std = parse_numbers(import_std, "std", POSITIVE_FLOAT)
+            if bool(mean) != bool(std):
+                raise ParameterError("give both the mean and the std the model was trained with, or neither")
+            classes = parse_classes(import_classes)
+            source = import_source(upload, typed)
+            smp = is_smp_folder(source)
+            request = ImportRequest(source=str(source), format=choice.format, root=choice.root or None,
+                                    option=choice.parsed_options(), split_seed=choice.seed, size=import_size or None,
+                                    classes=classes, arch=None if smp else import_arch,
+                                    encoder=None if smp else import_encoder, mean=mean, std=std)
+            job = api.submit("import", request)
+            api.ensure_worker()
+            st.session_state["import_job"] = job.id
+            st.session_state.setdefault(IMPORTING_FOR, {})[job.id] = st.session_state.get("model")
+            st.query_params["import"] = str(job.id)
+    with error_box("Reading the import job"):
+        import_id = st.session_state.get("import_job") or query_job_id("import")
+        if import_id:
+            job = api.get_job(int(import_id))
+            if job.kind != "import":
+                raise JobIdError(f"job {job.id} is a {job.kind} job, not an import; import a model above")
+            follow_job(job, "Reading the import job", draw_import)
 
 loaded = None
 with error_box("Loading the model"):
