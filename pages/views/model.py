@@ -4,13 +4,8 @@ elsewhere; its per-class metrics and a few predictions beside the ground truth."
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import io
 import re
-import shutil
-import tempfile
-import zipfile
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -20,13 +15,11 @@ import streamlit as st
 from plotly.subplots import make_subplots
 import torch
 
-from core.atomic import write_atomic
 from core.config import confine_to_data_roots, data_roots, workspace_dir
 from core.data.dataset import SegmentationDataset
-from core.data.upload import MAX_UNPACKED_BYTES
-from core.errors import DefectPruneError
 from core.metrics import SegmentationMetrics, batch_confusion
-from core.models.importer import SMP_CONFIG, SMP_WEIGHTS, STATE_SUFFIXES, is_smp_folder
+from core.models.importer import STATE_SUFFIXES, is_smp_folder
+from core.models.upload import ModelUploadError, save_model_upload
 from core.models.zoo import ARCHITECTURES, DEFAULT_ARCH, DEFAULT_ENCODER, ENCODERS
 from core.precision import PRECISIONS
 from core.predictions import predict_split
@@ -60,10 +53,6 @@ IMPORTING_FOR = "importing_for"
 ADOPTED = "adopted_training"
 # where uploaded models are kept: inside the workspace, where the import job may read them
 IMPORTS_DIR = "imports"
-
-
-class ModelUploadError(DefectPruneError):
-    """An uploaded model file or zip that cannot be kept for an import."""
 
 
 def adopt_trained_model(job: JobRecord, checkpoint: str, started_for: str = TRAINING_FOR,
@@ -132,80 +121,6 @@ def upload_cap_bytes() -> int:
     return int(st.get_option("server.maxUploadSize")) * 2**20
 
 
-def save_model_upload(upload, folder: Path) -> Path:
-    """An uploaded state dict (``.safetensors``, ``.pt``, ``.pth`` ...) kept as
-    ``folder/<name>-<hash>/weights<suffix>``, or an uploaded zip of an smp ``save_pretrained``
-    folder unpacked into ``folder/<name>-<hash>/``; the path the import reads."""
-    name = Path(upload.name or "model").name
-    suffix = Path(name).suffix.lower()
-    if suffix != ".zip" and suffix not in STATE_SUFFIXES:
-        raise ModelUploadError(f"{name}: upload a state dict ({', '.join(STATE_SUFFIXES)}) or a .zip of an smp "
-                               f"save_pretrained folder, not {suffix or 'a file without a suffix'}")
-    cap = upload_cap_bytes()
-    if upload.size > cap:
-        raise ModelUploadError(f"{name} is {upload.size / 2**20:.0f} MiB, more than the limit of "
-                               f"{cap / 2**20:.0f} MiB (server.maxUploadSize)")
-    data = upload.getvalue()
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(name).stem).strip("._")[:60] or "model"
-    target = folder / f"{stem}-{hashlib.sha256(data).hexdigest()[:12]}"
-    if suffix == ".zip":
-        return extract_smp_zip(data, target, name)
-    file = target / f"weights{suffix}"
-    if not file.is_file():
-        target.mkdir(parents=True, exist_ok=True)
-        write_atomic(file, lambda handle: handle.write(data))
-    return file
-
-
-def extract_smp_zip(data: bytes, target: Path, name: str, max_unpacked_bytes: int = MAX_UNPACKED_BYTES) -> Path:
-    """Unpack the one smp ``save_pretrained`` folder of a zip (its ``config.json`` and weights
-    file, nothing else) into ``target``. As a dataset zip (core/data/upload.py): members with an
-    absolute path or ``..`` refuse the whole zip, the unpacked size is capped, and the files are
-    unpacked in a temporary folder renamed into place only when complete."""
-    try:
-        archive = zipfile.ZipFile(io.BytesIO(data))
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise ModelUploadError(f"{name} is not a readable zip file ({exc}); zip the folder smp's "
-                               "model.save_pretrained(folder) wrote") from None
-    with archive:
-        members = [m for m in archive.infolist() if not m.is_dir()]
-        for member in members:
-            path = PurePosixPath(member.filename)
-            if path.is_absolute() or ".." in path.parts or "\\" in member.filename:
-                raise ModelUploadError(f"{name} holds an unsafe path {member.filename!r}; refusing the whole zip")
-        visible = [m for m in members if not any(p.startswith((".", "__MACOSX")) for p in PurePosixPath(m.filename).parts)]
-        configs = [m for m in visible if PurePosixPath(m.filename).name == SMP_CONFIG]
-        if len(configs) != 1:
-            raise ModelUploadError(f"{name} must hold one smp save_pretrained folder ({SMP_CONFIG} beside "
-                                   f"{' or '.join(SMP_WEIGHTS)}); found {len(configs)} {SMP_CONFIG}")
-        base = PurePosixPath(configs[0].filename).parent
-        by_path = {PurePosixPath(m.filename): m for m in visible}
-        weights = next((by_path[base / w] for w in SMP_WEIGHTS if base / w in by_path), None)
-        if weights is None:
-            raise ModelUploadError(f"{name} has {SMP_CONFIG} but no {' or '.join(SMP_WEIGHTS)} beside it")
-        picked = [configs[0], weights]
-        total = sum(m.file_size for m in picked)
-        if total > max_unpacked_bytes:
-            raise ModelUploadError(f"{name} unpacks to {total / 2**20:.0f} MiB, more than the limit of "
-                                   f"{max_unpacked_bytes / 2**20:.0f} MiB")
-        if target.is_dir():
-            return target
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".unpacking-"))
-        try:
-            for member in picked:  # a member reads at most its declared size
-                with archive.open(member) as src, open(staging / PurePosixPath(member.filename).name, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
-            staging.rename(target)
-        except (zipfile.BadZipFile, OSError) as exc:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise ModelUploadError(f"{name} could not be unpacked ({exc})") from None
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-    return target
-
-
 def parse_numbers(text: str, label: str, check) -> tuple[float, ...]:
     """``0.485, 0.456, 0.406`` -> numbers, each checked (a ParameterError naming ``label``)."""
     items = [item.strip() for item in re.split(r"[,\s]+", text.strip())] if text.strip() else []
@@ -272,7 +187,7 @@ def import_source(upload, typed: str) -> Path:
     """The file or folder to import: an upload kept in the workspace, or a typed path inside
     the workspace or a data root (where the import job reads)."""
     if upload is not None:
-        return save_model_upload(upload, workspace_dir() / IMPORTS_DIR)
+        return save_model_upload(upload.name, upload.getvalue(), workspace_dir() / IMPORTS_DIR, upload_cap_bytes())
     if not typed.strip():
         raise ModelUploadError("no model yet: upload a file or type the path of one")
     source = confine_to_data_roots(typed.strip(), roots=[workspace_dir(), *data_roots()])
