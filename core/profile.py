@@ -294,16 +294,7 @@ def latency_in_turns(models: Sequence[nn.Module], input_size: Sequence[int], in_
         stack.enter_context(torch.inference_mode())
         results: list[dict[str, LatencyResult]] = [{} for _ in cpu]
         for engine, calls in engines.items():
-            for _ in range(warmup):
-                for call in calls:
-                    call()
-            times: list[list[float]] = [[] for _ in calls]
-            for _ in range(runs):
-                for i, call in enumerate(calls):
-                    start = time.perf_counter()
-                    call()
-                    times[i].append((time.perf_counter() - start) * 1000.0)
-            for i, timed in enumerate(times):
+            for i, timed in enumerate(time_in_turns(calls, runs, warmup)):
                 results[i][engine] = _summarise(engine, timed, warmup, threads)
     return results
 

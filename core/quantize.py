@@ -37,10 +37,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from core.atomic import atomic_path
 from core.errors import DefectPruneError
-from core.metrics import EvaluationResult, SegmentationMetrics, batch_confusion, per_image_table
+from core.metrics import EvaluationResult
 from core.profile import DEFAULT_THREADS, onnx_session
-from core.train import EmptySplitError, Progress, ProgressCallback, report_progress
-from core.train.datasets import dataset_class_names, dataset_image_paths
+from core.train import EmptySplitError, ProgressCallback
+from core.train.datasets import dataset_class_names
+from core.train.evaluation import split_metrics
 
 DEFAULT_CALIBRATION_IMAGES = 32
 MAX_CALIBRATION_IMAGES = 512  # MinMax keeps two numbers per tensor per image: time, not memory, is the cap
@@ -196,28 +197,15 @@ def evaluate_onnx(onnx_path: str | Path, dataset: Dataset, class_names: Sequence
     input_name = session.get_inputs()[0].name
     names = list(class_names) if class_names is not None else dataset_class_names(dataset)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
-    steps = len(loader)
-    confusions: list[np.ndarray] = []
-    start = time.perf_counter()
-    for step, (images, masks) in enumerate(loader, 1):
+
+    def logits_of(images) -> np.ndarray:
         logits = session.run(None, {input_name: np.ascontiguousarray(images.numpy(), dtype=np.float32)})[0]
-        if names is None:
-            names = [f"class {i}" for i in range(logits.shape[1])]
-        if logits.shape[1] != len(names):
+        if names is not None and logits.shape[1] != len(names):
             raise DefectPruneError(f"{onnx_path} predicts {logits.shape[1]} classes but the dataset has "
                                    f"{len(names)}: {', '.join(names)}")
-        confusions.append(batch_confusion(logits.argmax(axis=1), masks.numpy(), len(names)))
-        elapsed = time.perf_counter() - start
-        report_progress(progress, Progress(
-            phase="evaluate", epoch=0, epochs=0, step=step, steps=steps, loss=None, metric=None,
-            eta_seconds=elapsed / step * (steps - step), fraction=step / steps,
-        ))
-    stacked = np.concatenate(confusions)
-    confusion = stacked.sum(axis=0)
-    table = per_image_table(stacked, names, dataset_image_paths(dataset)) if per_image else per_image_table(
-        stacked[:0], names)
-    return EvaluationResult(metrics=SegmentationMetrics.from_confusion(confusion, names), per_image=table,
-                            confusion=confusion, seconds=time.perf_counter() - start)
+        return logits
+
+    return split_metrics(loader, logits_of, dataset, names, per_image, progress)
 
 
 def checkpoint_dataset(index: Any, split: str, size: Sequence[int], spec: Any, limit: int | None = None) -> Dataset:

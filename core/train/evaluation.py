@@ -4,7 +4,8 @@ the per-image table behind it (the arithmetic is core.metrics'; running the mode
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,22 +39,34 @@ def evaluate(
     names = list(class_names) if class_names is not None else dataset_class_names(dataset)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
-    steps = len(loader)
     model.to(device)
+    with eval_mode(model):
+        return split_metrics(loader, lambda images: model(images.to(device, non_blocking=True)), dataset, names,
+                             per_image, progress)
+
+
+def split_metrics(loader: DataLoader, logits_of: Callable[[torch.Tensor], Any], dataset: Dataset,
+                  names: list[str] | None, per_image: bool, progress: ProgressCallback | None) -> EvaluationResult:
+    """The evaluation loop of any engine: ``logits_of(images)`` (a torch model's or an ONNX
+    session's, torch or numpy, N x C x H x W) for every batch of ``loader``, its argmax
+    against the masks, one confusion matrix over the split and the per-image table behind it;
+    ``names`` None: ``class i`` for each of the logits' channels."""
+    steps = len(loader)
     confusions: list[np.ndarray] = []
     start = time.perf_counter()
-    with eval_mode(model):
-        for step, (images, masks) in enumerate(loader, 1):
-            logits = model(images.to(device, non_blocking=True))
-            if names is None:
-                names = [f"class {i}" for i in range(logits.shape[1])]
-            predictions = logits.argmax(dim=1).cpu()
-            confusions.append(batch_confusion(predictions, masks, len(names)))
-            elapsed = time.perf_counter() - start
-            report_progress(progress, Progress(
-                phase="evaluate", epoch=0, epochs=0, step=step, steps=steps, loss=None, metric=None,
-                eta_seconds=elapsed / step * (steps - step), fraction=step / steps,
-            ))
+    for step, (images, masks) in enumerate(loader, 1):
+        logits = logits_of(images)
+        if names is None:
+            names = [f"class {i}" for i in range(logits.shape[1])]
+        predictions = logits.argmax(1)
+        if isinstance(predictions, torch.Tensor):
+            predictions = predictions.cpu()
+        confusions.append(batch_confusion(predictions, masks, len(names)))
+        elapsed = time.perf_counter() - start
+        report_progress(progress, Progress(
+            phase="evaluate", epoch=0, epochs=0, step=step, steps=steps, loss=None, metric=None,
+            eta_seconds=elapsed / step * (steps - step), fraction=step / steps,
+        ))
     stacked = np.concatenate(confusions)
     confusion = stacked.sum(axis=0)
     table = per_image_table(stacked, names, dataset_image_paths(dataset)) if per_image else per_image_table(
