@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +71,29 @@ def adopt_trained_model(job: JobRecord, checkpoint: str, started_for: str = TRAI
         with error_box(action):
             choose_model(checkpoint)
             st.rerun()  # the sidebar and the page below show it
+
+
+def start_job(kind: str, request, session_key: str, started_for: str, address_key: str) -> None:
+    """Submit this tab's job, follow it in this session and the address, and remember the
+    workspace model it was started for (what `adopt_trained_model` may replace)."""
+    job = api.submit(kind, request)
+    api.ensure_worker()
+    st.session_state[session_key] = job.id
+    st.session_state.setdefault(started_for, {})[job.id] = st.session_state.get("model")
+    st.query_params[address_key] = str(job.id)
+
+
+def follow_page_job(kind: str, session_key: str, address_key: str, wanted: str, action: str,
+                    draw: Callable[[JobRecord], None]) -> None:
+    """Follow this tab's job (this session's, or the one the address names), refusing a job
+    of another kind by name."""
+    with error_box(action):
+        job_id = st.session_state.get(session_key) or query_job_id(address_key)
+        if job_id:
+            job = api.get_job(int(job_id))
+            if job.kind != kind:
+                raise JobIdError(f"job {job.id} is a {job.kind} job, not {wanted}")
+            follow_job(job, action, draw)
 
 
 def training_curves(curve: pd.DataFrame) -> go.Figure:
@@ -220,18 +244,9 @@ with train_tab:
             request = TrainRequest(format=choice.format, root=choice.root or None, size=size, arch=arch,
                                    encoder=encoder, epochs=int(epochs), batch_size=int(batch), seed=int(seed),
                                    split_seed=choice.seed, option=choice.parsed_options(), precision=precision)
-            job = api.submit("train", request)
-            api.ensure_worker()
-            st.session_state["train_job"] = job.id
-            st.session_state.setdefault(TRAINING_FOR, {})[job.id] = st.session_state.get("model")
-            st.query_params["job"] = str(job.id)
-    with error_box("Reading the training job"):
-        job_id = st.session_state.get("train_job") or query_job_id("job")
-        if job_id:
-            job = api.get_job(int(job_id))
-            if job.kind != "train":
-                raise JobIdError(f"job {job.id} is a {job.kind} job, not a training job; train one above")
-            follow_job(job, "Reading the training job", draw_training)
+            start_job("train", request, "train_job", TRAINING_FOR, "job")
+    follow_page_job("train", "train_job", "job", "a training job; train one above", "Reading the training job",
+                    draw_training)
 
 with load_tab:
     models = []
@@ -301,18 +316,9 @@ with import_tab:
                                     option=choice.parsed_options(), split_seed=choice.seed, size=import_size or None,
                                     classes=classes, arch=None if smp else import_arch,
                                     encoder=None if smp else import_encoder, mean=mean, std=std)
-            job = api.submit("import", request)
-            api.ensure_worker()
-            st.session_state["import_job"] = job.id
-            st.session_state.setdefault(IMPORTING_FOR, {})[job.id] = st.session_state.get("model")
-            st.query_params["import"] = str(job.id)
-    with error_box("Reading the import job"):
-        import_id = st.session_state.get("import_job") or query_job_id("import")
-        if import_id:
-            job = api.get_job(int(import_id))
-            if job.kind != "import":
-                raise JobIdError(f"job {job.id} is a {job.kind} job, not an import; import a model above")
-            follow_job(job, "Reading the import job", draw_import)
+            start_job("import", request, "import_job", IMPORTING_FOR, "import")
+    follow_page_job("import", "import_job", "import", "an import; import a model above", "Reading the import job",
+                    draw_import)
 
 loaded = None
 with error_box("Loading the model"):
