@@ -27,6 +27,25 @@ def isolated_workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return workspace
 
 
+@pytest.fixture(autouse=True)
+def no_job_left_queued(isolated_workspace: Path):
+    """Tests in one pytest worker share its workspace's run store: a job a test leaves queued
+    or running (a failure part way, a test that only submits) would be claimed by a later
+    test and fail it. Each test ends with every job there final, so a failure shows once,
+    where it happened."""
+    yield
+    from core.runs.store import DB_FILE, QUEUED, RUNNING, STOPPED, Store
+
+    if not (isolated_workspace / DB_FILE).is_file():
+        return
+    store = Store(isolated_workspace / DB_FILE)
+    try:
+        for job in store.list_jobs(states=[QUEUED, RUNNING]):
+            store.finish_job(job.id, STOPPED, "left unfinished by a test", only_if_running=False)
+    finally:
+        store.close()
+
+
 def shared_dataset(name: str) -> Path:
     """A real dataset from ../shared/datasets, or a skip saying why it is absent."""
     path = SHARED_DATASETS / name
