@@ -263,6 +263,7 @@ def test_prune_with_this_allocation_launches_a_run_holding_it_and_opens_it_on_th
     assert not at.exception and not at.error
     [job] = [j for j in api.list_jobs(kind="prune") if j.id not in earlier]
     assert job.state == "queued" and job.params["target_macs"] == 0.5 and job.params["method"] == "collaborative"
+    assert job.params["no_tolerance_stop"] is True  # the chosen cut is kept whatever its drop
     allocation = FixedAllocation.read(job.params["allocation"])
     first = graph.groups[0]
     assert allocation.allocator == "uniform" and allocation.target == 0.5 and allocation.overrides == {first.name: 3}

@@ -115,6 +115,19 @@ def test_a_finished_job_says_how_long_it_ran(state, text):
     assert (timing.elapsed, timing.remaining, timing.text) == (pytest.approx(50.0), None, text)
 
 
+def test_the_bar_says_a_finished_jobs_state_and_time_once():
+    from dataclasses import replace
+
+    from ui.jobs import bar_text
+
+    done = replace(record(SUCCEEDED, progress=1.0, started=60.0, finished=10.0), message="done")
+    assert bar_text(done, "Training", NOW) == "Training, job 7 (succeeded) · done in 50 s"
+    failed = replace(done, state=FAILED, message="out of memory")
+    assert bar_text(failed, "Training", NOW) == "Training, job 7 (failed): out of memory · failed after 50 s"
+    running = replace(record(progress=0.5, eta=50.0), message="epoch 3/8")
+    assert bar_text(running, "Training", NOW).startswith("Training, job 7 (running): epoch 3/8 · ")
+
+
 def test_a_job_stopped_before_it_started_has_no_time():
     assert JobTiming.of(record(STOPPED, started=None, finished=5.0, attempts=0), NOW).text == ""
 

@@ -43,11 +43,18 @@ def job_bar(job: JobRecord, what: str, stoppable: bool = False) -> None:
     elapsed and, when its progress supports an estimate, the time left (`JobTiming`). With
     ``stoppable``, the job's Stop button under it (`stop_button`)."""
     fraction = 1.0 if job.state == SUCCEEDED else min(max(job.progress, 0.0), 1.0)
-    timing = JobTiming.of(job).text
-    text = f"{what}, job {job.id} ({job.state}): {job.message or job.state}"
-    st.progress(fraction, text=f"{text} · {timing}" if timing else text)
+    st.progress(fraction, text=bar_text(job, what))
     if stoppable:
         stop_button(job)
+
+
+def bar_text(job: JobRecord, what: str, now: float | None = None) -> str:
+    """``what``, the job, its state, its latest message and its time (`JobTiming`); a finished
+    job's last message ("done") is left out where the state and the time already say it."""
+    timing = JobTiming.of(job, now).text
+    message = job.message if job.message and not (job.finished and job.message in ("done", job.state)) else ""
+    text = f"{what}, job {job.id} ({job.state})" + (f": {message}" if message else "")
+    return f"{text} · {timing}" if timing else text
 
 
 def stop_button(job: JobRecord, label: str = "Stop",

@@ -146,8 +146,10 @@ def launch_with(allocation: FixedAllocation) -> None:
     choice = current_dataset()
     # options only for the model's own format, as the Prune page: the job takes that dataset from the store
     options = choice.parsed_options() if loaded.spec.dataset_format == choice.format and choice.options else {}
+    # The user chose this cut: its round is kept whatever its drop (shown on the Prune page)
+    # instead of the tolerance throwing it away, which a one-round cut to 80% nearly always did
     request = PruneRequest(checkpoint=checkpoint, method=list(METHODS)[0], allocation=str(path),
-                           target_macs=allocation.target, option=options)
+                           target_macs=allocation.target, option=options, no_tolerance_stop=True)
     job = api.submit("prune", request)
     api.ensure_worker()
     st.session_state["run"] = job.id
@@ -233,7 +235,8 @@ if allocator in ("uniform", "global (L1)") or (allocator == "scoring network" an
                                    title=f"Share of channels kept per layer ({allocator})"), width="stretch")
     if kept is not None and st.button("Prune with this allocation", key="importance_prune",
                                       help="Launch a prune run whose first round cuts exactly these channel counts "
-                                           "(the Prune page's default settings otherwise), and follow it there."):
+                                           "and is kept whatever its drop (the Prune page's default settings "
+                                           "otherwise), and follow it there."):
         with error_box("Launching a run with this allocation"):
             launch_with(FixedAllocation(
                 kept=kept, channels={g: int(c) for g, c in zip(groups["group"], groups["channels"])},
