@@ -39,6 +39,7 @@ from core.atomic import atomic_path
 from core.errors import DefectPruneError
 from core.metrics import EvaluationResult
 from core.profile import DEFAULT_THREADS, onnx_session
+from core.progress import StageProgress
 from core.train import EmptySplitError, ProgressCallback
 from core.train.datasets import dataset_class_names
 from core.train.evaluation import split_metrics
@@ -220,40 +221,76 @@ def checkpoint_dataset(index: Any, split: str, size: Sequence[int], spec: Any, l
 
 def int8_cost_rows(checkpoints: Sequence[str | Path], calibration: Dataset, runs: int = 10, threads: int = 1,
                    images: int = DEFAULT_CALIBRATION_IMAGES, seed: int = DEFAULT_CALIBRATION_SEED,
-                   evaluate_on: Dataset | None = None, warmup: int = 2) -> list[dict[str, Any]]:
-    """What an "INT8 ONNX Runtime" row of a cost table needs, per checkpoint (the same input
-    size and channels, as `core.compare.cost_rows` takes them): each exported at its input
-    size, quantised (calibrated on ``images`` seeded images of ``calibration``, one dataset
-    for all, so the models are quantised alike) and timed in turns with the others.
+                   evaluate_on: Dataset | None = None, warmup: int = 2,
+                   progress: StageProgress | None = None) -> list[dict[str, Any]]:
+    """What the "fp32 / INT8 ONNX Runtime" rows of a cost table need, per checkpoint (the same
+    input size and channels, as `core.compare.cost_rows` takes them): each exported at its
+    input size, quantised (calibrated on ``images`` seeded images of ``calibration``, one
+    dataset for all, so the models are quantised alike), and every fp32 and INT8 file timed in
+    turns with the others, so that INT8 against fp32 and one model against another hold on a
+    busy machine.
 
-    A row: ``checkpoint``, ``size_bytes_int8`` (the INT8 file), ``latency_int8_ms`` (the
-    median) and ``latency`` = {``"onnxruntime_int8"``: median_ms, p10_ms, p90_ms}, the shape
-    of a cost row's ``latency`` entries, so ``row["latency"].update(int8["latency"])`` adds
-    the engine to a `cost_rows` row; with ``evaluate_on``, ``defect_miou_int8`` on it."""
+    A row: ``checkpoint``, ``size_bytes_int8`` and ``size_bytes_onnx`` (the INT8 and fp32
+    files), ``latency_int8_ms`` (the median) and ``latency`` = {``"onnxruntime"``,
+    ``"onnxruntime_int8"``: median_ms, p10_ms, p90_ms}, the shape of a cost row's ``latency``
+    entries, so ``row["latency"].update(int8["latency"])`` adds the engine to a `cost_rows`
+    row; with ``evaluate_on``, ``defect_miou_onnx`` and ``defect_miou_int8``: both files
+    scored on it with ONNX Runtime (`evaluate_onnx`). ``progress(fraction, message)`` hears
+    each stage and each batch scored; answering True raises `StopRequested`."""
     from core.models.checkpoint import load_checkpoint
     from core.profile import export_onnx, onnx_latency_in_turns
+    from core.train import StopRequested
+
+    def stage(fraction: float, message: str) -> None:
+        if progress is not None and progress(min(fraction, 1.0), message):
+            raise StopRequested()
 
     loaded = [load_checkpoint(c, device="cpu") for c in checkpoints]
     inputs = {(tuple(entry.spec.input_size), entry.spec.in_channels) for entry in loaded}
     if len(inputs) > 1:
         raise QuantizationError(f"models with different inputs {sorted(inputs)} are not timed side by side")
     ((size, channels),) = inputs
+    count = len(loaded)
+    # the share of the work each stage takes (scoring reads the whole split twice per model)
+    build, timing = (0.4, 0.15) if evaluate_on is not None else (0.8, 0.2)
+
+    def scoring(done: int, of: int) -> float:  # where the scoring stage stands, one file in ``of`` done
+        return build + timing + (1 - build - timing) * done / of
+
     with tempfile.TemporaryDirectory(prefix="defectprune-int8-") as scratch:
         files = []
         for i, entry in enumerate(loaded):
+            stage(build * i / count, f"model {i + 1} of {count}: exporting to ONNX")
             fp32 = export_onnx(entry.model, Path(scratch) / f"model{i}.onnx", size, channels)
-            files.append(quantize_onnx(fp32, Path(scratch) / f"model{i}.int8.onnx", calibration, images, seed).path)
-        latencies = onnx_latency_in_turns(files, size, channels, runs=runs, warmup=warmup, threads=threads)
+            stage(build * (i + 0.3) / count, f"model {i + 1} of {count}: calibrating INT8 on "
+                                             f"{min(images, len(calibration))} training images")
+            files.append((fp32, quantize_onnx(fp32, Path(scratch) / f"model{i}.int8.onnx", calibration, images,
+                                              seed).path))
+        stage(build, f"timing fp32 and INT8 with ONNX Runtime ({runs} runs each, in turns)")
+        timed = onnx_latency_in_turns([path for pair in files for path in pair], size, channels, runs=runs,
+                                      warmup=warmup, threads=threads)
         rows = []
-        for checkpoint, entry, path, latency in zip(checkpoints, loaded, files, latencies):
+        for i, (checkpoint, entry, (fp32, int8)) in enumerate(zip(checkpoints, loaded, files)):
+            spreads = {engine: {"median_ms": r.median_ms, "p10_ms": r.p10_ms, "p90_ms": r.p90_ms}
+                       for engine, r in (("onnxruntime", timed[2 * i]), (INT8_ENGINE, timed[2 * i + 1]))}
             row: dict[str, Any] = {
-                "checkpoint": str(checkpoint), "size_bytes_int8": path.stat().st_size,
-                "latency_int8_ms": latency.median_ms,
-                "latency": {INT8_ENGINE: {"median_ms": latency.median_ms, "p10_ms": latency.p10_ms,
-                                          "p90_ms": latency.p90_ms}},
+                "checkpoint": str(checkpoint), "size_bytes_int8": int8.stat().st_size,
+                "size_bytes_onnx": fp32.stat().st_size, "latency_int8_ms": spreads[INT8_ENGINE]["median_ms"],
+                "latency": spreads,
             }
             if evaluate_on is not None:
-                row["defect_miou_int8"] = evaluate_onnx(path, evaluate_on, entry.spec.classes, threads=threads,
-                                                        per_image=False).metrics.defect_miou
+                for j, (key, path, what) in enumerate((("defect_miou_onnx", fp32, "fp32"),
+                                                       ("defect_miou_int8", int8, "INT8"))):
+                    start, end = scoring(2 * i + j, 2 * count), scoring(2 * i + j + 1, 2 * count)
+                    message = f"model {i + 1} of {count}: scoring the {what} file on {len(evaluate_on)} images"
+                    stage(start, message)
+
+                    def batch(report: Any, start: float = start, end: float = end, message: str = message) -> bool:
+                        at = end if report.fraction >= 1 else start + (end - start) * report.fraction
+                        return bool(progress and progress(at, message))
+
+                    row[key] = evaluate_onnx(path, evaluate_on, entry.spec.classes, threads=threads, per_image=False,
+                                             progress=batch).metrics.defect_miou
             rows.append(row)
+    stage(1.0, "INT8 measured")
     return rows

@@ -84,7 +84,7 @@ def test_two_models_are_compared_with_cost_and_downloads(pair):
     assert list(cost.columns) == ["before", "after", "change", "speed-up"]
     assert cost.loc["MACs", "change"].startswith("-")  # the pruned model has fewer MACs
     assert cost.loc["MACs", "before"].endswith(" M")  # MACs in M or G, not raw counts
-    for engine in ("torch", "ONNX Runtime"):  # median (p10-p90) and a speed-up factor per engine
+    for engine in ("fp32 torch", "fp32 ONNX Runtime"):  # median (p10-p90) and a speed-up factor per engine
         assert cost.loc[f"{engine} latency, median (p10-p90)", "after"].endswith(")")
         assert "x" in cost.loc[f"{engine} latency, median (p10-p90)", "speed-up"]
     assert len(at.get("download_button")) == 3
@@ -205,9 +205,9 @@ def test_a_pruned_model_that_is_not_faster_on_an_engine_is_flagged(pair, monkeyp
     at.selectbox(key="compare_after").set_value(after).run()
     assert not at.exception and not at.error, [e.value for e in at.error]
     cost = at.table[0].value
-    assert cost.loc["ONNX Runtime latency, median (p10-p90)", "speed-up"] == "0.90x ⚠ not faster"
-    assert cost.loc["torch latency, median (p10-p90)", "speed-up"] == "2.34x"
-    assert [w.value for w in at.warning if "not faster on ONNX Runtime: 6.82 -> 7.58 ms" in w.value]
+    assert cost.loc["fp32 ONNX Runtime latency, median (p10-p90)", "speed-up"] == "0.90x ⚠ not faster"
+    assert cost.loc["fp32 torch latency, median (p10-p90)", "speed-up"] == "2.34x"
+    assert [w.value for w in at.warning if "not faster on fp32 ONNX Runtime: 6.82 -> 7.58 ms" in w.value]
     st.cache_data.clear()  # nor may these stand in for measured ones in later tests
 
 

@@ -23,6 +23,7 @@ from core.errors import DefectPruneError
 from core.progress import duration_text, estimate_remaining, remaining_text
 from core.runs.artifacts import atomic_write_bytes, atomic_write_json, atomic_write_npz
 from core.runs.store import FAILED, QUEUED, RUNNING, STOPPED, SUCCEEDED, JobRecord, Store
+from core.services.compare_int8 import Int8CostRequest, run_int8_cost
 from core.services.evaluate import EvaluateRequest, run_evaluate
 from core.services.export import ExportRequest, run_export
 from core.services.import_model import ImportRequest, run_import
@@ -432,6 +433,15 @@ def export_job(ctx: JobContext) -> dict[str, Any]:
         report = atomic_write_json(ctx.out_dir / "profile.json", result.profile)
         ctx.store.add_artifact("profile", report, job_id=ctx.job_id, model_id=model_id)
     return result.to_json()
+
+
+def int8_cost_job(ctx: JobContext) -> dict[str, Any]:
+    """The Compare page's INT8 step (`run_int8_cost`): both models' fp32 and INT8 ONNX files
+    timed in turns and scored with ONNX Runtime; the numbers also in ``int8_cost.json``."""
+    result = run_int8_cost(Int8CostRequest.from_json(ctx.params), ctx.progress)
+    report = atomic_write_json(ctx.out_dir / "int8_cost.json", result)
+    ctx.store.add_artifact("int8_cost", report, job_id=ctx.job_id)
+    return result
 
 
 def import_job(ctx: JobContext) -> dict[str, Any]:

@@ -9,8 +9,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from core.runs.jobs import JobContext, evaluate_job, export_job, import_job, prune_job, score_job, train_job
+from core.runs.jobs import (
+    JobContext, evaluate_job, export_job, import_job, int8_cost_job, prune_job, score_job, train_job,
+)
 from core.runs.store import JobRecord, JobStateError
+from core.services.compare_int8 import Int8CostRequest
 from core.services.evaluate import EvaluateRequest
 from core.services.export import ExportRequest
 from core.services.import_model import ImportRequest
@@ -59,6 +62,8 @@ KINDS: dict[str, JobKind] = {kind.name: kind for kind in (
             resumable=True, address=("run",), restores=frozenset({DATASET, MODEL, RUN})),
     JobKind("evaluate", EvaluateRequest, evaluate_job, "metrics and per-image table of a checkpoint on a split"),
     JobKind("export", ExportRequest, export_job, "ONNX export checked with ONNX Runtime, and the profile"),
+    JobKind("int8-cost", Int8CostRequest, int8_cost_job, "the Compare page's INT8 step: both models' fp32 and "
+            "INT8 ONNX files timed in turns and scored with ONNX Runtime"),
     JobKind("import", ImportRequest, import_job, "a model trained elsewhere (smp folder or state dict) as a "
             "checkpoint, evaluated at once", address=("import",), restores=frozenset({DATASET})),
 )}

@@ -25,12 +25,16 @@ from core.models.checkpoint import CheckpointMissingFileError, read_spec, restor
 from core.models.zoo import ModelSpec
 from core.train import EmptySplitError
 
-# A cost row's latency engines, as the cost table names them.
-ENGINES = {"torch": "torch", "onnxruntime": "ONNX Runtime"}
+# A cost row's latency engines, as the cost table names them (the INT8 one once the INT8 step ran).
+ENGINES = {"torch": "fp32 torch", "onnxruntime": "fp32 ONNX Runtime", "onnxruntime_int8": "INT8 ONNX Runtime"}
+INT8_ENGINE = "onnxruntime_int8"  # core.quantize.INT8_ENGINE (not imported: it imports torch)
 NOT_FASTER = "not faster"  # the speed-up cell's marker where the after model is not faster
 # What most often makes a pruned model slower on ONNX Runtime (bench/results/latency.md).
 SLOWER_CAUSE = (" Channel counts that are not multiples of 16 keep ONNX Runtime off its blocked convolution "
                 "kernels: prune with channel counts rounded to 16 (--round-to 16).")
+OVERLAP = " The timings' p10-p90 ranges overlap, so other work on the machine may have decided it: measure again."
+# the INT8 step's keys that join a model's cost row (sizes of both files, both files' defect mIoU)
+INT8_KEYS = ("size_bytes_onnx", "size_bytes_int8", "latency_int8_ms", "defect_miou_onnx", "defect_miou_int8")
 
 
 class CompareRequestError(DefectPruneError):
@@ -131,7 +135,9 @@ class CostComparison:
     models: pd.DataFrame  # one row per model (before, after), the raw numbers: what the report keeps
     table: pd.DataFrame  # one row per measure: before, after, change (%), speed-up (latency only)
     not_faster: list[str]  # the engines (as ENGINES names them) on which the after model is not faster
-    notes: list[str]  # one line per engine in not_faster
+    notes: list[str]  # one line per engine in not_faster, then one per model in int8_not_faster
+    int8_not_faster: list[str] = field(default_factory=list)  # the models (before, after) whose INT8 file is not
+    # faster than their fp32 file on ONNX Runtime
 
 
 def amount(value: float, unit: str = "") -> str:
@@ -150,16 +156,52 @@ def _latency(stats: dict[str, float]) -> str:
     return f"{stats['median_ms']:.2f} ms ({stats['p10_ms']:.2f}-{stats['p90_ms']:.2f})"
 
 
-def compare_costs(before: dict[str, Any], after: dict[str, Any]) -> CostComparison:
+def _mib(value: float) -> str:
+    return f"{value / 2**20:.2f} MiB"
+
+
+def _miou(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _points(before: float | None, after: float | None) -> str:
+    return "-" if before is None or after is None else f"{after - before:+.2f} pts"
+
+
+def with_int8(row: dict[str, Any], int8: dict[str, Any]) -> dict[str, Any]:
+    """A `core.compare.cost_row` with its model's row of the INT8 step
+    (`core.quantize.int8_cost_rows`): the fp32 and INT8 ONNX files' sizes and defect mIoU, and
+    their latency, fp32 ONNX Runtime's taking the place of the row's own (the INT8 step timed
+    both files in turns, so the two stand side by side; torch's stays)."""
+    merged = {**row, **{key: int8[key] for key in INT8_KEYS if key in int8}}
+    merged["latency"] = {**row.get("latency", {}), **int8["latency"]}
+    return merged
+
+
+def compare_costs(before: dict[str, Any], after: dict[str, Any], int8: dict[str, Any] | None = None) -> CostComparison:
     """Two `core.compare.cost_row`s as the cost table: MACs and parameters in M or G, size in
     MiB, latency per engine as median (p10-p90) of the timed runs, the change in percent and
     the speed-up (before's median / after's). An engine on which the after model is not
-    faster is marked in its speed-up cell and explained in ``notes``."""
-    rows, not_faster, notes = [], [], []
-    for measure, key, show in (("MACs", "macs", amount), ("parameters", "params", amount),
-                               ("size on disk", "size_bytes", lambda v: f"{v / 2**20:.2f} MiB")):
-        rows.append({"measure": measure, "before": show(before[key]), "after": show(after[key]),
-                     "change": _change(before[key], after[key]), "speed-up": ""})
+    faster is marked in its speed-up cell and explained in ``notes``.
+
+    With ``int8``, the INT8 step's result (`core.services.compare_int8.run_int8_cost`: a
+    ``before`` and an ``after`` row of `core.quantize.int8_cost_rows`): the fp32 and INT8 ONNX
+    files' sizes, INT8 ONNX Runtime latency beside fp32 torch and fp32 ONNX Runtime, each
+    model's INT8 speed-up over its fp32 file (marked where INT8 is not faster, with a note),
+    and both files' defect mIoU on the comparison's split, with INT8's change in points."""
+    if int8 is not None:
+        before, after = with_int8(before, int8["before"]), with_int8(after, int8["after"])
+    rows, not_faster, notes, int8_slower = [], [], [], []
+
+    def measure(name: str, was: str, now: str, change: str, speedup: str = "") -> None:
+        rows.append({"measure": name, "before": was, "after": now, "change": change, "speed-up": speedup})
+
+    for name, key, show in (("MACs", "macs", amount), ("parameters", "params", amount),
+                            ("size on disk", "size_bytes", _mib)):
+        measure(name, show(before[key]), show(after[key]), _change(before[key], after[key]))
+    if int8 is not None:
+        for name, key in (("fp32 ONNX size", "size_bytes_onnx"), ("INT8 ONNX size", "size_bytes_int8")):
+            measure(name, _mib(before[key]), _mib(after[key]), _change(before[key], after[key]))
     for engine, label in ENGINES.items():
         was, now = before["latency"].get(engine), after["latency"].get(engine)
         if was is None or now is None:
@@ -170,12 +212,29 @@ def compare_costs(before: dict[str, Any], after: dict[str, Any]) -> CostComparis
             marker += f" ⚠ {NOT_FASTER}"
             not_faster.append(label)
             notes.append(_slower_note(label, was, now))
-        rows.append({"measure": f"{label} latency, median (p10-p90)", "before": _latency(was),
-                     "after": _latency(now), "change": _change(was["median_ms"], now["median_ms"]),
-                     "speed-up": marker})
+        measure(f"{label} latency, median (p10-p90)", _latency(was), _latency(now),
+                _change(was["median_ms"], now["median_ms"]), marker)
+    if int8 is not None:
+        cells = []
+        for role, row in (("before", before), ("after", after)):
+            fp32, quantised = row["latency"]["onnxruntime"], row["latency"][INT8_ENGINE]
+            gain = fp32["median_ms"] / quantised["median_ms"]
+            cells.append(f"{gain:.2f}x" + (f" ⚠ {NOT_FASTER}" if gain <= 1.0 else ""))
+            if gain <= 1.0:
+                int8_slower.append(role)
+        measure("INT8 speed-up over fp32 ONNX Runtime", *cells, "")
+        for role in int8_slower:
+            row = before if role == "before" else after
+            notes.append(_int8_slower_note(role, row["latency"]["onnxruntime"], row["latency"][INT8_ENGINE]))
+        fp32_miou = (before.get("defect_miou_onnx"), after.get("defect_miou_onnx"))
+        int8_miou = (before.get("defect_miou_int8"), after.get("defect_miou_int8"))
+        split = f"{int8.get('split', '')}, {int8.get('images', '?')} images".lstrip(", ")
+        measure(f"defect mIoU, fp32 ONNX Runtime ({split})", *map(_miou, fp32_miou), _points(*fp32_miou))
+        measure(f"defect mIoU, INT8 ONNX Runtime ({split})", *map(_miou, int8_miou), _points(*int8_miou))
+        measure("INT8 defect mIoU change from fp32", *(_points(f, i) for f, i in zip(fp32_miou, int8_miou)), "")
     models = pd.DataFrame([{"model": "before", **_flat(before)}, {"model": "after", **_flat(after)}])
     return CostComparison(models=models, table=pd.DataFrame(rows).set_index("measure"), not_faster=not_faster,
-                          notes=notes)
+                          notes=notes, int8_not_faster=int8_slower)
 
 
 def _flat(row: dict[str, Any]) -> dict[str, Any]:
@@ -188,11 +247,19 @@ def _flat(row: dict[str, Any]) -> dict[str, Any]:
 
 def _slower_note(engine: str, was: dict[str, float], now: dict[str, float]) -> str:
     overlap = now["p10_ms"] <= was["p90_ms"]  # the spreads overlap: the machine's load may decide
-    why = (SLOWER_CAUSE if engine == ENGINES["onnxruntime"] else "")
+    why = SLOWER_CAUSE if "ONNX Runtime" in engine else ""
     if overlap:
-        why += " The timings' p10-p90 ranges overlap, so other work on the machine may have decided it: measure again."
+        why += OVERLAP
     return (f"⚠ The pruned model is not faster on {engine}: {was['median_ms']:.2f} -> {now['median_ms']:.2f} ms "
             f"median.{why}")
+
+
+def _int8_slower_note(role: str, fp32: dict[str, float], int8: dict[str, float]) -> str:
+    why = OVERLAP if int8["p10_ms"] <= fp32["p90_ms"] else (
+        " On this CPU and input size the INT8 file gains nothing: ship the fp32 file, or measure on the device "
+        "the model will run on.")
+    return (f"⚠ The {role} model's INT8 file is not faster than its fp32 file on ONNX Runtime: "
+            f"{fp32['median_ms']:.2f} -> {int8['median_ms']:.2f} ms median.{why}")
 
 
 def checkpoint_zip(folder: str | Path) -> bytes:
