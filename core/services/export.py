@@ -12,6 +12,7 @@ from core.services.datasets import format_choices
 from core.services.request import (
     FLAG, OPTIONS, POSITIVE_INT, SEED, WHOLE_NUMBER, Check, ParameterError, Request, setting,
 )
+from core.services.tracking import tracked, tracking_setting
 
 
 
@@ -76,6 +77,7 @@ class ExportRequest(Request):
     # the export job's accuracy of the INT8 file (with the profile): test images scored
     limit: int | None = setting(None, check=POSITIVE_INT, cli=False,
                                 help="test images the INT8 and fp32 files are scored on (default: the whole split)")
+    mlflow_uri: str | None = tracking_setting()
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -140,6 +142,7 @@ def _per_channel(values: tuple[float, ...]) -> str:
     return str(values[0]) if len(set(values)) == 1 else json.dumps(list(values))
 
 
+@tracked  # logged to MLflow where a tracking URI is set (core.services.tracking)
 def run_export(request: ExportRequest, progress: StageProgress | None = None) -> ExportResult:
     from core.data.base import parse_size
     from core.models.checkpoint import load_checkpoint

@@ -17,6 +17,7 @@ from core.services.request import (
     FINITE_FLOAT, FLAG, FRACTION, LIST, NON_NEGATIVE_FINITE, NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, SEED,
     UNIT_INTERVAL, ParameterError, setting,
 )
+from core.services.tracking import tracked, tracking_setting
 from core.services.train import precision_setting
 
 if TYPE_CHECKING:
@@ -116,6 +117,7 @@ class PruneRequest(StepRequest):
                                      help="a fixed allocation (the Layer importance page's JSON: kept channels per "
                                           "layer for this checkpoint) the first round cuts to exactly")
     out: str | None = setting(None, required=True, job=False, help="folder for the rounds' checkpoints and rounds.json")
+    mlflow_uri: str | None = tracking_setting()
 
     def loop_settings(self, device: str, allocation: dict[str, int] | None = None) -> LoopSettings:
         """The loop's settings (fine-tunes on ``device``; ``allocation``: the fixed allocation's
@@ -139,6 +141,7 @@ class PruneRequest(StepRequest):
         )
 
 
+@tracked  # logged to MLflow where a tracking URI is set (core.services.tracking)
 def run_prune(request: PruneRequest, progress: StageProgress | None = None) -> LoopResult:
     """Run (or resume) the loop in ``request.out``."""
     from core.atomic import check_output_folder

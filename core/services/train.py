@@ -12,6 +12,7 @@ from core.services.datasets import DataRequest, format_choices
 from core.services.request import (
     FINITE_FLOAT, FLAG, NON_NEGATIVE_FINITE, POSITIVE_FLOAT, POSITIVE_INT, SEED, WHOLE_NUMBER, ParameterError, setting,
 )
+from core.services.tracking import tracked, tracking_setting
 
 if TYPE_CHECKING:
     from core.train import ProgressCallback
@@ -82,6 +83,7 @@ class TrainRequest(DataRequest):
     seed: int = setting(0, check=SEED, help="seed of weights, order and augmentation")
     out: str | None = setting(None, required=True, job=False, help="checkpoint folder to write")
     precision: str = precision_setting()
+    mlflow_uri: str | None = tracking_setting()
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,7 @@ class TrainResult:
         return asdict(self)
 
 
+@tracked  # logged to MLflow where a tracking URI is set (core.services.tracking)
 def run_train(request: TrainRequest, progress: ProgressCallback | None = None) -> TrainResult:
     """Train, save the checkpoint at ``request.out`` with its training history."""
     import torch
