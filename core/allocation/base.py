@@ -1,4 +1,5 @@
-"""What every allocator returns, and meeting a MACs budget exactly on rounded channel counts."""
+"""What every allocator returns, and meeting a cost budget (MACs, or milliseconds from a latency
+table: the cost model's ``budget``) exactly on rounded channel counts."""
 
 from __future__ import annotations
 
@@ -75,15 +76,16 @@ def meet_budget(
     iterations: int = 60,
 ) -> tuple[float, dict[str, int], bool]:
     """Bisection on a parameter whose counts grow with it: the largest parameter whose
-    rounded counts stay within ``target_macs``. Returns (parameter, counts, met)."""
+    rounded counts stay within ``target_macs`` (the cost model's budget: MACs or ms).
+    Returns (parameter, counts, met)."""
     low_counts = counts_at(low)
-    if cost.predict(low_counts)["macs"] > target_macs:
+    if cost.budget_of(low_counts) > target_macs:
         return low, low_counts, False  # the per-group limits forbid going this low
     best = (low, low_counts)
     for _ in range(iterations):
         mid = (low + high) / 2
         counts = counts_at(mid)
-        if cost.predict(counts)["macs"] <= target_macs:
+        if cost.budget_of(counts) <= target_macs:
             low, best = mid, (mid, counts)
         else:
             high = mid
@@ -131,7 +133,7 @@ def fill_budget(
         name = max(sorted(open_groups), key=deficit)
         g = graph.by_name[name]
         grown = kept[name] + max(g.channel_step, limits.round_to)
-        if grown > g.channels or cost.predict({**kept, name: grown})["macs"] > target_macs:
+        if grown > g.channels or cost.budget_of({**kept, name: grown}) > target_macs:
             open_groups.discard(name)
             continue
         kept[name] = grown

@@ -44,7 +44,7 @@ class SensitivityCurveError(DefectPruneError):
 def allocate_uniform(graph: PruningGraph, cost: CostModel, target_reduction: float,
                      limits: AllocationLimits | None = None) -> Allocation:
     limits = limits or AllocationLimits()
-    target = cost.macs0 * (1.0 - target_reduction)
+    target = cost.budget0 * (1.0 - target_reduction)
     n = len(graph.groups)
     ratio, kept, met = meet_budget(cost, lambda r: counts_for(graph, np.full(n, r), limits), target, 0.0, 1.0)
     keep = np.full(n, ratio)
@@ -71,7 +71,7 @@ def allocate_global(graph: PruningGraph, cost: CostModel, scores: Mapping[str, n
         keep = np.array([(normalised[g.name] >= threshold).mean() for g in graph.groups])
         return counts_for(graph, keep, limits)
 
-    target = cost.macs0 * (1.0 - target_reduction)
+    target = cost.budget0 * (1.0 - target_reduction)
     level, kept, met = meet_budget(cost, counts_at, target, 0.0, 1.0)
     keep = np.array([kept[g.name] / g.channels for g in graph.groups])
     mean_score = {g.name: float(np.mean(normalised[g.name] >= top * (1.0 - level))) for g in graph.groups}
@@ -140,19 +140,19 @@ def allocation_from_drops(
                                     f"({', '.join(unknown[:3])}); they were measured on another model: measure again")
     level_counts = sensitivity_level_counts(graph, limits, levels)
     curves = {g.name: [float(d) for d in drops.get(g.name, [0.0])] for g in graph.groups}
-    target = cost.macs0 * (1.0 - target_reduction)
+    target = cost.budget0 * (1.0 - target_reduction)
     state = {g.name: 0 for g in graph.groups}
     current = {g.name: g.channels for g in graph.groups}
-    met = cost.predict(current)["macs"] <= target
+    met = cost.budget_of(current) <= target
     while not met:
         best, best_rate = None, np.inf
-        now = cost.predict(current)["macs"]
+        now = cost.budget_of(current)
         for g in graph.groups:
             i = state[g.name]
             if i + 1 >= len(level_counts[g.name]) or len(curves[g.name]) <= i + 1:
                 continue
             trial = dict(current, **{g.name: level_counts[g.name][i + 1]})
-            saved = now - cost.predict(trial)["macs"]
+            saved = now - cost.budget_of(trial)
             if saved <= 0:
                 continue
             rate = max(curves[g.name][i + 1] - curves[g.name][i], 0.0) / saved
@@ -163,12 +163,12 @@ def allocation_from_drops(
         previous = current[best]
         state[best] += 1
         current[best] = level_counts[best][state[best]]
-        if cost.predict(current)["macs"] <= target:
+        if cost.budget_of(current) <= target:
             # the last move overshoots: take only as many channels from it as the budget needs
             lo, hi = current[best], previous
             while hi - lo > 1:
                 mid = (lo + hi) // 2
-                if cost.predict(dict(current, **{best: mid}))["macs"] <= target:
+                if cost.budget_of(dict(current, **{best: mid})) <= target:
                     lo = mid
                 else:
                     hi = mid

@@ -18,6 +18,7 @@ import torch.nn as nn
 from core.progress import StageProgress
 from core.allocation.base import Allocation, AllocationLimits
 from core.allocation.cost import CostModel
+from core.allocation.latency import LatencySettings, latency_cost_model
 from core.errors import DefectPruneError
 from core.importance.scoring import GroupAnalysis
 from core.importance.substitutability import DEFAULT_POSITIONS
@@ -58,6 +59,9 @@ class StepSettings:
     precision: str = "fp32"
     limits: AllocationLimits = field(default_factory=AllocationLimits)
     scoring: ScoringNetworkSettings = field(default_factory=ScoringNetworkSettings)
+    # None: allocators budget the closed-form MACs; else milliseconds from the machine's latency
+    # table (`core.allocation.latency`), measured where the cache lacks it
+    latency: LatencySettings | None = None
 
 
 @dataclass
@@ -78,15 +82,18 @@ class PruningContext:
 
 def pruning_context(model: nn.Module, input_size: Sequence[int], in_channels: int, batches: Sequence[Batch],
                     class_names: Sequence[str], class_weights: Sequence[float] | None = None,
-                    settings: StepSettings | None = None) -> PruningContext:
+                    settings: StepSettings | None = None, progress: StageProgress | None = None) -> PruningContext:
     """The context of one step on ``model`` as it is now (graph traced at ``input_size``);
-    class weights default to 1 per class."""
+    class weights default to 1 per class. With latency settings the cost model is the latency
+    table's (``progress`` follows whatever it has to measure)."""
     size = (int(input_size[0]), int(input_size[1]))
     graph = PruningGraph.traced(model, size, in_channels)
     weights = list(class_weights) if class_weights is not None else [1.0] * len(class_names)
-    return PruningContext(model=model, graph=graph, cost=CostModel(graph), batches=batches,
+    settings = settings or StepSettings()
+    cost = CostModel(graph) if settings.latency is None else latency_cost_model(graph, settings.latency, progress)
+    return PruningContext(model=model, graph=graph, cost=cost, batches=batches,
                           class_names=list(class_names), class_weights=weights, input_size=size,
-                          in_channels=int(in_channels), settings=settings or StepSettings())
+                          in_channels=int(in_channels), settings=settings)
 
 
 @dataclass

@@ -25,6 +25,13 @@ from core.profile import subclass_counters
 
 
 class CostModel:
+    """The closed-form MACs model. Every allocator spends its budget through ``budget0``,
+    ``budget`` (differentiable, from keep ratios) and ``budget_of`` (from kept counts), so a
+    model of another cost (`core.allocation.latency.LatencyCostModel`: milliseconds from a
+    measured table) drops in with the same interface; ``kind`` names the cost budgeted."""
+
+    kind = "macs"
+
     def __init__(self, graph: PruningGraph):
         model = graph.model
         example = graph.example_inputs
@@ -112,6 +119,20 @@ class CostModel:
         has_owner = self._out_idx < len(self.group_names)
         owned.index_add_(0, self._out_idx[has_owner], self._conv_base[has_owner])
         return owned + self._composition.T @ self._conv_base
+
+    # ------------------------------------------------------------ the budgeted cost
+    @property
+    def budget0(self) -> float:
+        """The budgeted cost of the model as it is (nothing cut)."""
+        return float(self.macs0)
+
+    def budget(self, keep: torch.Tensor) -> torch.Tensor:
+        """The budgeted cost at keep ratios (one per group, differentiable)."""
+        return self.macs(keep)
+
+    def budget_of(self, kept: Mapping[str, int] | None = None) -> float:
+        """The budgeted cost for kept channel counts per group."""
+        return self.predict(kept)[self.kind]
 
     # ------------------------------------------------------------ convenience
     def keep_vector(self, kept: Mapping[str, int] | None = None) -> torch.Tensor:

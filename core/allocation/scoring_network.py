@@ -75,7 +75,7 @@ def allocate_by_scoring_network(context: PruningContext, analysis: GroupAnalysis
             with autocast(device, precision):
                 out = model(images.to(device))
             seg = loss_fn.to(device)(out, targets.to(device))
-            pressure = settings.pressure * cost.macs(keep) / cost.macs0
+            pressure = settings.pressure * cost.budget(keep) / cost.budget0
             loss = seg + pressure.float()
             optimiser.zero_grad()
             loss.backward()
@@ -106,7 +106,7 @@ def allocation_from_logits(graph: PruningGraph, cost: CostModel, logits: Sequenc
     def keep_at(offset: float) -> np.ndarray:
         return _keep(base + offset, k_min, free).numpy()
 
-    target = cost.macs0 * (1.0 - target_reduction)
+    target = cost.budget0 * (1.0 - target_reduction)
     offset, kept, met = meet_budget(cost, lambda o: counts_for(graph, keep_at(o), limits), target, -30.0, 30.0)
     keep = keep_at(offset)
     if met:

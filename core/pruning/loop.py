@@ -36,6 +36,7 @@ from core.models.runtime import model_device
 from core.models.zoo import ModelSpec
 from core.precision import resolve_precision
 from core.profile import count_macs, count_params, measure_latency
+from core.allocation.latency import LatencyStopped
 from core.pruning.methods import MethodSpec, resolve_method
 from core.pruning.step import prune_step, prune_to
 from core.train import (
@@ -63,7 +64,10 @@ class LoopSettings:
     allocator: str | None = None  # ablation overrides
     criterion: str | None = None
     target: float = 0.8  # reduction to reach (fraction: 0.8 = 80% fewer)
-    target_kind: str = "macs"  # or "params"
+    target_kind: str = "macs"  # or "params", or "latency" (a reduction of the latency table's prediction)
+    # a latency target: the starting model's predicted ms (the target is 1 - target ms / this);
+    # the step settings' ``latency`` says which table
+    start_ms: float | None = None
     tolerance: float = 1.0  # largest defect-mIoU drop (points) against the unpruned model
     step: float = 0.3  # share of the remaining MACs removed per round
     # MACs reductions a round lands on exactly instead of stepping past (the benchmark's 50, 70
@@ -94,8 +98,10 @@ class LoopSettings:
             raise PruningError(f"target must be a reduction between 0 and 1 (e.g. 0.8), not {self.target}")
         if not 0.0 < self.step < 1.0:
             raise PruningError(f"step must be between 0 and 1 (share of remaining MACs per round), not {self.step}")
-        if self.target_kind not in ("macs", "params"):
-            raise PruningError(f"target kind must be macs or params, not {self.target_kind!r}")
+        if self.target_kind not in ("macs", "params", "latency"):
+            raise PruningError(f"target kind must be macs, params or latency, not {self.target_kind!r}")
+        if self.target_kind == "latency" and (self.start_ms is None or self.step_settings.latency is None):
+            raise PruningError("a latency target needs the starting model's predicted latency and a latency table")
         if self.tolerance < 0:
             raise PruningError(f"tolerance must be 0 or more points, not {self.tolerance}")
         if any(not 0.0 < m < 1.0 for m in self.milestones):
@@ -329,13 +335,13 @@ def run_prune_loop(
     calibration = _calibrate(run)
     for round_index in range(len(state.rounds) + 1, settings.max_rounds + 1):
         macs_now, params_now = run.cost_now(state.model)
-        if _reached(settings, run.base, macs_now, params_now):
+        if _reached(settings, run.base, macs_now, params_now, _predicted_ms(settings, state)):
             state.stopped = "target"
             break
         if not _prune_round(run, state, calibration, round_index, macs_now):
             break
     else:
-        if _reached(settings, run.base, *run.cost_now(state.model)):
+        if _reached(settings, run.base, *run.cost_now(state.model), _predicted_ms(settings, state)):
             state.stopped = "target"
     return _finish(run, state)
 
@@ -410,13 +416,21 @@ def _prune_round(run: _Run, state: LoopState, calibration: _Calibration, round_i
     offset, share = _round_span(run, state, round_index, macs_now)
     relay = _Relay(run.progress, offset, share * 0.4, f"round {round_index} prune")
     step_settings = replace(settings.step_settings, seed=settings.seed + round_index, precision=calibration.precision)
-    context = pruning_context(state.model, run.size, run.spec.in_channels, calibration.batches, run.names,
-                              calibration.class_weights, step_settings)
+    try:  # a latency table measures what its cache lacks first (its messages at the round's start)
+        context = pruning_context(state.model, run.size, run.spec.in_channels, calibration.batches, run.names,
+                                  calibration.class_weights, step_settings,
+                                  progress=lambda fraction, message: relay(0.0, message))
+    except LatencyStopped:
+        state.stopped = "user"
+        return False
+    reduction = 1.0 - next_macs / macs_now
+    if settings.target_kind == "latency":  # the step's share of the predicted ms, landing on the target
+        now_ms = context.cost.budget0
+        reduction = max(1.0 - max(now_ms * (1.0 - settings.step), _target_ms(settings)) / now_ms, 0.0)
     if round_index == 1 and settings.allocation:
         result = prune_to(context, run.method, settings.allocation, progress=relay)
     else:
-        result = prune_step(context, run.method, 1.0 - next_macs / macs_now, progress=relay,
-                            params_floor=params_floor)
+        result = prune_step(context, run.method, reduction, progress=relay, params_floor=params_floor)
     if relay.stop_requested:  # cut with a half-trained allocation: never fine-tuned or recorded
         state.stopped = "user"
         return False
@@ -506,10 +520,30 @@ def _milestone_macs(settings: LoopSettings, base_macs: float, macs_now: float) -
     return [base_macs * (1.0 - m) for m in settings.milestones if 1.0 - macs_now / base_macs < m - 1e-3]
 
 
-def _reached(settings: LoopSettings, base: RunBase, macs: float, params: float) -> bool:
-    if settings.target_kind == "macs":
+def _reached(settings: LoopSettings, base: RunBase, macs: float, params: float,
+             latency_ms: float | None = None) -> bool:
+    if settings.target_kind == "latency" and latency_ms is not None:
+        return latency_ms <= _target_ms(settings) * (1 + 1e-3)
+    if settings.target_kind in ("macs", "latency"):  # latency without a prediction: estimated on MACs
         return 1.0 - macs / base.macs >= settings.target - 1e-3
     return 1.0 - params / base.params >= settings.target - 1e-3
+
+
+def _target_ms(settings: LoopSettings) -> float:
+    return float(settings.start_ms or 0.0) * (1.0 - settings.target)
+
+
+def _predicted_ms(settings: LoopSettings, state: LoopState) -> float | None:
+    """A latency target's progress: the latency table's prediction for the last accepted
+    round's cut (the starting model's before any); None for other targets."""
+    if settings.target_kind != "latency":
+        return None
+    for record in reversed(state.rounds):
+        if record.accepted:
+            predicted = (record.step.get("allocation") or {}).get("predicted") or {}
+            if "latency_ms" in predicted:
+                return float(predicted["latency_ms"])
+    return settings.start_ms
 
 
 def _recovery_share(settings: LoopSettings) -> float:

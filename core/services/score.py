@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from core.progress import StageProgress
 from core.services.prune import StepRequest
-from core.services.request import FRACTION, setting
+from core.services.request import FRACTION, POSITIVE_FLOAT, setting
 
 if TYPE_CHECKING:
     import numpy as np
@@ -25,7 +25,11 @@ if TYPE_CHECKING:
 class ScoreRequest(StepRequest):
     KIND = "score"
 
-    target: float = setting(0.5, check=FRACTION, help="MACs reduction the allocation aims at")
+    target: float = setting(0.5, check=FRACTION, help="MACs reduction the allocation aims at (with --cost latency: "
+                                                      "the latency reduction)")
+    target_latency: float | None = setting(None, check=POSITIVE_FLOAT, metavar="MS",
+                                           help="latency the allocation aims at, in ms, on this machine's latency "
+                                                "table (instead of --target)")
 
 
 @dataclass(frozen=True)
@@ -111,12 +115,18 @@ def run_score(request: ScoreRequest, progress: StageProgress) -> ScoreResult:
     with TorchThreads(request.threads):
         batches = calibration_batches(train_ds, request.calibration_images, request.batch_size, request.seed)
         weights = class_weights_from_counts(class_pixel_counts(train_ds, len(names)))
-        context = pruning_context(model, size, spec.in_channels, batches, names, weights, settings)
-        plan = plan_step(context, method, request.target,
+        context = pruning_context(model, size, spec.in_channels, batches, names, weights, settings,
+                                  progress=lambda fraction, message: stage(0.02 + 0.08 * fraction, message) or False)
+        target = request.target
+        if request.target_latency is not None:
+            from core.services.prune import latency_target
+
+            target, _ = latency_target(request, context.graph, request.target_latency, target)
+        plan = plan_step(context, method, target,
                          progress=lambda fraction, message: stage(0.2 + 0.75 * fraction, message) or False,
                          on_phase=lambda message: stage(next(phases), message))
     return ScoreResult(
         checkpoint=str(Path(request.checkpoint).resolve()), method=request.method, allocator=method.allocator,
-        criterion=method.criterion, target=request.target, input_size=list(size),
+        criterion=method.criterion, target=target, input_size=list(size),
         calibration_images=sum(int(x.shape[0]) for x, _ in batches), allocation=plan.allocation.to_dict(),
         details=plan.live_details(), groups=plan.group_records(), correlations=plan.correlation_arrays())
