@@ -10,7 +10,8 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 from conftest import REPO
-from core.models.checkpoint import save_checkpoint
+import core.predictions
+from core.models.checkpoint import WEIGHTS_FILE, save_checkpoint
 from core.models.zoo import ModelSpec, build_model
 from core.runs import api
 from page_helpers import figure, open_page, sidebar_text, tiny_steel_model, values
@@ -110,6 +111,34 @@ def test_the_split_and_the_number_of_images_change_the_prediction_chart(app, tmp
     title, test = shown()
     assert title == "IoU per defect class on these 8 test images (%)" and test != eight
     assert "#### Predictions on test images" in [m.value for m in app.markdown]
+
+
+def test_a_rerun_shows_the_preview_without_predicting_again(app, tmp_path, monkeypatch):
+    """The preview is cached by the checkpoint, its weights' version, the dataset, split and
+    count: a rerun redraws it from memory; another count, or re-saved weights, predict again."""
+    calls = []
+    predict = core.predictions.predict_split
+    monkeypatch.setattr(core.predictions, "predict_split", lambda *a, **k: calls.append(1) or predict(*a, **k))
+    model = tiny_steel_model(tmp_path)
+    app.session_state["model"] = model
+    app.run()
+    assert not app.exception and not app.error
+    assert len(calls) == 1 and len(app.get("image")) == 8
+    first = figure(app, "IoU per defect class on these")
+    app.run()  # a rerun, as any widget makes
+    assert not app.exception and not app.error
+    assert len(calls) == 1 and len(app.get("image")) == 8
+    assert figure(app, "IoU per defect class on these") == first
+    app.slider(key="model_preview_count").set_value(2).run()
+    assert len(calls) == 2 and len(app.get("image")) == 4
+    app.slider(key="model_preview_count").set_value(4).run()
+    assert len(calls) == 2 and len(app.get("image")) == 8
+    weights = os.path.join(model, WEIGHTS_FILE)  # the model re-saved at the same path
+    later = os.stat(weights).st_mtime + 10
+    os.utime(weights, (later, later))
+    app.run()
+    assert not app.exception and not app.error
+    assert len(calls) == 3 and len(app.get("image")) == 8
 
 
 def test_a_bad_checkpoint_path_shows_an_error_box(app):

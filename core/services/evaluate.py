@@ -12,7 +12,13 @@ from core.services.datasets import CheckpointDataRequest
 from core.services.request import setting
 
 if TYPE_CHECKING:
-    from core.metrics import EvaluationResult
+    import numpy as np
+    import pandas as pd
+    import torch.nn as nn
+
+    from core.data.base import DatasetIndex
+    from core.metrics import EvaluationResult, SegmentationMetrics
+    from core.models.zoo import ModelSpec
     from core.train import ProgressCallback
 
 
@@ -76,3 +82,56 @@ def run_evaluate(request: EvaluateRequest, progress: ProgressCallback | None = N
         "device": str(device),
     }
     return EvaluateResult(report=report, evaluation=result)
+
+
+@dataclass(frozen=True)
+class PredictionPreview:
+    """A few images of a split with their ground truth and the model's prediction, and how
+    well the model did on just those (the Model page's preview)."""
+
+    split: str
+    images: list[np.ndarray]  # uint8, native channels, at the model's input size
+    truths: np.ndarray  # (N, H, W) class ids
+    predictions: np.ndarray  # (N, H, W) class ids
+    confusion: np.ndarray  # (N, C, C): one confusion matrix per image
+    metrics: SegmentationMetrics  # of the N images together
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def per_class(self) -> pd.DataFrame:
+        """Each defect class's IoU on these images and its pixels in the truth and in the
+        prediction (None: a class in neither)."""
+        import pandas as pd
+
+        names = list(self.metrics.class_names[1:])
+        return pd.DataFrame({"class": names, "IoU": [self.metrics.per_class_iou[name] for name in names],
+                             "pixels in truth": self.confusion.sum(axis=(0, 2))[1:],
+                             "pixels predicted": self.confusion.sum(axis=(0, 1))[1:]})
+
+
+def preview_predictions(model: nn.Module, spec: ModelSpec, index: DatasetIndex, split: str,
+                        count: int) -> PredictionPreview:
+    """The model's predictions on the first ``count`` images of ``split`` (at its input size,
+    with its normalisation), beside their ground truth, and the metrics of those images."""
+    import numpy as np
+    import torch
+
+    from core.data.dataset import SegmentationDataset
+    from core.metrics import SegmentationMetrics, batch_confusion
+    from core.predictions import predict_split
+
+    shown = SegmentationDataset(index, split, tuple(spec.input_size), spec.in_channels, limit=count,
+                                normalisation=spec.normalisation)
+    with torch.inference_mode():
+        predictions = predict_split(model, shown)
+    images, truths = [], []
+    for i in range(len(predictions)):
+        image, truth = shown.raw(i)
+        images.append(image)
+        truths.append(truth)
+    truth_stack = np.stack(truths)
+    confusion = batch_confusion(predictions, truth_stack, len(spec.classes))
+    metrics = SegmentationMetrics.from_confusion(confusion.sum(axis=0), spec.classes)
+    return PredictionPreview(split=split, images=images, truths=truth_stack, predictions=predictions,
+                             confusion=confusion, metrics=metrics)

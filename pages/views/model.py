@@ -8,32 +8,29 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 from plotly.subplots import make_subplots
-import torch
 
 from core.config import confine_to_data_roots, data_roots, workspace_dir
-from core.data.dataset import SegmentationDataset
-from core.metrics import SegmentationMetrics, batch_confusion
 from core.models.importer import STATE_SUFFIXES, is_smp_folder
 from core.models.upload import ModelUploadError, save_model_upload
 from core.models.zoo import ARCHITECTURES, DEFAULT_ARCH, DEFAULT_ENCODER, ENCODERS
 from core.precision import PRECISIONS
-from core.predictions import predict_split
 from core.runs import api
 from core.runs.jobs import TrainingProgress
 from core.runs.store import JobRecord
+from core.services.evaluate import PredictionPreview, preview_predictions
 from core.services.import_model import ImportRequest
 from core.services.request import FINITE_FLOAT, POSITIVE_FLOAT, ParameterError, default_of
 from core.services.train import TrainRequest
 from core.visual import class_colour_hex, overlay_mask
 from ui.jobs import follow_job, job_bar, stop_button
 from ui.state import (
-    JobIdError, choose_model, current_checkpoint, current_dataset, error_box, query_job_id, require_dataset,
+    DatasetChoice, JobIdError, choose_model, current_checkpoint, current_dataset, error_box, query_job_id,
+    require_dataset, weights_mtime,
 )
 from ui.widgets import class_legend, image_grid, load_style
 
@@ -207,6 +204,15 @@ def draw_import(job: JobRecord) -> None:
             st.rerun()
 
 
+@st.cache_data(show_spinner="Predicting the preview images...", max_entries=8)
+def cached_preview(checkpoint: str, mtime: float, dataset: DatasetChoice, split: str, count: int, *,
+                   _model, _spec, _index) -> PredictionPreview:
+    """Keyed by the checkpoint and its weights' version, the dataset, the split and the number
+    of images: a rerun (any widget) draws the same preview without predicting again, and a
+    model retrained or re-pruned at the same path is predicted afresh."""
+    return preview_predictions(_model, _spec, _index, split, count)
+
+
 def import_source(upload, typed: str) -> Path:
     """The file or folder to import: an upload kept in the workspace, or a typed path inside
     the workspace or a data root (where the import job reads)."""
@@ -359,27 +365,18 @@ split = c1.selectbox("Split", [s for s, n in index.split_counts().items() if n a
 heading.markdown(f"#### Predictions on {'validation' if split == 'val' else split} images")
 count = c2.slider("Images", 2, 8, 4, step=2, key="model_preview_count")
 with error_box("Predicting"):
-    shown = SegmentationDataset(index, split, tuple(spec.input_size), spec.in_channels, limit=count,
-                                normalisation=spec.normalisation)
-    with torch.inference_mode():
-        predictions = predict_split(loaded.model, shown)
-    pictures, captions, truths = [], [], []
-    for i, prediction in enumerate(predictions):
-        image, truth = shown.raw(i)
+    preview = cached_preview(str(loaded.path), weights_mtime(str(loaded.path)), choice, split, count, _model=loaded.model,
+                             _spec=spec, _index=index)
+    pictures, captions = [], []
+    for i, (image, truth, prediction) in enumerate(zip(preview.images, preview.truths, preview.predictions)):
         pictures += [overlay_mask(image, truth), overlay_mask(image, prediction)]
         captions += [f"ground truth {i + 1}", f"prediction {i + 1}"]
-        truths.append(truth)
     image_grid(pictures, captions, columns=4)
-    confusion = batch_confusion(predictions, np.stack(truths), len(spec.classes))
-    shown_metrics = SegmentationMetrics.from_confusion(confusion.sum(axis=0), spec.classes)
     defects = list(spec.classes[1:])
-    frame = pd.DataFrame({"class": defects, "IoU": [shown_metrics.per_class_iou[name] for name in defects],
-                          "pixels in truth": confusion.sum(axis=(0, 2))[1:],
-                          "pixels predicted": confusion.sum(axis=(0, 1))[1:]})
-    st.plotly_chart(px.bar(frame, x="class", y="IoU", color="class", range_y=[0, 100],
+    st.plotly_chart(px.bar(preview.per_class(), x="class", y="IoU", color="class", range_y=[0, 100],
                            color_discrete_map={name: class_colour_hex(i + 1) for i, name in enumerate(defects)},
                            hover_data=["pixels in truth", "pixels predicted"],
-                           title=f"IoU per defect class on these {len(shown)} {split} images (%)"),
+                           title=f"IoU per defect class on these {len(preview)} {split} images (%)"),
                     width="stretch")
     st.caption("A class in neither the truth nor the prediction of these images has no bar.")
 st.success("Next: the Prune page starts prune-retrain rounds from this model.")
