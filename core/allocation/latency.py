@@ -10,7 +10,9 @@ fractions (what the scoring network's pressure needs). Everything that is not a 
 (normalisation, activations, pooling, upsampling, concatenation) is the whole model's
 measured latency less the table's convolutions at full size, scaled with the convolutions'
 output volume (those layers' work is one pass over the activations), so the prediction at
-nothing cut is the measured latency.
+nothing cut is the measured latency (where the convolutions timed alone add up to more than the
+whole model, they are scaled down to it instead). Times are made monotone in both counts (a
+noisy point never makes more channels look faster).
 
 Tables are cached per machine under ``DEFECTPRUNE_WORKSPACE/latency_tables/``: one JSON file
 per CPU model, engine and thread count, its entries keyed by layer geometry (kernel, stride,
@@ -206,38 +208,42 @@ def _conv_module(g: ConvGeometry, cin: int, cout: int) -> nn.Module:
 
 
 # Timed alone, a layer finds its weights in the CPU's caches on every repeat; inside a model the
-# other layers have pushed them out (a 512 x 512 3x3 conv was 1.7x slower in the model). Writing a
-# buffer larger than the caches before each timed run puts the layer back in that situation.
-FLUSH_BYTES = 32 * 2**20
-_flush_buffer: np.ndarray | None = None
+# other layers have pushed them out (a 512 x 512 3x3 conv was 1.7x slower in the model than
+# alone). Each point is timed on several copies of the layer in turn (enough copies to pass
+# this many bytes of weights, at most MAX_COPIES), so each run meets weights that are not
+# cached; writing a buffer past the caches before each run did the same at 13 ms a run.
+COLD_BYTES = 32 * 2**20
+MAX_COPIES = 4
 
 
-def _flush_caches() -> None:
-    global _flush_buffer
-    if _flush_buffer is None:
-        _flush_buffer = np.zeros(FLUSH_BYTES // 8, dtype=np.float64)
-    _flush_buffer += 1.0
+def _copies(g: ConvGeometry, cin: int, cout: int) -> int:
+    groups = cin if g.depthwise else g.groups
+    weight_bytes = 4 * cout * max(cin // max(groups, 1), 1) * g.kernel[0] * g.kernel[1]
+    return int(min(MAX_COPIES, max(1, math.ceil(COLD_BYTES / max(weight_bytes, 1)))))
 
 
-def _median_ms(call, repeats: int, warmup: int) -> float:
+def _median_ms(calls, repeats: int, warmup: int) -> float:
+    """Median ms over ``repeats`` runs, each of the next of ``calls`` (copies in turn), after
+    ``warmup`` runs of every copy."""
     for _ in range(warmup):
-        call()
+        for call in calls:
+            call()
     times = []
-    for _ in range(repeats):
-        _flush_caches()
+    for n in range(repeats):
+        call = calls[n % len(calls)]
         start = time.perf_counter()
         call()
         times.append((time.perf_counter() - start) * 1000.0)
     return float(np.median(times))
 
 
-def _onnx_conv(g: ConvGeometry, cin: int, cout: int, path: Path) -> Path:
+def _onnx_conv(g: ConvGeometry, cin: int, cout: int, path: Path, seed: int = 0) -> Path:
     """A one-node ONNX model of the convolution at these counts (random weights)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     groups = cin if g.depthwise else g.groups
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     if g.transposed:
         weight = rng.standard_normal((cin, cout // groups, *g.kernel)).astype(np.float32)
     else:
@@ -265,18 +271,20 @@ def _onnx_conv(g: ConvGeometry, cin: int, cout: int, path: Path) -> Path:
 def time_conv(g: ConvGeometry, cin: int, cout: int, settings: LatencySettings, folder: Path | None = None) -> float:
     """Median ms of one batch-1 pass of the convolution at ``cin`` -> ``cout`` channels."""
     x = torch.randn(1, cin, g.height, g.width)
+    copies = min(_copies(g, cin, cout), settings.repeats)
     if settings.engine == "torch":
         from core.train import TorchThreads
 
-        module = _conv_module(g, cin, cout)
+        modules = [_conv_module(g, cin, cout) for _ in range(copies)]
         with TorchThreads(settings.threads), torch.inference_mode():
-            return _median_ms(lambda: module(x), settings.repeats, settings.warmup)
+            return _median_ms([lambda m=m: m(x) for m in modules], settings.repeats, settings.warmup)
     from core.profile import onnx_session
 
     with tempfile.TemporaryDirectory(prefix="defectprune-latency-", dir=folder) as tmp:
-        session = onnx_session(_onnx_conv(g, cin, cout, Path(tmp) / "conv.onnx"), settings.threads)
+        sessions = [onnx_session(_onnx_conv(g, cin, cout, Path(tmp) / f"conv{i}.onnx", seed=i), settings.threads)
+                    for i in range(copies)]
         feed = {"x": x.numpy()}
-        return _median_ms(lambda: session.run(None, feed), settings.repeats, settings.warmup)
+        return _median_ms([lambda s=s: s.run(None, feed) for s in sessions], settings.repeats, settings.warmup)
 
 
 def time_model(model: nn.Module, input_size: Sequence[int], in_channels: int, settings: LatencySettings) -> float:
@@ -467,9 +475,11 @@ class LatencyCostModel(CostModel):
         self._volume = torch.tensor(volume, dtype=torch.float64)
         self._mac_scaled = torch.tensor(mac_scaled)
         self.conv_ms0 = full_ms
-        # everything but the convs: measured whole model less the table's convs (may be negative
-        # where timing a conv alone costs more than inside the model)
-        self.rest_ms = self.model_ms - full_ms
+        # everything but the convs: the measured whole model less the table's convs; where the
+        # convs alone add up to more than the model (timed alone they can be slower), they are
+        # scaled down to it instead, so the prediction stays monotone and exact at full size
+        self.rest_ms = max(self.model_ms - full_ms, 0.0)
+        self.conv_scale = 1.0 if full_ms <= self.model_ms or full_ms <= 0 else self.model_ms / full_ms
         self.latency0 = float(self.latency(torch.ones(len(self.group_names), dtype=torch.float64)))
 
     @staticmethod
@@ -490,7 +500,7 @@ class LatencyCostModel(CostModel):
         conv = _bilinear(self._gin, self._gout, self._ms, x_in, x_out)
         conv = torch.where(self._mac_scaled, conv * in_frac * out_frac, conv)
         share = (self._volume * out_frac).sum() / self._volume.sum().clamp_min(1.0)
-        return (conv.sum() + self.rest_ms * share).clamp_min(1e-6)
+        return (conv.sum() * self.conv_scale + self.rest_ms * share).clamp_min(1e-6)
 
     @property
     def budget0(self) -> float:
