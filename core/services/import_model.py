@@ -21,6 +21,7 @@ from core.services.datasets import DataRequest
 from core.services.request import FINITE_FLOAT, LIST, POSITIVE_FLOAT, SEED, WHOLE_NUMBER, ParameterError, setting
 
 if TYPE_CHECKING:
+    from core.services.evaluate import EvaluateResult
     from core.train import ProgressCallback
 
 
@@ -96,28 +97,27 @@ class ImportResult:
         return asdict(self)
 
 
-def run_import(request: ImportRequest, progress: ProgressCallback | None = None) -> ImportResult:
-    """Read the source, check it fits the model exactly, save the checkpoint at
-    ``request.out``, and evaluate it on the dataset's ``split`` when a dataset is given."""
-    import torch
+@dataclass(frozen=True)
+class ImportSource:
+    """What the source says about the network it holds, and its weights."""
 
-    from core.atomic import check_output_folder
-    from core.data.base import parse_size
-    from core.data.registry import load_index
-    from core.models.checkpoint import holds_only_checkpoint, save_checkpoint
-    from core.models.importer import (
-        WeightsFileError, check_model_state, first_conv_key, is_smp_folder, read_smp_folder, read_state_file,
-    )
-    from core.models.zoo import ModelSpec, build_model
-    from core.services.evaluate import EvaluateRequest, run_evaluate
-    from core.train import EmptySplitError
+    path: Path
+    kind: str  # "smp folder" or "state dict"
+    arch: str
+    encoder: str
+    in_channels: int | None  # None: a state dict's (what its first convolution takes, unless given)
+    class_count: int | None  # an smp config's; None: a state dict's (the names decide)
+    ignore: tuple[str, ...]  # key prefixes of parts the model does not hold (an smp folder's auxiliary head)
+    state: dict[str, Any]
+    notes: list[str]
 
-    if not request.out:
-        raise ParameterError("an import needs the checkpoint folder to write (--out)")
+
+def read_import_source(request: ImportRequest) -> ImportSource:
+    """The smp folder or state-dict file at ``request.source``, read and checked against the
+    architecture, encoder and channels the request gives (a folder names its own)."""
+    from core.models.importer import WeightsFileError, is_smp_folder, read_smp_folder, read_state_file
+
     source = Path(request.source).expanduser()
-    out = check_output_folder(request.out, "checkpoint", holds_only_checkpoint,
-                              protected=[("the dataset folder", request.root), ("the source", str(source))])
-    notes: list[str] = []
     if is_smp_folder(source):
         smp = read_smp_folder(source)
         for flag, given, found in (("--arch", request.arch, smp.arch), ("--encoder", request.encoder, smp.encoder),
@@ -125,64 +125,99 @@ def run_import(request: ImportRequest, progress: ProgressCallback | None = None)
             if given is not None and given != found:
                 raise ParameterError(f"{flag} {given} was given, but {source}/config.json says {found}; leave "
                                      f"{flag} out for an smp folder")
-        kind, arch, encoder, in_channels = "smp folder", smp.arch, smp.encoder, smp.in_channels
-        state, class_count, ignore = read_state_file(smp.weights), smp.classes, smp.ignore
-        notes += smp.notes
-    elif source.is_dir():
+        return ImportSource(path=source, kind="smp folder", arch=smp.arch, encoder=smp.encoder,
+                            in_channels=smp.in_channels, class_count=smp.classes, ignore=smp.ignore,
+                            state=read_state_file(smp.weights), notes=list(smp.notes))
+    if source.is_dir():
         raise WeightsFileError(f"{source} is a folder without config.json; give an smp save_pretrained folder or a "
                                "state-dict file (.safetensors, .pt, .pth)")
-    else:
-        if not request.arch or not request.encoder:
-            raise ParameterError("a state dict does not say what network it is: give --arch and --encoder (an smp "
-                                 "save_pretrained folder says its own)")
-        kind, arch, encoder, in_channels, class_count, ignore = "state dict", request.arch, request.encoder, None, None, ()
-        state = read_state_file(source)
+    if not request.arch or not request.encoder:
+        raise ParameterError("a state dict does not say what network it is: give --arch and --encoder (an smp "
+                             "save_pretrained folder says its own)")
+    return ImportSource(path=source, kind="state dict", arch=request.arch, encoder=request.encoder, in_channels=None,
+                        class_count=None, ignore=(), state=read_state_file(source), notes=[])
 
+
+def run_import(request: ImportRequest, progress: ProgressCallback | None = None) -> ImportResult:
+    """Read the source, check it fits the model exactly, save the checkpoint at
+    ``request.out``, and evaluate it on the dataset's ``split`` when a dataset is given."""
+    from core.atomic import check_output_folder
+    from core.data.base import parse_size
+    from core.data.registry import load_index
+    from core.models.checkpoint import holds_only_checkpoint, save_checkpoint
+    from core.train import EmptySplitError
+
+    if not request.out:
+        raise ParameterError("an import needs the checkpoint folder to write (--out)")
+    out = check_output_folder(request.out, "checkpoint", holds_only_checkpoint,
+                              protected=[("the dataset folder", request.root),
+                                         ("the source", str(Path(request.source).expanduser()))])
+    imported = read_import_source(request)
     index = None
     if request.format:
         index = load_index(request.format, request.root, seed=request.split_seed, strict=request.strict,
                            **request.option)
-    classes = _classes(request, index, class_count, source)
+    classes = _classes(request, index, imported.class_count, imported.path)
     if index is not None and not index.split_counts().get(request.split):
         raise EmptySplitError(f"the {request.split} split of {index.format} at {index.root} has no images to "
                               "evaluate the import on; choose another --split")
     size = parse_size(request.size, index.default_size if index is not None else DEFAULT_SIZE)
+    model, spec, normalisation, fitted = _imported_model(request, imported, classes, size, index)
+    facts = {"source": str(imported.path), "kind": imported.kind, "tensors": len(fitted), "notes": imported.notes}
+    spec.metrics = {"import": facts}
+    checkpoint = Path(save_checkpoint(out, model, spec))
+    evaluation = None
+    if index is not None:
+        evaluation = _evaluate_import(request, checkpoint, index, progress)
+        spec.metrics = {"split": request.split, **evaluation.evaluation.metrics.to_dict(), "import": facts}
+        checkpoint = Path(save_checkpoint(checkpoint, model, spec))  # the spec now says how the import scores
+    return ImportResult(
+        checkpoint=str(checkpoint), source=str(imported.path), source_kind=imported.kind, arch=imported.arch,
+        encoder=imported.encoder, classes=list(classes), in_channels=spec.in_channels, input_size=list(size),
+        normalisation=normalisation.to_json(), tensors=len(fitted), notes=imported.notes,
+        evaluation=evaluation.to_json() if evaluation is not None else None)
 
-    spec = ModelSpec(classes=classes, arch=arch, encoder=encoder, in_channels=in_channels or request.in_channels or 3,
+
+def _imported_model(request: ImportRequest, imported: ImportSource, classes: list[str], size: tuple[int, int],
+                    index: Any) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """The zoo model the source's weights fit exactly, loaded and in eval mode, its spec (with
+    the normalisation), the normalisation and the fitted weights."""
+    import torch
+
+    from core.models.importer import check_model_state, first_conv_key
+    from core.models.zoo import ModelSpec, build_model
+
+    in_channels = imported.in_channels or request.in_channels or 3
+    spec = ModelSpec(classes=classes, arch=imported.arch, encoder=imported.encoder, in_channels=in_channels,
                      input_size=size, dataset_format=index.format if index is not None else "",
                      dataset_root=str(index.root.resolve()) if index is not None and request.root is not None else "",
                      split_seed=request.split_seed)
     with torch.random.fork_rng(devices=[]):  # the weights are replaced: keep the caller's RNG as it was
         model = build_model(spec)
-        if in_channels is None and request.in_channels is None:  # what the first convolution takes
-            first = state.get(first_conv_key(model))
+        if imported.in_channels is None and request.in_channels is None:  # what the first convolution takes
+            first = imported.state.get(first_conv_key(model))
             if first is not None and first.dim() == 4 and first.shape[1] == 1:
                 spec = replace(spec, in_channels=int(first.shape[1]))
                 model = build_model(spec)
     normalisation = _normalisation(request, spec.in_channels)
     spec = replace(spec, mean=list(normalisation.mean), std=list(normalisation.std))
-    _check_class_count(model, state, classes, source)
-    fitted = check_model_state(model, state, source, ignore=ignore)
+    _check_class_count(model, imported.state, classes, imported.path)
+    fitted = check_model_state(model, imported.state, imported.path, ignore=imported.ignore)
     model.load_state_dict(fitted, strict=True)
     model.eval()
-    facts = {"source": str(source), "kind": kind, "tensors": len(fitted), "notes": notes}
-    spec.metrics = {"import": facts}
-    checkpoint = Path(save_checkpoint(out, model, spec))
+    return model, spec, normalisation, fitted
 
-    evaluation = None
-    if index is not None:
-        evaluated = run_evaluate(EvaluateRequest(
-            checkpoint=str(checkpoint), format=index.format, root=request.root, split=request.split,
-            split_seed=request.split_seed, limit=request.limit, batch_size=request.batch_size,
-            threads=request.threads, workers=request.workers, option=request.option, strict=request.strict,
-            device=request.device), progress=progress)
-        evaluation = evaluated.to_json()
-        spec.metrics = {"split": request.split, **evaluated.evaluation.metrics.to_dict(), "import": facts}
-        checkpoint = Path(save_checkpoint(checkpoint, model, spec))  # the spec now says how the import scores
-    return ImportResult(
-        checkpoint=str(checkpoint), source=str(source), source_kind=kind, arch=arch, encoder=encoder,
-        classes=list(classes), in_channels=spec.in_channels, input_size=list(size),
-        normalisation=normalisation.to_json(), tensors=len(fitted), notes=notes, evaluation=evaluation)
+
+def _evaluate_import(request: ImportRequest, checkpoint: Path, index: Any,
+                     progress: ProgressCallback | None) -> EvaluateResult:
+    """The evaluate command's result for the saved import on the request's dataset and split."""
+    from core.services.evaluate import EvaluateRequest, run_evaluate
+
+    return run_evaluate(EvaluateRequest(
+        checkpoint=str(checkpoint), format=index.format, root=request.root, split=request.split,
+        split_seed=request.split_seed, limit=request.limit, batch_size=request.batch_size,
+        threads=request.threads, workers=request.workers, option=request.option, strict=request.strict,
+        device=request.device), progress=progress)
 
 
 def _classes(request: ImportRequest, index: Any, class_count: int | None, source: Path) -> list[str]:
