@@ -1,6 +1,7 @@
 """What the Layer importance page's live tuning calls, as plain functions: the page answers
-every slider move with `live_allocation` + `CostModel.predict`, and its preview button with
-`preview_pruned`; bench/ui.py times exactly these calls against the dashboard's limits
+every slider move with `live_allocation` + `CostModel.predict` (and the predicted latency with
+`cached_latency_model`, when this machine's table holds the model; `measure_latency_model`
+behind a button otherwise), and its preview button with `preview_pruned`; bench/ui.py times exactly these calls against the dashboard's limits
 (300 ms for an allocation, about 2 s for a preview of the default model at 128 px)."""
 
 from __future__ import annotations
@@ -17,8 +18,12 @@ from core.allocation.base import Allocation, AllocationLimits
 from core.allocation.baselines import SENSITIVITY_LEVELS
 from core.allocation.context import LiveAllocationError, StoredResults
 from core.allocation.cost import CostModel
+from core.allocation.latency import (
+    LatencyCostModel, LatencySettings, cached_latency_cost_model, latency_cost_model,
+)
 from core.allocation.registry import ALLOCATORS
 from core.data.dataset import SegmentationDataset, normalise
+from core.progress import StageProgress
 from core.importance.magnitude import ContributionImportance
 from core.metrics import ConfusionMatrix, SegmentationMetrics
 from core.models.graph import PruningGraph
@@ -52,6 +57,19 @@ def live_allocation(
         raise LiveAllocationError(f"unknown allocator {allocator!r}; choose one of {', '.join(ALLOCATORS)}")
     stored = StoredResults(l1_scores=l1_scores, logits=logits, drops=drops, levels=levels)
     return ALLOCATORS[allocator].recreate(graph, cost, target_reduction, stored, limits)
+
+
+def cached_latency_model(graph: PruningGraph, engine: str = "torch", threads: int = 1) -> LatencyCostModel | None:
+    """The latency cost model of ``graph``'s model from this machine's cached table, measuring
+    nothing (None when the table lacks any of it): cheap enough for every page run."""
+    return cached_latency_cost_model(graph, LatencySettings(engine=engine, threads=threads))
+
+
+def measure_latency_model(graph: PruningGraph, engine: str = "torch", threads: int = 1,
+                          progress: StageProgress | None = None) -> LatencyCostModel:
+    """Measure what this machine's table lacks for ``graph``'s model (bounded: the default grid
+    and repeats; ``progress`` follows it and stops it) and return its latency cost model."""
+    return latency_cost_model(graph, LatencySettings(engine=engine, threads=threads), progress)
 
 
 @dataclass

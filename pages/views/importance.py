@@ -19,7 +19,9 @@ import streamlit as st
 from core.atomic import write_json_atomic
 from core.config import workspace_dir
 from core.data.dataset import SegmentationDataset
-from core.live import ALLOCATOR_LABELS, group_l1_scores, live_allocation, preview_pruned
+from core.live import (
+    ALLOCATOR_LABELS, cached_latency_model, group_l1_scores, live_allocation, measure_latency_model, preview_pruned,
+)
 from core.pruning.methods import METHODS
 from core.pruning.step import FixedAllocation
 from core.runs import api
@@ -61,6 +63,23 @@ class ScoreJob:
 
 SCORING = ScoreJob("score_job", "score", "collaborative", None, "The scoring network")
 SENSITIVITY = ScoreJob("sensitivity_job", "sensitivity", "uniform-l1", "sensitivity", "Measuring the sensitivity curves")
+
+
+LATENCY_ENGINES = {"PyTorch": "torch", "ONNX Runtime": "onnxruntime"}
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def latency_model(path: str, mtime: float, engine: str, threads: int, table_mtime: float):
+    """This model's latency cost model from the machine's cached table, or None (nothing is
+    measured here: a page run stays fast); the table file's time renews it once measured."""
+    return cached_latency_model(graph, engine, threads)
+
+
+def latency_table_mtime(engine: str, threads: int) -> float:
+    from core.allocation.latency import LatencySettings
+
+    path = LatencySettings(engine=engine, threads=threads).path()
+    return path.stat().st_mtime if path.is_file() else 0.0
 
 
 @st.cache_data(show_spinner="Scoring every channel by group L1 (once per model)...")
@@ -219,14 +238,34 @@ if allocator in ("uniform", "global (L1)") or (allocator == "scoring network" an
                 if not pd.isna(value):  # an emptied cell: the allocator's count stands
                     kept[name] = int(min(max(int(value), 1), int(channels)))
         predicted = cost.predict(kept)
+        engine_label = st.session_state.get("importance_latency_engine", "PyTorch")
+        engine = LATENCY_ENGINES.get(engine_label, "torch")
+        timed = latency_model(checkpoint, weights_mtime(checkpoint), engine, 1, latency_table_mtime(engine, 1))
+        latency = timed.predict(kept) if timed is not None else None
         elapsed_ms = (time.perf_counter() - start) * 1000
-        m1, m2, m3, m4 = st.columns(4)
+        m1, m2, m3, m4, m5 = st.columns(5)
         # fewer is the point: a reduction is drawn green ("inverse"), not as a red loss
         m1.metric("MACs", amount(predicted["macs"]), f"-{predicted['macs_reduction']:.1%}", delta_color="inverse")
-        m2.metric("Parameters", amount(predicted["params"]), f"-{predicted['params_reduction']:.1%}",
+        if latency is not None:
+            m2.metric("Predicted latency", f"{latency['latency_ms']:.1f} ms", f"-{latency['latency_reduction']:.1%}",
+                      delta_color="inverse", help=f"{engine_label}, 1 thread, batch 1, from this machine's latency "
+                                                  "table (each layer timed over a grid of channel counts)")
+        else:
+            m2.metric("Predicted latency", "not measured", help="Measure this machine's latency table below")
+        m3.metric("Parameters", amount(predicted["params"]), f"-{predicted['params_reduction']:.1%}",
                   delta_color="inverse")
-        m3.metric("Size (float32)", f"{predicted['params'] * 4 / 2**20:.1f} MiB")
-        m4.metric("Answered in", f"{elapsed_ms:.0f} ms")
+        m4.metric("Size (float32)", f"{predicted['params'] * 4 / 2**20:.1f} MiB")
+        m5.metric("Answered in", f"{elapsed_ms:.0f} ms")
+        l1, l2 = st.columns([1, 2])
+        l1.radio("Latency engine", list(LATENCY_ENGINES), horizontal=True, key="importance_latency_engine")
+        if timed is None and l2.button(f"Measure the latency table ({engine_label}, 1 thread)",
+                                       key="importance_latency_measure",
+                                       help="Times each layer of this model over a grid of channel counts on this "
+                                            "machine (seconds to a minute; cached for later runs and prune jobs)"):
+            bar = st.progress(0.0, text="Measuring the latency table...")
+            measure_latency_model(graph, engine, 1, lambda fraction, message: bar.progress(
+                min(max(fraction, 0.0), 1.0), text=message) and False)
+            st.rerun()
         if not live.budget_met:
             st.warning("The per-layer limits (at most 90% of a layer, at least 2 channels, the layer the classifier "
                        "reads kept whole) cannot reach this target.")
