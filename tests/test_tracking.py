@@ -113,6 +113,7 @@ def test_a_two_round_prune_logs_round_runs_under_its_own(store: str, trained, tm
     (again,) = runs_of(store, "prune")
     assert again.info.run_id == parent.info.run_id and again.info.status == "FINISHED"
     assert len(runs_of(store, "prune-round")) == 2
+    assert steps(store, parent.info.run_id, "base_macs") == [0]
 
 
 def test_the_export_logs_the_onnx_file(store: str, trained, tmp_path: Path) -> None:

@@ -105,6 +105,7 @@ class Tracker:
         self.experiment_id = ""
         self.run_id = ""
         self.resumed = False
+        self.logged_metrics: set[str] = set()  # a resumed run's
         self.off = False
 
     @classmethod
@@ -128,6 +129,7 @@ class Tracker:
         earlier = self._unfinished_run(out) if self.kind == "prune" and out else None
         if earlier is not None:  # a stopped or failed prune resumed: the same job, the same run
             self.run_id, self.resumed = earlier.info.run_id, True
+            self.logged_metrics = set(earlier.data.metrics)
             self.client.update_run(self.run_id, status="RUNNING")
             logged = set(earlier.data.params)
         else:
@@ -278,7 +280,7 @@ class _PruneJob(_Job):
     def __init__(self, tracker: Tracker, request: Any):
         super().__init__(tracker, request)
         self.out = Path(request.out or ".")  # without one run_prune refuses the request at once
-        self.logged = tracker.children()
+        self.logged = tracker.children() | ({"base"} if "base_macs" in tracker.logged_metrics else set())
         self.stamp: tuple[int, int] | None = None
 
     def progress(self, progress: Any) -> Any:
