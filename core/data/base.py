@@ -435,36 +435,9 @@ def build_index(
     A mask holding a value the format does not define (outside the class map, a colour where
     values are expected) is one file's problem: that sample is skipped and listed in
     ``skipped`` and ``warnings``, unless ``strict``, where it stops the whole dataset."""
-    classes, read_mask = traits.classes, traits.read_mask
-    check_class_names(classes)
-    if not records:
-        expected = f"it should hold {traits.layout}" if traits.layout else "check the folder layout"
-        raise NoImagesFoundError(
-            f"no images found under {root} for format {traits.name}; {expected} "
-            "(see the README's dataset formats)"
-        )
-    if traits.require_masks:
-        for rec in records:
-            if rec.mask is None:
-                raise MissingMaskError(
-                    f"image {rec.image} has no mask; add the mask file or remove the image"
-                )
-    rows, corrupt, skipped, value_problems = [], [], list(skipped), []
-    pool = ThreadPoolExecutor(max_workers=_index_workers(), thread_name_prefix="index")
-    try:
-        for result in pool.map(lambda rec: _inspect(rec, read_mask, classes), records):
-            if isinstance(result, list):
-                corrupt.extend(result)
-            elif "skip" in result:
-                if strict:
-                    raise result["skip"]
-                value_problems.append(result)
-            else:
-                rows.append(result)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-    if corrupt:
-        raise CorruptImageError(corrupt)
+    _check_records(traits, root, records)
+    rows, value_problems = _validate_records(traits, records, strict)
+    skipped = list(skipped)
     for problem in value_problems:
         skipped.append({"file": str(problem["file"]), "reason": f"{problem['skip']} (skipped; --strict stops instead)"})
     if not rows:
@@ -477,12 +450,55 @@ def build_index(
     if (samples["split"] == "").any():
         samples["split"] = seeded_split(samples, seed=seed, ratios=traits.ratios)
     return DatasetIndex(
-        format=traits.name, root=Path(root), classes=list(classes), samples=samples,
-        read_mask=read_mask, default_size=traits.default_size, native_channels=traits.native_channels,
+        format=traits.name, root=Path(root), classes=list(traits.classes), samples=samples,
+        read_mask=traits.read_mask, default_size=traits.default_size, native_channels=traits.native_channels,
         skipped=skipped, seed=seed,
         warnings=[f"{len(value_problems)} file(s) skipped for values the format does not define, e.g. "
                   f"{value_problems[0]['file']}; pass --strict to stop on them instead"] if value_problems else [],
     )
+
+
+def _check_records(traits: FormatTraits, root: Path, records: Sequence[SampleRecord]) -> None:
+    """What is wrong before any file is read: the class names, no images at all, an image
+    without the mask its format requires."""
+    check_class_names(traits.classes)
+    if not records:
+        expected = f"it should hold {traits.layout}" if traits.layout else "check the folder layout"
+        raise NoImagesFoundError(
+            f"no images found under {root} for format {traits.name}; {expected} "
+            "(see the README's dataset formats)"
+        )
+    if traits.require_masks:
+        for rec in records:
+            if rec.mask is None:
+                raise MissingMaskError(
+                    f"image {rec.image} has no mask; add the mask file or remove the image"
+                )
+
+
+def _validate_records(traits: FormatTraits, records: Sequence[SampleRecord],
+                      strict: bool) -> tuple[list[dict], list[dict]]:
+    """The validation pass: every image and mask read once by a small thread pool, in the
+    records' order. Returns the sample rows and the samples skipped for mask values the format
+    does not define (``strict``: the first of those raises); corrupt files raise together in
+    one `CorruptImageError`, any other problem raises its own named error."""
+    rows, corrupt, value_problems = [], [], []
+    pool = ThreadPoolExecutor(max_workers=_index_workers(), thread_name_prefix="index")
+    try:
+        for result in pool.map(lambda rec: _inspect(rec, traits.read_mask, traits.classes), records):
+            if isinstance(result, list):
+                corrupt.extend(result)
+            elif "skip" in result:
+                if strict:
+                    raise result["skip"]
+                value_problems.append(result)
+            else:
+                rows.append(result)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    if corrupt:
+        raise CorruptImageError(corrupt)
+    return rows, value_problems
 
 
 def check_class_names(classes: object, option: str = "class_names") -> list[str]:
