@@ -10,7 +10,7 @@ target's point after the loop's final recovery phase, the ablation of the method
         [--precision auto] [--distill-weight 0] [--distill-temperature 2]
         [--recover-epochs 10] [--recover-lr 0.001] [--recover-targets 0.8 0.9 0.95 | all]
         [--epochs 60] [--patience 8] [--baseline-limit 0] [--limit 500]
-        [--jobs 2] [--threads 1] [--device auto]
+        [--jobs 2] [--threads 1] [--device auto] [--ray auto | local | ADDRESS] [--ray-cpus N]
 
 For each dataset, size and architecture: the baseline is trained (or reused) by
 `bench/baseline.py`'s cached `python -m core train` until validation stops improving (early
@@ -40,6 +40,14 @@ two-thread job. Measuring comes after, one point at a time on the quiet machine:
 accuracy (taken from the loop's own test evaluation where it made one), checkpoint size and
 batch-1 CPU latency (torch and ONNX Runtime, one thread, median of `--latency-runs`; a
 recovered point has its round's architecture, so its latency is the round's).
+
+With `--ray ADDRESS` every baseline, prune run, recovery, control and measurement is a Ray
+task instead (`auto`: the cluster `ray start --head` runs on this machine; `local`: a cluster of
+`--ray-cpus` started here for this invocation): a training task asks for `--threads` CPUs and,
+where it trains on CUDA, one GPU; a measurement one CPU (so, unlike the local path, latencies
+are measured side by side). The same caches decide what runs: a job or point whose output
+exists is never submitted. The repository, `--work` and `--baseline-cache` must be at the same
+paths on every node (a shared file system). Without `--ray` nothing imports Ray.
 
 Resumable: prune runs and recoveries resume from their last finished round (the loop's
 rounds.json, the same record the run store's prune jobs resume from), and every measured point,
@@ -89,6 +97,7 @@ ABLATION = [("l1", "uniform", "l1"), ("+ substitutability", "uniform", "substitu
             ("+ scoring-network allocation", None, None)]
 PHASES = ("round", "recovered")
 STOPPING = threading.Event()  # set when the benchmark stops: in-process controls end their epoch loop
+_PLANNED: list | None = None  # while `run_measurements` plans: the measurements `measure` was asked for
 COLUMNS = ["dataset", "arch", "size", "method", "target", "seed", "phase", "defect_miou", "miou_all", "drop",
            "macs_reduction", "params_reduction", "size_bytes", "latency_torch_ms", "latency_ort_ms", "wall_s"]
 
@@ -375,6 +384,10 @@ def measure(checkpoint: str | Path, test_ds, args: argparse.Namespace, metrics: 
             return point
     else:
         point = {}
+    if _PLANNED is not None:  # `run_measurements` finding what to measure on Ray: noted, measured there
+        _PLANNED.append((checkpoint, metrics, latency))
+        return {"defect_miou": 0.0, "per_class_iou": {"background": 0.0}, "size_bytes": 0,
+                "latency_torch_ms": 0.0, "latency_ort_ms": 0.0, **point}
     loaded = None
     if "defect_miou" not in point:
         if metrics is None:
@@ -485,19 +498,22 @@ class Setting:
                                      "schedule": getattr(args, "schedule", "cosine")})
 
 
-def train_all(settings: list[Setting], args: argparse.Namespace) -> None:
+def train_all(settings: list[Setting], args: argparse.Namespace, runner: "ThreadJobs | RayJobs | None" = None) -> None:
     """Train every baseline, prune run, recovery and control that is not cached yet, `--jobs`
-    at a time.
+    at a time (or as Ray tasks, ``runner`` a `RayJobs`).
 
     Longest first: baselines by epochs, then per setting the controls and the runs as soon as
     its baseline is there, and a run's recoveries as soon as the run ends. With more than one
     job, each command's progress goes to a log file beside its output and a bar counts finished
     jobs. A failed job stops the benchmark once the running ones end (their work stays cached,
-    so a rerun continues)."""
+    so a rerun continues). On Ray a job whose output exists is not submitted: it counts as
+    finished at once."""
     from tqdm.auto import tqdm
 
+    runner = runner or ThreadJobs(args.jobs)
+
     def log(setting: Setting, name: str) -> Path | None:
-        return args.work / setting.tag(args) / f"{name}.log" if args.jobs > 1 else None
+        return args.work / setting.tag(args) / f"{name}.log" if args.jobs > 1 or runner.remote else None
 
     recovering = recover_targets(args)
 
@@ -508,56 +524,291 @@ def train_all(settings: list[Setting], args: argparse.Namespace) -> None:
 
     STOPPING.clear()
     checkpoints: dict[str, Path] = {}  # setting tag -> its baseline checkpoint
-    jobs: dict = {}  # future -> (setting, job name, kind: baseline, control, run or recovery, extra)
+    jobs: dict = {}  # handle -> (setting, job name, kind: baseline, control, run or recovery, extra)
+    cached: list = []  # ((setting, name, kind, extra), result) of the jobs whose output was there (Ray)
     total = sum(count(s) for s in settings)
-    with ThreadPoolExecutor(args.jobs) as pool, tqdm(total=total, desc="training jobs", unit="job") as bar:
+    with tqdm(total=total, desc="training jobs", unit="job") as bar:
         def submit(setting: Setting, name: str, kind: str, extra, fn, *fn_args, **fn_kwargs) -> None:
-            jobs[pool.submit(fn, *fn_args, **fn_kwargs)] = (setting, name, kind, extra)
+            meta = (setting, name, kind, extra)
+            done = runner.finished(kind, fn, fn_args, fn_kwargs)
+            if done is not None:
+                cached.append((meta, done[0]))
+            else:
+                jobs[runner.submit(fn, *fn_args, name=f"{setting.tag(args)}/{name}", **fn_kwargs)] = meta
 
-        for setting in sorted(settings, key=lambda s: -epochs_for(s.fmt, s.baseline_args(args))):
-            submit(setting, "baseline", "baseline", None, train_baseline, setting.fmt, setting.root,
-                   setting.baseline_args(args), args.baseline_cache, log(setting, "baseline"))
+        def finished(meta: tuple, result) -> None:
+            setting, name, kind, extra = meta
+            bar.update()
+            work, sargs = args.work / setting.tag(args), setting.run_args(args)
+            if kind == "baseline":
+                checkpoint = result[0]
+                checkpoints[setting.tag(args)] = checkpoint
+                epochs = planned_rounds(args.targets, args.step) * args.finetune_epochs
+                submit(setting, "none", "control", None, fine_tune_copy, checkpoint, epochs, work / "none", sargs)
+                for run in runs_for(setting.methods, setting.ablation, args)[0]:
+                    for seed in run.seeds:
+                        submit(setting, f"{run.label}-s{seed}", "run", (run, seed), prune, run, checkpoint,
+                               run_dir(work, run.label, seed), sargs, log(setting, f"{run.label}-s{seed}"),
+                               seed=seed)
+            elif kind == "control" and recovering:
+                submit(setting, "none-recovered", "control-recovered", None, fine_tune_copy,
+                       result[0], args.recover_epochs, work / "none" / "recovered", sargs,
+                       recovery=True)
+            elif kind == "run" and recovering:
+                run, seed = extra
+                checkpoint = checkpoints[setting.tag(args)]
+                for target in recovering:
+                    submit(setting, f"{name}@{target:g}", "recovery", None, recover, run, checkpoint,
+                           run_dir(work, run.label, seed), target, sargs,
+                           log(setting, f"{run.label}-s{seed}-recover-{target:g}"), seed=seed)
+
         try:
-            while jobs:
-                done, _ = wait(jobs, return_when=FIRST_COMPLETED)
-                for future in done:
-                    setting, name, kind, extra = jobs.pop(future)
-                    if future.exception() is not None:
-                        bar.write(f"[{setting.tag(args)}] {name} failed; waiting for the running jobs to end")
-                        raise future.exception()
-                    bar.update()
-                    work, sargs = args.work / setting.tag(args), setting.run_args(args)
-                    if kind == "baseline":
-                        checkpoint = future.result()[0]
-                        checkpoints[setting.tag(args)] = checkpoint
-                        epochs = planned_rounds(args.targets, args.step) * args.finetune_epochs
-                        submit(setting, "none", "control", None, fine_tune_copy, checkpoint, epochs, work / "none", sargs)
-                        for run in runs_for(setting.methods, setting.ablation, args)[0]:
-                            for seed in run.seeds:
-                                submit(setting, f"{run.label}-s{seed}", "run", (run, seed), prune, run, checkpoint,
-                                       run_dir(work, run.label, seed), sargs, log(setting, f"{run.label}-s{seed}"),
-                                       seed=seed)
-                    elif kind == "control" and recovering:
-                        submit(setting, "none-recovered", "control-recovered", None, fine_tune_copy,
-                               future.result()[0], args.recover_epochs, work / "none" / "recovered", sargs,
-                               recovery=True)
-                    elif kind == "run" and recovering:
-                        run, seed = extra
-                        checkpoint = checkpoints[setting.tag(args)]
-                        for target in recovering:
-                            submit(setting, f"{name}@{target:g}", "recovery", None, recover, run, checkpoint,
-                                   run_dir(work, run.label, seed), target, sargs,
-                                   log(setting, f"{run.label}-s{seed}-recover-{target:g}"), seed=seed)
+            for setting in sorted(settings, key=lambda s: -epochs_for(s.fmt, s.baseline_args(args))):
+                submit(setting, "baseline", "baseline", None, train_baseline, setting.fmt, setting.root,
+                       setting.baseline_args(args), args.baseline_cache, log(setting, "baseline"))
+            while jobs or cached:
+                while cached:
+                    finished(*cached.pop(0))
+                if not jobs:
+                    break
+                for handle in runner.wait(jobs):
+                    meta = jobs.pop(handle)
+                    try:
+                        result = runner.result(handle)
+                    except BaseException:
+                        bar.write(f"[{meta[0].tag(args)}] {meta[1]} failed; waiting for the running jobs to end")
+                        raise
+                    finished(meta, result)
         except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
+            runner.stop(list(jobs))
             STOPPING.set()  # Ctrl-C reaches the commands too; the in-process control needs telling
             raise
+        finally:
+            runner.close()
 
 
+# ------------------------------------------------------------------ where the jobs run
+class ThreadJobs:
+    """The local thread pool: ``--jobs`` at a time, each job a ``python -m core`` process (or
+    an in-process control) that finds its own cached output."""
 
-def benchmark_setting(setting: Setting, args: argparse.Namespace) -> dict | None:
+    remote = False
+
+    def __init__(self, jobs: int):
+        self.pool = ThreadPoolExecutor(jobs)
+
+    def finished(self, kind: str, fn, fn_args: tuple, fn_kwargs: dict) -> tuple | None:
+        return None  # every job is run: one whose output exists returns at once
+
+    def submit(self, fn, *fn_args, name: str = "", **fn_kwargs):
+        return self.pool.submit(fn, *fn_args, **fn_kwargs)
+
+    def wait(self, handles) -> list:
+        return list(wait(handles, return_when=FIRST_COMPLETED)[0])
+
+    def result(self, handle):
+        return handle.result()
+
+    def stop(self, handles: list) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)  # the jobs already running end (their work stays cached)
+
+
+def _call(module: str, name: str, *fn_args, **fn_kwargs):
+    """A Ray task: one of the benchmark's jobs, run in a Ray worker process. The function goes
+    by name (this file runs as ``__main__``, whose functions Ray would copy with their globals)."""
+    import importlib
+
+    return getattr(importlib.import_module(module), name)(*fn_args, **fn_kwargs)
+
+
+def _report_only(values: tuple | dict):
+    """``values`` with every benchmark Namespace among them set to run nothing."""
+    swap = lambda v: argparse.Namespace(**{**vars(v), "report_only": True}) if isinstance(v, argparse.Namespace) else v
+    return {k: swap(v) for k, v in values.items()} if isinstance(values, dict) else tuple(swap(v) for v in values)
+
+
+class RayJobs:
+    """Each job a Ray task with the resources it needs: ``--threads`` CPUs and, where it trains
+    on CUDA, one GPU (Ray hands the task its own CUDA_VISIBLE_DEVICES, which the job's
+    ``python -m core`` process inherits). A measurement takes one CPU. A job whose output
+    exists is run here instead (it only reads its cache) and never submitted; ``submitted``
+    lists the tasks that were."""
+
+    remote = True
+
+    def __init__(self, ray, args: argparse.Namespace):
+        self.ray, self.args = ray, args
+        self.task = ray.remote(_call)
+        self.gpus = ray_gpus(ray, args)
+        self.submitted: list[str] = []
+
+    def finished(self, kind: str, fn, fn_args: tuple, fn_kwargs: dict) -> tuple | None:
+        """(result,) when the job's output is there already, else None."""
+        if kind == "baseline":
+            fmt, _, base_args, cache = fn_args[:4]
+            if not (cache / baseline_tag(fmt, base_args) / "training_history.json").is_file():
+                return None
+            return (fn(*fn_args, **fn_kwargs),)  # reads the cached checkpoint
+        result = fn(*_report_only(fn_args), **_report_only(fn_kwargs))  # runs nothing: reads what is there
+        state = result[0]
+        if kind in ("control", "control-recovered"):
+            done = state is not None
+        elif kind == "run":
+            done = bool(state and "result" in state)
+        elif kind == "recovery":  # (None, None): the run never reached the target, nothing to do
+            done = result == (None, None) or bool(state and "result" in state and state.get("recovery"))
+        else:
+            done = False
+        return (result,) if done else None
+
+    def submit(self, fn, *fn_args, name: str = "", cpus: int | None = None, gpus: float | None = None, **fn_kwargs):
+        self.submitted.append(name)
+        options = {"num_cpus": self.args.threads if cpus is None else cpus,
+                   "num_gpus": self.gpus if gpus is None else gpus, "name": name}
+        module = "bench.compression" if fn.__module__ == "__main__" else fn.__module__
+        return self.task.options(**options).remote(module, fn.__name__, *fn_args, **fn_kwargs)
+
+    def wait(self, handles) -> list:
+        return self.ray.wait(list(handles), num_returns=1)[0]
+
+    def result(self, handle):
+        return self.ray.get(handle)
+
+    def stop(self, handles: list) -> None:
+        for handle in handles:  # a running task gets KeyboardInterrupt: its command is killed, rounds kept
+            try:
+                self.ray.cancel(handle)
+            except Exception:
+                pass
+
+    def close(self) -> None:
+        pass
+
+
+RAY_LOCAL, RAY_AUTO = "local", "auto"
+
+
+def ray_gpus(ray, args: argparse.Namespace) -> int:
+    """GPUs a training task asks for: one where it trains on CUDA (``--device cuda``, or
+    ``auto`` on a cluster that has GPUs), else none."""
+    if args.device == "cpu":
+        return 0
+    if args.device == "cuda":
+        return 1
+    return 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+
+
+def connect_ray(address: str, cpus: int | None = None):
+    """Ray, connected to the cluster at ``address`` (``auto``: the one `ray start` runs on this
+    machine; ``local``: a new one-machine cluster of ``cpus`` CPUs, ended with the benchmark),
+    or to the one this process already started. Returns (ray, whether it was started here)."""
+    try:
+        import ray
+    except ImportError:
+        raise BenchmarkError("--ray needs Ray: .venv/bin/pip install -r requirements.txt") from None
+    if ray.is_initialized():
+        return ray, False
+    import logging
+
+    path = os.environ.get("PYTHONPATH", "")
+    runtime_env = {"env_vars": {"PYTHONPATH": str(REPO) + (os.pathsep + path if path else "")}}
+    try:
+        if address == RAY_LOCAL:
+            ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+                     runtime_env=runtime_env)
+        else:
+            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING, runtime_env=runtime_env)
+    except (ConnectionError, ValueError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BenchmarkError(f"--ray {address}: cannot reach a Ray cluster ({first}); start one with "
+                             "`ray start --head`, or use --ray local") from None
+    return ray, True
+
+
+class BenchmarkError(Exception):
+    """A setting the benchmark cannot run with (said as one usage error)."""
+
+
+def run_measurements(settings: list[Setting], args: argparse.Namespace, runner: RayJobs) -> dict[str, dict]:
+    """On Ray: every setting's baseline summary and every measurement not cached yet, as Ray
+    tasks (one CPU each); returns the baseline summaries by setting tag. Which points a setting
+    measures is found by running `benchmark_setting` once with `measure` only noting what it
+    would measure; the report is then built from the caches the tasks wrote."""
+    import contextlib
+    import io
+
+    from tqdm.auto import tqdm
+
+    global _PLANNED
+    baselines, pending = {}, {}
+    for setting in settings:
+        base_args = setting.baseline_args(args)
+        checkpoint = args.baseline_cache / baseline_tag(setting.fmt, base_args)
+        if not (checkpoint / "training_history.json").is_file():
+            continue
+        if (args.baseline_cache / f"{baseline_tag(setting.fmt, base_args)}.test.json").is_file():
+            baselines[setting.tag(args)] = benchmark_dataset(setting.fmt, setting.root, base_args, args.baseline_cache)
+        else:
+            pending[runner.submit(benchmark_dataset, setting.fmt, setting.root, base_args, args.baseline_cache,
+                                  name=f"{setting.tag(args)}/baseline-evaluation", cpus=args.threads,
+                                  gpus=0)] = setting.tag(args)
+    try:
+        for handle in list(pending):
+            baselines[pending.pop(handle)] = runner.result(handle)
+    except BaseException:
+        runner.stop(list(pending))
+        raise
+    wanted: dict[Path, dict] = {}  # measure cache -> what to measure
+    for setting in settings:
+        baseline = baselines.get(setting.tag(args))
+        if baseline is None:
+            continue
+        _PLANNED = []
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                benchmark_setting(setting, args, baseline)
+            planned = _PLANNED
+        finally:
+            _PLANNED = None
+        for checkpoint, metrics, latency in planned:
+            key = measure_cache(checkpoint, args)
+            entry = wanted.setdefault(key, {"checkpoint": checkpoint, "base": Path(baseline["checkpoint"]),
+                                            "args": setting.run_args(args), "metrics": None, "latency": False})
+            entry["metrics"] = entry["metrics"] or metrics
+            entry["latency"] = entry["latency"] or latency
+    tasks = {runner.submit(measure_task, e["checkpoint"], e["base"], e["args"], e["metrics"], e["latency"],
+                           name=f"measure {e['checkpoint']}", cpus=1, gpus=0): e for e in wanted.values()}
+    with tqdm(total=len(tasks), desc="measurements", unit="point") as bar:
+        try:
+            while tasks:
+                for handle in runner.wait(tasks):
+                    entry = tasks.pop(handle)
+                    try:
+                        runner.result(handle)
+                    except BaseException:
+                        bar.write(f"measuring {entry['checkpoint']} failed")
+                        raise
+                    bar.update()
+        except BaseException:
+            runner.stop(list(tasks))
+            raise
+    return baselines
+
+
+def measure_task(checkpoint: str | Path, base: Path, args: argparse.Namespace, metrics: dict | None,
+                 latency: bool) -> None:
+    """A Ray task: `measure` one checkpoint on its setting's test split (built here, from the
+    baseline's checkpoint, when the accuracy is not known already), writing its cache."""
+    test_ds = datasets_for(base, args)["test"] if metrics is None else None
+    measure(checkpoint, test_ds, args, metrics=metrics, latency=latency)
+
+
+def benchmark_setting(setting: Setting, args: argparse.Namespace, baseline: dict | None = None) -> dict | None:
     """Measure and tabulate one setting (what `train_all` left cached; with --report-only, what
-    is finished so far)."""
+    is finished so far). ``baseline``: its baseline's summary when already made (on Ray)."""
     fmt, arch = setting.fmt, setting.arch
     tag, sargs = setting.tag(args), setting.run_args(args)
     work = args.work / tag
@@ -566,7 +817,7 @@ def benchmark_setting(setting: Setting, args: argparse.Namespace) -> dict | None
     if args.report_only and not (args.baseline_cache / baseline_tag(fmt, base_args) / "training_history.json").is_file():
         print(f"[{tag}] no trained baseline yet: left out of the report", flush=True)
         return None
-    baseline = benchmark_dataset(fmt, setting.root, base_args, args.baseline_cache)
+    baseline = baseline or benchmark_dataset(fmt, setting.root, base_args, args.baseline_cache)
     checkpoint = Path(baseline["checkpoint"])
     splits = datasets_for(checkpoint, sargs)
     base = measure(checkpoint, splits["test"], sargs)
@@ -883,7 +1134,9 @@ def report(settings: list[dict], skipped: list[str], args: argparse.Namespace, a
              f"Machine: {platform.machine()}, {os.cpu_count()} CPU(s) (bf16 dot products: "
              f"{'yes' if cpu_runs_bf16_fast() else 'no'}), torch {torch.__version__}, device {device}"
              f"{' (' + torch.cuda.get_device_name(0) + ')' if device == 'cuda' else ''}, training "
-             f"{args.jobs} job(s) at a time, {args.threads} torch thread(s) each, precision {run_precision(args)} "
+             + (f"jobs and measurements as Ray tasks on `--ray {args.ray}` ({getattr(args, 'ray_cluster', '?')}), "
+                if getattr(args, "ray", None) else f"{args.jobs} job(s) at a time, ")
+             + f"{args.threads} torch thread(s) each, precision {run_precision(args)} "
              f"(`--precision {args.precision}`); latency at batch 1 on the CPU, 1 thread, median of "
              f"{args.latency_runs}. Wall time of this invocation {wall / 60:.1f} min (cached parts not redone); "
              f"{job_minutes(settings)}. Date {time.strftime('%Y-%m-%d')}.", "",
@@ -976,7 +1229,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=500,
                         help="images per split for pruning, fine-tuning, recovery, the controls and the test (0: all)")
     parser.add_argument("--baseline-limit", type=int, default=0, help="images per split for the baselines (0: all)")
-    parser.add_argument("--jobs", type=int, default=2, help="trainings and prune runs at once")
+    parser.add_argument("--jobs", type=int, default=2, help="trainings and prune runs at once (not with --ray)")
+    parser.add_argument("--ray", default=None, metavar="ADDRESS",
+                        help="run every job and measurement as a Ray task: 'auto' (the cluster `ray start` runs), "
+                             "'local' (start one on this machine), or a cluster address")
+    parser.add_argument("--ray-cpus", type=int, default=None,
+                        help="CPUs of the cluster --ray local starts (default: every CPU of the machine)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each job")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--latency-runs", type=int, default=30)
@@ -998,6 +1256,8 @@ def main(argv: list[str] | None = None) -> int:
                     parser.error(f"--recover-targets {value} is not one of --targets")
     except (argparse.ArgumentTypeError, ValueError) as exc:
         parser.error(str(exc))
+    if args.ray_cpus is not None and (args.ray != RAY_LOCAL or not 1 <= args.ray_cpus <= 4096):
+        parser.error("--ray-cpus takes 1 to 4096, with --ray local")
     args.seeds = list(dict.fromkeys(args.seeds))
     plan = [Setting(fmt, args.data / fmt, args.arch, args.methods, args.ablation) for fmt in args.datasets]
     plan += [Setting(fmt, args.data / fmt, args.arch, args.methods, False, size) for fmt, size in extras
@@ -1015,11 +1275,31 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{setting.fmt}] skipped: {skipped[-1]}", flush=True)
         else:
             runnable.append(setting)
-    if not args.report_only:
-        threads = torch.get_num_threads()
-        train_all(runnable, args)
-        torch.set_num_threads(threads)  # in-process controls set it while they ran
-    settings = [s for s in (benchmark_setting(setting, args) for setting in runnable) if s is not None]
+    if args.ray:
+        try:
+            ray, started = connect_ray(args.ray, args.ray_cpus)
+        except BenchmarkError as exc:
+            parser.error(str(exc))
+        try:
+            runner = RayJobs(ray, args)
+            if not args.report_only:
+                train_all(runnable, args, runner)
+            baselines = run_measurements(runnable, args, runner)
+            resources = ray.cluster_resources()
+            args.ray_cluster = (f"{int(resources.get('CPU', 0))} CPU(s), {int(resources.get('GPU', 0))} GPU(s), "
+                                f"{len([n for n in ray.nodes() if n.get('Alive')])} node(s)")
+            settings = [s for s in (benchmark_setting(setting, args, baselines.get(setting.tag(args)))
+                                    for setting in runnable) if s is not None]
+            print(f"Ray tasks submitted: {len(runner.submitted)}", flush=True)
+        finally:
+            if started:
+                ray.shutdown()
+    else:
+        if not args.report_only:
+            threads = torch.get_num_threads()
+            train_all(runnable, args)
+            torch.set_num_threads(threads)  # in-process controls set it while they ran
+        settings = [s for s in (benchmark_setting(setting, args) for setting in runnable) if s is not None]
     args.out_dir.mkdir(parents=True, exist_ok=True)
     with open(args.out_dir / "compression.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
