@@ -186,6 +186,114 @@ def test_an_earlier_export_is_offered_at_once_and_carries_its_metadata(pair, mon
     assert (float(meta["mean"]), float(meta["std"])) == (0.5, 0.25)
 
 
+@pytest.fixture()
+def inline_worker(monkeypatch):
+    """The test runs the page's jobs itself (page_helpers.run_inline)."""
+    from core.runs import api
+
+    monkeypatch.setattr(api, "ensure_worker", lambda *a, **k: None)
+    monkeypatch.setattr(api, "worker_alive", lambda *a, **k: True)
+    return api
+
+
+TINY = {"num_images": 24, "image_size": 64}  # the INT8 tests' dataset: calibrated and scored in seconds
+INT8_ROWS = ["fp32 ONNX size", "INT8 ONNX size", "INT8 ONNX Runtime latency, median (p10-p90)",
+             "INT8 speed-up over fp32 ONNX Runtime", "INT8 defect mIoU change from fp32"]
+
+
+def test_the_int8_step_adds_its_rows_with_numbers_once_its_job_ran(pair, inline_worker):
+    api = inline_worker
+    before, after = pair
+    at = two_models_page(before, after, TINY)
+    at.selectbox(key="compare_after").set_value(after).run()
+    cost = at.table[0].value
+    assert not [row for row in INT8_ROWS if row in cost.index]  # not measured on the first draw
+    at.button(key="compare_int8").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    (job,) = api.list_jobs(kind="int8-cost")  # measured in the worker, not in the page
+    assert (job.params["before"], job.params["after"]) == (str(Path(before).resolve()), str(Path(after).resolve()))
+    assert job.params["split"] == "val"
+    assert "Measuring INT8" in at.get("progress")[0].proto.text
+    assert "compare_int8" not in [b.key for b in at.button]  # its bar took the button's place
+    run_inline(job.id)
+    at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    cost = at.table[0].value
+    images = api.get_job(job.id).result["images"]
+    for row in INT8_ROWS + [f"defect mIoU, INT8 ONNX Runtime (val, {images} images)"]:
+        assert row in cost.index, list(cost.index)
+    int8 = cost.loc["INT8 ONNX Runtime latency, median (p10-p90)"]
+    assert int8["before"].endswith(")") and " ms (" in int8["after"] and "x" in int8["speed-up"]
+    assert cost.loc["INT8 ONNX size", "after"].endswith(" MiB") and cost.loc["INT8 ONNX size", "change"].startswith("-")
+    miou = cost.loc[f"defect mIoU, INT8 ONNX Runtime (val, {images} images)"]
+    assert 0 <= float(miou["before"]) <= 100 and 0 <= float(miou["after"]) <= 100
+    assert cost.loc["INT8 defect mIoU change from fp32", "before"].endswith(" pts")
+    assert "compare_int8" not in [b.key for b in at.button] and not at.get("progress")
+    assert any(f"the INT8 step (job {job.id})" in c.value for c in at.caption)
+    fresh = two_models_page(before, after, TINY)  # a refresh: the step's rows at once, nothing measured again
+    fresh.selectbox(key="compare_after").set_value(after).run()
+    assert "INT8 ONNX size" in fresh.table[0].value.index and len(api.list_jobs(kind="int8-cost")) == 1
+
+
+def test_a_failed_int8_step_is_one_error_box_and_the_table_keeps_its_rows(pair, inline_worker, monkeypatch):
+    import core.quantize
+    from core.runs.worker import execute_job
+
+    from page_helpers import claim
+
+    api = inline_worker
+    before, after = pair
+    at = two_models_page(before, after, TINY)
+    at.selectbox(key="compare_after").set_value(after).run()
+    at.button(key="compare_int8").click().run()
+    (job,) = api.list_jobs(kind="int8-cost")
+
+    def broken(*_args, **_kwargs):
+        raise core.quantize.QuantizationError("INT8 quantisation of model0.onnx failed: RuntimeError: no kernel")
+
+    monkeypatch.setattr(core.quantize, "quantize_onnx", broken)
+    claim(job.id)
+    assert execute_job(api.open_store(), job.id) == "failed"
+    at.run()
+    assert not at.exception
+    assert [e.value for e in at.error] == [
+        "Measuring INT8 failed: INT8 quantisation of model0.onnx failed: RuntimeError: no kernel"]
+    cost = at.table[0].value
+    assert "fp32 ONNX Runtime latency, median (p10-p90)" in cost.index and "INT8 ONNX size" not in cost.index
+    assert "compare_int8" in [b.key for b in at.button]  # it can be asked for again
+    assert len(at.get("plotly_chart")) == 2  # the comparison above is still drawn
+
+
+def test_the_export_choice_offers_the_int8_file_with_its_metadata(pair, inline_worker):
+    import onnx
+
+    api = inline_worker
+    before, after = pair
+    at = two_models_page(before, after, TINY)
+    at.selectbox(key="compare_after").set_value(after).run()
+    labels = lambda: [b.proto.label for b in at.get("download_button")]  # noqa: E731
+    at.radio(key="compare_onnx_precision").set_value("INT8").run()
+    assert at.button(key="compare_export").proto.label == "Export INT8 ONNX"
+    at.button(key="compare_export").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    (job,) = api.list_jobs(kind="export")
+    assert job.params["int8"] is True and job.params["format"] == "synthetic-steel"
+    assert job.params["option"] == TINY  # calibrated on the dataset the page compares on
+    assert "Exporting INT8 ONNX" in at.get("progress")[0].proto.text
+    run_inline(job.id)
+    at.run()
+    assert "model.int8.onnx" in labels() and "model.onnx" not in labels()
+    path = api.get_job(job.id).result["path"]
+    proto = onnx.load(path)
+    assert "QuantizeLinear" in {node.op_type for node in proto.graph.node}
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(meta["classes"]) == CLASSES and json.loads(meta["input_size"]) == [64, 64]
+    assert (float(meta["mean"]), float(meta["std"])) == (0.5, 0.25) and json.loads(meta["pruned"]) is True
+    assert json.loads(meta["quantization"])["calibration_split"] == "train"
+    at.radio(key="compare_onnx_precision").set_value("fp32").run()
+    assert "model.int8.onnx" not in labels() and at.button(key="compare_export").proto.label == "Export ONNX"
+
+
 def test_a_pruned_model_that_is_not_faster_on_an_engine_is_flagged(pair, monkeypatch):
     import core.compare
 
@@ -234,7 +342,9 @@ def saved(folder, classes=CLASSES, size=(64, 64)) -> str:
     return str(save_checkpoint(folder, build_model(spec).eval(), spec))
 
 
-def two_models_page(before: str, after: str) -> AppTest:
+def two_models_page(before: str, after: str, options: dict | None = None) -> AppTest:
+    """The page comparing ``before`` and ``after`` (registered) on synthetic steel, made with the
+    format ``options`` where given (a smaller set: num_images, image_size)."""
     from core.runs import api
 
     store = api.open_store()
@@ -242,6 +352,9 @@ def two_models_page(before: str, after: str) -> AppTest:
         store.register_model(path, arch="unet", encoder="resnet18")
     at = page()
     at.session_state["model"] = before
+    if options is not None:
+        at.session_state["dataset"] = {"format": "synthetic-steel", "root": None, "seed": 0,
+                                       "options": json.dumps(options)}
     at.run()
     return at
 

@@ -7,7 +7,6 @@ import io
 import zipfile
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 

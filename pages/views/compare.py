@@ -21,6 +21,7 @@ from core.runs import api
 from core.runs.api import PruneRunState
 from core.runs.store import FAILED, STOPPED, SUCCEEDED, JobRecord
 from core.services.compare import CompareRequest, CompareResult, checkpoint_zip, compare_costs, run_compare
+from core.services.compare_int8 import Int8CostRequest
 from core.visual import class_colour_hex, diff_overlay, overlay_mask
 from ui.jobs import follow_job, job_bar
 from ui.state import current_dataset, dataset_index, error_box, job_request, weights_mtime
@@ -166,7 +167,13 @@ def costs(before: str, before_mtime: float, after: str, after_mtime: float) -> l
     return cost_rows([before, after], runs=10)
 
 
-def onnx_download(onnx: Path) -> None:
+def onnx_download(onnx: Path, int8: bool = False) -> None:
+    if int8:
+        st.download_button("model.int8.onnx", onnx.read_bytes, file_name="model.int8.onnx", key="dl_onnx_int8",
+                           help="the after model as one static INT8 ONNX file (QDQ, per-channel weights, calibrated "
+                                "on seeded training images of the chosen dataset); its metadata names the classes, "
+                                "input size and normalisation, and how it was quantised")
+        return
     st.download_button("model.onnx", onnx.read_bytes, file_name="model.onnx", key="dl_onnx",
                        help="the after model as one ONNX file (opset 17, dynamic batch); its metadata names "
                             "the classes, input size and normalisation")
@@ -174,32 +181,57 @@ def onnx_download(onnx: Path) -> None:
 
 def draw_export(job: JobRecord) -> None:
     """The export job's bar while the worker exports, then the file to download in its place."""
+    int8 = bool(job.params.get("int8"))
+    what = "Exporting INT8 ONNX" if int8 else "Exporting ONNX"
     if job.state == SUCCEEDED:
-        onnx_download(Path(job.result["path"]))
+        onnx_download(Path(job.result["path"]), int8)
     elif job.state == FAILED:
-        st.error(f"Exporting ONNX failed: {job.error}")
+        st.error(f"{what} failed: {job.error}")
     else:
-        job_bar(job, "Exporting ONNX")
+        job_bar(job, what)
 
 
-def exported_onnx(checkpoint: str, mtime: float) -> Path | None:
-    """An earlier export of this version of the checkpoint whose file is still there: offered
-    for download at once, without exporting again (also after a refresh)."""
+def exported_onnx(checkpoint: str, mtime: float, int8: bool = False) -> Path | None:
+    """An earlier export of this version of the checkpoint (fp32, or INT8 with ``int8``) whose
+    file is still there: offered for download at once, without exporting again (also after a
+    refresh)."""
     wanted = str(Path(checkpoint).resolve())
     for job in api.list_jobs(states=[SUCCEEDED], kind="export", limit=50):
         onnx = Path(job.result.get("path", "")) if job.result else None
-        if job.params.get("checkpoint") == wanted and onnx and onnx.is_file() and onnx.stat().st_mtime >= mtime:
+        if (job.params.get("checkpoint") == wanted and bool(job.params.get("int8")) == int8 and onnx
+                and onnx.is_file() and onnx.stat().st_mtime >= mtime):
             return onnx
     return None
 
 
+def measured_int8(params: dict, mtimes: tuple[float, float]) -> JobRecord | None:
+    """An earlier INT8 step of these models' versions on this dataset and split: its numbers
+    join the cost table at once (also after a refresh), without measuring again."""
+    for job in api.list_jobs(states=[SUCCEEDED], kind="int8-cost", limit=50):
+        if job.params == params and job.result and (job.started_at or 0) >= max(mtimes):
+            return job
+    return None
+
+
+def draw_int8(job: JobRecord) -> None:
+    """The INT8 step's bar (with its Stop button) while the worker measures; its error once it
+    failed (the cost table above keeps its fp32 rows). Once it succeeded the page reruns and
+    the table has its rows."""
+    if job.state == FAILED:
+        st.error(f"Measuring INT8 failed: {job.error}")
+    elif job.state == STOPPED:
+        st.info("The INT8 step was stopped; measure again to add its rows.")
+    elif job.state != SUCCEEDED:
+        job_bar(job, "Measuring INT8 (export, calibration, timing, scoring with ONNX Runtime)", stoppable=True)
+
+
 result: CompareResult | None = None
 with error_box("Comparing"):
-    choice = current_dataset()
-    request = CompareRequest(before=before, after=after, split=split, format=choice.format, root=choice.root,
-                             split_seed=choice.seed, options=choice.parsed_options())
+    data = current_dataset()
+    request = CompareRequest(before=before, after=after, split=split, format=data.format, root=data.root,
+                             split_seed=data.seed, options=data.parsed_options())
     versions = (weights_mtime(before), weights_mtime(after))
-    result = comparison(request, *versions, _index=dataset_index(choice))
+    result = comparison(request, *versions, _index=dataset_index(data))
 if result is None:
     st.stop()
 compared = result.comparison
@@ -259,37 +291,75 @@ with error_box("Showing the image"):
 
 st.markdown("#### Cost")
 cost = None
+int8_params: dict = {}
+int8_done: JobRecord | None = None
+int8_job: JobRecord | None = None
+with error_box("Reading the INT8 step"):
+    int8_params = Int8CostRequest.for_comparison(request).to_json()
+    int8_done = measured_int8(int8_params, versions)
+    asked = st.session_state.get("compare_int8_job")
+    if int8_done is None and asked and asked["params"] == int8_params and asked["versions"] == versions:
+        int8_job = api.get_job(asked["job"])
 with error_box("Measuring cost"):
-    cost = compare_costs(*costs(before, versions[0], after, versions[1]))
+    cost = compare_costs(*costs(before, versions[0], after, versions[1]),
+                         int8=int8_done.result if int8_done else None)
     st.table(cost.table)
-    st.caption("Batch 1 on the CPU, one thread; latency is the median of 10 timed runs with the 10th to 90th "
-               "percentile in brackets, both models timed in turns. Change = after / before - 1; speed-up = before's median / after's.")
+    caption = ("Batch 1 on the CPU, one thread; latency is the median of 10 timed runs with the 10th to 90th "
+               "percentile in brackets, both models timed in turns. Change = after / before - 1; speed-up = "
+               "before's median / after's.")
+    if int8_done:
+        measured = int8_done.result
+        caption += (f" fp32 and INT8 ONNX Runtime rows: the INT8 step (job {int8_done.id}) exported both models, "
+                    f"quantised them (calibrated on {measured['calibration_images']} seeded training images) and "
+                    f"timed all four files in turns ({measured['runs']} runs each); defect mIoU of each file scored "
+                    f"with ONNX Runtime on the {measured['split']} split.")
+    st.caption(caption)
     for note in cost.notes:
         st.warning(note)
+with error_box("Measuring INT8"):
+    if int8_job is not None:
+        follow_job(int8_job, "Reading the INT8 step", draw_int8)
+    if int8_done is None and (int8_job is None or int8_job.state in (FAILED, STOPPED)) and st.button(
+            "Measure INT8 (ONNX Runtime)", key="compare_int8",
+            help="exports both models to ONNX, quantises them to INT8 (calibrated on seeded training images of "
+                 "the chosen dataset), times the fp32 and INT8 files in turns and scores them on this split, in "
+                 "the background; their rows join the table above when it is done"):
+        int8_job = api.submit("int8-cost", int8_params)
+        api.ensure_worker()
+        st.session_state["compare_int8_job"] = {"params": int8_params, "versions": versions, "job": int8_job.id}
+        st.rerun()  # the step's bar, then its rows, in the button's place
 
 st.markdown("#### Downloads")
 d1, d2, d3, d4 = st.columns(4)
 with error_box("Exporting ONNX"):
-    exported_for = (after, versions[1])  # the ONNX offered is always the chosen after model's
+    precision = d2.radio("ONNX to export", ["fp32", "INT8"], horizontal=True, key="compare_onnx_precision",
+                         help="INT8: static quantisation with ONNX Runtime (QDQ, per-channel weights), "
+                              "calibrated on seeded training images of the chosen dataset")
+    int8 = precision == "INT8"
+    exported_for = (after, versions[1], int8)  # the ONNX offered is always the chosen after model's
     export = st.session_state.get("compare_onnx")
     if export and export["model"] != exported_for:
         export = None
-    ready = None if export else exported_onnx(after, versions[1])
+    ready = None if export else exported_onnx(after, versions[1], int8)
     job = api.get_job(export["job"]) if export else None
     if ready is not None:
         with d2:
-            onnx_download(ready)
+            onnx_download(ready, int8)
     else:
         if job is not None:
             with d2:
                 follow_job(job, "Reading the export job", draw_export)
         if (job is None or job.state in (FAILED, STOPPED)) and d2.button(
-                "Export ONNX", key="compare_export",
+                "Export INT8 ONNX" if int8 else "Export ONNX", key="compare_export",
                 help="exports the after model in the background; the download button takes this one's "
                      "place when the file is ready"):
             # exported by the worker (checked against PyTorch), like every other job; no profile:
-            # the cost table above already has it
-            job = api.submit("export", {"checkpoint": after, "no_profile": True})
+            # the cost table above already has it. INT8 calibrates on the chosen dataset.
+            params = {"checkpoint": after, "no_profile": True}
+            if int8:
+                params.update(int8=True, format=request.format, root=request.root, split_seed=request.split_seed,
+                              option=dict(request.options))
+            job = api.submit("export", params)
             api.ensure_worker()
             st.session_state["compare_onnx"] = {"model": exported_for, "job": job.id}
             st.rerun()  # the export's bar, then its download, in the button's place
