@@ -26,7 +26,6 @@ import os
 import platform
 import shlex
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench.dashboard import DashboardStartError, free_port, start_streamlit  # noqa: E402
+
 CACHE = REPO / "bench" / "cache" / "ui_pages"
 WORKSPACE = CACHE / "workspace"
 os.environ["DEFECTPRUNE_WORKSPACE"] = str(WORKSPACE)
@@ -73,29 +74,11 @@ def build_workspace(args: argparse.Namespace) -> tuple[str, str]:
     return baseline, str(done["prune"].id)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server() -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port), "--server.headless", "true",
-         "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false"],
-        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).status == 200:
-                return process, url
-        except OSError:
-            time.sleep(0.5)
-    os.killpg(process.pid, 9)
-    raise SystemExit("the dashboard did not start within 90 s")
+    try:
+        return start_streamlit(free_port(), dict(os.environ, OMP_NUM_THREADS="1"))
+    except DashboardStartError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 class Timer:

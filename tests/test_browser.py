@@ -8,15 +8,14 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from bench.dashboard import DashboardStartError, free_port, start_streamlit
 from conftest import REPO
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -33,32 +32,14 @@ def require_browser() -> None:
         pytest.skip("browser test needs the playwright package (requirements-test.txt)")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture()
 def server(tmp_path):
     require_browser()
-    port = free_port()
     env = dict(os.environ, DEFECTPRUNE_WORKSPACE=str(tmp_path / "workspace"), OMP_NUM_THREADS="1")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port), "--server.headless", "true",
-         "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false"],
-        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).status == 200:
-                break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        process.kill()
-        pytest.fail("the dashboard did not start within 90 s")
+    try:
+        process, url = start_streamlit(free_port(), env)
+    except DashboardStartError as exc:
+        pytest.fail(str(exc))
     yield url
     os.killpg(process.pid, 9)
     subprocess.run([sys.executable, "-m", "core", "jobs", "list"], cwd=REPO, env=env, capture_output=True)
