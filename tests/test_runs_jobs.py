@@ -511,3 +511,20 @@ def test_a_prune_job_reads_an_allocation_file_only_inside_the_workspace_or_a_dat
     finally:
         outside.unlink()
         outside.parent.rmdir()
+
+
+def test_job_details_show_rounds_for_the_kinds_that_have_them(tmp_path, monkeypatch):
+    """A kind's details carry its prune run and rounds when its JobKind says it has rounds
+    (prune), not by its name; a kind this version does not know is shown without them."""
+    import dataclasses
+
+    from core.runs import kinds
+
+    store = Store(tmp_path / DB_FILE)
+    prune, train, unknown = (store.create_job(kind, {}) for kind in ("prune", "train", "no-such-kind"))
+    details = api.job_details(prune, store)
+    assert details["prune_run"] is None and details["rounds"] == []
+    assert "prune_run" not in api.job_details(train, store) and "rounds" not in api.job_details(train, store)
+    assert "rounds" not in api.job_details(unknown, store)
+    monkeypatch.setitem(kinds.KINDS, "train", dataclasses.replace(kinds.KINDS["train"], has_rounds=True))
+    assert api.job_details(train, store)["rounds"] == []

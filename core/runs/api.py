@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from core.runs.jobs import PruneRunState
-from core.runs.kinds import check_resumable, job_kind
+from core.runs.kinds import KINDS, check_resumable, job_kind
 from core.runs.store import RUNS_DIR, JobRecord, Store, StoreError, default_db_path
 from core.services.request import ParameterError, Request
 from core.runs.worker import _child_env, default_heartbeat_timeout, worker_running
@@ -100,14 +100,15 @@ def _mark_stale(store: Store) -> None:
 
 
 def job_details(job_id: int, store: Store | None = None) -> dict[str, Any]:
-    """The job with its folder, artifacts, and for a prune job its run and rounds."""
+    """The job with its folder, artifacts, and for a kind with rounds (prune) its run and rounds."""
     store = _store(store)
     _mark_stale(store)
     job = store.get_job(job_id)
     details = job.to_dict()
     details["folder"] = str(store.job_dir(job_id))
     details["artifacts"] = store.list_artifacts(job_id)
-    if job.kind == "prune":
+    kind = KINDS.get(job.kind)  # None: a kind this version does not know (a job from another one)
+    if kind is not None and kind.has_rounds:
         details["prune_run"] = store.get_prune_run(job_id)
         details["rounds"] = store.list_rounds(job_id)
     return details

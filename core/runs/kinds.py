@@ -39,6 +39,7 @@ class JobKind:
     # continues where it stopped when resumed (a prune run after its last finished round); the
     # others would start over in the same folder and overwrite what they wrote
     resumable: bool = False
+    has_rounds: bool = False  # writes a prune run and its rounds to the store (shown with the job's details)
     address: tuple[str, ...] = ()  # the page-address keys naming a job of this kind (``?run=12``)
     restores: frozenset[str] = frozenset()  # of DATASET, MODEL, RUN
 
@@ -59,7 +60,7 @@ KINDS: dict[str, JobKind] = {kind.name: kind for kind in (
     JobKind("score", ScoreRequest, score_job, "filter scores and the method's allocation, nothing cut",
             address=("score", "sensitivity"), restores=frozenset({DATASET, MODEL})),
     JobKind("prune", PruneRequest, prune_job, "iterative prune-retrain; resumes after its last finished round",
-            resumable=True, address=("run",), restores=frozenset({DATASET, MODEL, RUN})),
+            resumable=True, has_rounds=True, address=("run",), restores=frozenset({DATASET, MODEL, RUN})),
     JobKind("evaluate", EvaluateRequest, evaluate_job, "metrics and per-image table of a checkpoint on a split"),
     JobKind("export", ExportRequest, export_job, "ONNX export checked with ONNX Runtime, and the profile"),
     JobKind("int8-cost", Int8CostRequest, int8_cost_job, "the Compare page's INT8 step: both models' fp32 and "
