@@ -40,13 +40,19 @@ class LoopBar:
 
 
 def run(args: argparse.Namespace) -> int:
+    from core.train import distributed
+
     request = request_from_args(PruneRequest, args)
     bar = LoopBar()
-    try:
-        result = run_prune(request, progress=bar)
-        bar(1.0, f"stopped: {result.stopped}")  # a run stopped early (tolerance, user) ends short of it
-    finally:
-        bar.close()
+    with distributed.launched(request.device):  # under torchrun: one rank of a data-parallel run
+        if not distributed.is_main():  # rank 0 shows the progress and reports
+            run_prune(request, progress=None)
+            return 0
+        try:
+            result = run_prune(request, progress=bar)
+            bar(1.0, f"stopped: {result.stopped}")  # a run stopped early (tolerance, user) ends short of it
+        finally:
+            bar.close()
     if args.json:
         payload = result.to_dict()
         print_json({"rounds": payload["rounds"], "result": payload["result"], "stopped": payload["stopped"],

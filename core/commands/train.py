@@ -15,11 +15,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from core.train import ProgressBar
+    from core.train import ProgressBar, distributed
 
     request = request_from_args(TrainRequest, args)
-    with ProgressBar(f"train {request.arch}-{request.encoder}") as bar:
-        result = run_train(request, progress=bar)
+    with distributed.launched(request.device):  # under torchrun: one rank of a data-parallel run
+        with ProgressBar(f"train {request.arch}-{request.encoder}") as bar:
+            result = run_train(request, progress=bar if distributed.is_main() else None)
+        if not distributed.is_main():  # rank 0 reports
+            return 0
     if args.json:
         print_json(result.to_json())
         return 0

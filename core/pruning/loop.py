@@ -8,6 +8,11 @@ touched once, for the final report.
 
 Every finished round is written to ``<out>/rounds.json`` (atomically) with its checkpoint
 ``<out>/round_NN``, so an interrupted run resumes from its last finished round.
+
+Under torchrun every rank runs the loop: fine-tunes are data-parallel and validations summed
+over the ranks (core.train.distributed), while the scoring network, the pruning decision, the
+saves and the latency timings run on rank 0 alone, the decision (channels removed per group)
+and the records handed to the other ranks, which cut the same channels.
 """
 
 from __future__ import annotations
@@ -38,10 +43,11 @@ from core.precision import resolve_precision
 from core.profile import count_macs, count_params, measure_latency
 from core.allocation.latency import LatencyStopped
 from core.pruning.methods import MethodSpec, resolve_method
-from core.pruning.step import prune_step, prune_to
+from core.pruning.step import cut_as_decided, prune_step, prune_to
 from core.train import (
     Progress, TrainConfig, class_pixel_counts, class_weights_from_counts, evaluate, fine_tune,
 )
+from core.train import distributed
 
 ROUNDS_FILE = "rounds.json"
 RECOVERED_DIR = "recovered"  # the recovery phase's checkpoint, beside the rounds'
@@ -372,8 +378,8 @@ def _start_run(model: nn.Module, spec: ModelSpec, history: list, train_ds: Datas
         base = RunBase(macs=count_macs(model, size, spec.in_channels), params=count_params(model),
                        defect_miou=base_val["defect_miou"], val=base_val, history=history, method=settings.method,
                        settings=_settings_dict(settings), fingerprint=fingerprint,
-                       latency_ms=measure_latency(model, size, spec.in_channels, runs=settings.latency_runs, warmup=2,
-                                                  threads=1).median_ms)
+                       latency_ms=distributed.on_main(lambda: measure_latency(
+                           model, size, spec.in_channels, runs=settings.latency_runs, warmup=2, threads=1).median_ms))
     # the teacher of every distilled fine-tune: the model the run starts from, frozen
     distilling = settings.finetune.distill_weight > 0 or (settings.recover_distill_weight or 0) > 0
     teacher = copy.deepcopy(model).eval() if distilling else None
@@ -416,25 +422,34 @@ def _prune_round(run: _Run, state: LoopState, calibration: _Calibration, round_i
     offset, share = _round_span(run, state, round_index, macs_now)
     relay = _Relay(run.progress, offset, share * 0.4, f"round {round_index} prune")
     step_settings = replace(settings.step_settings, seed=settings.seed + round_index, precision=calibration.precision)
-    try:  # a latency table measures what its cache lacks first (its messages at the round's start)
-        context = pruning_context(state.model, run.size, run.spec.in_channels, calibration.batches, run.names,
-                                  calibration.class_weights, step_settings,
-                                  progress=lambda fraction, message: relay(0.0, message))
-    except LatencyStopped:
+
+    def decide() -> tuple[dict[str, list[int]], dict[str, Any], bool, list]:
+        try:  # a latency table measures what its cache lacks first (its messages at the round's start)
+            context = pruning_context(state.model, run.size, run.spec.in_channels, calibration.batches, run.names,
+                                      calibration.class_weights, step_settings,
+                                      progress=lambda fraction, message: relay(0.0, message))
+        except LatencyStopped:
+            return {}, {}, True, []
+        reduction = 1.0 - next_macs / macs_now
+        if settings.target_kind == "latency":  # the step's share of the predicted ms, landing on the target
+            now_ms = context.cost.budget0
+            reduction = max(1.0 - max(now_ms * (1.0 - settings.step), _target_ms(settings)) / now_ms, 0.0)
+        if round_index == 1 and settings.allocation:
+            result = prune_to(context, run.method, settings.allocation, progress=relay)
+        else:
+            result = prune_step(context, run.method, reduction, progress=relay, params_floor=params_floor)
+        return result.removed, result.summary(), relay.stop_requested, result.history
+
+    # the scoring network and the decision run once (rank 0, which cuts its model); under
+    # torchrun the other ranks cut the same channels of theirs
+    removed, summary, stop_requested, history = distributed.on_main(decide)
+    if not distributed.is_main():
+        history = cut_as_decided(state.model, run.size, run.spec.in_channels, removed)
+    distributed.sync_from_main(state.model)  # the scoring's forward passes ran on rank 0's alone
+    if stop_requested:  # cut with a half-trained allocation: never fine-tuned or recorded
         state.stopped = "user"
         return False
-    reduction = 1.0 - next_macs / macs_now
-    if settings.target_kind == "latency":  # the step's share of the predicted ms, landing on the target
-        now_ms = context.cost.budget0
-        reduction = max(1.0 - max(now_ms * (1.0 - settings.step), _target_ms(settings)) / now_ms, 0.0)
-    if round_index == 1 and settings.allocation:
-        result = prune_to(context, run.method, settings.allocation, progress=relay)
-    else:
-        result = prune_step(context, run.method, reduction, progress=relay, params_floor=params_floor)
-    if relay.stop_requested:  # cut with a half-trained allocation: never fine-tuned or recorded
-        state.stopped = "user"
-        return False
-    state.history = state.history + result.history
+    state.history = state.history + history
     precision, distill_weight = "", 0.0
     if settings.finetune_epochs > 0:
         tuned = fine_tune(state.model, run.train_ds, run.val_ds, _finetune_config(settings, round_index),
@@ -445,7 +460,7 @@ def _prune_round(run: _Run, state: LoopState, calibration: _Calibration, round_i
             state.stopped = "user"
             return False
         precision, distill_weight = tuned.precision, tuned.distill_weight
-    record = _record_round(run, state, round_index, result.summary(), start, precision, distill_weight)
+    record = _record_round(run, state, round_index, summary, start, precision, distill_weight)
     state.rounds.append(record)
     _write_state(run, state.rounds)
     state.progress_done = offset + share
@@ -497,9 +512,13 @@ def _record_round(run: _Run, state: LoopState, round_index: int, step: dict[str,
     macs, params = run.cost_now(model)
     ok = drop is None or drop <= settings.tolerance or not settings.stop_at_tolerance
     round_spec = ModelSpec.from_dict({**run.spec.to_dict(), "metrics": {"val": val}})
-    checkpoint = save_checkpoint(run.out_dir / f"round_{round_index:02d}", model, round_spec, state.history)
-    latency = measure_latency(model, run.size, run.spec.in_channels, runs=settings.latency_runs, warmup=2,
-                              threads=1).median_ms
+
+    def save_and_time() -> tuple[str, float]:  # rank 0's: one writer, one clock
+        checkpoint = save_checkpoint(run.out_dir / f"round_{round_index:02d}", model, round_spec, state.history)
+        return str(checkpoint), measure_latency(model, run.size, run.spec.in_channels, runs=settings.latency_runs,
+                                                warmup=2, threads=1).median_ms
+
+    checkpoint, latency = distributed.on_main(save_and_time)
     return RoundRecord(
         round=round_index, macs=macs, params=params,
         macs_reduction=1.0 - macs / base.macs, params_reduction=1.0 - params / base.params,
@@ -510,6 +529,8 @@ def _record_round(run: _Run, state: LoopState, round_index: int, step: dict[str,
 
 
 def _write_state(run: _Run, rounds: list[RoundRecord], **more: Any) -> None:
+    if not distributed.is_main():  # rank 0 writes every record
+        return
     state = {"base": run.base.to_dict(), "rounds": [asdict(r) for r in rounds], **more}
     write_json_atomic(run.state_path, state, default=float)
 
@@ -572,7 +593,13 @@ def _recover(run: _Run, best: RoundRecord) -> dict[str, Any] | None:
         return None
     val = run.validate(model)
     recovered_spec = ModelSpec.from_dict({**run.spec.to_dict(), "metrics": {"val": val}})
-    checkpoint = save_checkpoint(run.out_dir / RECOVERED_DIR, model, recovered_spec, loaded.history)
+
+    def save_and_time() -> tuple[str, float]:  # rank 0's: one writer, one clock
+        checkpoint = save_checkpoint(run.out_dir / RECOVERED_DIR, model, recovered_spec, loaded.history)
+        return str(checkpoint), measure_latency(model, run.size, run.spec.in_channels, runs=settings.latency_runs,
+                                                warmup=2, threads=1).median_ms
+
+    checkpoint, latency = distributed.on_main(save_and_time)
     macs, params = run.cost_now(model)
     return {
         "from_round": best.round, "epochs": settings.recover_epochs, "lr": config.lr,
@@ -581,8 +608,7 @@ def _recover(run: _Run, best: RoundRecord) -> dict[str, Any] | None:
         "best_epoch": tuned.best_epoch, "checkpoint": str(checkpoint), "macs": macs, "params": params,
         "macs_reduction": 1.0 - macs / base.macs, "params_reduction": 1.0 - params / base.params,
         "defect_miou": val["defect_miou"], "drop": base.drop(val), "val": val,
-        "latency_ms": measure_latency(model, run.size, run.spec.in_channels, runs=settings.latency_runs, warmup=2,
-                                      threads=1).median_ms,
+        "latency_ms": latency,
         "train_step_seconds": tuned.train_step_seconds, "teacher_step_seconds": tuned.teacher_step_seconds,
         "wall_s": time.perf_counter() - start,
     }
@@ -610,7 +636,7 @@ def _finish(run: _Run, state: LoopState) -> LoopResult:
     """The result: the last accepted round, after the recovery phase when one is asked for,
     with its test metrics (and the pre-recovery round's beside them)."""
     settings, base, rounds, stopped = run.settings, run.base, state.rounds, state.stopped
-    recovery = read_state(run.out_dir).get("recovery")
+    recovery = distributed.on_main(lambda: read_state(run.out_dir).get("recovery"))
     accepted = [r for r in rounds if r.accepted]
     best = accepted[-1] if accepted else None
     if recovery is not None and (best is None or recovery.get("from_round") != best.round):

@@ -28,7 +28,7 @@ from core.models.graph import PruningGraph, select_removal
 from core.pruning.methods import MethodSpec
 
 __all__ = ["LIVE_DETAILS", "AllocationFileError", "FixedAllocation", "PruningContext", "StepPlan", "StepResult",
-           "StepSettings", "analyse", "plan_step", "prune_step", "prune_to", "pruned_copy", "pruning_context"]
+           "StepSettings", "analyse", "cut_as_decided", "plan_step", "prune_step", "prune_to", "pruned_copy", "pruning_context"]
 
 
 @dataclass
@@ -215,6 +215,13 @@ def prune_to(context: PruningContext, method: MethodSpec, kept: Mapping[str, int
     if progress is not None:
         progress(1.0, "cut to the fixed allocation")
     return StepResult(allocation=allocation, removed=removed, history=history, analysis=analysis)
+
+
+def cut_as_decided(model: nn.Module, input_size: Sequence[int], in_channels: int,
+                   removed: Mapping[str, Sequence[int]]) -> list:
+    """Cut ``removed`` channel indices per group of ``model``, in place, as another process's
+    `prune_step` decided on the same model (a torchrun rank following rank 0); the history."""
+    return PruningGraph.traced(model, (int(input_size[0]), int(input_size[1])), in_channels).prune(removed)
 
 
 def pruned_copy(model: nn.Module, input_size: Sequence[int], in_channels: int, kept: dict[str, int]) -> nn.Module:

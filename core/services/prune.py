@@ -202,7 +202,7 @@ def run_prune(request: PruneRequest, progress: StageProgress | None = None) -> L
     from core.models.graph import PruningGraph
     from core.pruning.loop import is_prune_run, run_prune_loop
     from core.pruning.step import FixedAllocation
-    from core.train import TorchThreads, resolve_device
+    from core.train import TorchThreads, distributed, resolve_device
 
     if not request.out:
         raise ParameterError("pruning needs the folder for its rounds (--out)")
@@ -217,7 +217,8 @@ def run_prune(request: PruneRequest, progress: StageProgress | None = None) -> L
     spec = loaded.spec
     if fixed is not None:  # refused before the dataset is read or anything is cut
         fixed.check(PruningGraph.traced(loaded.model, tuple(spec.input_size), spec.in_channels), request.allocation)
-    index, size = request.dataset(spec)
+    with distributed.main_first():  # under torchrun rank 0 generates a synthetic set before the others read it
+        index, size = request.dataset(spec)
     spec.input_size = size
     datasets = {
         split: SegmentationDataset(index, split, size, spec.in_channels, augment=split == "train",
@@ -270,4 +271,3 @@ def latency_target(request: StepRequest, graph, target_ms: float | None, reducti
                                  f"the per-layer limits (--max-prune-ratio {request.max_prune_ratio:g}, at least 2 "
                                  f"channels, the classifier's input kept whole) ({where}); choose at least that")
     return 1.0 - target_ms / start, start
-

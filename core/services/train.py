@@ -125,7 +125,7 @@ def run_train(request: TrainRequest, progress: ProgressCallback | None = None) -
     from core.data.registry import load_index
     from core.models.checkpoint import holds_only_checkpoint, save_checkpoint
     from core.models.zoo import ModelSpec, build_model
-    from core.train import EmptySplitError, TrainConfig, fit, resolve_device, seed_everything
+    from core.train import EmptySplitError, TrainConfig, distributed, fit, resolve_device, seed_everything
 
     if not request.out:
         raise ParameterError("training needs the checkpoint folder to write (--out)")
@@ -133,7 +133,9 @@ def run_train(request: TrainRequest, progress: ProgressCallback | None = None) -
     out = check_output_folder(request.out, "checkpoint", holds_only_checkpoint,
                               protected=[("the dataset folder", request.root)])
     device = resolve_device(request.device)
-    index = load_index(request.format, request.root, seed=request.split_seed, strict=request.strict, **request.option)
+    with distributed.main_first():  # under torchrun rank 0 generates a synthetic set before the others read it
+        index = load_index(request.format, request.root, seed=request.split_seed, strict=request.strict,
+                           **request.option)
     size = parse_size(request.size, index.default_size)
     in_channels = request.in_channels or index.native_channels
     train_ds = SegmentationDataset(index, "train", size, in_channels, augment=not request.no_augment,
@@ -173,16 +175,19 @@ def run_train(request: TrainRequest, progress: ProgressCallback | None = None) -
                     "training": {"precision": result.precision, "memory_format": result.memory_format,
                                  "epochs_run": result.epochs_run, "best_epoch": result.best_epoch}}
 
-    checkpoint = Path(save_checkpoint(out, model.cpu(), spec))
-    write_json_atomic(checkpoint / TRAINING_HISTORY_FILE, {
-        "config": dict(vars(config)),
-        "dataset": {"format": index.format, "root": str(index.root), "split_seed": request.split_seed,
-                    "options": request.option, "train_images": len(train_ds), "val_images": len(val_ds),
-                    "size": list(size)},
-        "torch_threads": request.threads or torch.get_num_threads(),
-        "encoder_weights": encoder_weights,
-        **{k: v for k, v in result.to_dict().items() if k != "val"},
-    }, default=str)
+    checkpoint = Path(out)
+    if distributed.is_main():  # under torchrun rank 0 writes (every rank ends with its model)
+        checkpoint = Path(save_checkpoint(out, model.cpu(), spec))
+        write_json_atomic(checkpoint / TRAINING_HISTORY_FILE, {
+            "config": dict(vars(config)),
+            **distributed.describe(config.batch_size),
+            "dataset": {"format": index.format, "root": str(index.root), "split_seed": request.split_seed,
+                        "options": request.option, "train_images": len(train_ds), "val_images": len(val_ds),
+                        "size": list(size)},
+            "torch_threads": request.threads or torch.get_num_threads(),
+            "encoder_weights": encoder_weights,
+            **{k: v for k, v in result.to_dict().items() if k != "val"},
+        }, default=str)
     return TrainResult(
         checkpoint=str(checkpoint), epochs_run=result.epochs_run, best_epoch=result.best_epoch,
         stopped_early=result.stopped_early, stopped_by_user=result.stopped_by_user,

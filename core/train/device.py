@@ -23,7 +23,7 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
         return name
     key = str(name).strip().lower()
     if key == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        key = "cuda" if torch.cuda.is_available() else "cpu"
     if key == "cpu":
         return torch.device("cpu")
     if key.startswith("cuda"):
@@ -32,6 +32,8 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
                 "--device cuda was asked for but no CUDA device is available on this machine; "
                 "use --device cpu (or auto)"
             )
+        if key == "cuda" and torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.device("cuda", torch.cuda.current_device())  # a torchrun rank: its own GPU
         return torch.device(key)
     raise DeviceUnavailableError(f"unknown device {name!r}; choose one of {', '.join(DEVICE_CHOICES)}")
 

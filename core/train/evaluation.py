@@ -10,10 +10,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from core.metrics import EvaluationResult, SegmentationMetrics, batch_confusion, per_image_table
 from core.models.runtime import eval_mode
+import core.train.distributed as distributed
 from core.train.datasets import EmptySplitError, dataset_class_names, dataset_image_paths
 from core.train.device import resolve_device
 from core.train.progress import Progress, ProgressCallback, report_progress
@@ -32,7 +33,11 @@ def evaluate(
 ) -> EvaluationResult:
     """Metrics of ``model`` on every sample of ``dataset`` (confusion accumulated over the
     split) and the per-image table. Every module's train/eval mode is restored afterwards.
-    A callback returning True raises `StopRequested`."""
+    A callback returning True raises `StopRequested`.
+
+    In a torchrun run without ``per_image`` each rank evaluates its share of the batches and
+    the confusion matrices are summed (`distributed.evaluation_rows`): the metrics are those of
+    a single process on the whole split. With ``per_image`` every rank evaluates it all."""
     if len(dataset) == 0:
         raise EmptySplitError("the evaluation split has no images; pick another split or dataset")
     device = resolve_device(device)
@@ -40,6 +45,8 @@ def evaluate(
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
     model.to(device)
+    if distributed.active() and not per_image and names is not None:
+        return _evaluate_shard(model, dataset, device, batch_size, progress, names, num_workers)
     with eval_mode(model):
         return split_metrics(loader, lambda images: model(images.to(device, non_blocking=True)), dataset, names,
                              per_image, progress)
@@ -74,6 +81,27 @@ def split_metrics(loader: DataLoader, logits_of: Callable[[torch.Tensor], Any], 
     return EvaluationResult(
         metrics=SegmentationMetrics.from_confusion(confusion, names),
         per_image=table,
+        confusion=confusion,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _evaluate_shard(model: nn.Module, dataset: Dataset, device: torch.device, batch_size: int,
+                    progress: ProgressCallback | None, names: list[str], num_workers: int) -> EvaluationResult:
+    """This rank's batches of the split, the confusion summed over every rank."""
+    start = time.perf_counter()
+    rows = distributed.evaluation_rows(dataset, batch_size)
+    confusion = np.zeros((len(names), len(names)), np.int64)
+    if rows:
+        loader = DataLoader(Subset(dataset, rows), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                            pin_memory=device.type == "cuda")
+        with eval_mode(model):
+            confusion = split_metrics(loader, lambda images: model(images.to(device, non_blocking=True)), dataset,
+                                      names, False, progress).confusion.astype(np.int64)
+    confusion = distributed.reduce_sum(confusion)
+    return EvaluationResult(
+        metrics=SegmentationMetrics.from_confusion(confusion, names),
+        per_image=per_image_table(np.zeros((0, len(names), len(names)), np.int64), names),
         confusion=confusion,
         seconds=time.perf_counter() - start,
     )

@@ -27,6 +27,7 @@ from core.errors import DefectPruneError
 from core.metrics import SegmentationMetrics
 from core.models.runtime import eval_mode
 from core.precision import InvalidPrecisionError, autocast, resolve_precision, to_channels_last, to_standard_format
+import core.train.distributed as distributed
 from core.train.config import InvalidTrainConfigError, TrainConfig
 from core.train.datasets import (
     EmptySplitError, dataset_class_names, defect_sampling_weights, image_pixel_counts, set_epoch,
@@ -145,6 +146,7 @@ class _Session:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     teacher: _Teacher | None  # set only when distilling
     progress: ProgressCallback | None
+    forward: nn.Module | None = None  # the training forward passes' module: DDP in a torchrun run, else model
 
 
 @dataclass
@@ -197,11 +199,14 @@ def fit(
                 if _run_epoch(session, state, epoch):
                     break
         except (StopRequested, KeyboardInterrupt):
+            if distributed.active():  # the other ranks cannot stop at the same batch: the run ends here
+                raise
             state.stopped_by_user = True
         finally:
             to_standard_format(model)
         if state.best_state is not None:
             model.load_state_dict(state.best_state)
+        distributed.sync_from_main(model)  # every rank ends with rank 0's model (the one it saves)
     _refuse_diverged_weights(model)
     done = state.done_steps
     return TrainResult(
@@ -255,6 +260,7 @@ def _start_session(model: nn.Module, train_ds: Dataset, val_ds: Dataset | None, 
     if config.channels_last:
         to_channels_last(model)
     loader = _training_loader(train_ds, per_image, config, device)
+    forward = distributed.wrap(model, device)
     steps = len(loader) if config.max_steps_per_epoch is None else min(len(loader), config.max_steps_per_epoch)
     total_steps = steps * config.epochs
     parameters = [p for p in model.parameters() if p.requires_grad]
@@ -264,7 +270,7 @@ def _start_session(model: nn.Module, train_ds: Dataset, val_ds: Dataset | None, 
         memory_format=torch.channels_last if config.channels_last else torch.contiguous_format,
         class_weights=weights, criterion=criterion, loader=loader, steps=steps, total_steps=total_steps,
         optimizer=optimizer, scheduler=make_scheduler(optimizer, config, total_steps), teacher=teacher,
-        progress=progress,
+        progress=progress, forward=forward,
     )
 
 
@@ -273,6 +279,13 @@ def _training_loader(train_ds: Dataset, per_image: np.ndarray, config: TrainConf
     """Seeded shuffling, or seeded draws that favour images with a defect (``defect_share``)."""
     generator = torch.Generator().manual_seed(config.seed)
     draw = defect_sampling_weights(per_image, config.defect_share)
+    shard = distributed.training_sampler(len(train_ds), config.seed, draw)
+    if shard is not None:  # a torchrun rank: its share of each epoch's draw, batch size per process
+        return DataLoader(
+            train_ds, batch_size=config.batch_size, sampler=shard, drop_last=len(shard) > config.batch_size,
+            num_workers=config.num_workers, worker_init_fn=seed_worker if config.num_workers else None,
+            pin_memory=device.type == "cuda",
+        )
     sampler = None if draw is None else WeightedRandomSampler(
         torch.as_tensor(draw, dtype=torch.double), num_samples=len(train_ds), replacement=True, generator=generator)
     return DataLoader(
@@ -321,6 +334,7 @@ def _train_epoch(session: _Session, state: _FitState, epoch: int) -> float:
     """One pass over the training loader (at most ``steps`` batches); its mean loss."""
     config, optimizer = session.config, session.optimizer
     set_epoch(session.loader.dataset, epoch)
+    distributed.set_sampler_epoch(session.loader, epoch)
     session.model.train()
     loss_sum, loss_count = 0.0, 0
     step_start = time.perf_counter()
@@ -350,6 +364,8 @@ def _train_epoch(session: _Session, state: _FitState, epoch: int) -> float:
             fraction=state.done_steps / session.total_steps,
         ))
         step_start = time.perf_counter()  # the callback's own time is not training
+    if distributed.active():  # the epoch's mean loss over every rank's images
+        loss_sum, loss_count = (float(v) for v in distributed.reduce_sum(np.array([loss_sum, loss_count])))
     return loss_sum / max(loss_count, 1)
 
 
@@ -357,7 +373,7 @@ def _batch_loss(session: _Session, images: torch.Tensor, masks: torch.Tensor) ->
     """The supervised loss of one batch, mixed with the distillation term when there is a teacher."""
     config = session.config
     with autocast(session.device, session.precision):
-        logits = session.model(images)
+        logits = (session.forward or session.model)(images)
     loss = session.criterion(logits, masks)
     if session.teacher is None:
         return loss
@@ -370,6 +386,7 @@ def _validate(session: _Session, state: _FitState, epoch: int, train_loss: float
     """The validation pass, its batches reported as phase "validate" of this epoch."""
     config, progress = session.config, session.progress
     val_start = time.perf_counter()
+    distributed.sync_from_main(session.model)  # BatchNorm statistics differ per rank under DDP
 
     def forward_validation(report: Progress) -> bool | None:
         if progress is None:
