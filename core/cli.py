@@ -124,10 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMAND_MODULES:
         try:
             module = importlib.import_module(f"core.commands.{name}")
-        except ModuleNotFoundError as exc:  # a command whose module is not written yet
-            if exc.name != f"core.commands.{name}":
-                raise
-            continue
+        except ImportError as exc:  # a listed command that cannot be imported is a broken install or a typo
+            raise ImportError(f"command module core.commands.{name} (listed in core.cli.COMMAND_MODULES) cannot "
+                              f"be imported: {exc}") from exc
         module.add_parser(sub)
     return parser
 
