@@ -1,6 +1,7 @@
 """Metrics of a checkpoint on a dataset split: ``python -m core evaluate`` and the evaluate
 job. Format, root and split seed default to those in the checkpoint's spec, and the input
-size to the size the model was trained at (the format's default size on another format)."""
+size to the size the model was trained at (the format's default size on another format).
+`preview_predictions` is the Model page's preview: a few images' predictions and their metrics."""
 
 from __future__ import annotations
 
