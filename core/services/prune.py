@@ -231,8 +231,10 @@ def run_prune(request: PruneRequest, progress: StageProgress | None = None) -> L
             raise LatencyTargetError("--target-params cannot be reached with --cost latency: give a latency reduction "
                                      "(--target-macs with --cost latency) or --target-latency MS")
         graph = PruningGraph.traced(loaded.model, size, spec.in_channels)
-        latency = latency_target(request, graph, request.target_latency, request.target_macs or 0.8,
-                                 progress=None if progress is None else (lambda f, m: progress(0.0, m)))
+        # under torchrun rank 0 times the table and every rank takes its target (one clock, one decision)
+        latency = distributed.on_main(lambda: latency_target(
+            request, graph, request.target_latency, request.target_macs or 0.8,
+            progress=None if progress is None else (lambda f, m: progress(0.0, m))))
     settings = request.loop_settings(str(device), None if fixed is None else fixed.kept, latency)
     with TorchThreads(request.threads):
         return run_prune_loop(loaded.model, spec, list(loaded.history), datasets["train"], datasets["val"],
