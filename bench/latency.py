@@ -15,6 +15,19 @@ seeded random calibration batches, so its allocation shows the shapes the method
 not the ones it would pick on a real dataset. Which filters go does not change cost, so every
 pruned copy keeps the group-L1 largest filters (`core.pruning.step.pruned_copy`).
 
+The latency table (`core.allocation.latency`: each conv timed alone over a grid of kept
+channel counts on this machine, interpolated) is built on the unpruned model for every engine,
+thread count and size, and its prediction for each pruned copy is set beside the measured
+median: the table's prediction error (goal, reported: within 10%). `--no-table` skips it.
+
+With `--frontier` a small accuracy experiment follows: a baseline trained briefly on the
+synthetic steel set (`--frontier-size`, `--frontier-images`, `--frontier-epochs`), then pruned
+in one round by the scoring network to `--frontier-macs` fewer MACs (the MACs-targeted run) and
+to each of `--frontier-latency` latency reductions on the table (`--cost latency`), each
+fine-tuned `--frontier-finetune` epochs; all of them timed in turns. Reported: the fastest
+latency-targeted model whose validation defect mIoU is within `--equal-accuracy` points of the
+MACs-targeted one's, and how much faster it is (goal, reported: at least 15%).
+
 With `--checkpoint DIR` (repeatable) the given checkpoints are timed instead (for example the
 rounds of bench/compression.py's runs, bench/cache/compression/<setting>/<method>/round_NN),
 each against a fresh unpruned model of its own architecture.
@@ -84,6 +97,14 @@ class Timed:
     reference: "Timed | None" = None  # the unpruned model it is compared with
     # the unpruned model timed again after every other model: how far the machine drifted
     retimed: dict[tuple[str, int, int], float] = field(default_factory=dict)
+    # the latency table's prediction (ms), keyed as ``latency``
+    predicted: dict[tuple[str, int, int], float] = field(default_factory=dict)
+
+    def prediction_error(self, key: tuple[str, int, int]) -> float | None:
+        """(predicted - measured) / measured, or None without both."""
+        if key not in self.predicted or not self.latency.get(key):
+            return None
+        return self.predicted[key] / self.latency[key] - 1.0
 
     def macs_reduction(self, size: int) -> float:
         if self.reference is None:
@@ -214,14 +235,47 @@ def time_model(meta: dict, model: nn.Module, spec: ModelSpec, args: argparse.Nam
     return timed
 
 
+def table_settings(args: argparse.Namespace, engine: str, threads: int):
+    from core.allocation.latency import LatencySettings
+
+    return LatencySettings(engine=engine, threads=threads, grid=args.table_grid, repeats=args.table_repeats,
+                           folder=str(args.table_folder))
+
+
+def build_latency_tables(model: nn.Module, spec: ModelSpec, args: argparse.Namespace) -> dict:
+    """The unpruned model's latency cost model per (engine, threads, size), measured where this
+    machine's cached table lacks it."""
+    from core.allocation.latency import latency_cost_model
+
+    costs = {}
+    for size in sorted(args.sizes):
+        graph = PruningGraph.traced(model, (size, size), spec.in_channels)
+        for engine in args.engines:
+            for threads in args.threads:
+                start = time.perf_counter()
+                costs[(engine, threads, size)] = cost = latency_cost_model(
+                    graph, table_settings(args, engine, threads))
+                print(f"latency table {ENGINE_LABEL[engine]} {threads}t {size}px: predicts {cost.latency0:.1f} ms "
+                      f"unpruned (convs {cost.conv_ms0:.1f} ms, rest {cost.rest_ms:.1f} ms) in "
+                      f"{time.perf_counter() - start:.0f} s", flush=True)
+    return costs
+
+
 def run(args: argparse.Namespace) -> list[Timed]:
     models = checkpoint_models(args) if args.checkpoint else engine_models(args)
     rows: list[Timed] = []
     references: dict = {}
     unpruned: dict = {}
+    tables: dict = {}
     for meta, model, spec in models:
         start = time.perf_counter()
+        if args.table and not args.checkpoint and meta["allocator"] == "none":
+            tables = build_latency_tables(model, spec, args)
         timed = time_model(meta, model, spec, args)
+        if tables and meta["allocator"] != "none" and meta.get("kept"):
+            timed.predicted = {key: cost.predict(meta["kept"])["latency_ms"] for key, cost in tables.items()}
+        elif tables and meta["allocator"] == "none":
+            timed.predicted = {key: cost.latency0 for key, cost in tables.items()}
         key = meta.get("key", "default")
         if meta["allocator"] == "none":
             references[key] = timed
@@ -376,7 +430,51 @@ def machine_line(args: argparse.Namespace, load_start: tuple, load_end: tuple, w
             f"machine skews latency). Wall time {wall / 60:.1f} min. Date {time.strftime('%Y-%m-%d %H:%M')}.")
 
 
-def report(rows: list[Timed], args: argparse.Namespace, argv: list[str], machine: str) -> str:
+GOAL_PREDICTION = 0.10  # the table's prediction within 10% of the measured latency
+GOAL_FASTER = 0.15  # the latency-targeted model at least 15% faster at equal accuracy
+
+
+def prediction_tables(rows: list[Timed], args: argparse.Namespace) -> list[str]:
+    """The table's prediction against the measured median, per model, engine, threads, size."""
+    if not any(r.predicted for r in rows):
+        return []
+    lines = ["## Latency table: predicted against measured", "",
+             f"The table (grid {args.table_grid} x {args.table_grid} kept channel counts per layer geometry, median of "
+             f"{args.table_repeats} runs per point) was built on the unpruned model; each pruned copy's latency is "
+             "predicted from its kept channels, without timing it. Error = predicted / measured - 1 (bold: within "
+             f"{GOAL_PREDICTION:.0%}). The table's prediction for the unpruned model is its own whole-model timing "
+             "(the non-conv remainder is that timing less the convs), so the unpruned row differs only by how far "
+             "the machine drifted between that timing and this one.", ""]
+    errors = []
+    for size in sorted(args.sizes, reverse=True):
+        keys = keys_for(args, size)
+        lines += [f"{size} px: measured ms / predicted ms (error)", "",
+                  "| model | " + " | ".join(key_label(k) for k in keys) + " |", "|---|" + "---|" * len(keys)]
+        for r in rows:
+            cells = []
+            for k in keys:
+                error = r.prediction_error(k)
+                if error is None:
+                    cells.append("n/a")
+                    continue
+                if r.reference is not None:
+                    errors.append((abs(error), r.label, k))
+                mark = f"**{error:+.1%}**" if abs(error) <= GOAL_PREDICTION else f"{error:+.1%}"
+                cells.append(f"{r.latency[k]:.1f} / {r.predicted[k]:.1f} ({mark})")
+            lines.append(f"| {r.label} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if errors:
+        values = sorted(e for e, _, _ in errors)
+        worst = max(errors)
+        within = sum(e <= GOAL_PREDICTION for e in values)
+        lines += [f"Goal (predicted within {GOAL_PREDICTION:.0%} of measured): {within} of {len(values)} pruned "
+                  f"measurements; median |error| {values[len(values) // 2]:.1%}, largest {worst[0]:.1%} "
+                  f"({worst[1]}, {key_label(worst[2])} {worst[2][2]} px).", ""]
+    return lines
+
+
+def report(rows: list[Timed], args: argparse.Namespace, argv: list[str], machine: str,
+           frontier: list[str] | None = None) -> str:
     lines = ["# Latency benchmark", "",
              "Command: `" + shlex.join(["python", "bench/latency.py", *argv]) + "`", "", machine, ""]
     if args.quick:
@@ -405,7 +503,126 @@ def report(rows: list[Timed], args: argparse.Namespace, argv: list[str], machine
         lines += latency_tables(rows, args, size)
     lines += goal_lines(rows, args)
     lines += rounding_table(rows, args, GOAL_SIZE if GOAL_SIZE in args.sizes else max(args.sizes))
+    lines += prediction_tables(rows, args)
+    lines += frontier or []
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ latency target vs MACs target
+@dataclass
+class FrontierRun:
+    label: str
+    cost: str  # "macs" or "latency"
+    target: float  # the reduction asked for (MACs or predicted latency)
+    checkpoint: str
+    macs_reduction: float
+    predicted_ms: float | None  # the table's prediction of the cut (latency runs)
+    val_miou: float | None
+    test_miou: float | None
+    latency: dict[str, float] = field(default_factory=dict)  # engine -> measured median ms
+    spread: dict[str, str] = field(default_factory=dict)  # engine -> "p10-p90"
+
+
+def run_frontier(args: argparse.Namespace) -> list[FrontierRun]:
+    """A baseline on synthetic steel, then one-shot scoring-network cuts to a MACs target and to
+    latency targets, each fine-tuned; every result timed in turns."""
+    from core.models.checkpoint import load_checkpoint
+    from core.profile import latency_in_turns
+    from core.services.prune import PruneRequest, run_prune
+    from core.services.train import TrainRequest, run_train
+
+    work = args.work
+    size = args.frontier_size
+    data = dict(format="synthetic-steel", root=str(work / "synthetic"), size=str(size), limit=args.frontier_images,
+                threads=max(args.threads), batch_size=8)
+    baseline = work / f"baseline-{size}px-{args.frontier_epochs}ep-n{args.frontier_images}-s{args.seed}"
+    if not (baseline / "spec.json").is_file():
+        start = time.perf_counter()
+        run_train(TrainRequest(**data, epochs=args.frontier_epochs, no_early_stop=True, seed=args.seed,
+                               out=str(baseline)))
+        print(f"frontier baseline trained in {time.perf_counter() - start:.0f} s", flush=True)
+    prune_common = dict(checkpoint=str(baseline), method="collaborative", scoring_steps=args.scoring_steps,
+                        calibration_images=16, step=0.95, max_rounds=1, finetune_epochs=args.frontier_finetune,
+                        no_tolerance_stop=True, seed=args.seed, threads=max(args.threads), batch_size=8,
+                        limit=args.frontier_images, latency_threads=args.frontier_threads,
+                        latency_grid=args.table_grid, latency_repeats=args.table_repeats)
+    plans = [("MACs-targeted", "macs", args.frontier_macs, {"target_macs": args.frontier_macs})]
+    plans += [(f"latency-targeted {t:.0%}", "latency", t, {"target_macs": t, "cost": "latency"})
+              for t in sorted(args.frontier_latency)]
+    # the runs' latency tables live in the workspace (the product's place for them)
+    os.environ.setdefault("DEFECTPRUNE_WORKSPACE", str(work / "workspace"))
+    runs = []
+    for label, cost, target, extra in plans:
+        out = work / (f"{cost}-{target:.2f}-{size}px-ft{args.frontier_finetune}-st{args.scoring_steps}"
+                      f"-g{args.table_grid}r{args.table_repeats}-s{args.seed}")
+        start = time.perf_counter()
+        result = run_prune(PruneRequest(**prune_common, **extra, out=str(out)))
+        record = result.rounds[-1]
+        predicted = record.step["allocation"]["predicted"].get("latency_ms")
+        runs.append(FrontierRun(label=label, cost=cost, target=target, checkpoint=result.result["checkpoint"],
+                                macs_reduction=record.macs_reduction, predicted_ms=predicted,
+                                val_miou=result.result["defect_miou"],
+                                test_miou=(result.result.get("test") or {}).get("defect_miou")))
+        print(f"frontier {label}: MACs -{record.macs_reduction:.1%}, val defect mIoU {result.result['defect_miou']}"
+              f" ({time.perf_counter() - start:.0f} s)", flush=True)
+    models = [load_checkpoint(baseline).model.eval()] + [load_checkpoint(r.checkpoint).model.eval() for r in runs]
+    timed = latency_in_turns(models, (size, size), 1, runs=args.runs, warmup=args.warmup,
+                             threads=args.frontier_threads, onnx="onnxruntime" in args.engines)
+    base_val = read_state_base(runs[0].checkpoint)
+    base = FrontierRun(label="unpruned", cost="-", target=0.0, checkpoint=str(baseline), macs_reduction=0.0,
+                       predicted_ms=None, val_miou=base_val, test_miou=None)
+    for r, result in zip([base, *runs], timed):
+        r.latency = {engine: res.median_ms for engine, res in result.items()}
+        r.spread = {engine: f"{res.p10_ms:.1f}-{res.p90_ms:.1f}" for engine, res in result.items()}
+    return [base, *runs]
+
+
+def read_state_base(round_checkpoint: str) -> float | None:
+    """The starting model's val defect mIoU as the prune run measured it (its rounds.json)."""
+    import json
+
+    state = json.loads((Path(round_checkpoint).parent / "rounds.json").read_text())
+    return state["base"]["defect_miou"]
+
+
+def frontier_lines(runs: list[FrontierRun], args: argparse.Namespace) -> list[str]:
+    engines = list(runs[0].latency)
+    size = args.frontier_size
+    lines = [f"## Latency target against MACs target at equal accuracy ({size} px)", "",
+             f"A Unet-{args.encoder} trained {args.frontier_epochs} epochs on at most {args.frontier_images} synthetic "
+             f"steel images per split ({size} px), then cut in one round by the scoring network "
+             f"({args.scoring_steps} steps): to {args.frontier_macs:.0%} fewer MACs (closed-form MACs budget), and to "
+             "each latency reduction on this machine's table (torch, "
+             f"{args.frontier_threads} thread(s); `--cost latency`); each cut fine-tuned {args.frontier_finetune} "
+             f"epoch(s). Latency: batch 1, {args.frontier_threads} thread(s), median of {args.runs} runs timed in turns "
+             "(p10-p90 in brackets). Small budgets: accuracies are noisy to a point or more.", "",
+             "| model | MACs red. | predicted ms | " + " | ".join(f"{ENGINE_LABEL[e]} ms" for e in engines)
+             + " | val defect mIoU | test defect mIoU |",
+             "|---|---|---|" + "---|" * len(engines) + "---|---|"]
+    fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+    for r in runs:
+        lines.append(f"| {r.label} | {pct(r.macs_reduction)} | {fmt(r.predicted_ms)} | "
+                     + " | ".join(f"{r.latency[e]:.1f} ({r.spread[e]})" for e in engines)
+                     + f" | {fmt(r.val_miou)} | {fmt(r.test_miou)} |")
+    lines.append("")
+    macs_run = next(r for r in runs if r.cost == "macs")
+    latency_runs = [r for r in runs if r.cost == "latency"]
+    tol = args.equal_accuracy
+    for engine in engines:
+        equal = [r for r in latency_runs if r.val_miou is not None and macs_run.val_miou is not None
+                 and r.val_miou >= macs_run.val_miou - tol]
+        if not equal:
+            lines.append(f"- {ENGINE_LABEL[engine]}: no latency-targeted model is within {tol:g} point(s) of the "
+                         f"MACs-targeted model's val defect mIoU ({fmt(macs_run.val_miou)}); goal not shown.")
+            continue
+        fastest = min(equal, key=lambda r: r.latency[engine])
+        faster = 1.0 - fastest.latency[engine] / macs_run.latency[engine]
+        verdict = "met" if faster >= GOAL_FASTER else "not met"
+        lines.append(f"- {ENGINE_LABEL[engine]}: the fastest latency-targeted model within {tol:g} point(s) of the "
+                     f"MACs-targeted one's val defect mIoU ({fmt(fastest.val_miou)} against {fmt(macs_run.val_miou)}) "
+                     f"is {fastest.label}: {fastest.latency[engine]:.1f} against {macs_run.latency[engine]:.1f} ms, "
+                     f"{faster:.1%} faster (goal at least {GOAL_FASTER:.0%}: {verdict}).")
+    return lines + [""]
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -428,6 +645,28 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint", type=Path, action="append", default=[],
                         help="time this checkpoint instead of in-process pruned copies (repeatable)")
+    parser.add_argument("--no-table", dest="table", action="store_false",
+                        help="skip the latency table's predictions")
+    parser.add_argument("--table-grid", type=int, default=4, help="latency table points per axis (2 to 8)")
+    parser.add_argument("--table-repeats", type=int, default=5, help="latency table runs per point (1 to 50)")
+    parser.add_argument("--table-folder", type=Path, default=REPO / "bench" / "cache" / "latency_tables",
+                        help="where the latency tables are cached")
+    parser.add_argument("--frontier", action="store_true",
+                        help="also train a small baseline and compare latency- with MACs-targeted pruning at equal "
+                             "accuracy")
+    parser.add_argument("--frontier-size", type=int, default=128)
+    parser.add_argument("--frontier-images", type=int, default=96, help="synthetic images per split at most")
+    parser.add_argument("--frontier-epochs", type=int, default=8, help="baseline training epochs")
+    parser.add_argument("--frontier-finetune", type=int, default=2, help="fine-tune epochs after each cut")
+    parser.add_argument("--frontier-macs", type=float, default=0.8, help="the MACs-targeted run's MACs reduction")
+    parser.add_argument("--frontier-latency", nargs="+", type=float, default=None,
+                        help="latency reductions of the latency-targeted runs (default 0.6 0.7 0.8 0.85)")
+    parser.add_argument("--frontier-threads", type=int, default=1, help="threads the frontier is timed and "
+                                                                         "its table measured with")
+    parser.add_argument("--equal-accuracy", type=float, default=1.0,
+                        help="points of val defect mIoU within which two models count as equally accurate")
+    parser.add_argument("--work", type=Path, default=REPO / "bench" / "cache" / "latency-frontier",
+                        help="folder for the frontier's checkpoints")
     parser.add_argument("--quick", action="store_true", help="smoke run: 64 px, 1 thread, 3 runs, one target")
     parser.add_argument("--out", type=Path, default=None, help="report (default bench/results/latency.md)")
     args = parser.parse_args(argv)
@@ -447,6 +686,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error(f"targets are MACs reductions between 0 and 1, not {args.targets}")
     if any(r < 1 for r in args.round_to) or any(t < 1 for t in args.threads):
         parser.error("--round-to and --threads take whole numbers of at least 1")
+    if not 2 <= args.table_grid <= 8 or not 1 <= args.table_repeats <= 50:
+        parser.error("--table-grid takes 2 to 8 points, --table-repeats 1 to 50 runs")
+    if args.frontier_latency is None:
+        args.frontier_latency = [0.6, 0.7, 0.8, 0.85]
+    if any(not 0 < t < 1 for t in [args.frontier_macs, *args.frontier_latency]):
+        parser.error("--frontier-macs and --frontier-latency are reductions between 0 and 1")
+    if args.frontier_size < 32 or args.frontier_size % 32:
+        parser.error(f"--frontier-size must be a multiple of 32, not {args.frontier_size}")
     return args
 
 
@@ -455,9 +702,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start, load_start = time.perf_counter(), os.getloadavg()
     rows = run(args)
+    frontier = frontier_lines(run_frontier(args), args) if args.frontier else None
     machine = machine_line(args, load_start, os.getloadavg(), time.perf_counter() - start)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report(rows, args, argv, machine) + "\n")
+    args.out.write_text(report(rows, args, argv, machine, frontier) + "\n")
     print(f"wrote {args.out}", flush=True)
     return 0
 

@@ -32,13 +32,13 @@ def pct(cell: str) -> float:
 
 
 TINY = ["--sizes", "64", "--runs", "2", "--warmup", "0", "--targets", "0.5", "--threads", "1",
-        "--scoring-steps", "2", "--calibration-images", "4"]
+        "--scoring-steps", "2", "--calibration-images", "4", "--table-grid", "2", "--table-repeats", "1"]
 
 
 @pytest.mark.timeout(120)
 def test_latency_report_rows(tmp_path, capsys):
     out = tmp_path / "latency.md"
-    argv = [*TINY, "--round-to", "1", "8", "--out", str(out)]
+    argv = [*TINY, "--round-to", "1", "8", "--table-folder", str(tmp_path / "tables"), "--out", str(out)]
     assert bench.main(argv) == 0
     report = out.read_text()
     assert "Command: `python bench/latency.py --sizes 64 --runs 2" in report
@@ -69,7 +69,39 @@ def test_latency_report_rows(tmp_path, capsys):
                 pct(gain.strip("()")) / pct(row["MACs red."]), abs=0.02)
     assert "## Does rounding help? (64 px)" in report
     assert "| uniform | 50.0% |" in report
+    # the latency table's prediction beside each measurement, with its error
+    predicted = table_after(report, "## Latency table: predicted against measured", "64 px: measured ms")
+    assert [r["model"] for r in predicted] == [m["model"] for m in models]
+    errors = []
+    for row, timed in zip(predicted, latency):
+        for engine in ("torch 1t", "ORT 1t"):
+            measured, rest = row[engine].split(" / ")
+            ms, error = rest.split(" ", 1)
+            assert float(measured) == float(timed[engine].split(" ")[0]) and float(ms) > 0
+            error = pct(error.strip("()*"))
+            assert error == pytest.approx(float(ms) / float(measured) - 1, abs=0.01 + 0.06 / float(measured))
+            errors.append(error)
+    assert "Goal (predicted within 10% of measured): " in report and " of 8 pruned measurements" in report
+    assert (tmp_path / "tables").is_dir()  # measured once, cached there
     capsys.readouterr()
+
+
+def test_the_frontier_compares_the_fastest_equally_accurate_latency_model():
+    args = bench.parse_args([*TINY, "--frontier", "--equal-accuracy", "1.0"])
+    run = bench.FrontierRun
+    runs = [run("unpruned", "-", 0.0, "b", 0.0, None, 60.0, None, {"torch": 100.0}, {"torch": "99-101"}),
+            run("MACs-targeted", "macs", 0.8, "m", 0.8, None, 55.0, 54.0, {"torch": 40.0}, {"torch": "39-41"}),
+            run("latency-targeted 60%", "latency", 0.6, "l6", 0.7, 30.0, 56.0, 55.0, {"torch": 38.0}, {"torch": "-"}),
+            run("latency-targeted 80%", "latency", 0.8, "l8", 0.85, 20.0, 54.5, 53.0, {"torch": 30.0}, {"torch": "-"}),
+            run("latency-targeted 85%", "latency", 0.85, "l9", 0.9, 15.0, 50.0, 49.0, {"torch": 20.0}, {"torch": "-"})]
+    text = "\n".join(bench.frontier_lines(runs, args))
+    # 85% is faster but 5 points worse: not equally accurate; 80% is within 1 point and 25% faster
+    assert ("is latency-targeted 80%: 30.0 against 40.0 ms, 25.0% faster (goal at least 15%: met)") in text
+    assert "| latency-targeted 85% | 90.0% | 15.00 | 20.0 (-) | 50.00 | 49.00 |" in text
+    runs[3].val_miou = 40.0
+    runs[2].val_miou = 40.0
+    text = "\n".join(bench.frontier_lines(runs, args))
+    assert "no latency-targeted model is within 1 point(s)" in text
 
 
 def test_rounded_allocations_keep_multiples_of_eight():
