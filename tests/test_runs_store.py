@@ -50,29 +50,30 @@ def make_v1_database(path: Path) -> None:
 
 # ---------------------------------------------------------------- schema
 def test_new_store_is_wal_at_the_current_version(store):
-    assert store.schema_version() == SCHEMA_VERSION == 2
+    assert store.schema_version() == SCHEMA_VERSION == 3
     assert store.query("PRAGMA journal_mode")[0][0] == "wal"
     assert int(store.query("PRAGMA busy_timeout")[0][0]) >= 10_000
     versions = [r["version"] for r in store.query("SELECT version FROM schema_version ORDER BY version")]
-    assert versions == [1, 2]
+    assert versions == [1, 2, 3]
 
 
 def test_opening_a_v1_database_migrates_it_and_keeps_its_rows(tmp_path):
     path = tmp_path / "old" / DB_FILE
     make_v1_database(path)
     store = Store(path)
-    assert store.schema_version() == 2
+    assert store.schema_version() == 3
     job = store.get_job(1)
     assert (job.kind, job.state, job.params, job.dataset_id) == ("train", "succeeded", {"format": "neu-seg"}, 1)
     assert job.attempts == 0 and job.metrics == {} and job.worker_pid is None  # the v2 columns, defaulted
+    assert job.slot is None  # v3
     assert store.get_dataset(1)["root"] == "/data/neu"
     assert store.query("SELECT COUNT(*) FROM workers")[0][0] == 0
     # the migrated file works like a new one, and opening it again changes nothing
     new_id = store.create_job("evaluate", {"checkpoint": "x"})
     assert new_id == 2 and store.heartbeat(new_id) is True  # not running: the answer is "stop"
     again = Store(path)
-    assert again.migrate() == 2
-    assert [r["version"] for r in again.query("SELECT version FROM schema_version ORDER BY version")] == [1, 2]
+    assert again.migrate() == 3
+    assert [r["version"] for r in again.query("SELECT version FROM schema_version ORDER BY version")] == [1, 2, 3]
 
 
 def schema_of(store: Store) -> dict[str, list[tuple]]:

@@ -17,7 +17,7 @@ from core.runs.jobs import PruneRunState
 from core.runs.kinds import KINDS, check_resumable, job_kind
 from core.runs.store import RUNS_DIR, JobRecord, Store, StoreError, default_db_path
 from core.services.request import ParameterError, Request
-from core.runs.worker import _child_env, default_heartbeat_timeout, worker_running
+from core.runs.worker import _child_env, configured_slots, default_heartbeat_timeout, worker_running
 
 DEFAULT_IDLE_EXIT = 600.0  # a worker started on demand leaves after 10 idle minutes
 RESPAWN_BACKOFF = 30.0  # seconds before starting another worker after one crashed
@@ -155,7 +155,8 @@ def ensure_worker(store: Store | None = None, idle_exit: float | None = DEFAULT_
                   extra_args: list[str] | None = None) -> int | None:
     """Start ``python -m core worker`` in the background unless one is running; returns the
     new worker's pid (None when one was already running or starting). The worker outlives
-    the caller (its own session) and leaves after ``idle_exit`` idle seconds.
+    the caller (its own session) and leaves after ``idle_exit`` idle seconds. It has one slot
+    unless ``DEFECTPRUNE_WORKER_SLOTS`` asks for more (capped at the machine's GPUs, or cores).
 
     Safe to call every few seconds (a dashboard fragment does): a worker this process started
     counts as running while it is alive, although it takes a few seconds to import and take
@@ -177,6 +178,9 @@ def ensure_worker(store: Store | None = None, idle_exit: float | None = DEFAULT_
         if idle_exit is not None:
             command += ["--idle-exit", str(idle_exit)]
         command += list(extra_args or [])
+        slots = configured_slots()
+        if slots > 1 and "--slots" not in command:
+            command += ["--slots", str(slots)]
         with open(folder / WORKER_LOG, "ab") as log:
             process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                        env=_child_env(store), start_new_session=True, cwd=os.getcwd())

@@ -169,10 +169,16 @@ V2_SCHEMA: tuple[str, ...] = (
     )""",
 )
 
+V3_SCHEMA: tuple[str, ...] = (
+    # the worker slot a job was started in (``worker --slots N``: its GPU or its share of the CPU)
+    "ALTER TABLE jobs ADD COLUMN slot INTEGER",
+)
+
 # (version, description, statements), applied in order to reach ``SCHEMA_VERSION``.
 MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
     (1, "first release: datasets, jobs, models, prune runs, rounds, artifacts", V1_SCHEMA),
     (2, "job metrics, attempts, worker pid, stop time; worker heartbeats", V2_SCHEMA),
+    (3, "the worker slot of each job", V3_SCHEMA),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -201,6 +207,7 @@ class JobRecord:
     dataset_id: int | None
     metrics: dict[str, Any] = field(default_factory=dict)
     attempts: int = 0
+    slot: int | None = None  # the worker slot of its latest start
 
     @property
     def finished(self) -> bool:
@@ -428,15 +435,16 @@ class Store:
             args.append(int(limit))
         return [_job(r) for r in self.query(sql, args)]
 
-    def claim_next_job(self, worker_pid: int) -> JobRecord | None:
-        """The oldest queued job, atomically marked running for this worker (None: queue empty)."""
+    def claim_next_job(self, worker_pid: int, slot: int | None = None) -> JobRecord | None:
+        """The oldest queued job, atomically marked running for this worker in ``slot`` (None:
+        queue empty)."""
         now = time.time()
         with self.write() as conn:
             row = conn.execute(
                 "UPDATE jobs SET state = ?, started_at = ?, heartbeat_at = ?, finished_at = NULL, worker_pid = ?, "
-                "pid = NULL, attempts = attempts + 1, message = 'starting', error = NULL "
+                "slot = ?, pid = NULL, attempts = attempts + 1, message = 'starting', error = NULL "
                 "WHERE id = (SELECT id FROM jobs WHERE state = ? ORDER BY id LIMIT 1) AND state = ? RETURNING *",
-                (RUNNING, now, now, worker_pid, QUEUED, QUEUED)).fetchone()
+                (RUNNING, now, now, worker_pid, slot, QUEUED, QUEUED)).fetchone()
         return _job(row) if row else None  # from the claim itself: no read after it that could fail
 
     def set_job_pid(self, job_id: int, pid: int) -> None:
@@ -708,6 +716,7 @@ def _job(row: sqlite3.Row) -> JobRecord:
         result=_load(row["result_json"]), out_dir=row["out_dir"], dataset_id=row["dataset_id"],
         metrics=_load(row["metrics_json"], {}) if "metrics_json" in keys else {},
         attempts=int(row["attempts"]) if "attempts" in keys else 0,
+        slot=row["slot"] if "slot" in keys else None,
     )
 
 

@@ -1,5 +1,11 @@
 """The worker: runs queued jobs, each in its own process, one at a time by default.
 
+``worker --slots N`` runs up to N jobs at once, one per slot, and never two in one slot: on a
+machine with GPUs slot i's job process sees only the i-th GPU (``CUDA_VISIBLE_DEVICES``), so a
+4-GPU box runs four jobs, one per GPU; on a CPU machine the slots share the cores (each job
+process gets ``OMP_NUM_THREADS`` = cores // N, so torch starts with that many threads). N is
+at most the GPU count (with GPUs) or the core count; the store records each job's slot.
+
 ``python -m core worker`` polls the store for queued jobs (oldest first) and starts each as
 ``python -m core worker --run-job ID`` in a new process group, so that killing a job after
 its stop grace, or a job crashing, touches nothing else. Only one worker runs per workspace
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import signal
 import socket
 import sqlite3
@@ -40,6 +47,8 @@ DEFAULT_POLL = 0.5
 MAX_STORE_BACKOFF = 10.0  # longest pause between retries while the run store fails
 STORE_FAILURES = (StoreError, sqlite3.OperationalError)  # a locked or full run store
 LOCK_FILE = "worker.lock"
+SLOTS_ENV = "DEFECTPRUNE_WORKER_SLOTS"  # slots of the worker the dashboard starts (default 1)
+SLOT_ENV = "DEFECTPRUNE_WORKER_SLOT"  # set in a job process: the slot it runs in
 LOG_FILE = "job.log"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -67,7 +76,7 @@ class WorkerSettings:
     poll_seconds: float = DEFAULT_POLL
     heartbeat_timeout: float | None = None  # None: default_heartbeat_timeout()
     stop_grace: float | None = None  # None: default_stop_grace()
-    concurrency: int = 1  # jobs at once (the machine has 2 cores: one training job uses them)
+    slots: int = 1  # jobs at once, one per slot (the machine has 2 cores: one training job uses them)
     idle_exit: float | None = None  # leave after this long without work (None: never)
     max_jobs: int | None = None  # leave after this many jobs (tests, batch use)
 
@@ -76,8 +85,103 @@ class WorkerSettings:
             self.heartbeat_timeout = default_heartbeat_timeout()
         if self.stop_grace is None:
             self.stop_grace = default_stop_grace()
-        if self.concurrency < 1:
-            raise DefectPruneError(f"concurrency must be at least 1, not {self.concurrency}")
+        if self.slots < 1:
+            raise WorkerSlotsError(f"a worker has at least 1 slot, not {self.slots}")
+
+
+# ---------------------------------------------------------------- slots and their devices
+class WorkerSlotsError(DefectPruneError):
+    """More worker slots than the machine has GPUs (or CPU cores)."""
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs a job may use, as ``CUDA_VISIBLE_DEVICES`` names them: that variable's list
+    when it is set (up to a negative id, which hides the rest), else the GPUs ``nvidia-smi -L``
+    lists; none without either. Cheap: no torch import in the worker."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        names = []
+        for name in (part.strip() for part in env.split(",")):
+            if not name or name.startswith("-"):
+                break
+            names.append(name)
+        return names
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return []
+    try:
+        listed = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    if listed.returncode != 0:
+        return []
+    return [line.split(":", 1)[0].split()[1] for line in listed.stdout.splitlines()
+            if line.startswith("GPU ") and ":" in line]
+
+
+def cpu_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class SlotPlan:
+    """What each slot's job process gets: its GPU (``gpus[i]``; none on a CPU machine) and its
+    CPU threads."""
+    slots: int
+    gpus: tuple[str, ...]
+    threads: int
+
+    def env(self, slot: int) -> dict[str, str]:
+        """The environment a job process in ``slot`` adds to the worker's. One slot changes
+        nothing but the slot's name: the job sees every GPU and the torch default threads."""
+        if not 0 <= slot < self.slots:
+            raise ValueError(f"slot {slot} is not one of this worker's {self.slots}")
+        env = {SLOT_ENV: str(slot)}
+        if self.slots > 1:
+            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(self.threads)
+            if self.gpus:
+                env["CUDA_VISIBLE_DEVICES"] = self.gpus[slot]
+        return env
+
+    def describe(self, slot: int) -> str:
+        env = self.env(slot)
+        device = f"GPU {env['CUDA_VISIBLE_DEVICES']}" if "CUDA_VISIBLE_DEVICES" in env else (
+            "every GPU" if self.gpus else "CPU")
+        threads = f", {env['OMP_NUM_THREADS']} CPU thread(s)" if "OMP_NUM_THREADS" in env else ""
+        return f"slot {slot} ({device}{threads})"
+
+
+def max_slots(gpus: list[str] | None = None, cores: int | None = None) -> int:
+    """The most slots this machine takes: one per GPU where there are GPUs, else one per core."""
+    gpus = visible_gpus() if gpus is None else gpus
+    return len(gpus) if gpus else (cpu_cores() if cores is None else cores)
+
+
+def slot_plan(slots: int, gpus: list[str] | None = None, cores: int | None = None) -> SlotPlan:
+    """The slots of a ``worker --slots N``; `WorkerSlotsError` above the machine's GPUs (or cores)."""
+    gpus = visible_gpus() if gpus is None else list(gpus)
+    cores = cpu_cores() if cores is None else cores
+    limit = max_slots(gpus, cores)
+    if slots < 1:
+        raise WorkerSlotsError(f"--slots takes 1 or more, not {slots}")
+    if slots > limit:
+        what = (f"{len(gpus)} GPU(s) (CUDA_VISIBLE_DEVICES or nvidia-smi), one job per GPU" if gpus
+                else f"{cores} CPU core(s), one job per core at least")
+        raise WorkerSlotsError(f"--slots {slots} is more than this machine takes: {what}; use --slots {limit} or fewer")
+    return SlotPlan(slots, tuple(gpus[:slots]), max(1, cores // slots))
+
+
+def configured_slots() -> int:
+    """The slots of the worker the dashboard starts: ``DEFECTPRUNE_WORKER_SLOTS`` (default 1; a
+    value that is not a whole number counts as 1), capped at what the machine takes."""
+    try:
+        wanted = int(os.environ.get(SLOTS_ENV, "1"))
+    except ValueError:
+        return 1
+    return 1 if wanted <= 1 else min(wanted, max_slots())
 
 
 # ---------------------------------------------------------------- the single-worker lock
@@ -134,6 +238,7 @@ class _Child:
     process: subprocess.Popen
     log: Path
     killed: bool = False
+    slot: int = 0
 
 
 def _child_env(store: Store) -> dict[str, str]:
@@ -145,18 +250,21 @@ def _child_env(store: Store) -> dict[str, str]:
     return env
 
 
-def spawn_job_process(store: Store, job_id: int, kind: str) -> _Child:
+def spawn_job_process(store: Store, job_id: int, kind: str, slot: int = 0,
+                      plan: SlotPlan | None = None) -> _Child:
     folder = store.job_dir(job_id)
     folder.mkdir(parents=True, exist_ok=True)
     log = folder / LOG_FILE
+    env = _child_env(store)
+    env.update((plan or SlotPlan(1, (), 1)).env(slot))
     with open(log, "ab") as handle:
         process = subprocess.Popen(
             [sys.executable, "-m", "core", "worker", "--db", str(store.path), "--run-job", str(job_id),
              "--parent-pid", str(os.getpid())],
-            stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT, env=_child_env(store),
+            stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT, env=env,
             start_new_session=True,  # its own process group: a kill reaches its data loaders too
         )
-    return _Child(job_id, kind, process, log)
+    return _Child(job_id, kind, process, log, slot=slot)
 
 
 def _kill(child: _Child) -> None:
@@ -204,6 +312,7 @@ def run_worker(store: Store, settings: WorkerSettings | None = None, log: IO[str
     ``max_jobs``. Returns 0; 0 too when another worker already serves the workspace."""
     settings = settings or WorkerSettings()
     out = log or sys.stderr
+    plan = slot_plan(settings.slots)  # WorkerSlotsError before anything is taken
 
     def say(text: str) -> None:
         print(f"[worker {os.getpid()}] {text}", file=out, flush=True)
@@ -213,7 +322,9 @@ def run_worker(store: Store, settings: WorkerSettings | None = None, log: IO[str
         say(f"another worker already runs jobs for {store.workspace}; leaving")
         return 0
     worker_id = store.register_worker(os.getpid(), socket.gethostname())
-    worker = _Worker(store, settings, worker_id, say)
+    worker = _Worker(store, settings, worker_id, say, plan)
+    if plan.slots > 1:
+        say(f"{plan.slots} slots: " + ", ".join(plan.describe(i) for i in range(plan.slots)))
     previous = {s: signal.signal(s, worker.on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         worker.run()
@@ -233,9 +344,11 @@ class _Worker:
     it last beat, swept for stale jobs and had work. Every step of a poll can be repeated, so
     a poll the run store fails halfway through is simply run again later."""
 
-    def __init__(self, store: Store, settings: WorkerSettings, worker_id: int, say: Callable[[str], None]):
+    def __init__(self, store: Store, settings: WorkerSettings, worker_id: int, say: Callable[[str], None],
+                 plan: SlotPlan | None = None):
         self.store, self.settings, self.worker_id, self.say = store, settings, worker_id, say
-        self.children: dict[int, _Child] = {}
+        self.plan = plan or slot_plan(settings.slots)
+        self.children: dict[int, _Child] = {}  # job id -> its process, in its own slot
         self.done = 0
         self.shutting_down = False
         self.store_failures = 0
@@ -317,20 +430,29 @@ class _Worker:
     def limit_reached(self) -> bool:
         return self.settings.max_jobs is not None and self.done + len(self.children) >= self.settings.max_jobs
 
+    def free_slot(self) -> int | None:
+        """The lowest slot no running job holds (None: every slot is busy)."""
+        busy = {child.slot for child in self.children.values()}
+        return next((slot for slot in range(self.plan.slots) if slot not in busy), None)
+
     def start_jobs(self) -> None:
-        """Claim queued jobs, oldest first, up to the concurrency, each in its own process."""
-        while not self.shutting_down and not self.limit_reached() and len(self.children) < self.settings.concurrency:
-            job = self.store.claim_next_job(os.getpid())
+        """Claim queued jobs, oldest first, one per free slot, each in its own process."""
+        while not self.shutting_down and not self.limit_reached():
+            slot = self.free_slot()
+            if slot is None:
+                return
+            job = self.store.claim_next_job(os.getpid(), slot=slot)
             if job is None:
                 return
             try:
-                child = spawn_job_process(self.store, job.id, job.kind)
+                child = spawn_job_process(self.store, job.id, job.kind, slot, self.plan)
             except OSError as exc:
                 self.store.finish_job(job.id, FAILED, message="failed", error=f"cannot start the job process: {exc}")
                 continue
             self.children[job.id] = child
             self.store.set_job_pid(job.id, child.process.pid)
-            self.say(f"job {job.id} ({job.kind}): started, pid {child.process.pid}")
+            where = f" in {self.plan.describe(slot)}" if self.plan.slots > 1 else ""
+            self.say(f"job {job.id} ({job.kind}): started{where}, pid {child.process.pid}")
 
     def keep_alive(self, now: float) -> None:
         """The worker's own heartbeat every second, and a sweep for jobs whose process died."""
@@ -420,7 +542,11 @@ def execute_job(store: Store, job_id: int, parent_pid: int | None = None) -> str
     heartbeat.start()
     state, message, error, result = FAILED, "failed", None, None
     try:
-        print(f"job {job_id} ({job.kind}) attempt {job.attempts}: {job.params}", flush=True)
+        slot = os.environ.get(SLOT_ENV)
+        where = "" if slot is None else (
+            f" in slot {slot} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}, "
+            f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '<unset>')})")
+        print(f"job {job_id} ({job.kind}) attempt {job.attempts}{where}: {job.params}", flush=True)
         result = job_kind(job.kind).run(context)
         if context.final_state == STOPPED:
             state, message = STOPPED, context.final_message or "stopped"
