@@ -73,8 +73,12 @@ def loads(text: str | bytes, source: str, error: type[DefectPruneError] = Invali
             text = text.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise error(f"{source} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    limit_error = type(f"{error.__name__}Limit", (error, JSONLimitError), {}) if not issubclass(
-        error, JSONLimitError) else error
+    # a limit is the caller's error and a JSONLimitError; the default error (or any parent of
+    # JSONLimitError) is JSONLimitError itself (a subclass of both would have no valid MRO)
+    if issubclass(error, JSONLimitError) or issubclass(JSONLimitError, error):
+        limit_error = error if issubclass(error, JSONLimitError) else JSONLimitError
+    else:
+        limit_error = type(f"{error.__name__}Limit", (error, JSONLimitError), {})
     if _depth(text) > MAX_DEPTH:
         raise limit_error(f"{source} nests deeper than {MAX_DEPTH} levels; it is not a file DefectPrune wrote")
     try:
