@@ -21,6 +21,7 @@ from core.errors import DefectPruneError
 from core.runs import api
 from core.runs.kinds import DATASET, MODEL, RUN, address_kinds, job_kind
 from core.runs.store import JobNotFoundError, JobRecord
+from core.services.export import ExportResult
 from core.services.request import SEED, ParameterError, Request
 from core.services.score import ScoreResult
 
@@ -244,6 +245,15 @@ def job_request(job: JobRecord) -> Request:
 def score_result(job: JobRecord) -> ScoreResult:
     """What a finished score job found (its ``scores.json``)."""
     return ScoreResult.from_json(job_json(job, "scores"))
+
+
+def export_result(job: JobRecord) -> ExportResult:
+    """What a finished export job made (the ONNX file's path, its size, ...), from its result."""
+    try:
+        return ExportResult.from_json(job.result or {})
+    except (KeyError, TypeError, ValueError):
+        raise JobResultError(f"job {job.id} ({job.kind}) finished without a readable export result; "
+                             "export again") from None
 
 
 def address_jobs() -> list[JobRecord]:

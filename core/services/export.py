@@ -108,6 +108,14 @@ class ExportResult:
     # fp32 files' test defect mIoU (ONNX Runtime) and latency timed in turns (`int8_report`)
     int8: dict[str, Any] | None = None
 
+    @classmethod
+    def from_json(cls, payload: dict[str, Any]) -> ExportResult:
+        """What a finished export job returned (`to_json`); ``profile`` then holds only the
+        headline numbers the job kept."""
+        return cls(path=payload["path"], max_abs_diff=payload["max_abs_diff"], opset=payload["opset"],
+                   input_size=list(payload["input_size"]), in_channels=payload["in_channels"],
+                   size_bytes=payload["size_bytes"], profile=payload.get("profile"), int8=payload.get("int8"))
+
     def to_json(self) -> dict[str, Any]:
         """The command's JSON; with a profile, its headline numbers under ``profile``; with
         --int8, ``int8`` (``path`` and ``size_bytes`` are then the INT8 file's)."""

@@ -17,14 +17,16 @@ from plotly.subplots import make_subplots
 
 from core.compare import ALL_CLASSES, cost_rows
 from core.data.base import DatasetIndex
+from core.errors import DefectPruneError
 from core.runs import api
 from core.runs.api import PruneRunState
 from core.runs.store import FAILED, STOPPED, SUCCEEDED, JobRecord
 from core.services.compare import CompareRequest, CompareResult, checkpoint_zip, compare_costs, run_compare
 from core.services.compare_int8 import Int8CostRequest
+from core.services.export import ExportRequest
 from core.visual import class_colour_hex, diff_overlay, overlay_mask
 from ui.jobs import follow_job, job_bar
-from ui.state import current_dataset, dataset_index, error_box, job_request, weights_mtime
+from ui.state import current_dataset, dataset_index, error_box, export_result, job_request, weights_mtime
 from ui.widgets import class_legend, load_style
 
 load_style()
@@ -181,10 +183,10 @@ def onnx_download(onnx: Path, int8: bool = False) -> None:
 
 def draw_export(job: JobRecord) -> None:
     """The export job's bar while the worker exports, then the file to download in its place."""
-    int8 = bool(job.params.get("int8"))
+    int8 = job_request(job).int8
     what = "Exporting INT8 ONNX" if int8 else "Exporting ONNX"
     if job.state == SUCCEEDED:
-        onnx_download(Path(job.result["path"]), int8)
+        onnx_download(Path(export_result(job).path), int8)
     elif job.state == FAILED:
         st.error(f"{what} failed: {job.error}")
     else:
@@ -197,9 +199,11 @@ def exported_onnx(checkpoint: str, mtime: float, int8: bool = False) -> Path | N
     refresh)."""
     wanted = str(Path(checkpoint).resolve())
     for job in api.list_jobs(states=[SUCCEEDED], kind="export", limit=50):
-        onnx = Path(job.result.get("path", "")) if job.result else None
-        if (job.params.get("checkpoint") == wanted and bool(job.params.get("int8")) == int8 and onnx
-                and onnx.is_file() and onnx.stat().st_mtime >= mtime):
+        try:
+            asked, onnx = job_request(job), Path(export_result(job).path)
+        except DefectPruneError:  # an export whose record no longer reads: not one to offer
+            continue
+        if asked.checkpoint == wanted and asked.int8 == int8 and onnx.is_file() and onnx.stat().st_mtime >= mtime:
             return onnx
     return None
 
@@ -355,11 +359,9 @@ with error_box("Exporting ONNX"):
                      "place when the file is ready"):
             # exported by the worker (checked against PyTorch), like every other job; no profile:
             # the cost table above already has it. INT8 calibrates on the chosen dataset.
-            params = {"checkpoint": after, "no_profile": True}
-            if int8:
-                params.update(int8=True, format=request.format, root=request.root, split_seed=request.split_seed,
-                              option=dict(request.options))
-            job = api.submit("export", params)
+            dataset = {"format": request.format, "root": request.root, "split_seed": request.split_seed,
+                       "option": dict(request.options)} if int8 else {}
+            job = api.submit("export", ExportRequest(checkpoint=after, no_profile=True, int8=int8, **dataset))
             api.ensure_worker()
             st.session_state["compare_onnx"] = {"model": exported_for, "job": job.id}
             st.rerun()  # the export's bar, then its download, in the button's place
