@@ -523,12 +523,23 @@ class FrontierRun:
     spread: dict[str, str] = field(default_factory=dict)  # engine -> "p10-p90"
 
 
+def frontier_table(baseline: Path, size: int, args: argparse.Namespace):
+    """The baseline's latency cost model on the table the frontier's prune runs read."""
+    from core.allocation.latency import LatencySettings, latency_cost_model
+    from core.models.checkpoint import load_checkpoint
+
+    loaded = load_checkpoint(baseline)
+    graph = PruningGraph.traced(loaded.model, (size, size), loaded.spec.in_channels)
+    return latency_cost_model(graph, LatencySettings(threads=args.frontier_threads, grid=args.table_grid,
+                                                     repeats=args.table_repeats))
+
+
 def run_frontier(args: argparse.Namespace) -> list[FrontierRun]:
     """A baseline on synthetic steel, then one-shot scoring-network cuts to a MACs target and to
     latency targets, each fine-tuned; every result timed in turns."""
     from core.models.checkpoint import load_checkpoint
     from core.profile import latency_in_turns
-    from core.services.prune import PruneRequest, run_prune
+    from core.services.prune import LatencyTargetError, PruneRequest, run_prune
     from core.services.train import TrainRequest, run_train
 
     work = args.work
@@ -547,18 +558,28 @@ def run_frontier(args: argparse.Namespace) -> list[FrontierRun]:
                         limit=args.frontier_images, latency_threads=args.frontier_threads,
                         latency_grid=args.table_grid, latency_repeats=args.table_repeats)
     plans = [("MACs-targeted", "macs", args.frontier_macs, {"target_macs": args.frontier_macs})]
-    plans += [(f"latency-targeted {t:.0%}", "latency", t, {"target_macs": t, "cost": "latency"})
-              for t in sorted(args.frontier_latency)]
     # the runs' latency tables live in the workspace (the product's place for them)
     os.environ.setdefault("DEFECTPRUNE_WORKSPACE", str(work / "workspace"))
     runs = []
-    for label, cost, target, extra in plans:
+    table = None
+    while plans:
+        label, cost, target, extra = plans.pop(0)
         out = work / (f"{cost}-{target:.2f}-{size}px-ft{args.frontier_finetune}-st{args.scoring_steps}"
                       f"-g{args.table_grid}r{args.table_repeats}-s{args.seed}")
         start = time.perf_counter()
-        result = run_prune(PruneRequest(**prune_common, **extra, out=str(out)))
+        try:
+            result = run_prune(PruneRequest(**prune_common, **extra, out=str(out)))
+        except LatencyTargetError as exc:  # a factor too far below what the limits allow
+            print(f"frontier {label}: {exc}", flush=True)
+            continue
         record = result.rounds[-1]
         predicted = record.step["allocation"]["predicted"].get("latency_ms")
+        if table is None:  # the MACs-targeted cut's predicted ms on the baseline's table: the latency targets
+            table = frontier_table(baseline, size, args)
+            kept = record.step["allocation"]["kept"]
+            predicted = table.predict(kept)["latency_ms"]
+            plans += [(f"latency-targeted x{f:.2f}", "latency", f * predicted,
+                       {"target_latency": round(f * predicted, 3)}) for f in sorted(args.frontier_latency, reverse=True)]
         runs.append(FrontierRun(label=label, cost=cost, target=target, checkpoint=result.result["checkpoint"],
                                 macs_reduction=record.macs_reduction, predicted_ms=predicted,
                                 val_miou=result.result["defect_miou"],
@@ -592,8 +613,11 @@ def frontier_lines(runs: list[FrontierRun], args: argparse.Namespace) -> list[st
              f"A Unet-{args.encoder} trained {args.frontier_epochs} epochs on at most {args.frontier_images} synthetic "
              f"steel images per split ({size} px), then cut in one round by the scoring network "
              f"({args.scoring_steps} steps): to {args.frontier_macs:.0%} fewer MACs (closed-form MACs budget), and to "
-             "each latency reduction on this machine's table (torch, "
-             f"{args.frontier_threads} thread(s); `--cost latency`); each cut fine-tuned {args.frontier_finetune} "
+             "latency targets (`--target-latency`) of " + ", ".join(f"{f:g}" for f in sorted(args.frontier_latency,
+                                                                                          reverse=True))
+             + " x the MACs-targeted cut's predicted ms on this machine's table (torch, "
+             f"{args.frontier_threads} thread(s), grid {args.table_grid}, {args.table_repeats} runs per point); "
+             f"each cut fine-tuned {args.frontier_finetune} "
              f"epoch(s). Latency: batch 1, {args.frontier_threads} thread(s), median of {args.runs} runs timed in turns "
              "(p10-p90 in brackets). Small budgets: accuracies are noisy to a point or more.", "",
              "| model | MACs red. | predicted ms | " + " | ".join(f"{ENGINE_LABEL[e]} ms" for e in engines)
@@ -660,7 +684,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--frontier-finetune", type=int, default=2, help="fine-tune epochs after each cut")
     parser.add_argument("--frontier-macs", type=float, default=0.8, help="the MACs-targeted run's MACs reduction")
     parser.add_argument("--frontier-latency", nargs="+", type=float, default=None,
-                        help="latency reductions of the latency-targeted runs (default 0.6 0.7 0.8 0.85)")
+                        help="latency targets of the latency-targeted runs, as factors of the MACs-targeted cut's "
+                             "predicted ms (default 1.0 0.85 0.7)")
     parser.add_argument("--frontier-threads", type=int, default=1, help="threads the frontier is timed and "
                                                                          "its table measured with")
     parser.add_argument("--equal-accuracy", type=float, default=1.0,
@@ -689,9 +714,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if not 2 <= args.table_grid <= 8 or not 1 <= args.table_repeats <= 50:
         parser.error("--table-grid takes 2 to 8 points, --table-repeats 1 to 50 runs")
     if args.frontier_latency is None:
-        args.frontier_latency = [0.6, 0.7, 0.8, 0.85]
-    if any(not 0 < t < 1 for t in [args.frontier_macs, *args.frontier_latency]):
-        parser.error("--frontier-macs and --frontier-latency are reductions between 0 and 1")
+        args.frontier_latency = [1.0, 0.85, 0.7]
+    if not 0 < args.frontier_macs < 1 or any(not 0 < f <= 2 for f in args.frontier_latency):
+        parser.error("--frontier-macs is a reduction between 0 and 1, --frontier-latency factors above 0 (at most 2)")
     if args.frontier_size < 32 or args.frontier_size % 32:
         parser.error(f"--frontier-size must be a multiple of 32, not {args.frontier_size}")
     return args
