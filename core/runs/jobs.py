@@ -32,6 +32,7 @@ from core.services.score import ScoreRequest, run_score
 from core.services.train import TrainRequest, run_train
 
 if TYPE_CHECKING:
+    from core.pruning.loop import RoundRecord, RunBase
     from core.train import Progress
 
 HEARTBEAT_SECONDS = 1.0
@@ -200,10 +201,10 @@ class JobTiming:
 
 @dataclass(frozen=True)
 class PruneRunState:
-    """A prune job's run as the store mirrors it (`sync_rounds`)."""
+    """A prune job's run as the store mirrors it (`sync_rounds`), in the loop's own types."""
 
-    base: dict[str, Any]  # what the starting checkpoint measured before round 1 (empty until then)
-    rounds: list[dict[str, Any]]  # the store's rounds, oldest first, each with the loop's record
+    base: RunBase | None  # what the starting checkpoint measured before round 1 (None until then)
+    rounds: list[RoundRecord]  # the store's rounds, oldest first
     recovery: dict[str, Any] | None  # the recovery phase's record, when one ran
     # the loop's result once it ended (checkpoint, reductions, val drop, "test": the test
     # split's metrics or None, "test_skipped" when a stop left it out); None before
@@ -211,11 +212,53 @@ class PruneRunState:
 
     @classmethod
     def of(cls, store: Store, job_id: int) -> PruneRunState:
+        from core.pruning.loop import RunBase
+
         run = store.get_prune_run(job_id) or {}
         stored = run.get("result") or {}
         result = {k: v for k, v in stored.items() if k != "recovery"}
-        return cls(base=run.get("base") or {}, rounds=store.list_rounds(job_id), recovery=stored.get("recovery"),
-                   result=result or None)
+        base = RunBase.from_dict(run["base"]) if run.get("base") else None
+        return cls(base=base, rounds=[stored_round(r) for r in store.list_rounds(job_id)],
+                   recovery=stored.get("recovery"), result=result or None)
+
+    @property
+    def kept(self) -> list[RoundRecord]:
+        """The rounds within the tolerance, oldest first (the others were reverted)."""
+        return [r for r in self.rounds if r.accepted]
+
+    def best_kept(self) -> tuple[str | None, str]:
+        """The run's model to compare with its start, and which it is, in words: the result it
+        recommends once it ended (the recovered checkpoint after a recovery phase), else its
+        last kept round (None: no such model)."""
+        kept = self.kept
+        result = self.result or {}
+        if result.get("checkpoint"):
+            path = result["checkpoint"]
+            if self.recovery and _same_path(self.recovery.get("checkpoint") or "", path):
+                return path, f"its result (round {self.recovery['from_round']} after its recovery phase)"
+            rounds = [r.round for r in kept if _same_path(r.checkpoint, path)]
+            return path, f"its result (round {rounds[0]})" if rounds else "its result"
+        if result:
+            return None, "no kept round (its result is the unpruned model)"
+        if kept:
+            return kept[-1].checkpoint, f"its last kept round so far (round {kept[-1].round})"
+        return None, "no kept round yet"
+
+
+def stored_round(row: dict[str, Any]) -> RoundRecord:
+    """A round as the store holds it (`Store.list_rounds`): its columns (the checkpoint's path
+    made absolute) over the loop's record; what neither holds takes the record's default
+    (``val``: {})."""
+    from core.pruning.loop import RoundRecord
+
+    fields = RoundRecord.__dataclass_fields__
+    record = {k: v for k, v in (row.get("record") or {}).items() if k in fields}
+    columns = {k: v for k, v in row.items() if k in fields}
+    return RoundRecord(**{"val": {}, **record, **columns})
+
+
+def _same_path(a: str, b: str) -> bool:
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
 # ---------------------------------------------------------------- helpers

@@ -19,7 +19,6 @@ from core.compare import ALL_CLASSES, cost_rows
 from core.data.base import DatasetIndex
 from core.errors import DefectPruneError
 from core.runs import api
-from core.runs.api import PruneRunState
 from core.runs.store import FAILED, STOPPED, SUCCEEDED, JobRecord
 from core.services.compare import CompareRequest, CompareResult, checkpoint_zip, compare_costs, run_compare
 from core.services.compare_int8 import Int8CostRequest
@@ -64,29 +63,11 @@ def _listed(path: str, paths: list[str]) -> str:
     return path
 
 
-def best_kept(state: PruneRunState) -> tuple[str | None, str]:
-    """A run's model to compare with its start, and which it is: the result it recommends once
-    it ended (the recovered checkpoint after a recovery phase), else its last kept round."""
-    kept = [r for r in state.rounds if r["accepted"]]
-    result = state.result or {}
-    if result.get("checkpoint"):
-        path = result["checkpoint"]
-        if state.recovery and _same(state.recovery.get("checkpoint") or "", path):
-            return path, f"its result (round {state.recovery['from_round']} after its recovery phase)"
-        rounds = [r["round"] for r in kept if _same(r["checkpoint"], path)]
-        return path, f"its result (round {rounds[0]})" if rounds else "its result"
-    if result:
-        return None, "no kept round (its result is the unpruned model)"
-    if kept:
-        return kept[-1]["checkpoint"], f"its last kept round so far (round {kept[-1]['round']})"
-    return None, "no kept round yet"
-
-
 def run_pair(run_id: int) -> RunPair | None:
     job = api.get_job(run_id)
     if job.kind != "prune":
         return None
-    after, words = best_kept(api.prune_run(job.id))
+    after, words = api.prune_run(job.id).best_kept()
     return RunPair(run=job.id, before=job_request(job).checkpoint, after=after, after_words=words)
 
 

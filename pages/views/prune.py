@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
@@ -15,6 +16,7 @@ import streamlit as st
 from core.precision import PRECISIONS
 from core.pruning.methods import METHODS
 from core.runs import api
+from core.pruning.loop import RunBase
 from core.runs.api import PruneRunState
 from core.runs.store import JobRecord
 from core.services.compare import amount
@@ -40,20 +42,17 @@ def _distillation(weight) -> str:
 
 def run_rounds(job_id: int) -> tuple[pd.DataFrame, PruneRunState, dict | None]:
     """A run's finished rounds, the run as the store holds it (``base``: what its starting
-    checkpoint measured before round 1, empty until then; ``result`` once it ended) and its
+    checkpoint measured before round 1, None until then; ``result`` once it ended) and its
     recovery phase's record (None when none ran, or of an earlier last round)."""
     run = api.prune_run(job_id)
-    rows = []
-    for r in run.rounds:
-        record = r.get("record") or {}
-        # rounds recorded before precision was kept have "" there: shown as unknown, not as fp32
-        rows.append({**r, "precision": record.get("precision") or "-",
-                     "distillation": _distillation(record.get("distill_weight") or 0.0)})
+    # rounds recorded before precision was kept have "" there: shown as unknown, not as fp32
+    rows = [{**asdict(r), "precision": r.precision or "-", "distillation": _distillation(r.distill_weight or 0.0)}
+            for r in run.rounds]
     frame = pd.DataFrame(rows, columns=ROUND_COLUMNS)
     frame["MACs (M)"] = frame["macs"] / 1e6
     recovery = run.recovery
-    accepted = [r["round"] for r in rows if r["accepted"]]
-    if recovery and (not accepted or recovery.get("from_round") != accepted[-1]):
+    kept = run.kept
+    if recovery and (not kept or recovery.get("from_round") != kept[-1].round):
         recovery = None  # of an earlier last round (a resumed run goes on): it is redone at the end
     return frame, run, recovery
 
@@ -91,13 +90,13 @@ def draw_result(result: dict | None) -> None:
         st.caption("No round was kept: the unpruned model is the result.")
 
 
-def round_chart(frame: pd.DataFrame, base: dict, tolerance: float, recovery: dict | None = None) -> go.Figure:
+def round_chart(frame: pd.DataFrame, base: RunBase | None, tolerance: float, recovery: dict | None = None) -> go.Figure:
     """The run's rounds from round 0 (its starting checkpoint) with the tolerance band under
     that checkpoint's val defect mIoU: the drop each round is judged by; and the recovery
     phase's result beside the round it started from (same MACs, more epochs)."""
-    base_miou = base.get("defect_miou")
-    if base.get("macs") and len(frame):
-        start = {"round": 0, "accepted": True, "defect_miou": base_miou, "MACs (M)": base["macs"] / 1e6}
+    base_miou = base.defect_miou if base else None
+    if base and base.macs and len(frame):
+        start = {"round": 0, "accepted": True, "defect_miou": base_miou, "MACs (M)": base.macs / 1e6}
         frame = pd.concat([pd.DataFrame([start]), frame], ignore_index=True)
     figure = go.Figure()
     if base_miou is not None:
@@ -146,7 +145,7 @@ def draw_run(job: JobRecord) -> None:
     st.caption(settings_line(request))
     frame, run, recovery = run_rounds(job.id)
     c1, c2, c3 = st.columns(3)
-    kept = bool(frame["accepted"].any()) or bool((run.result or {}).get("checkpoint"))
+    kept = run.best_kept()[0] is not None
     if c3.button("Compare this run", key=f"compare_run_{job.id}", disabled=not kept,
                  help="Compare, with this run's starting model as before and its result (or last kept round) as "
                       "after" if kept else "No kept round yet: nothing to compare with the starting model."):
@@ -224,7 +223,7 @@ def _rounds_word(count: int) -> str:
     return f"{count} round" if count == 1 else f"{count} rounds"
 
 
-def frontier_points(runs: list[JobRecord]) -> tuple[pd.DataFrame, dict[str, dict], list[str], int]:
+def frontier_points(runs: list[JobRecord]) -> tuple[pd.DataFrame, dict[str, RunBase | None], list[str], int]:
     """Every run's kept rounds, each run's line starting at its starting checkpoint (round 0):
     the points (run, round, MACs reduction, latency in ms where the round recorded one, val
     defect mIoU), each drawn run's base measurement by name, the runs with finished rounds and
@@ -235,19 +234,19 @@ def frontier_points(runs: list[JobRecord]) -> tuple[pd.DataFrame, dict[str, dict
         finished += len(frame)
         if frame.empty:
             continue
-        kept = [r for r in frame.to_dict("records") if r["accepted"]]
+        kept = state.kept
         if not kept:  # a lone starting point says nothing: the run is named instead
             unkept.append(f"#{run.id} finished {_rounds_word(len(frame))}, none within its tolerance of "
                           f"{job_request(run).tolerance:g} points")
             continue
         name, base = run_name(run), state.base
         bases[name] = base
-        if base.get("macs"):
-            points.append({"run": name, "round": 0, "MACs reduction": 0.0, "latency (ms)": base.get("latency_ms"),
-                           "val defect mIoU": base.get("defect_miou")})
-        points += [{"run": name, "round": r["round"], "MACs reduction": r["macs_reduction"],
-                    "latency (ms)": None if pd.isna(r["latency_ms"]) else r["latency_ms"],
-                    "val defect mIoU": r["defect_miou"]} for r in kept]
+        if base and base.macs:
+            points.append({"run": name, "round": 0, "MACs reduction": 0.0, "latency (ms)": base.latency_ms,
+                           "val defect mIoU": base.defect_miou})
+        points += [{"run": name, "round": r.round, "MACs reduction": r.macs_reduction,
+                    "latency (ms)": None if pd.isna(r.latency_ms) else r.latency_ms,
+                    "val defect mIoU": r.defect_miou} for r in kept]
     columns = ["run", "round", "MACs reduction", "latency (ms)", "val defect mIoU"]
     return pd.DataFrame(points, columns=columns), bases, unkept, finished
 
@@ -265,7 +264,7 @@ def macs_frontier(points: pd.DataFrame, colours: dict[str, str]) -> go.Figure:
     return figure
 
 
-def latency_frontier(points: pd.DataFrame, bases: dict[str, dict], colours: dict[str, str]) -> go.Figure:
+def latency_frontier(points: pd.DataFrame, bases: dict[str, RunBase | None], colours: dict[str, str]) -> go.Figure:
     """Val defect mIoU against the latency each kept round measured when it finished (faster to
     the right, as pruning goes). A run's start is its line's first point where its latency was
     recorded, else a dotted line at its val defect mIoU (the unpruned reference), one per start."""
@@ -275,8 +274,8 @@ def latency_frontier(points: pd.DataFrame, bases: dict[str, dict], colours: dict
                      title="Accuracy against latency, one line per run")
     starts: dict[float, list[str]] = {}
     for name, base in bases.items():
-        if base.get("latency_ms") is None and base.get("defect_miou") is not None and name in set(timed["run"]):
-            starts.setdefault(round(float(base["defect_miou"]), 6), []).append(name)
+        if base and base.latency_ms is None and base.defect_miou is not None and name in set(timed["run"]):
+            starts.setdefault(round(float(base.defect_miou), 6), []).append(name)
     for miou, names in starts.items():
         figure.add_hline(y=miou, line_dash="dot", line_color=colours.get(names[0]) if len(names) == 1 else "grey",
                          annotation_text=f"start of {', '.join(n.split()[0] for n in names)} (latency not recorded)",
