@@ -711,6 +711,8 @@ def connect_ray(address: str, cpus: int | None = None):
         raise BenchmarkError("--ray needs Ray: .venv/bin/pip install -r requirements.txt") from None
     if ray.is_initialized():
         return ray, False
+    if address not in (RAY_LOCAL, RAY_AUTO):
+        _check_reachable(address)  # Ray itself retries an address where nothing answers for minutes
     import logging
 
     path = os.environ.get("PYTHONPATH", "")
@@ -726,6 +728,20 @@ def connect_ray(address: str, cpus: int | None = None):
         raise BenchmarkError(f"--ray {address}: cannot reach a Ray cluster ({first}); start one with "
                              "`ray start --head`, or use --ray local") from None
     return ray, True
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A cluster address (``HOST:PORT`` or ``ray://HOST:PORT``) that answers a TCP connection."""
+    import socket
+
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not host or not port.isdigit():
+        raise BenchmarkError(f"--ray takes auto, local or a cluster's HOST:PORT, not {address!r}")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise BenchmarkError(f"--ray {address}: nothing answers there ({exc.strerror or exc}); start the cluster "
+                             "with `ray start --head`, or use --ray local") from None
 
 
 class BenchmarkError(Exception):

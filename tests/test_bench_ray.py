@@ -145,3 +145,16 @@ def test_without_ray_nothing_imports_it(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         bench.main(["--datasets", "--ray-cpus", "2", "--report-only"])
     assert exit_info.value.code == 2
+
+
+def test_a_bad_or_silent_ray_address_is_a_usage_error(capsys):
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on once closed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for address, message in ((f"127.0.0.1:{port}", f"--ray 127.0.0.1:{port}: nothing answers there"),
+                             ("nonsense", "--ray takes auto, local or a cluster's HOST:PORT, not 'nonsense'")):
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main(["--datasets", "--ray", address, "--report-only"])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
