@@ -373,7 +373,7 @@ def _batch_loss(session: _Session, images: torch.Tensor, masks: torch.Tensor) ->
     """The supervised loss of one batch, mixed with the distillation term when there is a teacher."""
     config = session.config
     with autocast(session.device, session.precision):
-        logits = (session.forward or session.model)(images)
+        logits = (session.model if session.forward is None else session.forward)(images)
     loss = session.criterion(logits, masks)
     if session.teacher is None:
         return loss
