@@ -208,3 +208,13 @@ def test_outside_torchrun_the_plumbing_does_nothing(monkeypatch):
         values = np.arange(4)
         assert distributed.reduce_sum(values) is values
         assert distributed.describe(8) == {}
+
+
+def test_world_size_without_torchrun_is_one_named_error(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(distributed.DistributedRunError, match="launch with torchrun, or unset WORLD_SIZE"):
+        with distributed.launched("cpu"):
+            pass
+    assert not distributed.active()

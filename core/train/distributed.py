@@ -113,10 +113,16 @@ def launched(device: str = "auto") -> Iterator[None]:
         yield
         return
     cuda = _wants_cuda(device)
-    if cuda:
-        torch.cuda.set_device(local_rank())
     backend = "nccl" if cuda else "gloo"
-    dist.init_process_group(backend=backend, timeout=_timeout())
+    try:
+        if cuda:
+            torch.cuda.set_device(local_rank())
+        dist.init_process_group(backend=backend, timeout=_timeout())
+    except (RuntimeError, ValueError) as exc:  # WORLD_SIZE set by something other than torchrun, a bad GPU index
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise DistributedRunError(
+            f"WORLD_SIZE={requested_world_size()} asks for a data-parallel run, but its {backend} process group "
+            f"did not start ({first}); launch with torchrun, or unset WORLD_SIZE for one process") from None
     failed = False
     try:
         yield
