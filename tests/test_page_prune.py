@@ -192,6 +192,25 @@ def test_runs_of_several_methods_share_one_frontier_and_any_can_be_opened(tiny_m
     assert figure(at, ROUNDS)["data"][0]["text"] == ["r0", "r1", "r2"]
 
 
+def test_a_run_panel_names_a_latency_or_parameter_target_in_its_own_words(tiny_model):
+    """The settings line names the target the run was launched with; only a run left at the
+    request's default shows the default MACs target."""
+    shown = {}
+    for name, params in {"latency": {"target_latency": 5.0}, "params": {"target_params": 0.5},
+                         "latency reduction": {"target_macs": 0.4, "cost": "latency"}, "default": {}}.items():
+        job_id = stored_run(tiny_model, "uniform-l1", [49.0], **params)
+        at = page()
+        at.session_state["model"] = tiny_model
+        at.session_state["run"] = job_id
+        at.run()
+        assert not at.exception and not at.error, [e.value for e in at.error]
+        shown[name] = next(c.value for c in at.caption if c.value.startswith("Settings:"))
+    assert "target latency 5 ms" in shown["latency"] and "MACs" not in shown["latency"].split(",")[1]
+    assert "target 50% fewer parameters" in shown["params"]
+    assert "target 40% lower latency" in shown["latency reduction"]
+    assert "target 80% fewer MACs" in shown["default"]
+
+
 def test_a_run_panel_shows_the_runs_own_settings_and_its_test_result(tiny_model):
     job_id = stored_run(tiny_model, "uniform-l1", [49.0], target_macs=0.6, step=0.4, finetune_epochs=3,
                         distill_weight=0.3, recover_epochs=4, result={"checkpoint": tiny_model, "test": {

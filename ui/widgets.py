@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
+from core.services.request import Request, choices_of, default_of
 from core.visual import class_colour_hex
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -18,6 +20,20 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 def load_style() -> None:
     st.html(f"<style>{(ASSETS / 'style.css').read_text()}</style>")
+
+
+def request_field(request_type: type[Request], name: str) -> dataclasses.Field:
+    """A request's setting (its default, choices and help are what a form's widget shows)."""
+    return next(f for f in dataclasses.fields(request_type) if f.name == name)
+
+
+def precision_select(parent, request_type: type[Request], key: str) -> str:
+    """The precision selectbox of a form whose request trains (train, prune): the choices,
+    default and help of the request's ``precision`` setting (`precision_setting`)."""
+    field = request_field(request_type, "precision")
+    choices, text = choices_of(field), field.metadata["help"]
+    return parent.selectbox("Precision", choices, index=choices.index(default_of(field)), key=key,
+                            help=f"{text[0].upper()}{text[1:]}.")
 
 
 def class_legend(classes: Sequence[str]) -> None:

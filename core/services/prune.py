@@ -132,7 +132,8 @@ class StepRequest(CheckpointDataRequest):
 class PruneRequest(StepRequest):
     KIND = "prune"
 
-    target_macs: float | None = setting(None, check=FRACTION, exclusive="target",
+    # the target unless another is given (then None: `Request` unsets a default that yields)
+    target_macs: float | None = setting(0.8, check=FRACTION, exclusive="target",
                                         help="MACs reduction to reach (0.8)")
     target_params: float | None = setting(None, check=FRACTION, exclusive="target",
                                           help="parameter reduction to reach")
@@ -174,7 +175,7 @@ class PruneRequest(StepRequest):
         from core.pruning.loop import LoopSettings
         from core.train import TrainConfig
 
-        kind, target = ("params", self.target_params) if self.target_params else ("macs", self.target_macs or 0.8)
+        kind, target = ("params", self.target_params) if self.target_params else ("macs", self.target_macs)
         start_ms = None
         if latency is not None:
             (target, start_ms), kind = latency, "latency"
@@ -233,7 +234,7 @@ def run_prune(request: PruneRequest, progress: StageProgress | None = None) -> L
         graph = PruningGraph.traced(loaded.model, size, spec.in_channels)
         # under torchrun rank 0 times the table and every rank takes its target (one clock, one decision)
         latency = distributed.on_main(lambda: latency_target(
-            request, graph, request.target_latency, request.target_macs or 0.8,
+            request, graph, request.target_latency, request.target_macs,
             progress=None if progress is None else (lambda f, m: progress(0.0, m))))
     settings = request.loop_settings(str(device), None if fixed is None else fixed.kept, latency)
     with TorchThreads(request.threads):
@@ -246,7 +247,7 @@ class LatencyTargetError(ParameterError):
     """A latency target this model cannot reach (or has reached already) on this machine's table."""
 
 
-def latency_target(request: StepRequest, graph, target_ms: float | None, reduction: float,
+def latency_target(request: StepRequest, graph, target_ms: float | None, reduction: float | None,
                    progress: StageProgress | None = None) -> tuple[float, float]:
     """A latency target as (latency reduction, the model's predicted ms), from ``target_ms``
     or else ``reduction``, on this machine's latency table for ``graph``'s model (what the cache

@@ -151,7 +151,7 @@ class Request:
     KIND: ClassVar[str] = ""  # the job kind (or command) it is the request of: named in its messages
 
     def __post_init__(self) -> None:
-        groups: dict[str, dataclasses.Field] = {}
+        groups: dict[str, list[dataclasses.Field]] = {}
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if value is None:
@@ -162,9 +162,16 @@ class Request:
             except ParameterError as exc:
                 raise ParameterError(f"argument {flag_of(field)}: {exc}") from None
             if meta.get("exclusive"):
-                other = groups.setdefault(meta["exclusive"], field)
-                if other is not field:
-                    raise ParameterError(f"argument {flag_of(field)}: not allowed with argument {flag_of(other)}")
+                groups.setdefault(meta["exclusive"], []).append(field)
+        for given in groups.values():
+            # a member at its default (the group's default choice, e.g. --target-macs 0.8) yields
+            # to another member given: it is unset (None) then; two others given is an error
+            at_default = [f for f in given if getattr(self, f.name) == default_of(f)]
+            chosen = [f for f in given if f not in at_default]
+            if len(chosen) > 1:
+                raise ParameterError(f"argument {flag_of(chosen[1])}: not allowed with argument {flag_of(chosen[0])}")
+            for field in at_default if chosen else at_default[1:]:
+                object.__setattr__(self, field.name, None)
 
     @classmethod
     def job_fields(cls) -> list[dataclasses.Field]:

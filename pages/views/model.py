@@ -18,7 +18,6 @@ from core.config import confine_to_data_roots, data_roots, workspace_dir
 from core.models.importer import STATE_SUFFIXES, is_smp_folder
 from core.models.upload import ModelUploadError, save_model_upload
 from core.models.zoo import ARCHITECTURES, DEFAULT_ARCH, DEFAULT_ENCODER, ENCODERS
-from core.precision import PRECISIONS
 from core.runs import api
 from core.runs.jobs import TrainingProgress
 from core.runs.store import JobRecord
@@ -32,7 +31,7 @@ from ui.state import (
     DatasetChoice, JobIdError, choose_model, current_checkpoint, current_dataset, error_box, query_job_id,
     require_dataset, weights_mtime,
 )
-from ui.widgets import class_legend, image_grid, load_style
+from ui.widgets import class_legend, image_grid, load_style, precision_select
 
 load_style()
 st.title("Model")
@@ -241,9 +240,7 @@ with train_tab:
                                  key="model_epochs")
         batch = c5.number_input("Batch size", 1, 256, TRAIN_DEFAULTS["batch_size"], key="model_batch")
         seed = c6.number_input("Seed", 0, 10_000, TRAIN_DEFAULTS["seed"], key="model_seed")
-        precision = st.selectbox("Precision", PRECISIONS, key="model_precision",
-                                 help="Of the training forward passes: auto picks bf16 where the device runs it "
-                                      "fast, else fp32. Evaluation and the saved weights are always fp32.")
+        precision = precision_select(st, TrainRequest, key="model_precision")
         start = st.form_submit_button("Train in the background")
     if start:
         with error_box("Starting the training"):

@@ -3,9 +3,9 @@ against the tolerance band, stop and resume them, and compare runs on one fronti
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
@@ -13,7 +13,6 @@ import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from core.precision import PRECISIONS
 from core.pruning.methods import METHODS
 from core.runs import api
 from core.pruning.loop import RunBase
@@ -21,10 +20,11 @@ from core.runs.api import PruneRunState
 from core.runs.store import JobRecord
 from core.services.compare import amount
 from core.services.prune import PruneRequest
+from core.services.request import default_of
 from ui.jobs import POLL_SECONDS, follow_job, job_bar
 from ui.state import (DatasetChoice, JobIdError, current_dataset, error_box, job_request, query_job_id,
                       require_model, set_dataset)
-from ui.widgets import load_style
+from ui.widgets import load_style, precision_select
 
 load_style()
 st.title("Prune")
@@ -34,6 +34,8 @@ st.caption("Iterative prune-retrain: each round allocates per-layer amounts, cut
 ROUND_COLUMNS = ["round", "accepted", "macs", "params", "macs_reduction", "params_reduction", "defect_miou", "drop",
                  "latency_ms", "checkpoint", "precision", "distillation"]
 RECOVERY_COLOUR = "#f4a261"
+# the launch form's defaults are the request's (one place: core/services/prune.py)
+PRUNE_DEFAULTS = {field.name: default_of(field) for field in dataclasses.fields(PruneRequest)}
 
 
 def _distillation(weight) -> str:
@@ -46,7 +48,8 @@ def run_rounds(job_id: int) -> tuple[pd.DataFrame, PruneRunState, dict | None]:
     recovery phase's record (None when none ran, or of an earlier last round)."""
     run = api.prune_run(job_id)
     # rounds recorded before precision was kept have "" there: shown as unknown, not as fp32
-    rows = [{**asdict(r), "precision": r.precision or "-", "distillation": _distillation(r.distill_weight or 0.0)}
+    rows = [{**dataclasses.asdict(r), "precision": r.precision or "-",
+             "distillation": _distillation(r.distill_weight or 0.0)}
             for r in run.rounds]
     frame = pd.DataFrame(rows, columns=ROUND_COLUMNS)
     frame["MACs (M)"] = frame["macs"] / 1e6
@@ -59,9 +62,13 @@ def run_rounds(job_id: int) -> tuple[pd.DataFrame, PruneRunState, dict | None]:
 
 def settings_line(request: PruneRequest) -> str:
     """The run's own settings, in words: what it was launched with (not the form's values now)."""
-    kind, target = ("parameters", request.target_params) if request.target_params else \
-        ("MACs", request.target_macs or 0.8)  # the loop's default target
-    parts = [f"method {request.method}", f"target {target:.0%} fewer {kind}",
+    if request.target_params is not None:
+        target = f"target {request.target_params:.0%} fewer parameters"
+    elif request.target_latency is not None:
+        target = f"target latency {request.target_latency:g} ms"
+    else:  # with --cost latency a reduction target reads as a latency reduction
+        target = f"target {request.target_macs:.0%} " + ("lower latency" if request.cost == "latency" else "fewer MACs")
+    parts = [f"method {request.method}", target,
              f"tolerance {request.tolerance:g} points", f"step {request.step:.0%}",
              f"{request.finetune_epochs} fine-tune epoch(s) per round", f"at most {request.max_rounds} rounds"]
     if request.distill_weight:
@@ -323,31 +330,33 @@ loaded = require_model("No model yet: train or load one on the Model page, then 
 if loaded is not None:
     with st.form("prune_form"):
         c1, c2, c3 = st.columns(3)
-        method = c1.selectbox("Method", list(METHODS), format_func=lambda m: f"{m}: {METHODS[m].description}",
-                              key="prune_method")
-        target = c2.slider("Target: fewer MACs", 0.1, 0.95, 0.8, 0.05, key="prune_target")
-        tolerance = c3.number_input("Tolerance (defect-mIoU points)", 0.0, 50.0, 1.0, 0.5, key="prune_tolerance")
+        method = c1.selectbox("Method", list(METHODS), index=list(METHODS).index(PRUNE_DEFAULTS["method"]),
+                              format_func=lambda m: f"{m}: {METHODS[m].description}", key="prune_method")
+        target = c2.slider("Target: fewer MACs", 0.1, 0.95, PRUNE_DEFAULTS["target_macs"], 0.05, key="prune_target")
+        tolerance = c3.number_input("Tolerance (defect-mIoU points)", 0.0, 50.0, PRUNE_DEFAULTS["tolerance"], 0.5,
+                                    key="prune_tolerance")
         c4, c5, c6 = st.columns(3)
-        step = c4.slider("Step: share of the remaining MACs cut per round", 0.1, 0.9, 0.3, 0.05, key="prune_step")
-        epochs = c5.number_input("Fine-tune epochs per round", 0, 50, 2, key="prune_epochs")
-        rounds = c6.number_input("Round limit", 1, 30, 10, key="prune_rounds")
+        step = c4.slider("Step: share of the remaining MACs cut per round", 0.1, 0.9, PRUNE_DEFAULTS["step"], 0.05,
+                         key="prune_step")
+        epochs = c5.number_input("Fine-tune epochs per round", 0, 50, PRUNE_DEFAULTS["finetune_epochs"],
+                                 key="prune_epochs")
+        rounds = c6.number_input("Round limit", 1, 30, PRUNE_DEFAULTS["max_rounds"], key="prune_rounds")
         c7, c8, c9, c10, c11 = st.columns(5)
         recover_epochs = c7.number_input(
-            "Recovery epochs", 0, 200, 0, key="prune_recover_epochs",
+            "Recovery epochs", 0, 200, PRUNE_DEFAULTS["recover_epochs"], key="prune_recover_epochs",
             help="After the last round, fine-tune the last kept round this many more epochs (warm-up, then a "
                  "cosine-decaying rate); the recovered checkpoint becomes the result. 0: no recovery phase.")
-        recover_lr = c8.number_input("Recovery learning rate", min_value=1e-6, max_value=1.0, value=None,
+        recover_lr = c8.number_input("Recovery learning rate", min_value=1e-6, max_value=1.0,
+                                     value=PRUNE_DEFAULTS["recover_lr"],
                                      step=1e-4, format="%.6f", placeholder="the fine-tune rate",
                                      key="prune_recover_lr", help="Blank: the rounds' fine-tune rate.")
         distill_weight = c9.slider(
-            "Distillation weight", 0.0, 1.0, 0.0, 0.05, key="prune_distill_weight",
+            "Distillation weight", 0.0, 1.0, PRUNE_DEFAULTS["distill_weight"], 0.05, key="prune_distill_weight",
             help="Every fine-tune also learns the starting model's outputs: loss = (1 - weight) x supervised "
                  "+ weight x T^2 x KL. 0: off.")
-        temperature = c10.number_input("Distillation temperature T", 0.5, 20.0, 2.0, 0.5,
-                                       key="prune_distill_temperature")
-        precision = c11.selectbox("Precision", PRECISIONS, key="prune_precision",
-                                  help="Of the fine-tunes' forward passes: auto picks bf16 where the device runs "
-                                       "it fast, else fp32. Evaluation and saved weights are always fp32.")
+        temperature = c10.number_input("Distillation temperature T", 0.5, 20.0, PRUNE_DEFAULTS["distill_temperature"],
+                                       0.5, key="prune_distill_temperature")
+        precision = precision_select(c11, PruneRequest, key="prune_precision")
         launch = st.form_submit_button("Launch in the background")
     if launch:
         with error_box("Launching the run"):
