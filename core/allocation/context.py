@@ -115,7 +115,8 @@ class Allocator(ABC):
     @abstractmethod
     def allocate(self, context: PruningContext, analysis: GroupAnalysis, target_reduction: float,
                  progress: StageProgress | None = None) -> Allocation:
-        """Kept channels per group that remove ``target_reduction`` of the current MACs."""
+        """Kept channels per group that remove ``target_reduction`` of the current cost (the
+        context's cost model's budget: MACs, or ms from a latency table)."""
 
     def recreate(self, graph: PruningGraph, cost: CostModel, target_reduction: float, stored: StoredResults,
                  limits: AllocationLimits | None = None) -> Allocation:

@@ -4,8 +4,9 @@ One logit a_l per group gives k_l = k_min + (1 - k_min) sigmoid(a_l). Channels, 
 filter criterion, are softly masked by m_lc = sigmoid((k_l C_l - rank_lc - 0.5) / tau), with
 tau annealed from 2 to 0.25. With the weights frozen (BatchNorm in eval), Adam trains only the
 logits on a class-balanced segmentation loss plus a *linear* cost pressure
-lambda x MACs(k) / MACs_0. Then one shared offset added to every logit, found by bisection
-on the closed-form MACs, meets the budget exactly. (A squared penalty on the budget pushes
+lambda x cost(k) / cost_0, the cost model's budget: the closed-form MACs, or the latency table's
+milliseconds (piecewise-linear in k, `core.allocation.latency`). Then one shared offset added to
+every logit, found by bisection on that cost, meets the budget exactly. (A squared penalty on the budget pushes
 every logit down alike and gives an almost uniform allocation; the linear pressure lets the
 loss decide where channels matter.)
 """
