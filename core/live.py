@@ -32,8 +32,18 @@ from core.pruning.step import pruned_copy
 from core.visual import overlay_mask
 
 
-# the page's allocator choices: label -> registry name, in the registry's order
-ALLOCATOR_LABELS: dict[str, str] = {allocator.label: name for name, allocator in ALLOCATORS.items()}
+def allocator_labels() -> dict[str, str]:
+    """The page's allocator choices: label -> registry name, in the registry's order (read at
+    each call, so a line added to the registry is a choice at once)."""
+    return {allocator.label or name: name for name, allocator in ALLOCATORS.items()}
+
+
+def allocator_needs(allocator: str) -> tuple[str, ...]:
+    """What the live answer of ``allocator`` (a registry name) reads: the `StoredResults`
+    fields, from `NEEDS`, that `live_allocation` must be given."""
+    if allocator not in ALLOCATORS:
+        raise LiveAllocationError(f"unknown allocator {allocator!r}; choose one of {', '.join(ALLOCATORS)}")
+    return ALLOCATORS[allocator].needs
 
 
 def group_l1_scores(graph: PruningGraph) -> dict[str, np.ndarray]:
@@ -50,9 +60,9 @@ def live_allocation(
     limits: AllocationLimits | None = None,
 ) -> Allocation:
     """An allocation for ``target_reduction`` from what is already known (no forward pass):
-    uniform needs nothing, global the L1 scores, the scoring network its trained logits and
-    sensitivity its measured curves (the last two from a score job); each allocator's
-    `Allocator.recreate`."""
+    each allocator's `Allocator.recreate`, given what its `Allocator.needs` names (uniform
+    needs nothing, global the L1 scores, the scoring network its trained logits and
+    sensitivity its measured curves, the last two from a score job)."""
     if allocator not in ALLOCATORS:
         raise LiveAllocationError(f"unknown allocator {allocator!r}; choose one of {', '.join(ALLOCATORS)}")
     stored = StoredResults(l1_scores=l1_scores, logits=logits, drops=drops, levels=levels)

@@ -232,3 +232,26 @@ def test_stored_sensitivity_curves_answer_any_target_like_the_measuring_allocato
     assert cut == {"encoder.layer4.0.conv1"}
     with pytest.raises(SensitivityCurveError, match="another model"):
         allocation_from_drops(graph, cost, {"decoder.no_such_layer": [0.0, 1.0, 2.0]}, 0.5, levels=levels)
+
+
+def test_every_allocator_declares_what_its_live_answer_needs_and_gets_it_from_those_alone():
+    from core.allocation.context import NEEDS, Allocator, LiveAllocationError, StoredResults
+    from core.allocation.registry import ALLOCATORS
+
+    torch.manual_seed(0)
+    graph = PruningGraph(build_model(ModelSpec(classes=CLASSES)).eval(), torch.zeros(1, 3, SIZE, SIZE))
+    cost = CostModel(graph)
+    every = StoredResults(l1_scores={g.name: np.arange(g.channels, dtype=float) + 1 for g in graph.groups},
+                          logits=[0.0] * len(graph.groups),
+                          drops={g.name: [0.0, 0.1, 0.2, 0.3, 0.4] for g in graph.groups})
+    for name, allocator in ALLOCATORS.items():
+        assert set(allocator.needs) <= set(NEEDS), name
+        given = StoredResults(**{need: getattr(every, need) for need in allocator.needs})
+        assert allocator.recreate(graph, cost, 0.5, given).budget_met, name
+        for need in allocator.needs:  # each one is needed: without it there is no answer
+            without = StoredResults(**{n: getattr(every, n) for n in allocator.needs if n != need})
+            with pytest.raises(LiveAllocationError):
+                allocator.recreate(graph, cost, 0.5, without)
+    with pytest.raises(TypeError, match="needs must be a tuple of l1_scores, logits, drops"):
+        class Misspelt(Allocator):
+            needs = ("l1-scores",)

@@ -185,6 +185,53 @@ def test_sensitivity_without_curves_says_what_to_do_then_answers_live(tiny_model
     assert [trace["y"] for trace in half["data"]] != [trace["y"] for trace in tight["data"]]
 
 
+def test_an_allocator_registered_in_one_line_is_a_choice_the_page_allocates_with(tiny_model, monkeypatch):
+    """No page change: the registry line and the allocator's `needs` are all the page reads."""
+    from core.allocation.baselines import allocate_uniform
+    from core.allocation.context import Allocator
+    from core.allocation.registry import ALLOCATORS
+
+    asked: list[tuple[float, bool]] = []
+
+    class HalfTarget(Allocator):  # cuts half of what is asked, from the L1 scores it needs
+        label = "half target"
+        needs = ("l1_scores",)
+
+        def allocate(self, context, analysis, target_reduction, progress=None):
+            raise NotImplementedError
+
+        def recreate(self, graph, cost, target_reduction, stored, limits=None):
+            asked.append((target_reduction, stored.l1_scores is not None))
+            return allocate_uniform(graph, cost, target_reduction / 2, limits)
+
+    class Measured(Allocator):  # needs both job results: neither is there for a new model
+        label = "measured"
+        needs = ("logits", "drops")
+
+        def allocate(self, context, analysis, target_reduction, progress=None):
+            raise NotImplementedError
+
+    monkeypatch.setitem(ALLOCATORS, "half-target", HalfTarget())
+    monkeypatch.setitem(ALLOCATORS, "measured", Measured())
+    at = page(tiny_model)
+    assert "half target" in at.radio(key="importance_allocator").options
+    at.slider(key="importance_target").set_value(80).run()
+    at.radio(key="importance_allocator").set_value("half target").run()
+    assert not at.exception and not at.error
+    halved = bar_heights(figure(at, "Share of channels kept per layer (half target)"))
+    assert asked and asked[-1] == (0.8, True)
+    at.radio(key="importance_allocator").set_value("uniform").run()
+    at.slider(key="importance_target").set_value(40).run()
+    assert bar_heights(figure(at, "Share of channels kept per layer (uniform)")) == pytest.approx(halved)
+    # one message per missing need, and no allocation until all are there
+    at.radio(key="importance_allocator").set_value("measured").run()
+    assert not at.exception and not at.error
+    infos = [info.value for info in at.info]
+    assert any("The measured allocation answers from a scoring job's results" in i for i in infos)
+    assert any("No sensitivity curves for this model yet" in i for i in infos)
+    assert not any(t.startswith("Share of channels kept") for t in chart_titles(at))
+
+
 # ---------------------------------------------------------------- bad input
 def test_a_corrupt_checkpoint_shows_an_error_and_keeps_the_model_chosen(tiny_model):
     at = page(tiny_model)

@@ -194,6 +194,7 @@ class UniformAllocator(Allocator):
 
 class GlobalAllocator(Allocator):
     label = "global (L1)"
+    needs = ("l1_scores",)
 
     def allocate(self, context: PruningContext, analysis: GroupAnalysis, target_reduction: float,
                  progress: StageProgress | None = None) -> Allocation:
@@ -207,6 +208,7 @@ class GlobalAllocator(Allocator):
 
 class SensitivityAllocator(Allocator):
     label = "sensitivity"
+    needs = ("drops",)
 
     def allocate(self, context: PruningContext, analysis: GroupAnalysis, target_reduction: float,
                  progress: StageProgress | None = None) -> Allocation:

@@ -96,6 +96,13 @@ def pruning_context(model: nn.Module, input_size: Sequence[int], in_channels: in
                           in_channels=int(in_channels), settings=settings)
 
 
+# What a live allocation may need from earlier measurements, each a field of `StoredResults`:
+# the group L1 scores (computed from the weights in a second), a score job's scoring-network
+# logits, or a sensitivity job's curves (with their levels). A front end builds these and no
+# more; an allocator names the ones its `recreate` reads in `Allocator.needs`.
+NEEDS: tuple[str, ...] = ("l1_scores", "logits", "drops")
+
+
 @dataclass
 class StoredResults:
     """What a live allocation answers from instead of measuring (the dashboard's tuning):
@@ -108,9 +115,18 @@ class StoredResults:
 
 
 class Allocator(ABC):
-    """How much of each group a step keeps. ``label`` is how the dashboard names it."""
+    """How much of each group a step keeps. ``label`` is how the dashboard names it; ``needs``
+    the stored results (names from `NEEDS`) its live answer, `recreate`, reads: the dashboard
+    builds those, and allocates live once every one of them is there."""
 
     label: str = ""
+    needs: tuple[str, ...] = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        unknown = [need for need in cls.needs if need not in NEEDS]
+        if unknown or not isinstance(cls.needs, tuple):
+            raise TypeError(f"{cls.__name__}.needs must be a tuple of {', '.join(NEEDS)}; got {cls.needs!r}")
 
     @abstractmethod
     def allocate(self, context: PruningContext, analysis: GroupAnalysis, target_reduction: float,

@@ -157,6 +157,7 @@ def _class_importance(
 
 class ScoringNetworkAllocator(Allocator):
     label = "scoring network"
+    needs = ("logits",)
 
     def allocate(self, context: PruningContext, analysis: GroupAnalysis, target_reduction: float,
                  progress: StageProgress | None = None) -> Allocation:

@@ -20,7 +20,8 @@ from core.atomic import write_json_atomic
 from core.config import workspace_dir
 from core.data.dataset import SegmentationDataset
 from core.live import (
-    ALLOCATOR_LABELS, cached_latency_model, group_l1_scores, live_allocation, measure_latency_model, preview_pruned,
+    allocator_labels, allocator_needs, cached_latency_model, group_l1_scores, live_allocation, measure_latency_model,
+    preview_pruned,
 )
 from core.pruning.methods import METHODS
 from core.pruning.step import FixedAllocation
@@ -193,20 +194,38 @@ st.markdown("#### Live pruning-ratio tuning")
 c1, c2 = st.columns(2)
 # in percent as it reads; the allocators take the fraction
 target = c1.slider("Fewer MACs", 5, 95, 80, 5, format="%d%%", key="importance_target") / 100
-allocator = c2.radio("Allocator", list(ALLOCATOR_LABELS), horizontal=True, key="importance_allocator")
+labels = allocator_labels()
+allocator = c2.radio("Allocator", list(labels), horizontal=True, key="importance_allocator")
+allocator_name = labels[allocator]
 
 if scores:
     with score_charts, error_box("Drawing the scoring network's importance"):
         draw_scores(scores, target)
 
-curves = None
-if allocator == "sensitivity":
-    sensitivity_job = None
+
+# Each stored result an allocator may need (core.allocation.context.NEEDS): how this page gets
+# it, as `live_allocation`'s keywords, or None after saying (once) how to get it.
+def stored_l1_scores() -> dict | None:
+    return {"l1_scores": l1_scores(checkpoint, weights_mtime(checkpoint))}
+
+
+def stored_logits() -> dict | None:
+    if scores and scores.logits is not None:
+        return {"logits": scores.logits}
+    st.info(f"The {allocator_name} allocation answers from a scoring job's results: run the scoring network "
+            "above (a background job), then choose it here.")
+    return None
+
+
+def stored_drops() -> dict | None:
+    sensitivity_job, curves = None, None
     with error_box("Reading the sensitivity job"):
         sensitivity_job = followed_job(SENSITIVITY)
         measured = job_status(sensitivity_job, SENSITIVITY)
         curves = measured.sensitivity_curves if measured else None
-    if curves is None and (sensitivity_job is None or sensitivity_job.finished):
+    if curves:
+        return {"drops": curves["drops"], **({"levels": curves["levels"]} if curves.get("levels") else {})}
+    if sensitivity_job is None or sensitivity_job.finished:
         st.info("No sensitivity curves for this model yet. Sensitivity analysis prunes each layer alone at "
                 "30, 50, 70 and 90% and measures the loss on calibration images: too slow to redo for every "
                 "slider position, so it is measured once in the background (a few minutes on a CPU); "
@@ -214,20 +233,23 @@ if allocator == "sensitivity":
         if st.button("Measure the sensitivity curves (background job)", key="importance_sensitivity_run"):
             with error_box("Starting the sensitivity measurement"):
                 start_job(SENSITIVITY)
-elif allocator == "scoring network" and not scores:
-    st.info("The scoring-network allocation answers from a scoring job's results: run the scoring network "
-            "above (a background job), then choose it here.")
+    return None
+
+
+STORED = {"l1_scores": stored_l1_scores, "logits": stored_logits, "drops": stored_drops}
+
+# every need is asked for (one message for each that is missing); the allocation waits for all
+stored: dict | None = None
+with error_box("Reading what the allocator needs"):
+    found = [STORED[need]() for need in allocator_needs(allocator_name)]
+    if all(part is not None for part in found):
+        stored = {key: value for part in found for key, value in part.items()}
 
 kept = None
-if allocator in ("uniform", "global (L1)") or (allocator == "scoring network" and scores) or curves:
+if stored is not None:
     with error_box("Allocating"):
         start = time.perf_counter()
-        live = live_allocation(
-            ALLOCATOR_LABELS[allocator], graph, cost, target,
-            l1_scores=l1_scores(checkpoint, weights_mtime(checkpoint)) if allocator == "global (L1)" else None,
-            logits=scores.logits if allocator == "scoring network" else None,
-            drops=curves["drops"] if curves else None,
-            **({"levels": curves["levels"]} if curves and curves.get("levels") else {}))
+        live = live_allocation(allocator_name, graph, cost, target, **stored)
         kept = dict(live.kept)
         with st.expander("Per-layer overrides"):
             st.caption("Type a channel count to keep for any layer; the totals follow at once.")
@@ -279,7 +301,7 @@ if allocator in ("uniform", "global (L1)") or (allocator == "scoring network" an
         with error_box("Launching a run with this allocation"):
             launch_with(FixedAllocation(
                 kept=kept, channels={g: int(c) for g, c in zip(groups["group"], groups["channels"])},
-                allocator=ALLOCATOR_LABELS[allocator], target=float(target), checkpoint=checkpoint,
+                allocator=allocator_name, target=float(target), checkpoint=checkpoint,
                 overrides={name: count for name, count in kept.items() if count != live.kept[name]}))
 
 st.markdown("#### Live preview")
