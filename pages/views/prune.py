@@ -20,7 +20,7 @@ from core.runs.api import PruneRunState
 from core.runs.store import JobRecord
 from core.services.compare import amount
 from core.services.prune import PruneRequest
-from core.services.request import default_of
+from core.services.request import ParameterError, choices_of, default_of
 from ui.jobs import POLL_SECONDS, follow_job, job_bar
 from ui.state import (DatasetChoice, JobIdError, current_dataset, error_box, job_request, query_job_id,
                       require_model, set_dataset)
@@ -35,7 +35,49 @@ ROUND_COLUMNS = ["round", "accepted", "macs", "params", "macs_reduction", "param
                  "latency_ms", "checkpoint", "precision", "distillation"]
 RECOVERY_COLOUR = "#f4a261"
 # the launch form's defaults are the request's (one place: core/services/prune.py)
-PRUNE_DEFAULTS = {field.name: default_of(field) for field in dataclasses.fields(PruneRequest)}
+PRUNE_FIELDS = {field.name: field for field in dataclasses.fields(PruneRequest)}
+PRUNE_DEFAULTS = {name: default_of(field) for name, field in PRUNE_FIELDS.items()}
+# what a run budgets, in the form's words: each maps onto one of the request's exclusive
+# targets (target_macs, target_params, target_latency) and its cost model (cost)
+BUDGETS = {"macs": "fewer MACs (%)", "params": "fewer parameters (%)", "latency": "lower latency (%)",
+           "latency_ms": "target latency (ms)"}
+BUDGET_SLIDER_LABELS = {"macs": "Target: fewer MACs", "params": "Target: fewer parameters",
+                        "latency": "Target: lower latency"}
+LATENCY_ENGINE_LABELS = {"torch": "PyTorch", "onnxruntime": "ONNX Runtime"}
+LATENCY_CAPTION = ("The first run with a latency budget measures this machine's latency table for the model "
+                   "(each layer timed over a grid of channel counts, per engine and thread count: seconds to a "
+                   "minute); later runs reuse it.")
+
+
+def default_budget() -> str:
+    """The budget the request's defaults stand for (fewer MACs, 80%)."""
+    if PRUNE_DEFAULTS["target_latency"] is not None:
+        return "latency_ms"
+    if PRUNE_DEFAULTS["target_params"] is not None:
+        return "params"
+    return "latency" if PRUNE_DEFAULTS["cost"] == "latency" else "macs"
+
+
+class BudgetError(ParameterError):
+    """A budget on the form the request cannot take (a target latency left blank)."""
+
+
+def budget_fields(budget: str, target: float | None, target_ms: float | None, engine: str,
+                  threads: int) -> dict:
+    """The request fields of the form's budget: one exclusive target, its cost model and,
+    for a latency budget, the latency table's engine and threads (the request checks the
+    values themselves: a target of 0 ms is its one-line error)."""
+    if budget == "macs":
+        return {"target_macs": float(target), "cost": "macs"}
+    if budget == "params":
+        return {"target_params": float(target), "cost": "macs"}
+    latency = {"cost": "latency", "latency_engine": engine, "latency_threads": int(threads)}
+    if budget == "latency":
+        return {"target_macs": float(target), **latency}
+    if target_ms is None:
+        raise BudgetError("type the target latency in ms (what this machine's latency table should predict for "
+                          "the pruned model)")
+    return {"target_latency": float(target_ms), **latency}
 
 
 def _distillation(weight) -> str:
@@ -328,11 +370,26 @@ def draw_frontiers(was_active: bool) -> None:
 
 loaded = require_model("No model yet: train or load one on the Model page, then come back to prune it.", stop=False)
 if loaded is not None:
+    # outside the form: the form's target widget (and the latency table's settings) follow it at once
+    budget = st.radio("Budget", list(BUDGETS), index=list(BUDGETS).index(default_budget()), format_func=BUDGETS.get,
+                      horizontal=True, key="prune_budget",
+                      help="What the run prunes towards: a MACs or parameter reduction (the closed-form cost "
+                           "model), or a latency reduction or a latency in ms as this machine's latency table "
+                           "predicts it.")
     with st.form("prune_form"):
         c1, c2, c3 = st.columns(3)
         method = c1.selectbox("Method", list(METHODS), index=list(METHODS).index(PRUNE_DEFAULTS["method"]),
                               format_func=lambda m: f"{m}: {METHODS[m].description}", key="prune_method")
-        target = c2.slider("Target: fewer MACs", 0.1, 0.95, PRUNE_DEFAULTS["target_macs"], 0.05, key="prune_target")
+        target, target_ms = None, None
+        if budget == "latency_ms":
+            target_ms = c2.number_input("Target latency (ms)", value=PRUNE_DEFAULTS["target_latency"], step=0.5,
+                                        placeholder="e.g. 5.0", key="prune_target_latency",
+                                        help="The pruned model's latency on this machine, batch 1, as its latency "
+                                             "table predicts it (the Layer importance page shows the prediction).")
+        else:  # a reduction; the parameter target has no default of its own: the MACs one starts the slider
+            start = PRUNE_DEFAULTS["target_params"] if budget == "params" else None
+            target = c2.slider(BUDGET_SLIDER_LABELS[budget], 0.1, 0.95,
+                               PRUNE_DEFAULTS["target_macs"] if start is None else start, 0.05, key="prune_target")
         tolerance = c3.number_input("Tolerance (defect-mIoU points)", 0.0, 50.0, PRUNE_DEFAULTS["tolerance"], 0.5,
                                     key="prune_tolerance")
         c4, c5, c6 = st.columns(3)
@@ -357,6 +414,17 @@ if loaded is not None:
         temperature = c10.number_input("Distillation temperature T", 0.5, 20.0, PRUNE_DEFAULTS["distill_temperature"],
                                        0.5, key="prune_distill_temperature")
         precision = precision_select(c11, PruneRequest, key="prune_precision")
+        engine, threads = PRUNE_DEFAULTS["latency_engine"], PRUNE_DEFAULTS["latency_threads"]
+        if budget in ("latency", "latency_ms"):
+            c12, c13 = st.columns([2, 1])
+            engines = choices_of(PRUNE_FIELDS["latency_engine"])
+            engine = c12.radio("Latency engine", engines, index=engines.index(engine), horizontal=True,
+                               format_func=lambda e: LATENCY_ENGINE_LABELS.get(e, e), key="prune_latency_engine",
+                               help="The engine the pruned model will run on: the latency table times its layers "
+                                    "there.")
+            threads = c13.number_input("Latency threads", 1, 256, threads, key="prune_latency_threads",
+                                       help="CPU threads the model will run with on the device.")
+            st.caption(LATENCY_CAPTION)
         launch = st.form_submit_button("Launch in the background")
     if launch:
         with error_box("Launching the run"):
@@ -364,7 +432,8 @@ if loaded is not None:
             # options only for the model's own format: the job takes that dataset from the store
             options = choice.parsed_options() if loaded.spec.dataset_format == choice.format and choice.options else {}
             request = PruneRequest(
-                checkpoint=st.session_state["model"], method=method, target_macs=float(target),
+                checkpoint=st.session_state["model"], method=method,
+                **budget_fields(budget, target, target_ms, engine, threads),
                 tolerance=float(tolerance), step=float(step), finetune_epochs=int(epochs), max_rounds=int(rounds),
                 recover_epochs=int(recover_epochs), distill_weight=float(distill_weight),
                 distill_temperature=float(temperature), precision=precision, option=options,
