@@ -47,6 +47,7 @@ def test_the_default_budget_is_the_requests_80_percent_fewer_macs_with_no_latenc
     assert at.radio(key="prune_budget").value == "macs"
     assert at.slider(key="prune_target").value == 0.8
     assert at.slider(key="prune_target").label == "Target: fewer MACs"
+    assert at.slider(key="prune_step").label == "Step: share of the remaining MACs cut per round"
     keys = {w.key for w in at.radio} | {w.key for w in at.number_input}
     assert "prune_latency_engine" not in keys and "prune_latency_threads" not in keys
     assert not any("latency table" in c.value for c in at.caption)
@@ -75,6 +76,7 @@ def test_a_latency_reduction_budget_submits_cost_latency_with_the_engine_and_thr
     assert params["latency_engine"] == "onnxruntime" and params["latency_threads"] == 2
     assert "target_latency" not in params
     assert "target 50% lower latency" in settings_caption(at)
+    assert at.slider(key="prune_step").label == "Step: share of the remaining predicted latency cut per round"
 
 
 def test_a_target_latency_in_ms_sets_target_latency_alone(tiny_model):

@@ -393,7 +393,9 @@ if loaded is not None:
         tolerance = c3.number_input("Tolerance (defect-mIoU points)", 0.0, 50.0, PRUNE_DEFAULTS["tolerance"], 0.5,
                                     key="prune_tolerance")
         c4, c5, c6 = st.columns(3)
-        step = c4.slider("Step: share of the remaining MACs cut per round", 0.1, 0.9, PRUNE_DEFAULTS["step"], 0.05,
+        # under a latency budget a round cuts its share of the predicted ms (core.pruning.loop)
+        cut = "predicted latency" if budget in ("latency", "latency_ms") else "MACs"
+        step = c4.slider(f"Step: share of the remaining {cut} cut per round", 0.1, 0.9, PRUNE_DEFAULTS["step"], 0.05,
                          key="prune_step")
         epochs = c5.number_input("Fine-tune epochs per round", 0, 50, PRUNE_DEFAULTS["finetune_epochs"],
                                  key="prune_epochs")
