@@ -25,7 +25,7 @@ from core.progress import StageProgress
 from core.allocation.base import (
     Allocation, AllocationLimits, counts_for, fill_budget, finish, meet_budget,
 )
-from core.allocation.context import Allocator, Batch, PruningContext, StoredResults, require
+from core.allocation.context import Allocator, PruningContext, StoredResults, require
 from core.allocation.cost import CostModel
 from core.allocation.masks import ChannelMasks, ranks_from_scores
 from core.importance.scoring import GroupAnalysis
@@ -56,7 +56,6 @@ def allocate_by_scoring_network(context: PruningContext, analysis: GroupAnalysis
     precision (bf16 autocast or fp32); the logits, the cost and the loss stay fp32."""
     model, graph, cost, batches = context.model, context.graph, context.cost, context.batches
     settings, limits, precision = context.settings.scoring, context.settings.limits, context.settings.precision
-    class_names = context.class_names
     ranks = {name: ranks_from_scores(s) for name, s in analysis.scores.items()}
     torch.manual_seed(settings.seed)
     loss_fn = SegmentationLoss(torch.as_tensor(context.class_weights, dtype=torch.float32))
@@ -85,8 +84,7 @@ def allocate_by_scoring_network(context: PruningContext, analysis: GroupAnalysis
             if progress is not None and progress((step + 1) / settings.steps, f"scoring network step {step + 1}/{settings.steps}"):
                 break
         final_logits = logits.detach().clone()
-        class_importance = _class_importance(model, graph, masks, final_logits, k_min, settings.tau_end,
-                                             batches, class_names, device, free, precision)
+        class_importance = _class_importance(context, masks, final_logits, free, device)
 
     allocation = allocation_from_logits(graph, cost, final_logits.numpy(), target_reduction, k_min, limits)
     allocation.class_importance = class_importance
@@ -126,14 +124,15 @@ def _keep(logits: torch.Tensor, k_min: float, free: torch.Tensor) -> torch.Tenso
     return torch.where(free, k_min + (1 - k_min) * torch.sigmoid(logits), 1.0)
 
 
-def _class_importance(
-    model: nn.Module, graph: PruningGraph, masks: ChannelMasks, logits: torch.Tensor, k_min: float,
-    tau: float, batches: Sequence[Batch], class_names: Sequence[str], device: torch.device, free: torch.Tensor,
-    precision: str = "fp32",
-) -> dict[str, dict[str, float]]:
+def _class_importance(context: PruningContext, masks: ChannelMasks, logits: torch.Tensor, free: torch.Tensor,
+                      device: torch.device) -> dict[str, dict[str, float]]:
     """Group x defect-class importance: minus the gradient of each defect class's loss (CE on
     that class's pixels) with respect to the group's logit, scaled to [-1, 1] per class.
-    Positive: keeping more of the group helps that class."""
+    Positive: keeping more of the group helps that class. Measured on the context's model and
+    first calibration batches, at the scoring network's final temperature (``masks`` already
+    over the model, ``free`` its unprotected groups)."""
+    model, graph, batches, class_names = context.model, context.graph, context.batches, context.class_names
+    k_min, tau, precision = context.settings.scoring.k_min, context.settings.scoring.tau_end, context.settings.precision
     a = logits.clone().requires_grad_(True)
     grads = {name: torch.zeros(len(graph.groups)) for name in class_names[1:]}
     for images, targets in batches[: max(1, min(len(batches), 4))]:
