@@ -29,7 +29,7 @@ from bench.method_smoke import SHARED, datasets, loop_settings  # noqa: E402
 from core.allocation.base import AllocationLimits  # noqa: E402
 from core.allocation.context import ScoringNetworkSettings, StepSettings  # noqa: E402
 from core.models.checkpoint import load_checkpoint  # noqa: E402
-from core.pruning.loop import run_prune_loop  # noqa: E402
+from core.pruning.loop import LoopInputs, run_prune_loop  # noqa: E402
 
 
 def main() -> None:
@@ -57,7 +57,7 @@ def main() -> None:
         seed=0, scoring=ScoringNetworkSettings(steps=args.steps, pressure=args.pressure, lr=args.lr),
         limits=AllocationLimits(max_prune_ratio=args.max_prune_ratio, protect_head_input=args.protect_head_input))
     start = time.perf_counter()
-    result = run_prune_loop(loaded.model, loaded.spec, list(loaded.history), train, val, None,
+    result = run_prune_loop(LoopInputs(loaded.model, loaded.spec, list(loaded.history), train, val),
                             REPO / "bench" / "cache" / "method_smoke" / f"variant-{args.name}", settings)
     r = result.rounds[0]
     print(json.dumps({"name": args.name, **{k: v for k, v in vars(args).items() if k != "checkpoint"},

@@ -37,7 +37,7 @@ from core.data.dataset import SegmentationDataset  # noqa: E402
 from core.data.registry import load_index  # noqa: E402
 from core.models.checkpoint import is_checkpoint, load_checkpoint  # noqa: E402
 from core.profile import measure_latency  # noqa: E402
-from core.pruning.loop import LoopSettings, run_prune_loop  # noqa: E402
+from core.pruning.loop import LoopInputs, LoopSettings, run_prune_loop  # noqa: E402
 from core.pruning.methods import METHODS  # noqa: E402
 from core.train import TrainConfig, evaluate  # noqa: E402
 
@@ -101,7 +101,7 @@ def part_methods(args) -> list[str]:
         out = CACHE / "method_smoke" / f"{fmt}-{method}-s{args.seed}"
         model = load_checkpoint(base).model
         start = time.perf_counter()
-        result = run_prune_loop(model, loaded.spec, list(loaded.history), train, val, None, out,
+        result = run_prune_loop(LoopInputs(model, loaded.spec, list(loaded.history), train, val), out,
                                 loop_settings(args, method=method))
         wall = time.perf_counter() - start
         for r in result.rounds:
@@ -137,7 +137,8 @@ def part_allocation(args) -> list[str]:
             out = CACHE / "method_smoke" / f"neu-oneshot-{allocator}-{criterion}-s{seed}"
             model = load_checkpoint(base).model
             start = time.perf_counter()
-            result = run_prune_loop(model, loaded.spec, list(loaded.history), train, val, test, out, loop_settings(
+            inputs = LoopInputs(model, loaded.spec, list(loaded.history), train, val, test)
+            result = run_prune_loop(inputs, out, loop_settings(
                 args, seed, method="collaborative", allocator=allocator, criterion=criterion, step=0.8,
                 max_rounds=1, finetune_epochs=2))
             r = result.rounds[0]

@@ -17,7 +17,7 @@ from core.data.registry import load_index
 from core.models.checkpoint import load_checkpoint, save_checkpoint
 from core.models.zoo import ARCHITECTURES, ModelSpec, build_model
 from core.models.graph import PruningError
-from core.pruning.loop import LoopSettings, read_rounds, run_prune_loop
+from core.pruning.loop import LoopInputs, LoopSettings, read_rounds, run_prune_loop
 from core.pruning.methods import METHODS, resolve_method
 from core.pruning.step import prune_step, pruning_context
 from core.train import TrainConfig
@@ -91,7 +91,7 @@ def test_loop_reverts_the_round_that_breaks_tolerance(tiny_data, tmp_path):
     train, val, test, classes = tiny_data
     model, spec = fresh(classes)
     # unpruned 50.0; round 1 drops 0.5 (kept), round 2 drops 3.0 (beyond 1.0): reverted
-    result = run_prune_loop(model, spec, [], train, val, test, tmp_path, loop_settings(),
+    result = run_prune_loop(LoopInputs(model, spec, [], train, val, test), tmp_path, loop_settings(),
                             evaluator=ScriptedEvaluator([50.0, 49.5, 47.0, 49.9]))
     assert result.stopped == "tolerance"
     assert [r.accepted for r in result.rounds] == [True, False]
@@ -110,7 +110,7 @@ def test_loop_stops_at_the_target_and_is_deterministic(tiny_data, tmp_path):
     runs = []
     for name in ("a", "b"):
         model, spec = fresh(classes)
-        result = run_prune_loop(model, spec, [], train, val, None, tmp_path / name,
+        result = run_prune_loop(LoopInputs(model, spec, [], train, val), tmp_path / name,
                                 loop_settings(method="collaborative", finetune_epochs=1, step_settings=StepSettings(
                                     scoring=ScoringNetworkSettings(steps=2))),
                                 evaluator=ScriptedEvaluator([50.0]))
@@ -137,7 +137,7 @@ def test_a_stop_asked_through_the_progress_callback_records_no_half_scored_round
         return "round 2 prune" in message  # asked while the second round's allocation is trained
 
     model, spec = fresh(classes)
-    result = run_prune_loop(model, spec, [], train, val, None, tmp_path,
+    result = run_prune_loop(LoopInputs(model, spec, [], train, val), tmp_path,
                             loop_settings(method="collaborative", max_rounds=3, finetune_epochs=1,
                                           step_settings=StepSettings(scoring=ScoringNetworkSettings(steps=50))),
                             progress=stop_during_scoring, evaluator=ScriptedEvaluator([50.0]))
@@ -154,7 +154,7 @@ def test_a_parameter_target_is_landed_on_not_overshot(tiny_data, tmp_path):
     model, spec = fresh(classes)
     # step 0.5 of the MACs cuts far more than 60% of the parameters in its second round (a
     # uniform MACs cut removes about the same share of parameters); the round is scaled back
-    result = run_prune_loop(model, spec, [], train, val, None, tmp_path,
+    result = run_prune_loop(LoopInputs(model, spec, [], train, val), tmp_path,
                             loop_settings(target=0.6, target_kind="params", step=0.5),
                             evaluator=ScriptedEvaluator([50.0]))
     assert result.stopped == "target"
@@ -172,7 +172,7 @@ def test_rounds_land_on_the_milestones_on_their_way_to_the_target(tiny_data, tmp
     train, val, _, classes = tiny_data
     model, spec = fresh(classes)
     # step 0.45 alone would give 45%, 70%; the milestones stop rounds at 30% and 50% first
-    result = run_prune_loop(model, spec, [], train, val, None, tmp_path,
+    result = run_prune_loop(LoopInputs(model, spec, [], train, val), tmp_path,
                             loop_settings(target=0.7, step=0.45, milestones=(0.5, 0.3)),
                             evaluator=ScriptedEvaluator([50.0]))
     assert result.stopped == "target"
@@ -194,10 +194,10 @@ def test_loop_resumes_after_its_last_finished_round(tiny_data, tmp_path):
     train, val, test, classes = tiny_data
     model, spec = fresh(classes)
     settings = loop_settings(max_rounds=1)
-    run_prune_loop(model, spec, [], train, val, None, tmp_path, settings, evaluator=ScriptedEvaluator([50.0]))
+    run_prune_loop(LoopInputs(model, spec, [], train, val), tmp_path, settings, evaluator=ScriptedEvaluator([50.0]))
     assert len(read_rounds(tmp_path)) == 1
     model, spec = fresh(classes)
-    resumed = run_prune_loop(model, spec, [], train, val, None, tmp_path, loop_settings(max_rounds=6),
+    resumed = run_prune_loop(LoopInputs(model, spec, [], train, val), tmp_path, loop_settings(max_rounds=6),
                              evaluator=ScriptedEvaluator([50.0]))
     assert [r.round for r in resumed.rounds] == [1, 2, 3]
     assert resumed.stopped == "target"
@@ -207,7 +207,7 @@ def test_loop_resumes_after_its_last_finished_round(tiny_data, tmp_path):
     torch.manual_seed(1)
     other = build_model(spec).eval()
     with pytest.raises(PruningError, match="started from another model"):
-        run_prune_loop(other, spec, [], train, val, None, tmp_path, loop_settings(max_rounds=6),
+        run_prune_loop(LoopInputs(other, spec, [], train, val), tmp_path, loop_settings(max_rounds=6),
                        evaluator=ScriptedEvaluator([50.0]))
 
 
@@ -253,7 +253,7 @@ def test_recovery_runs_on_the_last_accepted_round_and_becomes_the_result(tiny_da
     model, spec = fresh(classes)
     # unpruned 50.0; round 1 keeps (49.5), round 2 breaks tolerance (47.0): recovery starts from round 1
     settings = loop_settings(finetune_epochs=1, recover_epochs=2, recover_lr=5e-4, recover_distill_weight=0.5)
-    result = run_prune_loop(model, spec, [], train, val, test, tmp_path, settings,
+    result = run_prune_loop(LoopInputs(model, spec, [], train, val, test), tmp_path, settings,
                             evaluator=ScriptedEvaluator([50.0, 49.5, 47.0, 49.8]))
     assert [r.accepted for r in result.rounds] == [True, False]
     recovery = result.recovery
@@ -289,7 +289,7 @@ def test_a_recovery_killed_midway_is_run_again_on_resume_without_redoing_rounds(
 
     model, spec = fresh(classes)
     with pytest.raises(Killed):
-        run_prune_loop(model, spec, [], train, val, None, tmp_path, settings, progress=kill_in_recovery,
+        run_prune_loop(LoopInputs(model, spec, [], train, val), tmp_path, settings, progress=kill_in_recovery,
                        evaluator=ScriptedEvaluator([50.0]))
     rounds_before = read_rounds(tmp_path)
     assert len(rounds_before) == 2 and "recovery" not in json.loads((tmp_path / "rounds.json").read_text())
@@ -297,12 +297,13 @@ def test_a_recovery_killed_midway_is_run_again_on_resume_without_redoing_rounds(
 
     # a user's stop during the recovery: no recovery recorded, the rounds' result stands, no test
     model, spec = fresh(classes)
-    stopped = run_prune_loop(model, spec, [], train, val, test, tmp_path, settings,
+    stopped = run_prune_loop(LoopInputs(model, spec, [], train, val, test), tmp_path, settings,
                              progress=lambda f, m: m.startswith("recovery"), evaluator=ScriptedEvaluator([50.0]))
     assert stopped.stopped == "user" and stopped.recovery is None and "test_skipped" in stopped.result
 
     model, spec = fresh(classes)
-    resumed = run_prune_loop(model, spec, [], train, val, None, tmp_path, settings, evaluator=ScriptedEvaluator([50.0]))
+    resumed = run_prune_loop(LoopInputs(model, spec, [], train, val), tmp_path, settings,
+                             evaluator=ScriptedEvaluator([50.0]))
     assert [r.round for r in resumed.rounds] == [1, 2]
     assert [Path(r.checkpoint).stat().st_mtime_ns for r in resumed.rounds] == stamps  # rounds not redone
     assert resumed.recovery is not None and resumed.recovery["from_round"] == 2
@@ -310,7 +311,8 @@ def test_a_recovery_killed_midway_is_run_again_on_resume_without_redoing_rounds(
     # run once more: the recorded recovery is reused, not repeated
     mtime = (Path(resumed.recovery["checkpoint"]) / "weights.safetensors").stat().st_mtime_ns
     model, spec = fresh(classes)
-    again = run_prune_loop(model, spec, [], train, val, None, tmp_path, settings, evaluator=ScriptedEvaluator([50.0]))
+    again = run_prune_loop(LoopInputs(model, spec, [], train, val), tmp_path, settings,
+                           evaluator=ScriptedEvaluator([50.0]))
     assert again.recovery == resumed.recovery
     assert (Path(again.recovery["checkpoint"]) / "weights.safetensors").stat().st_mtime_ns == mtime
 
@@ -319,7 +321,7 @@ def test_distilled_rounds_say_so_and_bad_recovery_settings_are_refused(tiny_data
     train, val, test, classes = tiny_data
     model, spec = fresh(classes)
     finetune = TrainConfig(epochs=1, batch_size=4, max_steps_per_epoch=1, patience=None, distill_weight=0.5)
-    result = run_prune_loop(model, spec, [], train, val, None, tmp_path,
+    result = run_prune_loop(LoopInputs(model, spec, [], train, val), tmp_path,
                             loop_settings(max_rounds=1, finetune_epochs=1, finetune=finetune),
                             evaluator=ScriptedEvaluator([50.0]))
     assert result.rounds[0].distill_weight == 0.5
@@ -353,7 +355,7 @@ def test_a_fixed_allocation_is_the_first_rounds_cut_exactly(tiny_data, tmp_path)
     graph = PruningGraph.traced(model, (SIZE, SIZE), 3)
     # an uneven allocation no allocator would make: every other group keeps a quarter
     kept = {g.name: g.channels if i % 2 else max(g.channels // 4, 1) for i, g in enumerate(graph.groups)}
-    result = run_prune_loop(model, spec, [], train, val, None, tmp_path,
+    result = run_prune_loop(LoopInputs(model, spec, [], train, val), tmp_path,
                             loop_settings(allocation=kept, target=0.3, max_rounds=3),
                             evaluator=ScriptedEvaluator([50.0]))
     first = result.rounds[0]
@@ -383,7 +385,7 @@ def test_progress_counts_the_rounds_the_target_needs_not_the_round_limit(tiny_da
     model, spec = fresh(classes)
     reports = []
     # step 0.3 to a 50% target: 70%, then 49% of the MACs left, two rounds of the ten allowed
-    result = run_prune_loop(model, spec, [], train, val, None, tmp_path,
+    result = run_prune_loop(LoopInputs(model, spec, [], train, val), tmp_path,
                             loop_settings(target=0.5, step=0.3, max_rounds=10),
                             progress=lambda fraction, message: reports.append((fraction, message)) and False,
                             evaluator=ScriptedEvaluator([50.0]))

@@ -440,7 +440,7 @@ def test_a_prune_stopped_while_fine_tuning_skips_the_test_split(trained):
     from core.data.dataset import SegmentationDataset
     from core.data.registry import load_index
     from core.models.checkpoint import load_checkpoint
-    from core.pruning.loop import LoopSettings, read_rounds, run_prune_loop
+    from core.pruning.loop import LoopInputs, LoopSettings, read_rounds, run_prune_loop
     from core.train import TrainConfig
 
     store, checkpoint = trained
@@ -456,7 +456,8 @@ def test_a_prune_stopped_while_fine_tuning_skips_the_test_split(trained):
     def stop_in_round_2_fine_tuning(fraction: float, message: str) -> bool:
         return message.startswith("round 2 fine-tune")
 
-    result = run_prune_loop(loaded.model, loaded.spec, list(loaded.history), train, val, test, out, settings,
+    inputs = LoopInputs(loaded.model, loaded.spec, list(loaded.history), train, val, test)
+    result = run_prune_loop(inputs, out, settings,
                             progress=stop_in_round_2_fine_tuning,
                             evaluator=lambda model: {"defect_miou": 50.0, "per_class_iou": {}})
     assert result.stopped == "user" and [r.round for r in read_rounds(out)] == [1]

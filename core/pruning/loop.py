@@ -314,27 +314,32 @@ class _Calibration:
     precision: str  # the resolved precision of the step's forward passes
 
 
-def run_prune_loop(
-    model: nn.Module,
-    spec: ModelSpec,
-    history: list,
-    train_ds: Dataset,
-    val_ds: Dataset,
-    test_ds: Dataset | None,
-    out_dir: str | Path,
-    settings: LoopSettings,
-    progress: StageProgress | None = None,
-    evaluator: Callable[[nn.Module], dict[str, Any]] | None = None,
-) -> LoopResult:
-    """Prune ``model`` (already pruned by ``history``, possibly) round by round.
+@dataclass
+class LoopInputs:
+    """What a prune run starts from: the model (already pruned by ``history``, possibly), its
+    spec, and the splits it fine-tunes on (``train``), validates each round on (``val``) and
+    reports once at the end on (``test``; None: no test report)."""
+
+    model: nn.Module
+    spec: ModelSpec
+    history: list
+    train: Dataset
+    val: Dataset
+    test: Dataset | None = None
+
+
+def run_prune_loop(inputs: LoopInputs, out_dir: str | Path, settings: LoopSettings, *,
+                   progress: StageProgress | None = None,
+                   evaluator: Callable[[nn.Module], dict[str, Any]] | None = None) -> LoopResult:
+    """Prune ``inputs.model`` round by round.
 
     With rounds already in ``out_dir`` (an interrupted run), it resumes after the last
     finished one. ``evaluator`` replaces the validation evaluation (tests script drops)."""
     settings.validate()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    run = _start_run(model, spec, history, train_ds, val_ds, test_ds, out_dir, settings, progress, evaluator)
-    state = _resume(run, model, history)
+    run = _start_run(inputs, out_dir, settings, progress, evaluator)
+    state = _resume(run, inputs.model, inputs.history)
     if state.rounds and not state.rounds[-1].accepted:
         state.stopped = "tolerance"
         return _finish(run, state)
@@ -352,18 +357,18 @@ def run_prune_loop(
     return _finish(run, state)
 
 
-def _start_run(model: nn.Module, spec: ModelSpec, history: list, train_ds: Dataset, val_ds: Dataset,
-               test_ds: Dataset | None, out_dir: Path, settings: LoopSettings, progress: StageProgress | None,
+def _start_run(inputs: LoopInputs, out_dir: Path, settings: LoopSettings, progress: StageProgress | None,
                evaluator: Callable[[nn.Module], dict[str, Any]] | None) -> _Run:
     """The run's fixed parts: the base read back from ``rounds.json`` (refused when it was
     measured on another model) or measured now, and the teacher of distilled fine-tunes."""
+    model, spec, history = inputs.model, inputs.spec, inputs.history
     names = list(spec.classes)
     device = model_device(model)
 
     def validate_model(m: nn.Module) -> dict[str, Any]:
         if evaluator is not None:
             return evaluator(m)
-        return evaluate(m, val_ds, device=device, batch_size=settings.finetune.eval_batch_size or 8,
+        return evaluate(m, inputs.val, device=device, batch_size=settings.finetune.eval_batch_size or 8,
                         class_names=names, per_image=False).metrics.to_dict()
 
     fingerprint = model_fingerprint(model)
@@ -384,8 +389,8 @@ def _start_run(model: nn.Module, spec: ModelSpec, history: list, train_ds: Datas
     distilling = settings.finetune.distill_weight > 0 or (settings.recover_distill_weight or 0) > 0
     teacher = copy.deepcopy(model).eval() if distilling else None
     method = resolve_method(settings.method, settings.allocator, settings.criterion)
-    return _Run(spec=spec, method=method, train_ds=train_ds, val_ds=val_ds if evaluator is None else None,
-                test_ds=test_ds, out_dir=out_dir, names=names, device=device, settings=settings, teacher=teacher,
+    return _Run(spec=spec, method=method, train_ds=inputs.train, val_ds=inputs.val if evaluator is None else None,
+                test_ds=inputs.test, out_dir=out_dir, names=names, device=device, settings=settings, teacher=teacher,
                 validate=validate_model, progress=progress, base=base)
 
 

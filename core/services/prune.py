@@ -201,7 +201,7 @@ def run_prune(request: PruneRequest, progress: StageProgress | None = None) -> L
     from core.data.dataset import SegmentationDataset
     from core.models.checkpoint import load_checkpoint, read_spec
     from core.models.graph import PruningGraph
-    from core.pruning.loop import is_prune_run, run_prune_loop
+    from core.pruning.loop import LoopInputs, is_prune_run, run_prune_loop
     from core.pruning.step import FixedAllocation
     from core.train import TorchThreads, distributed, resolve_device
 
@@ -238,8 +238,9 @@ def run_prune(request: PruneRequest, progress: StageProgress | None = None) -> L
             progress=None if progress is None else (lambda f, m: progress(0.0, m))))
     settings = request.loop_settings(str(device), None if fixed is None else fixed.kept, latency)
     with TorchThreads(request.threads):
-        return run_prune_loop(loaded.model, spec, list(loaded.history), datasets["train"], datasets["val"],
-                              datasets["test"], request.out, settings, progress=progress)
+        inputs = LoopInputs(loaded.model, spec, list(loaded.history), datasets["train"], datasets["val"],
+                            datasets["test"])
+        return run_prune_loop(inputs, request.out, settings, progress=progress)
 
 
 
