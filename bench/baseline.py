@@ -56,26 +56,33 @@ def display(command: list[str]) -> str:
     return "python -m core " + shlex.join(command)
 
 
-def epochs_option(values: list[str]) -> dict[str | None, int]:
-    """``--epochs 15 magnetic-tile=30``: a default and per-dataset overrides (key None: the default)."""
-    epochs: dict[str | None, int] = {}
+def format_values(values: list[str], flag: str) -> dict[str | None, int]:
+    """``N FORMAT=N ...`` (``--epochs 15 magnetic-tile=30``, ``--size 128 magnetic-tile=256``): a
+    default and per-dataset values (key None: the default); ``flag`` names the option in errors."""
+    out: dict[str | None, int] = {}
     for value in values:
         fmt, _, count = value.rpartition("=")
         try:
-            epochs[fmt or None] = int(count)
+            out[fmt or None] = int(count)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"--epochs takes N or FORMAT=N, not {value!r}") from None
-    if None not in epochs:
-        raise argparse.ArgumentTypeError("--epochs needs a default N beside any FORMAT=N")
-    return epochs
+            raise argparse.ArgumentTypeError(f"{flag} takes N or FORMAT=N, not {value!r}") from None
+    if None not in out:
+        raise argparse.ArgumentTypeError(f"{flag} needs a default N beside any FORMAT=N")
+    return out
 
 
-class EpochsAction(argparse.Action):
-    """``--epochs`` parsed by :func:`epochs_option`; a bad value is a usage error."""
+def epochs_option(values: list[str]) -> dict[str | None, int]:
+    """``--epochs`` values parsed by :func:`format_values`."""
+    return format_values(values, "--epochs")
+
+
+class FormatValuesAction(argparse.Action):
+    """An ``N FORMAT=N ...`` option (``--epochs``, ``--size``) parsed by :func:`format_values`;
+    a bad value is a usage error naming the option."""
 
     def __call__(self, parser, namespace, values, option_string=None):
         try:
-            setattr(namespace, self.dest, epochs_option(values))
+            setattr(namespace, self.dest, format_values(values, option_string or self.dest))
         except argparse.ArgumentTypeError as exc:
             parser.error(str(exc))
 
@@ -224,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", default="unet")
     parser.add_argument("--encoder", default="resnet18")
     parser.add_argument("--size", default="128")
-    parser.add_argument("--epochs", nargs="+", action=EpochsAction, default=epochs_option(["40"]), metavar="N|FORMAT=N",
+    parser.add_argument("--epochs", nargs="+", action=FormatValuesAction, default=epochs_option(["40"]), metavar="N|FORMAT=N",
                         help="most epochs (early stopping on validation); FORMAT=N for one dataset")
     parser.add_argument("--patience", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)

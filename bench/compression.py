@@ -80,7 +80,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from bench.baseline import (  # noqa: E402
-    CACHE_DEFAULT, SHARED_DEFAULT, EpochsAction, baseline_tag, benchmark_dataset, epochs_for, epochs_option,
+    CACHE_DEFAULT, SHARED_DEFAULT, FormatValuesAction, baseline_tag, benchmark_dataset, epochs_for, epochs_option,
     resolved_precision, run_core, train_baseline,
 )
 from bench.recovery_check import miou_all  # noqa: E402
@@ -136,28 +136,6 @@ def paired_difference(a: dict | list, b: dict | list, confidence: float = 0.95) 
 
 
 # ------------------------------------------------------------------ options
-def format_values(values: list[str], flag: str, default_needed: bool = True) -> dict[str | None, int]:
-    """``N FORMAT=N ...`` (the style of ``--epochs``): a default and per-dataset values."""
-    out: dict[str | None, int] = {}
-    for value in values:
-        fmt, _, count = value.rpartition("=")
-        try:
-            out[fmt or None] = int(count)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} takes N or FORMAT=N, not {value!r}") from None
-    if default_needed and None not in out:
-        raise argparse.ArgumentTypeError(f"{flag} needs a default N beside any FORMAT=N")
-    return out
-
-
-class SizeAction(argparse.Action):
-    def __call__(self, parser, namespace, values, option_string=None):
-        try:
-            setattr(namespace, self.dest, format_values(values, option_string))
-        except argparse.ArgumentTypeError as exc:
-            parser.error(str(exc))
-
-
 def extra_sizes(values: list[str]) -> list[tuple[str, int]]:
     pairs = []
     for value in values:
@@ -1229,13 +1207,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scoring-steps", type=int, default=100)
     parser.add_argument("--round-to", type=int, default=1,
                         help="kept channel counts as multiples of this (bench/results/latency.md: 16 speeds CPUs up)")
-    parser.add_argument("--size", nargs="+", action=SizeAction,
+    parser.add_argument("--size", nargs="+", action=FormatValuesAction,
                         default={None: 128, "magnetic-tile": 256}, metavar="N|FORMAT=N",
                         help="input size; FORMAT=N for one dataset (default 128, magnetic-tile=256: its cracks "
                              "are a few pixels wide and vanish at 128)")
     parser.add_argument("--extra-sizes", nargs="*", type=str, default=[], metavar="FORMAT=N",
                         help="more settings of a dataset at another size (e.g. magnetic-tile=128 beside 256)")
-    parser.add_argument("--epochs", nargs="+", action=EpochsAction, default=epochs_option(["60"]),
+    parser.add_argument("--epochs", nargs="+", action=FormatValuesAction, default=epochs_option(["60"]),
                         metavar="N|FORMAT=N",
                         help="most baseline epochs (early stopping on validation); FORMAT=N for one dataset")
     parser.add_argument("--patience", type=int, default=8, help="baseline early stopping")

@@ -197,13 +197,15 @@ def test_runs_seeds_and_the_ablation_of_the_new_parts(monkeypatch):
 
 
 def test_sizes_per_dataset():
-    sizes = bench.format_values(["128", "magnetic-tile=256"], "--size")
+    from bench.baseline import format_values
+
+    sizes = format_values(["128", "magnetic-tile=256"], "--size")
     args = argparse.Namespace(size=sizes)
     assert bench.size_for("magnetic-tile", args) == 256 and bench.size_for("neu-seg", args) == 128
     assert bench.extra_sizes(["magnetic-tile=128"]) == [("magnetic-tile", 128)]
     for bad in (["magnetic-tile=256"], ["big"]):
         with pytest.raises(argparse.ArgumentTypeError):
-            bench.format_values(bad, "--size")
+            format_values(bad, "--size")
     with pytest.raises(SystemExit):
         bench.main(["--size", "magnetic-tile=256", "--report-only"])
 
