@@ -38,6 +38,20 @@ def test_data_page_renders_the_synthetic_default(app):
     assert app.session_state["dataset"]["format"] == "synthetic-steel"
 
 
+def test_the_page_says_what_training_with_the_defaults_does_and_how_long_it_took(app):
+    from core.services.train import DEMO_MEASURED, SYNTHETIC_TRAINING
+
+    infos = [box.value for box in app.info if "Training with the defaults" in box.value]
+    assert len(infos) == 1
+    from core.data.synthetic import DEFAULT_IMAGE_SIZE as px
+
+    assert f"{SYNTHETIC_TRAINING['epochs']} epochs" in infos[0] and f"{px}x{px} px" in infos[0]
+    assert DEMO_MEASURED.sentence() in infos[0]  # the measured time and mIoU, from one constant
+    app.selectbox(key="data_family").set_value("synthetic-fabric").run()
+    infos = [box.value for box in app.info if "Training with the defaults" in box.value]
+    assert len(infos) == 1 and f"on {DEMO_MEASURED.format} the same settings" in infos[0]
+
+
 def test_switching_the_family_re_renders(app):
     app.selectbox(key="data_family").set_value("synthetic-tile").run()
     assert not app.exception and not app.error

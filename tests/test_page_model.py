@@ -216,13 +216,14 @@ def test_a_checkpoint_that_fails_to_load_is_one_error_and_the_working_model_stay
 
 
 def test_the_training_form_defaults_are_the_requests(app, monkeypatch):
-    """One place for defaults: the form shows TrainRequest's (here changed under it)."""
+    """One place for defaults: the form shows TrainRequest's and, for the epochs, the dataset
+    format's (`recommended_training`; here both changed under it)."""
     import dataclasses
 
-    from core.services.train import TrainRequest
+    from core.services.train import SYNTHETIC_TRAINING, TrainRequest
 
     fields = {f.name: f for f in dataclasses.fields(TrainRequest)}
-    monkeypatch.setattr(fields["epochs"], "default", 7)
+    monkeypatch.setitem(SYNTHETIC_TRAINING, "epochs", 7)
     monkeypatch.setattr(fields["batch_size"], "default", 5)
     at = open_page("model")
     assert at.number_input(key="model_epochs").value == 7

@@ -22,7 +22,7 @@ from core.runs.store import (
 )
 from core.services.prune import PruneRequest
 from core.services.request import ParameterError
-from core.services.train import TrainRequest
+from core.services.train import SYNTHETIC_TRAINING, TrainRequest
 
 pytestmark = pytest.mark.timeout(120)
 V1_SQL = Path(__file__).parent / "fixtures" / "run_store_v1.sql"  # frozen: not the code's V1_SCHEMA
@@ -222,7 +222,9 @@ def test_parameters_are_the_requests_fields_as_the_command_takes_them():
     assert request == request_from_args(PruneRequest, build_parser().parse_args(argv))
     assert PruneRequest.from_json(request.to_json(), out="/o") == request  # what a job stores reads back the same
     args = TrainRequest.from_json({"format": "synthetic-steel", "epochs": 2, "batch_size": 3}, out="/o")
-    assert (args.epochs, args.batch_size, args.out, args.lr, args.schedule) == (2, 3, "/o", 1e-3, "cosine")
+    # rate and schedule left unset are the format's (core.services.train.recommended_training)
+    assert (args.epochs, args.batch_size, args.out, args.lr, args.schedule) == (
+        2, 3, "/o", SYNTHETIC_TRAINING["lr"], SYNTHETIC_TRAINING["schedule"])
     with pytest.raises(ParameterError, match="unknown parameter 'epoch' for a train job; known: .*epochs"):
         job_request("train", {"format": "neu-seg", "epoch": 2})
     with pytest.raises(ParameterError, match="unknown parameter 'out'"):

@@ -73,6 +73,31 @@ def test_each_defect_changes_exactly_its_mask_pixels_and_visibly(family: str) ->
         assert np.mean(changes) > 8, f"{family}/{name}: defects too faint ({np.mean(changes):.1f})"
 
 
+def test_the_default_family_draws_clear_defects_at_three_scales() -> None:
+    """The demo dataset (issue 16) is learnable in minutes: every steel defect stands out by
+    tens of grey levels on average, and the classes differ in scale (scratches long and thin,
+    inclusions small clusters, patches large areas), as in NEU-Seg."""
+    import cv2
+
+    impl, size = synthetic._FAMILY_IMPL["steel"], synthetic.DEFAULT_IMAGE_SIZE
+    change, area, length = {}, {}, {}
+    for name, draw in impl.drawers.items():
+        changes, areas, lengths = [], [], []
+        for i in range(12):
+            rng, ctx = np.random.default_rng(i), {}
+            image = impl.background(rng, size, ctx)
+            before = image.copy()
+            region = draw(rng, image, size, ctx)
+            changes.append(float(np.abs(image - before)[region].mean()))
+            _, _, stats, _ = cv2.connectedComponentsWithStats(region.astype(np.uint8))
+            areas += list(stats[1:, cv2.CC_STAT_AREA])
+            lengths += list(np.maximum(stats[1:, cv2.CC_STAT_WIDTH], stats[1:, cv2.CC_STAT_HEIGHT]))
+        change[name], area[name], length[name] = np.mean(changes), np.median(areas), np.median(lengths)
+    assert min(change.values()) > 25, change
+    assert area["patch"] > 4 * area["inclusion"], area
+    assert length["scratch"] > 0.3 * size and length["scratch"] ** 2 > 10 * area["scratch"], (length, area)
+
+
 def test_build_writes_pngs_equal_to_generate_sample_and_indexes_them(tmp_path: Path) -> None:
     index = build(tmp_path, seed=3, family="metal", num_images=COUNT, image_size=SIZE)
     folder = tmp_path / f"metal-{SIZE}px-n{COUNT}-s3"

@@ -3,7 +3,7 @@ its val metrics: ``python -m core train``, the train job and the Model page."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +53,68 @@ def precision_setting() -> Any:
     return setting("auto", choices=_precisions, help=PRECISION_HELP)
 
 
+# ---------------------------------------------------------------- training defaults per format
+# The settings a TrainRequest leaves unset (None) come from its dataset format, here and only
+# here: the command line, the jobs (the request fills them in when it is made) and the Model
+# page's form (`recommended_training`) all read them. Real datasets train long at a modest rate
+# (bench/results/baseline.md: NEU-Seg and Magnetic tile still gain at epoch 15 and 29). The
+# built-in synthetic families are the demo: a short one-cycle run, measured end to end by
+# bench/demo.py (DEMO_MEASURED below is what it measured on the default one).
+REAL_DATA_TRAINING: dict[str, Any] = {"epochs": 30, "lr": 1e-3, "schedule": "cosine"}
+SYNTHETIC_TRAINING: dict[str, Any] = {"epochs": 24, "lr": 3e-3, "schedule": "onecycle"}
+
+
+def recommended_training(format_name: str | None) -> dict[str, Any]:
+    """The training settings (epochs, lr, schedule) a format trains with unless asked otherwise."""
+    synthetic = isinstance(format_name, str) and format_name.startswith("synthetic-")
+    return dict(SYNTHETIC_TRAINING if synthetic else REAL_DATA_TRAINING)
+
+
+def _by_format(name: str) -> str:
+    return f"default: {SYNTHETIC_TRAINING[name]} on a synthetic family, {REAL_DATA_TRAINING[name]} on real data"
+
+
+@dataclass(frozen=True)
+class DemoMeasurement:
+    """What training with the defaults did on a format, as bench/demo.py measured it: the
+    figure the Data page quotes (one place; bench/results/demo.md has the run)."""
+
+    format: str
+    train_seconds: float  # the fit's wall time: every epoch's training and validation
+    cpu_seconds: float  # CPU time of the whole train command
+    val_miou: float
+    test_miou: float
+    machine: str
+
+    def sentence(self) -> str:
+        minutes = self.train_seconds / 60
+        return (f"reached {self.val_miou:.1f} validation and {self.test_miou:.1f} test defect mIoU in about "
+                f"{minutes:.1f} minutes of training ({self.machine}; bench/results/demo.md)")
+
+
+def describe_training_defaults(format_name: str, size: tuple[int, int]) -> str:
+    """One sentence on what training with the defaults does on a format at ``size``, with the
+    measured time and accuracy where bench/demo.py measured that format (the Data page's)."""
+    from core.models.zoo import DEFAULT_ARCH, DEFAULT_ENCODER
+
+    recipe = recommended_training(format_name)
+    batch = next(f.default for f in fields(TrainRequest) if f.name == "batch_size")
+    schedule = {"onecycle": "one-cycle", "cosine": "cosine", "plateau": "plateau"}.get(recipe["schedule"],
+                                                                                        recipe["schedule"])
+    text = (f"Training with the defaults ({DEFAULT_ARCH}-{DEFAULT_ENCODER} from scratch at {size[0]}x{size[1]} px, "
+            f"{recipe['epochs']} epochs of {schedule} at learning rate {recipe['lr']:g}, batch {batch})")
+    if format_name == DEMO_MEASURED.format:
+        return f"{text} {DEMO_MEASURED.sentence()}."
+    if recommended_training(DEMO_MEASURED.format) == recipe:
+        return f"{text}: on {DEMO_MEASURED.format} the same settings {DEMO_MEASURED.sentence()}."
+    return f"{text}."
+
+
+# `python bench/demo.py` on 2026-12-03 (bench/results/demo.md), the machine quiet (load 1.6-2.0)
+DEMO_MEASURED = DemoMeasurement(format="synthetic-steel", train_seconds=164.0, cpu_seconds=327.0, val_miou=70.8,
+                                test_miou=66.9, machine="2-core Intel Xeon CPU, fp32")
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainRequest(DataRequest):
     KIND = "train"
@@ -67,13 +129,15 @@ class TrainRequest(DataRequest):
                                           help="initialise the encoder from a local weights file: a torchvision or timm "
                                                "ResNet, MobileNetV2 or EfficientNet-B0 state dict (.safetensors, or .pth "
                                                "read with weights_only=True); nothing is downloaded")
-    epochs: int = setting(30, check=POSITIVE_INT)
-    lr: float = setting(1e-3, check=POSITIVE_FLOAT)
+    epochs: int | None = setting(None, check=POSITIVE_INT, help=lambda: f"training epochs ({_by_format('epochs')})")
+    lr: float | None = setting(None, check=POSITIVE_FLOAT, help=lambda: f"peak learning rate ({_by_format('lr')})")
     weight_decay: float = setting(1e-4, check=NON_NEGATIVE_FINITE)
-    schedule: str = setting("cosine", choices=_schedules,
-                            help=lambda: "cosine over --epochs, one-cycle, or plateau: constant rate cut tenfold after "
-                                         f"every {_train_config().plateau_patience} epochs without a better val defect "
-                                         "mIoU (for training until converged, with --patience)")
+    schedule: str | None = setting(None, choices=_schedules,
+                                   help=lambda: "cosine over --epochs, one-cycle (warm-up to --lr, then down), or "
+                                                f"plateau: constant rate cut tenfold after every "
+                                                f"{_train_config().plateau_patience} epochs without a better val defect "
+                                                "mIoU (for training until converged, with --patience); "
+                                                f"{_by_format('schedule')}")
     patience: int = setting(8, check=POSITIVE_INT, help="stop after this many epochs without a better val defect mIoU")
     no_early_stop: bool = setting(False, kind=FLAG, help="train every epoch")
     max_steps_per_epoch: int | None = setting(None, check=POSITIVE_INT)
@@ -84,6 +148,14 @@ class TrainRequest(DataRequest):
     out: str | None = setting(None, required=True, job=False, help="checkpoint folder to write")
     precision: str = precision_setting()
     mlflow_uri: str | None = tracking_setting()
+
+    def __post_init__(self) -> None:
+        # the settings left unset are the format's (recommended_training), so that a request,
+        # the job that stores it and the checkpoint's history all say what was trained
+        for name, value in recommended_training(self.format).items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        super().__post_init__()
 
 
 @dataclass(frozen=True)

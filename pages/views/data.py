@@ -9,6 +9,7 @@ from core.config import confine_to_data_roots, data_roots, workspace_dir
 from core.data.registry import format_names, is_synthetic
 from core.data.stats import class_statistics, defect_sizes
 from core.data.upload import extract_dataset_zip
+from core.services.train import describe_training_defaults
 from core.visual import class_colour_hex, overlay_mask
 from ui.state import DatasetChoice, current_dataset, dataset_index, error_box, require_dataset, set_dataset
 from ui.widgets import class_legend, image_grid, load_style
@@ -78,6 +79,7 @@ cols[0].metric("Images", len(index.samples))
 for col, (name, count) in zip(cols[1:], splits.items()):
     col.metric(name, count)
 class_legend(index.classes)
+st.info(describe_training_defaults(index.format, index.default_size))
 for item in index.skipped[:20]:
     st.warning(f"Skipped {item['file']}: {item['reason']}")
 

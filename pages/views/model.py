@@ -24,7 +24,7 @@ from core.runs.store import JobRecord
 from core.services.evaluate import PredictionPreview, preview_predictions
 from core.services.import_model import ImportRequest
 from core.services.request import FINITE_FLOAT, POSITIVE_FLOAT, ParameterError, default_of
-from core.services.train import TrainRequest
+from core.services.train import TrainRequest, recommended_training
 from core.visual import class_colour_hex, overlay_mask
 from ui.jobs import follow_job, job_bar, stop_button
 from ui.state import (
@@ -236,8 +236,9 @@ with train_tab:
         size = c3.text_input("Input size (N or HxW)", value="x".join(map(str, index.default_size)),
                              key="model_size")
         c4, c5, c6 = st.columns(3)
-        epochs = c4.number_input("Epochs (early stopping on val defect mIoU)", 1, 500, TRAIN_DEFAULTS["epochs"],
-                                 key="model_epochs")
+        # the dataset's format decides the default epochs (and the rate and schedule the request fills in)
+        epochs = c4.number_input("Epochs (early stopping on val defect mIoU)", 1, 500,
+                                 recommended_training(choice.format)["epochs"], key="model_epochs")
         batch = c5.number_input("Batch size", 1, 256, TRAIN_DEFAULTS["batch_size"], key="model_batch")
         seed = c6.number_input("Seed", 0, 10_000, TRAIN_DEFAULTS["seed"], key="model_seed")
         precision = precision_select(st, TrainRequest, key="model_precision")
