@@ -22,6 +22,7 @@ from core.runs import api
 from core.runs.kinds import DATASET, MODEL, RUN, address_kinds, job_kind
 from core.runs.store import JobNotFoundError, JobRecord
 from core.services.export import ExportResult
+from core.services.compare_int8 import Int8CostResult
 from core.services.request import SEED, ParameterError, Request
 from core.services.score import ScoreResult
 
@@ -254,6 +255,15 @@ def export_result(job: JobRecord) -> ExportResult:
     except (KeyError, TypeError, ValueError):
         raise JobResultError(f"job {job.id} ({job.kind}) finished without a readable export result; "
                              "export again") from None
+
+
+def int8_cost_result(job: JobRecord) -> Int8CostResult:
+    """What a finished INT8 step measured (`Int8CostResult`), from its result."""
+    try:
+        return Int8CostResult.from_json(job.result or {})
+    except (KeyError, TypeError, ValueError):
+        raise JobResultError(f"job {job.id} ({job.kind}) finished without a readable INT8 result; "
+                             "measure INT8 again") from None
 
 
 def address_jobs() -> list[JobRecord]:

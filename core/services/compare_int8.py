@@ -74,6 +74,34 @@ class Int8CostRequest(Request):
         return self.calibration_images or quantize_defaults().DEFAULT_CALIBRATION_IMAGES
 
 
+@dataclass(frozen=True)
+class Int8CostResult:
+    """What a finished INT8 step measured: one `core.quantize.int8_cost_rows` row per model
+    (``before``, ``after``), on ``images`` images of ``split``, calibrated on
+    ``calibration_images`` training images, ``runs`` timed runs per file on ``threads`` threads."""
+
+    before: dict[str, Any]
+    after: dict[str, Any]
+    split: str
+    images: int
+    calibration_images: int
+    calibration_seed: int
+    runs: int
+    threads: int
+
+    @classmethod
+    def from_json(cls, payload: dict[str, Any]) -> Int8CostResult:
+        return cls(before=dict(payload["before"]), after=dict(payload["after"]), split=str(payload["split"]),
+                   images=int(payload["images"]), calibration_images=int(payload["calibration_images"]),
+                   calibration_seed=int(payload["calibration_seed"]), runs=int(payload["runs"]),
+                   threads=int(payload["threads"]))
+
+    def to_json(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
 def run_int8_cost(request: Int8CostRequest, progress: StageProgress | None = None,
                   index: DatasetIndex | None = None) -> dict[str, Any]:
     """Both models' fp32 and INT8 ONNX files: sizes, batch-1 latency timed in turns (median,
@@ -104,6 +132,7 @@ def run_int8_cost(request: Int8CostRequest, progress: StageProgress | None = Non
     before, after = int8_cost_rows([request.before, request.after], calibration, runs=request.runs,
                                    threads=request.threads, images=request.int8_images,
                                    seed=request.calibration_seed, evaluate_on=scored, progress=progress)
-    return {"before": before, "after": after, "split": request.split, "images": len(scored),
-            "calibration_images": min(request.int8_images, len(calibration)),
-            "calibration_seed": request.calibration_seed, "runs": request.runs, "threads": request.threads}
+    return Int8CostResult(before=before, after=after, split=request.split, images=len(scored),
+                          calibration_images=min(request.int8_images, len(calibration)),
+                          calibration_seed=request.calibration_seed, runs=request.runs,
+                          threads=request.threads).to_json()

@@ -21,11 +21,12 @@ from core.errors import DefectPruneError
 from core.runs import api
 from core.runs.store import FAILED, STOPPED, SUCCEEDED, JobRecord
 from core.services.compare import CompareRequest, CompareResult, checkpoint_zip, compare_costs, run_compare
-from core.services.compare_int8 import Int8CostRequest
+from core.services.compare_int8 import Int8CostRequest, Int8CostResult
 from core.services.export import ExportRequest
 from core.visual import class_colour_hex, diff_overlay, overlay_mask
 from ui.jobs import follow_job, job_bar
-from ui.state import current_dataset, dataset_index, error_box, export_result, job_request, weights_mtime
+from ui.state import (current_dataset, dataset_index, error_box, export_result, int8_cost_result, job_request,
+                      weights_mtime)
 from ui.widgets import class_legend, load_style
 
 load_style()
@@ -189,12 +190,18 @@ def exported_onnx(checkpoint: str, mtime: float, int8: bool = False) -> Path | N
     return None
 
 
-def measured_int8(params: dict, mtimes: tuple[float, float]) -> JobRecord | None:
-    """An earlier INT8 step of these models' versions on this dataset and split: its numbers
-    join the cost table at once (also after a refresh), without measuring again."""
+def measured_int8(wanted: Int8CostRequest, mtimes: tuple[float, float]) -> tuple[JobRecord, Int8CostResult] | None:
+    """An earlier INT8 step of these models' versions on this dataset and split, and what it
+    measured: its numbers join the cost table at once (also after a refresh), without
+    measuring again."""
     for job in api.list_jobs(states=[SUCCEEDED], kind="int8-cost", limit=50):
-        if job.params == params and job.result and (job.started_at or 0) >= max(mtimes):
-            return job
+        if (job.started_at or 0) < max(mtimes):
+            continue
+        try:
+            if job_request(job) == wanted:
+                return job, int8_cost_result(job)
+        except DefectPruneError:  # a record this version no longer reads: not one to show
+            continue
     return None
 
 
@@ -277,27 +284,28 @@ with error_box("Showing the image"):
 st.markdown("#### Cost")
 cost = None
 int8_params: dict = {}
-int8_done: JobRecord | None = None
+int8_done: tuple[JobRecord, Int8CostResult] | None = None
 int8_job: JobRecord | None = None
 with error_box("Reading the INT8 step"):
-    int8_params = Int8CostRequest.for_comparison(request).to_json()
-    int8_done = measured_int8(int8_params, versions)
+    int8_request = Int8CostRequest.for_comparison(request)
+    int8_params = int8_request.to_json()
+    int8_done = measured_int8(int8_request, versions)
     asked = st.session_state.get("compare_int8_job")
     if int8_done is None and asked and asked["params"] == int8_params and asked["versions"] == versions:
         int8_job = api.get_job(asked["job"])
 with error_box("Measuring cost"):
     cost = compare_costs(*costs(before, versions[0], after, versions[1]),
-                         int8=int8_done.result if int8_done else None)
+                         int8=int8_done[1].to_json() if int8_done else None)
     st.table(cost.table)
     caption = ("Batch 1 on the CPU, one thread; latency is the median of 10 timed runs with the 10th to 90th "
                "percentile in brackets, both models timed in turns. Change = after / before - 1; speed-up = "
                "before's median / after's.")
     if int8_done:
-        measured = int8_done.result
-        caption += (f" fp32 and INT8 ONNX Runtime rows: the INT8 step (job {int8_done.id}) exported both models, "
-                    f"quantised them (calibrated on {measured['calibration_images']} seeded training images) and "
-                    f"timed all four files in turns ({measured['runs']} runs each); defect mIoU of each file scored "
-                    f"with ONNX Runtime on the {measured['split']} split.")
+        int8_ran, measured = int8_done
+        caption += (f" fp32 and INT8 ONNX Runtime rows: the INT8 step (job {int8_ran.id}) exported both models, "
+                    f"quantised them (calibrated on {measured.calibration_images} seeded training images) and "
+                    f"timed all four files in turns ({measured.runs} runs each); defect mIoU of each file scored "
+                    f"with ONNX Runtime on the {measured.split} split.")
     st.caption(caption)
     for note in cost.notes:
         st.warning(note)
