@@ -144,3 +144,13 @@ def disk_full_message(exc: BaseException, where: str, advice: str) -> str | None
         return None
     at = f" while writing {filename}" if filename else ""
     return f"no space left on the device{at}; earlier results are intact: free space under {where} and {advice}"
+
+
+def file_stamp(path: Path) -> tuple[int, int] | None:
+    """The file's (modification time in ns, size), or None when it cannot be read: what a
+    watcher compares to see that a file another process rewrites (atomically) has changed."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import streamlit as st
 from streamlit.runtime.scriptrunner_utils.exceptions import RerunException, StopException
@@ -250,20 +251,19 @@ def score_result(job: JobRecord) -> ScoreResult:
 
 def export_result(job: JobRecord) -> ExportResult:
     """What a finished export job made (the ONNX file's path, its size, ...), from its result."""
-    try:
-        return ExportResult.from_json(job.result or {})
-    except (KeyError, TypeError, ValueError):
-        raise JobResultError(f"job {job.id} ({job.kind}) finished without a readable export result; "
-                             "export again") from None
+    return _typed_result(job, ExportResult.from_json, "export", "export again")
 
 
 def int8_cost_result(job: JobRecord) -> Int8CostResult:
     """What a finished INT8 step measured (`Int8CostResult`), from its result."""
+    return _typed_result(job, Int8CostResult.from_json, "INT8", "measure INT8 again")
+
+
+def _typed_result(job: JobRecord, read: Callable[[dict], Any], what: str, again: str) -> Any:
     try:
-        return Int8CostResult.from_json(job.result or {})
+        return read(job.result or {})
     except (KeyError, TypeError, ValueError):
-        raise JobResultError(f"job {job.id} ({job.kind}) finished without a readable INT8 result; "
-                             "measure INT8 again") from None
+        raise JobResultError(f"job {job.id} ({job.kind}) finished without a readable {what} result; {again}") from None
 
 
 def address_jobs() -> list[JobRecord]:

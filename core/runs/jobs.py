@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from core.atomic import file_stamp
 from core.errors import DefectPruneError
 from core.progress import duration_text, estimate_remaining, remaining_text
 from core.runs.artifacts import atomic_write_bytes, atomic_write_json, atomic_write_npz
@@ -424,10 +425,10 @@ def prune_job(ctx: JobContext) -> dict[str, Any]:
     registered = {r["round"]: r["model_id"] for r in ctx.store.list_rounds(ctx.job_id) if r["model_id"]}
     resumed_from = sync_rounds(ctx, prune_run_id, out_dir, base_model_id, registered)
     rounds_file = out_dir / ROUNDS_FILE
-    seen = {"stamp": _stamp(rounds_file)}
+    seen = {"stamp": file_stamp(rounds_file)}
 
     def progress(fraction: float, message: str) -> bool:
-        stamp = _stamp(rounds_file)
+        stamp = file_stamp(rounds_file)
         if stamp != seen["stamp"]:  # a round finished: mirror it before anything else
             seen["stamp"] = stamp
             sync_rounds(ctx, prune_run_id, out_dir, base_model_id, registered)
@@ -504,9 +505,3 @@ def import_job(ctx: JobContext) -> dict[str, Any]:
     return {**result.to_json(), "model_id": model_id}
 
 
-def _stamp(path: Path) -> tuple[int, int] | None:
-    try:
-        stat = path.stat()
-    except OSError:
-        return None
-    return stat.st_mtime_ns, stat.st_size

@@ -35,6 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from core.atomic import file_stamp
 from core.errors import DefectPruneError
 from core.services.request import setting
 
@@ -285,7 +286,7 @@ class _PruneJob(_Job):
 
     def progress(self, progress: Any) -> Any:
         def relay(fraction: float, message: str) -> Any:
-            stamp = None if self.tracker.off else _stamp(self.out / "rounds.json")
+            stamp = None if self.tracker.off else file_stamp(self.out / "rounds.json")
             if stamp != self.stamp:  # a round finished (rounds.json is rewritten atomically)
                 self.stamp = stamp
                 self.tracker._guard("logging the rounds", self.sync)
@@ -419,14 +420,6 @@ def _is_file_store(uri: str) -> bool:
 
 def _resolved(path: str | None) -> str:
     return str(Path(path).resolve()) if path else ""
-
-
-def _stamp(path: Path) -> tuple[int, int] | None:
-    try:
-        stat = path.stat()
-    except OSError:
-        return None
-    return stat.st_mtime_ns, stat.st_size
 
 
 def _read_json(path: Path) -> Any:
