@@ -77,6 +77,10 @@ def test_two_models_are_compared_with_cost_and_downloads(pair):
     store.register_model(after, arch="unet", encoder="resnet18", pruned=True)
     at.run()
     assert not at.exception and not at.error, at.error
+    import re
+
+    shown = {m.label: m.value for m in at.metric}  # IoU with one decimal
+    assert re.fullmatch(r"\d+\.\d", shown["Defect mIoU before"]) and re.fullmatch(r"\d+\.\d", shown["Defect mIoU after"])
     titles = list(charts(at))
     assert any(t.startswith("IoU per defect class") for t in titles)
     assert any(t.startswith("Image ") for t in titles)

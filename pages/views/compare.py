@@ -241,8 +241,8 @@ bars.update_layout(barmode="group", title=f"IoU per defect class on {split} (%)"
 st.plotly_chart(bars, width="stretch")
 m1, m2, m3 = st.columns(3)
 before_miou, after_miou = compared.metrics_before.defect_miou, compared.metrics_after.defect_miou
-m1.metric("Defect mIoU before", f"{before_miou or 0:.2f}")
-m2.metric("Defect mIoU after", f"{after_miou or 0:.2f}", f"{(after_miou or 0) - (before_miou or 0):+.2f}")
+m1.metric("Defect mIoU before", f"{before_miou or 0:.1f}")
+m2.metric("Defect mIoU after", f"{after_miou or 0:.1f}", f"{(after_miou or 0) - (before_miou or 0):+.1f}")
 m3.metric("Images", len(compared.per_image))
 
 st.markdown("#### Per image (worst change first; click a row)")
@@ -252,8 +252,11 @@ with error_box("Showing the image"):
     # A keyed table keeps its selected row number when its rows change, where the number
     # names another image or none: each table (models, split, class filter) has its own key.
     table_key = hashlib.sha1(repr((request, versions, only)).encode()).hexdigest()[:12]
+    # IoU with one decimal, as everywhere else (the CSV download keeps full precision)
+    iou_columns = {name: st.column_config.NumberColumn(name, format="%.1f")
+                   for name in shown.columns if name.startswith("defect_miou") or name == "change"}
     selection = st.dataframe(shown, hide_index=True, on_select="rerun", selection_mode="single-row",
-                             key=f"compare_table_{table_key}")
+                             key=f"compare_table_{table_key}", column_config=iou_columns)
     rows = [r for r in selection.selection.rows if r < len(shown)]
     if shown.empty:
         st.info(f"No {split} image has {only}; choose another class.")
