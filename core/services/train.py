@@ -15,7 +15,9 @@ from core.services.request import (
 from core.services.tracking import tracked, tracking_setting
 
 if TYPE_CHECKING:
-    from core.train import ProgressCallback
+    from core.data.base import DatasetIndex
+    from core.data.dataset import SegmentationDataset
+    from core.train import ProgressCallback, TrainConfig
 
 TRAINING_HISTORY_FILE = "training_history.json"
 
@@ -192,12 +194,9 @@ def run_train(request: TrainRequest, progress: ProgressCallback | None = None) -
     import torch
 
     from core.atomic import check_output_folder, write_json_atomic
-    from core.data.dataset import SegmentationDataset
-    from core.data.base import parse_size
-    from core.data.registry import load_index
     from core.models.checkpoint import holds_only_checkpoint, save_checkpoint
     from core.models.zoo import ModelSpec, build_model
-    from core.train import EmptySplitError, TrainConfig, distributed, fit, resolve_device, seed_everything
+    from core.train import distributed, fit, resolve_device, seed_everything
 
     if not request.out:
         raise ParameterError("training needs the checkpoint folder to write (--out)")
@@ -205,28 +204,8 @@ def run_train(request: TrainRequest, progress: ProgressCallback | None = None) -
     out = check_output_folder(request.out, "checkpoint", holds_only_checkpoint,
                               protected=[("the dataset folder", request.root)])
     device = resolve_device(request.device)
-    with distributed.main_first():  # under torchrun rank 0 generates a synthetic set before the others read it
-        index = load_index(request.format, request.root, seed=request.split_seed, strict=request.strict,
-                           **request.option)
-    size = parse_size(request.size, index.default_size)
-    in_channels = request.in_channels or index.native_channels
-    train_ds = SegmentationDataset(index, "train", size, in_channels, augment=not request.no_augment,
-                                   seed=request.seed, limit=request.limit)
-    val_ds = SegmentationDataset(index, "val", size, in_channels, limit=request.limit)
-    for name, dataset in (("train", train_ds), ("val", val_ds)):
-        if len(dataset) == 0:
-            raise EmptySplitError(
-                f"the {name} split of {index.format} at {index.root} has no images; training needs "
-                "images in both train and val (add images, or use a format with a seeded split)"
-            )
-    config = TrainConfig(
-        epochs=request.epochs, batch_size=request.batch_size, lr=request.lr, weight_decay=request.weight_decay,
-        schedule=request.schedule, patience=None if request.no_early_stop else request.patience,
-        seed=request.seed, num_threads=request.threads, device=str(device),
-        max_steps_per_epoch=request.max_steps_per_epoch, num_workers=request.workers,
-        defect_share=request.defect_share, precision=request.precision,
-    )
-    config.validate()
+    index, size, in_channels, train_ds, val_ds = _training_splits(request)
+    config = _fit_config(request, device)
     spec = ModelSpec(
         classes=list(index.classes), arch=request.arch, encoder=request.encoder, in_channels=in_channels,
         input_size=size, dataset_format=index.format,
@@ -268,3 +247,45 @@ def run_train(request: TrainRequest, progress: ProgressCallback | None = None) -
         train_step_seconds=result.train_step_seconds, train_images=len(train_ds), val_images=len(val_ds),
         val=result.best_val, encoder_weights=encoder_weights,
     )
+
+
+def _training_splits(
+    request: TrainRequest,
+) -> tuple[DatasetIndex, tuple[int, int], int, SegmentationDataset, SegmentationDataset]:
+    """The request's dataset index, input size, channels and its train and val datasets (a
+    named error for an empty split)."""
+    from core.data.base import parse_size
+    from core.data.dataset import SegmentationDataset
+    from core.data.registry import load_index
+    from core.train import EmptySplitError, distributed
+
+    with distributed.main_first():  # under torchrun rank 0 generates a synthetic set before the others read it
+        index = load_index(request.format, request.root, seed=request.split_seed, strict=request.strict,
+                           **request.option)
+    size = parse_size(request.size, index.default_size)
+    in_channels = request.in_channels or index.native_channels
+    train_ds = SegmentationDataset(index, "train", size, in_channels, augment=not request.no_augment,
+                                   seed=request.seed, limit=request.limit)
+    val_ds = SegmentationDataset(index, "val", size, in_channels, limit=request.limit)
+    for name, dataset in (("train", train_ds), ("val", val_ds)):
+        if len(dataset) == 0:
+            raise EmptySplitError(
+                f"the {name} split of {index.format} at {index.root} has no images; training needs "
+                "images in both train and val (add images, or use a format with a seeded split)"
+            )
+    return index, size, in_channels, train_ds, val_ds
+
+
+def _fit_config(request: TrainRequest, device: Any) -> TrainConfig:
+    """The fit's TrainConfig from the request, checked."""
+    from core.train import TrainConfig
+
+    config = TrainConfig(
+        epochs=request.epochs, batch_size=request.batch_size, lr=request.lr, weight_decay=request.weight_decay,
+        schedule=request.schedule, patience=None if request.no_early_stop else request.patience,
+        seed=request.seed, num_threads=request.threads, device=str(device),
+        max_steps_per_epoch=request.max_steps_per_epoch, num_workers=request.workers,
+        defect_share=request.defect_share, precision=request.precision,
+    )
+    config.validate()
+    return config
