@@ -192,7 +192,8 @@ def test_settings_are_bounded_and_named():
 def test_an_unreadable_table_file_is_a_named_error(tmp_path):
     settings = tiny_settings(tmp_path)
     settings.path().parent.mkdir(parents=True, exist_ok=True)
-    settings.path().write_text('{"version": 1, "entries": {"conv": [{"in": [1], "out": [2], "ms": "x"}]}}')
+    settings.path().write_text(json.dumps({"version": lat.TABLE_VERSION, "block": 1,
+                                           "entries": {"conv": [{"in": [1], "out": [2], "ms": "x"}]}}))
     with pytest.raises(LatencyTableError, match="is not a latency table; delete it"):
         LatencyTable.load(settings)
     settings.path().write_text("{not json")

@@ -1,0 +1,124 @@
+"""ONNX Runtime's channel blocks in the latency table: grids at block multiples, outputs read at
+the next block multiple, an unaligned input count paying the unblocked fallback's measured
+penalty, and tables of the old layout (or another block) measured again instead of misread."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+from core.allocation import latency as lat
+from core.allocation.latency import LatencyCostModel, LatencySettings, LatencyTable, build_table, grid_counts
+from core.models.graph import PruningGraph
+
+SIZE = 16
+
+
+class TwoConvs(nn.Module):
+    """1 -> 32 -> 4 channels: one prunable group (the first conv's outputs, the second's inputs)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(1, 32, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(32)
+        self.segmentation_head = nn.Conv2d(32, 4, 1)
+
+    def forward(self, x):
+        return self.segmentation_head(torch.relu(self.bn(self.conv(x))))
+
+
+def ms_at(cin: float, cout: float) -> float:
+    return 0.05 + 0.002 * cin + 0.003 * cout + 1e-4 * cin * cout
+
+
+def synthetic_cost(tmp_path, engine: str, block: int, fallback_ratio: float = 1.25):
+    """A cost model whose table is bilinear times on the grids ``build_table`` would measure with
+    ``block``, each geometry's fallback timed ``fallback_ratio`` times its aligned time; the whole
+    model is its convs (no remainder)."""
+    model = TwoConvs().eval()
+    graph = PruningGraph.traced(model, (SIZE, SIZE), 1)
+    geometries = lat.conv_geometries(model, (SIZE, SIZE), 1)
+    table = LatencyTable(LatencySettings(engine=engine, folder=str(tmp_path)), block=block)
+    for g in geometries:
+        counts_in, counts_out = lat._grid_for(g, 3, block)
+        entry = {"in": counts_in, "out": counts_out, "ms": [[ms_at(i, o) for o in counts_out] for i in counts_in]}
+        unaligned = lat._unaligned_in(g, block)
+        if unaligned is not None:
+            entry["unaligned"] = {"in": unaligned, "ms": fallback_ratio * ms_at(unaligned, g.out_channels)}
+        table.entries.setdefault(g.key, []).append(entry)
+    full = sum(ms_at(g.in_channels, g.out_channels) for g in geometries)
+    return graph, LatencyCostModel(graph, table, geometries, full)
+
+
+def test_grids_of_a_blocked_engine_sit_at_block_multiples():
+    assert grid_counts(64, 4) == [1, 22, 43, 64]  # PyTorch: evenly, as before
+    assert grid_counts(64, 4, 8) == [1, 24, 40, 64]
+    assert all(c % 16 == 0 for c in grid_counts(512, 8, 16)[1:])
+    assert grid_counts(6, 4, 8) == [1, 6]  # under one block: the ends only
+    assert lat.nchwc_block("torch") == 1 and lat.nchwc_block("onnxruntime") in (1, 8, 16)
+
+
+def test_block_rounding_raises_an_unaligned_output_count_to_the_block_multiple(tmp_path):
+    graph, cost = synthetic_cost(tmp_path, "onnxruntime", block=8)
+    name = graph.groups[0].name
+    # 27 kept: the first conv (1 input, under a block: blocked) pads its 27 outputs to 32; the
+    # head reads 27 inputs, not a block multiple: the fallback, its exact time x 1.25
+    assert cost.budget_of({name: 27}) == pytest.approx(ms_at(1, 32) + 1.25 * ms_at(27, 4))
+    # 24 kept: aligned all through, nothing rounded (the head's 4 outputs stay its full 4)
+    assert cost.budget_of({name: 24}) == pytest.approx(ms_at(1, 24) + ms_at(24, 4))
+    assert cost.latency0 == pytest.approx(ms_at(1, 32) + ms_at(32, 4))
+    # PyTorch reads the same table at the exact counts
+    _, plain = synthetic_cost(tmp_path, "torch", block=1)
+    assert plain.budget_of({name: 27}) == pytest.approx(ms_at(1, 27) + ms_at(27, 4))
+    # monotone between block multiples, and the gradient stays finite and positive
+    times = [cost.budget_of({name: c}) for c in range(25, 32)]
+    assert all(b >= a for a, b in zip(times, times[1:]))
+    keep = torch.full((len(graph.groups),), 0.7, dtype=torch.float64, requires_grad=True)
+    cost.budget(keep).backward()
+    assert torch.isfinite(keep.grad).all() and (keep.grad > 0).all()
+
+
+def test_a_fallback_faster_than_the_blocked_kernel_is_held_level(tmp_path):
+    graph, cost = synthetic_cost(tmp_path, "onnxruntime", block=8, fallback_ratio=0.8)
+    name = graph.groups[0].name
+    assert cost.budget_of({name: 27}) == pytest.approx(ms_at(1, 32) + ms_at(27, 4))
+
+
+def fake_timings(monkeypatch):
+    calls = []
+    monkeypatch.setattr(lat, "time_conv", lambda g, cin, cout, *a, **k: calls.append((g.key, cin, cout)) or 0.1)
+    monkeypatch.setattr(lat, "time_model", lambda *a, **k: 1.0)
+    return calls
+
+
+def test_an_onnx_runtime_table_times_block_multiples_and_each_fallback_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(lat, "nchwc_block", lambda engine: 8 if engine == "onnxruntime" else 1)
+    calls = fake_timings(monkeypatch)
+    settings = LatencySettings(engine="onnxruntime", grid=3, repeats=1, warmup=0, folder=str(tmp_path))
+    table, geometries, _ = build_table(TwoConvs().eval(), (SIZE, SIZE), 1, settings)
+    head = next(g for g in geometries if g.name == "segmentation_head")
+    assert {cin for key, cin, _ in calls if key == head.key} == {1, 16, 31, 32}  # grid 1, 16, 32 + fallback 31
+    assert all(cout in (1, 4) for key, _, cout in calls if key == head.key)
+    assert table.lookup(head)["unaligned"] == {"in": 31, "ms": 0.1}
+    payload = json.loads(settings.path().read_text())
+    assert payload["version"] == lat.TABLE_VERSION and payload["block"] == 8
+    assert LatencyTable.load(settings).lookup(head)["unaligned"]["in"] == 31
+
+
+def test_an_old_table_or_another_block_is_measured_again(tmp_path, monkeypatch):
+    settings = LatencySettings(engine="onnxruntime", grid=2, repeats=1, warmup=0, folder=str(tmp_path))
+    model = TwoConvs().eval()
+    monkeypatch.setattr(lat, "nchwc_block", lambda engine: 8)
+    calls = fake_timings(monkeypatch)
+    build_table(model, (SIZE, SIZE), 1, settings)
+    fresh = len(calls)
+    payload = json.loads(settings.path().read_text())
+    settings.path().write_text(json.dumps({**payload, "version": 1}))  # the layout before blocks
+    table, _, _ = build_table(model, (SIZE, SIZE), 1, settings)
+    assert table.measured == fresh + 1 and json.loads(settings.path().read_text())["version"] == lat.TABLE_VERSION
+    monkeypatch.setattr(lat, "nchwc_block", lambda engine: 16)  # the same file read on an AVX-512 machine
+    assert LatencyTable.load(settings).entries == {}
