@@ -1,5 +1,6 @@
-"""Start the dashboard (`streamlit run app.py`) on a local port and wait until it answers: the
-one way bench/ui_pages.py and tests/test_browser.py start the server they drive a browser at."""
+"""Start the dashboard (`python -m ui.serve`: `streamlit run app.py` with the engine preloaded)
+on a local port and wait until it answers: the one way bench/ui_pages.py and
+tests/test_browser.py start the server they drive a browser at."""
 
 from __future__ import annotations
 
@@ -28,12 +29,13 @@ def free_port() -> int:
 
 
 def start_streamlit(port: int, env: Mapping[str, str], timeout: float = 90.0) -> tuple[subprocess.Popen, str]:
-    """``streamlit run app.py`` headless on ``port`` with ``env``, in its own process group
+    """The dashboard's server (`ui.serve`, as scripts/dashboard starts it) headless on
+    ``port`` with ``env``, in its own process group
     (stop it with ``os.killpg(process.pid, 9)``), once ``/_stcore/health`` answers 200.
     Returns the process and the dashboard's URL; a server that exits or stays silent for
     ``timeout`` seconds is killed and raises `DashboardStartError`."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port), "--server.headless", "true",
+        [sys.executable, "-m", "ui.serve", "--server.port", str(port), "--server.headless", "true",
          "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false"],
         cwd=REPO, env=dict(env), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
