@@ -6,9 +6,10 @@ preview within 2 s. (bench/ui.py times the Layer importance page's live answers 
 
 It builds a workspace under bench/cache/ui_pages/ (git-ignored): a baseline trained on the
 default dataset (synthetic-steel) and one prune round of it, both run as the dashboard's own
-jobs (so the Compare page lists them); starts `streamlit run app.py` on it; and drives Debian's
-Chromium with Playwright. Each page is opened by its address with the workspace in the query
-parameters (``?model=...&format=...``), as a shared link or F5 does.
+jobs (so the Compare page lists them); starts the dashboard's server on it (`python -m ui.serve`,
+as scripts/dashboard does); and drives Debian's Chromium with Playwright. Each page is opened
+by its address with the workspace in the query parameters (``?model=...&format=...``), as a
+shared link or F5 does.
 
 What is timed: from the action (navigation, a click, a key press) to the moment the browser
 receives the server's "script finished" message for that run (Streamlit's ForwardMsg, read off
@@ -44,6 +45,7 @@ os.environ["DEFECTPRUNE_WORKSPACE"] = str(WORKSPACE)
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 OPEN_LIMIT_S, MOVE_LIMIT_S, PREVIEW_LIMIT_S = 3.0, 0.3, 2.0
+COST_ROW = "fp32 torch latency, median (p10-p90)"  # Compare's cost table is drawn
 PAGES = {"Data": "", "Model": "model", "Layer importance": "importance", "Filter correlation": "correlation",
          "Prune": "prune", "Compare": "compare"}
 
@@ -101,8 +103,10 @@ class Timer:
 
         page.on("websocket", lambda ws: ws.on("framereceived", frame))
 
-    def time(self, action, timeout_s: float = 300.0) -> tuple[float, float]:
-        """(seconds to the server's answer, seconds until the page has drawn it)."""
+    def time(self, action, timeout_s: float = 300.0, until=None) -> tuple[float, float]:
+        """(seconds to the server's answer, seconds until the page has drawn it). With
+        ``until`` (a locator), drawn is when that is visible: work the page finishes in the
+        background after its answer (Compare's comparison and cost) counts."""
         seen = len(self.finished)
         start = time.perf_counter()
         action()
@@ -115,6 +119,9 @@ class Timer:
             "() => !document.querySelector('[data-stale=true]') && "
             "new Promise(r => requestAnimationFrame(() => requestAnimationFrame(() => r(true))))")
         drawn = time.perf_counter() - start
+        if until is not None:
+            until.first.wait_for(state="visible", timeout=timeout_s * 1000)
+            drawn = time.perf_counter() - start
         if self.page.locator("[data-testid=stException]").count():
             raise SystemExit("a page showed an exception")
         return answered, drawn
@@ -125,9 +132,11 @@ def measure(url: str, query: str, repeats: int) -> list[dict]:
 
     rows: list[dict] = []
 
-    def add(case: str, limit: float, times: list[tuple[float, float]]) -> None:
+    def add(case: str, limit: float | None, times: list[tuple[float, float]], judged: str = "answer") -> None:
+        """``judged``: which time the limit is held against (drawn: what the page finishes
+        after its answer is what the user waits for)."""
         rows.append({"case": case, "limit_s": limit, "answer_s": [a for a, _ in times],
-                     "drawn_s": [d for _, d in times]})
+                     "drawn_s": [d for _, d in times], "judged": judged})
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
@@ -141,13 +150,20 @@ def measure(url: str, query: str, repeats: int) -> list[dict]:
 
         for label, path in PAGES.items():  # cold: the first open of each page after the server started
             page, timer = session()
+            start = time.perf_counter()
             cold = timer.time(lambda: page.goto(f"{url}/{path}?{query}"))
+            complete = None
+            if label == "Compare":  # drawn at once; its comparison and cost follow from the background
+                page.get_by_text(COST_ROW, exact=True).first.wait_for(state="visible", timeout=300_000)
+                complete = time.perf_counter() - start
             warm = []
             for _ in range(repeats):  # a new session each time: F5 or a shared link
                 again, again_timer = session()
                 warm.append(again_timer.time(lambda: again.goto(f"{url}/{path}?{query}")))
                 again.close()
             add(f"open {label} (cold)", OPEN_LIMIT_S, [cold])
+            if complete is not None:
+                add(f"open {label} (cold), until its comparison and cost are drawn", None, [(complete, complete)])
             add(f"open {label} (warm)", OPEN_LIMIT_S, warm)
             page.close()
 
@@ -176,14 +192,19 @@ def measure(url: str, query: str, repeats: int) -> list[dict]:
             layers.append(timer.time(switch))
         add("Filter correlation: switch layer (first visit of each)", OPEN_LIMIT_S, layers)
 
-        timer.time(lambda: page.goto(f"{url}/compare?{query}"))
+        # Compare draws at once and fills in its comparison and cost from the server's background
+        # thread: opened in a new session (the comparison of this pair is kept from the cold open)
+        # and timed until the cost table is there; then each split switch until that split's chart
+        cost_table = page.get_by_text(COST_ROW, exact=True)
+        add("Compare: open until the comparison and cost are drawn (warm)", OPEN_LIMIT_S,
+            [timer.time(lambda: page.goto(f"{url}/compare?{query}"), until=cost_table)], judged="drawn")
         splits = []
         for split in ["test", "val"] * repeats:
             def choose(split=split):
                 page.get_by_label("Split").click()
                 page.get_by_role("option", name=split, exact=True).click()
-            splits.append(timer.time(choose))
-        add("Compare: switch split (val/test)", OPEN_LIMIT_S, splits)
+            splits.append(timer.time(choose, until=page.get_by_text(f"IoU per defect class on {split} (%)")))
+        add("Compare: switch split (val/test), until its chart is drawn", OPEN_LIMIT_S, splits, judged="drawn")
         browser.close()
     return rows
 
@@ -218,12 +239,16 @@ def main() -> None:
              f"Model: the workspace's baseline `{model}` (Unet-resnet18 on synthetic-steel, {args.epochs} epoch(s), "
              f"{args.limit} images per split) and its prune run {run}.", "",
              "Answer: from the action to the server's 'script finished' message in the browser. Drawn: until the "
-             "page shows it. Median (max) over the repeats.", "",
+             "page shows it (for the Compare rows that say so: until the comparison or cost it finishes in the "
+             "server's background thread is on screen; those rows are held to the limit by drawn). Median (max) "
+             "over the repeats.", "",
              "| case | limit | answer s | drawn s | within the limit |", "|---|---|---|---|---|"]
     for r in rows:
         answer, drawn = r["answer_s"], r["drawn_s"]
-        ok = "yes" if max(answer) <= r["limit_s"] else "no"
-        lines.append(f"| {r['case']} | {r['limit_s']:g} s | {statistics.median(answer):.2f} ({max(answer):.2f}) | "
+        judged = drawn if r["judged"] == "drawn" else answer
+        ok = "-" if r["limit_s"] is None else "yes" if max(judged) <= r["limit_s"] else "no"
+        limit = "-" if r["limit_s"] is None else f"{r['limit_s']:g} s"
+        lines.append(f"| {r['case']} | {limit} | {statistics.median(answer):.2f} ({max(answer):.2f}) | "
                      f"{statistics.median(drawn):.2f} ({max(drawn):.2f}) | {ok} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")

@@ -79,3 +79,15 @@ def run_inline(job_id: int) -> None:
 
 def sidebar_text(at: AppTest) -> str:
     return " ".join(m.value for m in at.sidebar.markdown)
+
+
+def settled(at: AppTest) -> AppTest:
+    """Rerun the page until the work it left to the server's background thread
+    (`ui.background`: Compare's predictions and cost) has ended and is drawn."""
+    from ui import background
+
+    while background.busy():
+        background.wait()
+        at.run()
+        assert not at.exception, at.exception
+    return at

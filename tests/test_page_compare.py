@@ -7,17 +7,17 @@ import os
 from pathlib import Path
 
 import pytest
-import streamlit as st
 import torch
 from streamlit.testing.v1 import AppTest
 
 from conftest import REPO
-from page_helpers import run_inline
+from page_helpers import run_inline, settled
 from core.models.checkpoint import save_checkpoint
 from core.models.zoo import ModelSpec, build_model
 from core.pruning.methods import resolve_method
 from core.pruning.step import prune_step, pruning_context
 from core.visual import class_colour_hex
+from ui import background
 
 TIMEOUT = 300
 CLASSES = ["background", "scratch", "inclusion", "patch"]
@@ -77,6 +77,11 @@ def test_two_models_are_compared_with_cost_and_downloads(pair):
     store.register_model(after, arch="unet", encoder="resnet18", pruned=True)
     at.run()
     assert not at.exception and not at.error, at.error
+    # drawn at once: both models predict in the server's background thread, a bar in their place
+    assert any(bar.proto.text.startswith("Predicting both models") for bar in at.get("progress"))
+    assert not at.get("plotly_chart") and not at.table
+    settled(at)
+    assert not at.exception and not at.error, at.error
     import re
 
     shown = {m.label: m.value for m in at.metric}  # IoU with one decimal
@@ -92,8 +97,8 @@ def test_two_models_are_compared_with_cost_and_downloads(pair):
         assert cost.loc[f"{engine} latency, median (p10-p90)", "after"].endswith(")")
         assert "x" in cost.loc[f"{engine} latency, median (p10-p90)", "speed-up"]
     assert len(at.get("download_button")) == 3
-    assert not at.get("progress")  # the comparison's bar goes once the comparison is drawn
-    at.run()  # drawn from the cache: its bar is replayed emptied, as nothing
+    assert not at.get("progress")  # the bars go once the comparison and the cost are drawn
+    at.run()  # drawn from the kept results at once, with no bar
     assert not at.exception and not at.get("progress") and len(at.get("plotly_chart")) == 2
 
 
@@ -106,7 +111,7 @@ def test_bars_and_masks_use_the_class_colours_and_follow_the_widgets(pair):
     assert [t["marker"]["color"] for t in bars["data"]] == [colours, colours]  # each class its own colour
     assert any("dp-chip" in h.proto.body and "scratch" in h.proto.body for h in at.get("html"))  # the legend
     at.selectbox(key="compare_before").set_value(after)
-    at.selectbox(key="compare_after").set_value(before).run()
+    settled(at.selectbox(key="compare_after").set_value(before).run())
     swapped = chart(at, "IoU per defect class")
     assert [t["y"] for t in swapped["data"]] == [t["y"] for t in reversed(bars["data"])]
 
@@ -115,7 +120,7 @@ def test_bars_and_masks_use_the_class_colours_and_follow_the_widgets(pair):
     changes = at.dataframe[1].value.set_index("class")
     assert list(changes.index) == ["all classes"] + CLASSES[1:]
     busiest = (changes["gained"] + changes["lost"]).drop("all classes").idxmax()
-    at.selectbox(key="compare_overlay").set_value(busiest).run()
+    settled(at.selectbox(key="compare_overlay").set_value(busiest).run())
     per_class = chart(at, "Image ")
     assert per_class["layout"]["annotations"][3]["text"].endswith(f": {busiest}")
     assert per_class["data"][3] != image["data"][3]  # the diff panel shows that class only
@@ -130,7 +135,7 @@ def test_a_selected_row_survives_a_class_filter_that_shortens_the_table(pair):
     at.session_state[table.key] = {"selection": {"rows": [last]}}  # as a click on the last row
     at.run()
     assert chart(at, "Image ")["layout"]["title"]["text"].startswith(f"Image {table.value['index'].iloc[last]}:")
-    at.selectbox(key="compare_class").set_value("patch").run()
+    settled(at.selectbox(key="compare_class").set_value("patch").run())
     assert not at.exception and not at.error, [e.value for e in at.error]
     shorter = at.dataframe[0].value
     assert len(shorter) <= last  # the old row number is past its end
@@ -145,8 +150,8 @@ def test_the_onnx_offered_is_the_chosen_after_models(pair, monkeypatch):
     monkeypatch.setattr(api, "worker_alive", lambda *a, **k: True)
     before, after = pair
     at = two_models_page(before, after)
-    at.selectbox(key="compare_after").set_value(after).run()
-    at.button(key="compare_export").click().run()
+    settled(at.selectbox(key="compare_after").set_value(after).run())
+    settled(at.button(key="compare_export").click().run())
     assert not at.exception and not at.error, [e.value for e in at.error]
     labels = lambda: [b.proto.label for b in at.get("download_button")]  # noqa: E731
     job = api.list_jobs(kind="export")[0]  # the page exports in the worker, not in itself
@@ -156,9 +161,9 @@ def test_the_onnx_offered_is_the_chosen_after_models(pair, monkeypatch):
     at.run()
     assert "model.onnx" in labels()
     assert "compare_export" not in [b.key for b in at.button]  # the download took the button's place
-    at.selectbox(key="compare_after").set_value(before).run()
+    settled(at.selectbox(key="compare_after").set_value(before).run())
     assert "model.onnx" not in labels()  # not the other model's export
-    at.selectbox(key="compare_after").set_value(after).run()
+    settled(at.selectbox(key="compare_after").set_value(after).run())
     assert "model.onnx" in labels()  # the same version's export is still good
 
 
@@ -173,14 +178,14 @@ def test_an_earlier_export_is_offered_at_once_and_carries_its_metadata(pair, mon
     monkeypatch.setattr(api, "worker_alive", lambda *a, **k: True)
     before, after = pair
     at = two_models_page(before, after)
-    at.selectbox(key="compare_after").set_value(after).run()
-    at.button(key="compare_export").click().run()
+    settled(at.selectbox(key="compare_after").set_value(after).run())
+    settled(at.button(key="compare_export").click().run())
     job = api.list_jobs(kind="export")[0]
     run_inline(job.id)
     fresh = page()
     fresh.session_state["model"] = before
     fresh.run()
-    fresh.selectbox(key="compare_after").set_value(after).run()
+    settled(fresh.selectbox(key="compare_after").set_value(after).run())
     assert not fresh.exception and not fresh.error, [e.value for e in fresh.error]
     assert "model.onnx" in [b.proto.label for b in fresh.get("download_button")]
     assert "compare_export" not in [b.key for b in fresh.button]  # nothing to click before the download
@@ -209,10 +214,10 @@ def test_the_int8_step_adds_its_rows_with_numbers_once_its_job_ran(pair, inline_
     api = inline_worker
     before, after = pair
     at = two_models_page(before, after, TINY)
-    at.selectbox(key="compare_after").set_value(after).run()
+    settled(at.selectbox(key="compare_after").set_value(after).run())
     cost = at.table[0].value
     assert not [row for row in INT8_ROWS if row in cost.index]  # not measured on the first draw
-    at.button(key="compare_int8").click().run()
+    settled(at.button(key="compare_int8").click().run())
     assert not at.exception and not at.error, [e.value for e in at.error]
     (job,) = api.list_jobs(kind="int8-cost")  # measured in the worker, not in the page
     assert (job.params["before"], job.params["after"]) == (str(Path(before).resolve()), str(Path(after).resolve()))
@@ -235,7 +240,7 @@ def test_the_int8_step_adds_its_rows_with_numbers_once_its_job_ran(pair, inline_
     assert "compare_int8" not in [b.key for b in at.button] and not at.get("progress")
     assert any(f"the INT8 step (job {job.id})" in c.value for c in at.caption)
     fresh = two_models_page(before, after, TINY)  # a refresh: the step's rows at once, nothing measured again
-    fresh.selectbox(key="compare_after").set_value(after).run()
+    settled(fresh.selectbox(key="compare_after").set_value(after).run())
     assert "INT8 ONNX size" in fresh.table[0].value.index and len(api.list_jobs(kind="int8-cost")) == 1
 
 
@@ -248,8 +253,8 @@ def test_a_failed_int8_step_is_one_error_box_and_the_table_keeps_its_rows(pair, 
     api = inline_worker
     before, after = pair
     at = two_models_page(before, after, TINY)
-    at.selectbox(key="compare_after").set_value(after).run()
-    at.button(key="compare_int8").click().run()
+    settled(at.selectbox(key="compare_after").set_value(after).run())
+    settled(at.button(key="compare_int8").click().run())
     (job,) = api.list_jobs(kind="int8-cost")
 
     def broken(*_args, **_kwargs):
@@ -274,11 +279,11 @@ def test_the_export_choice_offers_the_int8_file_with_its_metadata(pair, inline_w
     api = inline_worker
     before, after = pair
     at = two_models_page(before, after, TINY)
-    at.selectbox(key="compare_after").set_value(after).run()
+    settled(at.selectbox(key="compare_after").set_value(after).run())
     labels = lambda: [b.proto.label for b in at.get("download_button")]  # noqa: E731
-    at.radio(key="compare_onnx_precision").set_value("INT8").run()
+    settled(at.radio(key="compare_onnx_precision").set_value("INT8").run())
     assert at.button(key="compare_export").proto.label == "Export INT8 ONNX"
-    at.button(key="compare_export").click().run()
+    settled(at.button(key="compare_export").click().run())
     assert not at.exception and not at.error, [e.value for e in at.error]
     (job,) = api.list_jobs(kind="export")
     assert job.params["int8"] is True and job.params["format"] == "synthetic-steel"
@@ -294,7 +299,7 @@ def test_the_export_choice_offers_the_int8_file_with_its_metadata(pair, inline_w
     assert json.loads(meta["classes"]) == CLASSES and json.loads(meta["input_size"]) == [64, 64]
     assert (float(meta["mean"]), float(meta["std"])) == (0.5, 0.25) and json.loads(meta["pruned"]) is True
     assert json.loads(meta["quantization"])["calibration_split"] == "train"
-    at.radio(key="compare_onnx_precision").set_value("fp32").run()
+    settled(at.radio(key="compare_onnx_precision").set_value("fp32").run())
     assert "model.int8.onnx" not in labels() and at.button(key="compare_export").proto.label == "Export ONNX"
 
 
@@ -311,30 +316,30 @@ def test_a_pruned_model_that_is_not_faster_on_an_engine_is_flagged(pair, monkeyp
                 for path, (macs, torch_ms, ort) in zip(paths, (measured["before"], measured["after"]))]
 
     monkeypatch.setattr(core.compare, "cost_rows", cost_rows)
-    st.cache_data.clear()  # the page caches each model's cost: the measured ones of other tests are there
+    background.clear()  # the server keeps each pair's cost: the measured ones of other tests are there
     before, after = pair
     at = two_models_page(before, after)
-    at.selectbox(key="compare_after").set_value(after).run()
+    settled(at.selectbox(key="compare_after").set_value(after).run())
     assert not at.exception and not at.error, [e.value for e in at.error]
     cost = at.table[0].value
     assert cost.loc["fp32 ONNX Runtime latency, median (p10-p90)", "speed-up"] == "0.90x ⚠ not faster"
     assert cost.loc["fp32 torch latency, median (p10-p90)", "speed-up"] == "2.34x"
     assert [w.value for w in at.warning if "not faster on fp32 ONNX Runtime: 6.82 -> 7.58 ms" in w.value]
-    st.cache_data.clear()  # nor may these stand in for measured ones in later tests
+    background.clear()  # nor may these stand in for measured ones in later tests
 
 
 def test_a_model_saved_again_at_the_same_path_is_compared_afresh(pair, tmp_path):
     before, _after = pair
     again = saved(tmp_path / "again")  # the same weights as before: nothing changes
     at = two_models_page(before, again)
-    at.selectbox(key="compare_after").set_value(again).run()
+    settled(at.selectbox(key="compare_after").set_value(again).run())
     assert (at.dataframe[0].value["change"] == 0).all()
     torch.manual_seed(1)
     spec = ModelSpec(classes=CLASSES, input_size=(64, 64), in_channels=1, dataset_format="synthetic-steel")
     save_checkpoint(again, build_model(spec).eval(), spec)  # retrained in place
     weights = Path(again, "weights.safetensors")
     os.utime(weights, (weights.stat().st_mtime + 10,) * 2)
-    at.run()
+    settled(at.run())
     assert not at.exception and not at.error, [e.value for e in at.error]
     assert (at.dataframe[0].value["change"] != 0).any()
 
@@ -359,8 +364,7 @@ def two_models_page(before: str, after: str, options: dict | None = None) -> App
     if options is not None:
         at.session_state["dataset"] = {"format": "synthetic-steel", "root": None, "seed": 0,
                                        "options": json.dumps(options)}
-    at.run()
-    return at
+    return settled(at.run())
 
 
 @pytest.mark.parametrize("other, expected", [
@@ -372,7 +376,7 @@ def test_models_that_cannot_be_compared_are_refused_by_name(tmp_path, other, exp
     after = saved(tmp_path / "after", **other)
     at = two_models_page(before, after)
     at.selectbox(key="compare_before").set_value(before)
-    at.selectbox(key="compare_after").set_value(after).run()
+    settled(at.selectbox(key="compare_after").set_value(after).run())
     assert not at.exception
     assert at.error and expected in at.error[0].value, [e.value for e in at.error]
     assert not at.get("plotly_chart")  # nothing drawn from a meaningless comparison
@@ -387,7 +391,7 @@ def test_a_model_whose_checkpoint_was_damaged_shows_an_error(tmp_path):
     weights = Path(after, "weights.safetensors")
     weights.write_bytes(weights.read_bytes()[:100])
     at = two_models_page(before, after)
-    at.selectbox(key="compare_after").set_value(after).run()
+    settled(at.selectbox(key="compare_after").set_value(after).run())
     assert not at.exception
     assert at.error and "not a readable safetensors file" in at.error[0].value, [e.value for e in at.error]
     assert at.selectbox(key="compare_after").value == after
@@ -406,7 +410,7 @@ def no_comparison(monkeypatch):
     def refused(request, *_args, **_kwargs):
         raise service.CompareRequestError("not compared in this test")
 
-    monkeypatch.setattr(service, "run_compare", refused)
+    monkeypatch.setattr(service, "checked_specs", refused)  # the page's first check, before any work
 
 
 def run_page(run_id: int, model: str) -> AppTest:

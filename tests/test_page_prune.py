@@ -397,7 +397,7 @@ def no_comparison(monkeypatch):
     def refused(request, *_args, **_kwargs):
         raise service.CompareRequestError(f"not compared in this test ({request.before} -> {request.after})")
 
-    monkeypatch.setattr(service, "run_compare", refused)
+    monkeypatch.setattr(service, "checked_specs", refused)  # the page's first check, before any work
 
 
 def test_compare_this_run_opens_compare_on_its_start_and_its_best_kept_round(tiny_model, tmp_path, no_worker,

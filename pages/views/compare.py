@@ -20,10 +20,12 @@ from core.data.base import DatasetIndex
 from core.errors import DefectPruneError
 from core.runs import api
 from core.runs.store import FAILED, STOPPED, SUCCEEDED, JobRecord
-from core.services.compare import CompareRequest, CompareResult, checkpoint_zip, compare_costs, run_compare
+from core.services.compare import (CompareRequest, CompareResult, checked_specs, checkpoint_zip, compare_costs,
+                                   run_compare)
 from core.services.compare_int8 import Int8CostRequest, Int8CostResult
 from core.services.export import ExportRequest
 from core.visual import class_colour_hex, diff_overlay, overlay_mask
+from ui import background
 from ui.jobs import follow_job, job_bar
 from ui.state import (current_dataset, dataset_index, error_box, export_result, int8_cost_result, job_request,
                       weights_mtime)
@@ -122,33 +124,30 @@ if pair and not choice:
                    "model is before; choose the after model.")
 
 
-@st.cache_data(show_spinner=False, max_entries=4)
-def comparison(request: CompareRequest, before_mtime: float, after_mtime: float,
-               _index: DatasetIndex) -> CompareResult:
-    """Keyed by the request and both checkpoints' versions: a model retrained or re-pruned at
-    the same path is compared afresh, not shown from memory (the dataset is the request's)."""
-    # The bar is made in here, not around the call: a cached call replays the elements it drew,
-    # and it may only draw on what it made. Emptied at the end, it replays as nothing.
-    bar = st.progress(0.0, text="Comparing: reading the images...")
-    shown = [-1]
+def comparison(request: CompareRequest, versions: tuple[float, float], index: DatasetIndex,
+               foreground: bool = True) -> CompareResult | None:
+    """The comparison of ``request`` (both checkpoints at ``versions``: a model retrained or
+    re-pruned at the same path is compared afresh) once it is done; until then None and a bar
+    in its place (`ui.background`: the rest of the page is drawn meanwhile). Without
+    ``foreground``, started after the queued work for a later page run (the other split)."""
+    key = repr((request, versions))
 
-    def report(fraction: float, message: str) -> bool:
-        if int(fraction * 100) != shown[0]:  # one redraw per percent, however many images
-            shown[0] = int(fraction * 100)
-            bar.progress(min(fraction, 1.0), text=f"Comparing: {message}")
-        return False
+    def compare(report) -> CompareResult:
+        return run_compare(request, lambda fraction, message: report(fraction, f"comparing: {message}"), index=index)
 
-    try:
-        return run_compare(request, report, index=_index)
-    finally:
-        bar.empty()
+    if not foreground:
+        background.prefetch("compare", key, compare)
+        return None
+    checked_specs(request)  # a pair that cannot be compared is refused at once, not after a poll
+    return background.result("compare", key, compare, "Predicting both models")
 
 
-@st.cache_data(show_spinner="Measuring cost (latency: torch and ONNX Runtime, 1 thread)...", max_entries=8)
-def costs(before: str, before_mtime: float, after: str, after_mtime: float) -> list[dict]:
-    """Both models' cost, measured together (timed in turns): a cached cost of one model from
-    another moment, at another load on the machine, made a pruned model look slower."""
-    return cost_rows([before, after], runs=10)
+def costs(before: str, after: str, versions: tuple[float, float]) -> list[dict] | None:
+    """Both models' cost, measured together (timed in turns: a cost of one model measured at
+    another moment, at another load on the machine, made a pruned model look slower), once it
+    is done; until then None and a bar in the table's place."""
+    return background.result("cost", repr((before, after, versions)), lambda _report: cost_rows([before, after], runs=10),
+                             "Measuring cost (latency: torch and ONNX Runtime, 1 thread)")
 
 
 def onnx_download(onnx: Path, int8: bool = False) -> None:
@@ -223,7 +222,8 @@ with error_box("Comparing"):
     request = CompareRequest(before=before, after=after, split=split, format=data.format, root=data.root,
                              split_seed=data.seed, options=data.parsed_options())
     versions = (weights_mtime(before), weights_mtime(after))
-    result = comparison(request, *versions, _index=dataset_index(data))
+    index = dataset_index(data)
+    result = comparison(request, versions, index)
 if result is None:
     st.stop()
 compared = result.comparison
@@ -297,8 +297,10 @@ with error_box("Reading the INT8 step"):
     if int8_done is None and asked and asked["params"] == int8_params and asked["versions"] == versions:
         int8_job = api.get_job(asked["job"])
 with error_box("Measuring cost"):
-    cost = compare_costs(*costs(before, versions[0], after, versions[1]),
-                         int8=int8_done[1].to_json() if int8_done else None)
+    measured_cost = costs(before, after, versions)
+    if measured_cost is not None:
+        cost = compare_costs(*measured_cost, int8=int8_done[1].to_json() if int8_done else None)
+if cost is not None:
     st.table(cost.table)
     caption = ("Batch 1 on the CPU, one thread; latency is the median of 10 timed runs with the 10th to 90th "
                "percentile in brackets, both models timed in turns. Change = after / before - 1; speed-up = "
@@ -365,3 +367,10 @@ with error_box("Preparing downloads"):
                        file_name="report.json", key="dl_json")
     d4.download_button("Per-image table (CSV)", compared.per_image.to_csv(index=False), file_name="per_image.csv",
                        key="dl_csv")
+
+# The other split, predicted after everything above while the user looks at this one: switching
+# to it then draws at once.
+with error_box("Preparing the other split"):
+    for other in ("val", "test"):
+        if other != split:
+            comparison(replace(request, split=other), versions, index, foreground=False)
