@@ -131,8 +131,9 @@ class CostModel:
         return self.macs(keep)
 
     def budget_of(self, kept: Mapping[str, int] | None = None) -> float:
-        """The budgeted cost for kept channel counts per group."""
-        return self.predict(kept)[self.kind]
+        """The budgeted cost for kept channel counts per group (the allocators' searches ask
+        this tens of times an answer: the budget alone, not the whole `predict`)."""
+        return float(self.budget(self.keep_vector(kept)))
 
     # ------------------------------------------------------------ convenience
     def keep_vector(self, kept: Mapping[str, int] | None = None) -> torch.Tensor:

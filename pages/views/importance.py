@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import plotly.express as px
+import plotly.graph_objects as go
 import streamlit as st
 
 from core.atomic import write_json_atomic
@@ -83,9 +83,14 @@ def latency_table_mtime(engine: str, threads: int) -> float:
     return path.stat().st_mtime if path.is_file() else 0.0
 
 
-@st.cache_data(show_spinner="Scoring every channel by group L1 (once per model)...")
+@st.cache_data(show_spinner=False)
 def l1_scores(path: str, mtime: float) -> dict[str, np.ndarray]:
     return group_l1_scores(graph)
+
+
+# The global allocator's channel scores, with the page's first open of this model (a fifth of
+# a second on a CPU, cached afterwards): choosing that allocator then answers at once.
+l1_scores(checkpoint, weights_mtime(checkpoint))
 
 
 def followed_job(kind: ScoreJob) -> JobRecord | None:
@@ -143,15 +148,20 @@ def draw_scores(scores: ScoreResult, target: float) -> None:
                                title=f"Importance per layer (keep ratio at {target:.0%} fewer MACs), network order"),
                     width="stretch")
     by_scale = importance["scale_importance"]
-    per_scale = pd.DataFrame({"scale": [f"stride {s}" for s in by_scale], "importance": list(by_scale.values())})
     c1, c2 = st.columns(2)
-    c1.plotly_chart(px.bar(per_scale, x="scale", y="importance",
-                           title=f"Importance per scale (MACs-weighted, at {target:.0%} fewer MACs)"), width="stretch")
+    # graph objects, not plotly express: these redraw on every slider move
+    per_scale = go.Figure(go.Bar(x=[f"stride {s}" for s in by_scale], y=list(by_scale.values())))
+    per_scale.update_layout(title=f"Importance per scale (MACs-weighted, at {target:.0%} fewer MACs)",
+                            xaxis_title="scale", yaxis_title="importance")
+    c1.plotly_chart(per_scale, width="stretch")
     if scores.class_importance:
         matrix = pd.DataFrame(scores.class_importance).T.loc[list(groups["group"])]
-        heat = px.imshow(matrix.T, aspect="auto", color_continuous_scale="RdBu", zmin=-1, zmax=1,
-                         title="Layer x defect-class importance", labels={"x": "layer", "y": "defect class"})
+        heat = go.Figure(go.Heatmap(z=matrix.T.to_numpy(), x=list(matrix.index), y=list(matrix.columns),
+                                    colorscale="RdBu", zmin=-1, zmax=1,
+                                    hovertemplate="layer %{x}<br>%{y}: %{z:.2f}<extra></extra>"))
         # every layer named (plotly would skip labels to fit), in network order
+        heat.update_layout(title="Layer x defect-class importance", xaxis_title="layer", yaxis_title="defect class",
+                           yaxis_autorange="reversed")
         heat.update_xaxes(tickmode="array", tickvals=list(matrix.index), ticktext=list(matrix.index), tickangle=-60,
                           tickfont={"size": 9})
         c2.plotly_chart(heat, width="stretch")
