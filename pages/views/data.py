@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import plotly.express as px
+import plotly.graph_objects as go
 import streamlit as st
 
 from core.config import confine_to_data_roots, data_roots, workspace_dir
+from core.data.base import DatasetIndex
 from core.data.registry import format_names, is_synthetic
 from core.data.stats import class_statistics, defect_sizes
 from core.data.upload import extract_dataset_zip
@@ -107,20 +109,35 @@ else:
         image_grid(pictures, captions)
 
 st.markdown("#### Per-class statistics")
-stats = class_statistics(index)
-defects = stats[stats["class_id"] > 0]
-colour_map = {row["class"]: class_colour_hex(int(row["class_id"])) for _, row in defects.iterrows()}
-c1, c2 = st.columns(2)
-c1.plotly_chart(px.bar(defects, x="class", y="images", color="class", color_discrete_map=colour_map,
-                       title="Images per defect class"), width="stretch")
-c2.plotly_chart(px.bar(defects, x="class", y="pixel_share_percent", color="class",
-                       color_discrete_map=colour_map, title="Defect pixel share (% of all pixels)",
-                       labels={"pixel_share_percent": "% of pixels"}), width="stretch")
-sizes = defect_sizes(index)
-if sizes.empty:
-    st.info("No defect regions in this dataset.")
-else:
-    st.plotly_chart(px.box(sizes, x="class", y="area_px", color="class", color_discrete_map=colour_map,
-                           log_y=True, points=False, title="Defect size distribution (connected regions, px)"),
-                    width="stretch")
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def statistics_figures(format_name: str, root: str | None, seed: int, options: str,
+                       _index: DatasetIndex) -> tuple[go.Figure, go.Figure, go.Figure | None]:
+    """The per-class charts of a dataset, keyed as its cached index is (`ui.state.cached_index`):
+    built once (plotly express takes a quarter of a second for these), not on every page run."""
+    stats = class_statistics(_index)
+    defects = stats[stats["class_id"] > 0]
+    colour_map = {name: class_colour_hex(int(i)) for name, i in zip(defects["class"], defects["class_id"])}
+    images = px.bar(defects, x="class", y="images", color="class", color_discrete_map=colour_map,
+                    title="Images per defect class")
+    share = px.bar(defects, x="class", y="pixel_share_percent", color="class", color_discrete_map=colour_map,
+                   title="Defect pixel share (% of all pixels)", labels={"pixel_share_percent": "% of pixels"})
+    sizes = defect_sizes(_index)
+    box = None if sizes.empty else px.box(
+        sizes, x="class", y="area_px", color="class", color_discrete_map=colour_map, log_y=True, points=False,
+        title="Defect size distribution (connected regions, px)")
+    return images, share, box
+
+
+with error_box("Drawing the per-class statistics"):
+    images_chart, share_chart, sizes_chart = statistics_figures(chosen.format, chosen.root, chosen.seed,
+                                                                chosen.options, index)
+    c1, c2 = st.columns(2)
+    c1.plotly_chart(images_chart, width="stretch")
+    c2.plotly_chart(share_chart, width="stretch")
+    if sizes_chart is None:
+        st.info("No defect regions in this dataset.")
+    else:
+        st.plotly_chart(sizes_chart, width="stretch")
 st.success("Next: the Model page trains a baseline on this dataset.")
