@@ -59,7 +59,7 @@ def test_grids_of_a_blocked_engine_sit_at_block_multiples():
     assert grid_counts(64, 4, 8) == [1, 24, 40, 64]
     assert all(c % 16 == 0 for c in grid_counts(512, 8, 16)[1:])
     assert grid_counts(6, 4, 8) == [1, 6]  # under one block: the ends only
-    assert lat.nchwc_block("torch") == 1 and lat.nchwc_block("onnxruntime") in (1, 8, 16)
+    assert lat.channel_block("torch") == lat.channel_block("onnxruntime") in (1, 8, 16)
 
 
 def test_block_rounding_raises_an_unaligned_output_count_to_the_block_multiple(tmp_path):
@@ -71,12 +71,25 @@ def test_block_rounding_raises_an_unaligned_output_count_to_the_block_multiple(t
     # 24 kept: aligned all through, nothing rounded (the head's 4 outputs stay its full 4)
     assert cost.budget_of({name: 24}) == pytest.approx(ms_at(1, 24) + ms_at(24, 4))
     assert cost.latency0 == pytest.approx(ms_at(1, 32) + ms_at(32, 4))
-    # PyTorch reads the same table at the exact counts
-    _, plain = synthetic_cost(tmp_path, "torch", block=1)
+    # without a block the same table is read at the exact counts
+    _, plain = synthetic_cost(tmp_path, "onnxruntime", block=1)
     assert plain.budget_of({name: 27}) == pytest.approx(ms_at(1, 27) + ms_at(27, 4))
     # monotone between block multiples, and the gradient stays finite and positive
     times = [cost.budget_of({name: c}) for c in range(25, 32)]
     assert all(b >= a for a, b in zip(times, times[1:]))
+    keep = torch.full((len(graph.groups),), 0.7, dtype=torch.float64, requires_grad=True)
+    cost.budget(keep).backward()
+    assert torch.isfinite(keep.grad).all() and (keep.grad > 0).all()
+
+
+def test_pytorch_reads_both_counts_at_the_next_block_multiple_and_never_falls_back(tmp_path):
+    graph, cost = synthetic_cost(tmp_path, "torch", block=8)
+    name = graph.groups[0].name
+    assert cost.budget_of({name: 27}) == pytest.approx(ms_at(1, 32) + ms_at(32, 4))
+    assert cost.budget_of({name: 25}) == cost.budget_of({name: 32})
+    assert cost.budget_of({name: 24}) == pytest.approx(ms_at(1, 24) + ms_at(24, 4))
+    times = [cost.budget_of({name: c}) for c in range(1, 33)]  # steps, never down
+    assert all(b >= a for a, b in zip(times, times[1:])) and times[-1] > times[0]
     keep = torch.full((len(graph.groups),), 0.7, dtype=torch.float64, requires_grad=True)
     cost.budget(keep).backward()
     assert torch.isfinite(keep.grad).all() and (keep.grad > 0).all()
@@ -96,7 +109,7 @@ def fake_timings(monkeypatch):
 
 
 def test_an_onnx_runtime_table_times_block_multiples_and_each_fallback_once(tmp_path, monkeypatch):
-    monkeypatch.setattr(lat, "nchwc_block", lambda engine: 8 if engine == "onnxruntime" else 1)
+    monkeypatch.setattr(lat, "channel_block", lambda engine: 8)
     calls = fake_timings(monkeypatch)
     settings = LatencySettings(engine="onnxruntime", grid=3, repeats=1, warmup=0, folder=str(tmp_path))
     table, geometries, _ = build_table(TwoConvs().eval(), (SIZE, SIZE), 1, settings)
@@ -107,12 +120,16 @@ def test_an_onnx_runtime_table_times_block_multiples_and_each_fallback_once(tmp_
     payload = json.loads(settings.path().read_text())
     assert payload["version"] == lat.TABLE_VERSION and payload["block"] == 8
     assert LatencyTable.load(settings).lookup(head)["unaligned"]["in"] == 31
+    calls.clear()  # PyTorch: the same block multiples, no fallback timed
+    torch_settings = LatencySettings(engine="torch", grid=3, repeats=1, warmup=0, folder=str(tmp_path))
+    table, _, _ = build_table(TwoConvs().eval(), (SIZE, SIZE), 1, torch_settings)
+    assert {cin for key, cin, _ in calls if key == head.key} == {1, 16, 32} and "unaligned" not in table.lookup(head)
 
 
 def test_an_old_table_or_another_block_is_measured_again(tmp_path, monkeypatch):
     settings = LatencySettings(engine="onnxruntime", grid=2, repeats=1, warmup=0, folder=str(tmp_path))
     model = TwoConvs().eval()
-    monkeypatch.setattr(lat, "nchwc_block", lambda engine: 8)
+    monkeypatch.setattr(lat, "channel_block", lambda engine: 8)
     calls = fake_timings(monkeypatch)
     build_table(model, (SIZE, SIZE), 1, settings)
     fresh = len(calls)
@@ -120,5 +137,5 @@ def test_an_old_table_or_another_block_is_measured_again(tmp_path, monkeypatch):
     settings.path().write_text(json.dumps({**payload, "version": 1}))  # the layout before blocks
     table, _, _ = build_table(model, (SIZE, SIZE), 1, settings)
     assert table.measured == fresh + 1 and json.loads(settings.path().read_text())["version"] == lat.TABLE_VERSION
-    monkeypatch.setattr(lat, "nchwc_block", lambda engine: 16)  # the same file read on an AVX-512 machine
+    monkeypatch.setattr(lat, "channel_block", lambda engine: 16)  # the same file read on an AVX-512 machine
     assert LatencyTable.load(settings).entries == {}

@@ -114,7 +114,7 @@ def test_interpolation_is_exact_at_grid_points_and_between_them(tmp_path):
     model = tiny_model()
     graph = PruningGraph.traced(model, (SIZE, SIZE), 1)
     geometries = conv_geometries(model, (SIZE, SIZE), 1)
-    table = LatencyTable(tiny_settings(tmp_path))
+    table = LatencyTable(tiny_settings(tmp_path), block=1)  # exact counts (blocks: test_latency_blocks)
     for g in geometries:
         if table.lookup(g) is None:
             table.entries.setdefault(g.key, []).append(synthetic_entry(g))

@@ -195,16 +195,18 @@ def grid_counts(full: int, points: int, block: int = 1) -> list[int]:
     return sorted({max(1, int(round(v))) for v in values})
 
 
-def nchwc_block(engine: str) -> int:
-    """The channel block of ONNX Runtime's NCHWc convolutions on this CPU (MLAS: 16 channels
-    with AVX-512, 8 with AVX2, none without; 1 for PyTorch, whose table needs no block). A
-    plain conv runs blocked when its input count is a block multiple (or under one block), its
-    outputs padded up to the next multiple; with any other input count it falls back to the
-    unblocked kernel. Measured on an AVX2 EPYC (3x3 convs at 16-64 px, ORT 1.32, 1 thread):
-    63 -> 63 channels 2.31 ms against 64 -> 64 2.02 ms, 55 -> 55 1.87 against 56 -> 56 1.57,
-    31 -> 31 2.49 against 32 -> 32 2.17; 64 -> 63 cost what 64 -> 64 did (2.03 against 2.02)."""
-    if engine != "onnxruntime":
-        return 1
+def channel_block(engine: str) -> int:
+    """The channel block of the engine's blocked convolutions on this CPU: 16 channels with
+    AVX-512, 8 with AVX2, none (1) without. Both engines' CPU convs work in such blocks.
+    ONNX Runtime (MLAS NCHWc) runs a plain conv blocked when its input count is a block multiple
+    (or under one block) and pads its outputs up to the next multiple. With any other input count
+    it falls back to the unblocked kernel, slower still. PyTorch (oneDNN) pads both counts, so
+    either one costs what the next multiple costs. Measured on an AVX2 EPYC (3x3 convs at
+    16-64 px, 1 thread, shared machine). ORT: 63 -> 63 channels 2.31 ms against 64 -> 64 2.02 ms,
+    55 -> 55 1.87 against 56 -> 56 1.57, 31 -> 31 2.49 against 32 -> 32 2.17, and 64 -> 63
+    2.03 against 64 -> 64 2.02. torch: 47 -> 47 1.42 against 48 -> 48 1.41, 55 -> 55 1.76
+    against 56 -> 56 1.86, 44 -> 44 1.42 (as 48), 40 -> 40 1.10."""
+    del engine  # the same block for both engines on one CPU
     try:
         flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
                       if line.startswith("flags")), [])
@@ -337,7 +339,7 @@ class LatencyTable:
         self.settings = settings
         self.entries = entries or {}
         self.models = models or {}
-        self.block = nchwc_block(settings.engine) if block is None else int(block)  # the grids' channel block
+        self.block = channel_block(settings.engine) if block is None else int(block)  # the grids' channel block
         self.measured = 0  # timings this object made (0: everything came from the file)
 
     @classmethod
@@ -360,7 +362,7 @@ class LatencyTable:
                 raise ValueError(path)
         except (TypeError, KeyError, ValueError, AttributeError):
             raise LatencyTableError(f"{path} is not a latency table; delete it to measure again") from None
-        if block != nchwc_block(settings.engine):
+        if block != channel_block(settings.engine):
             return cls(settings)  # measured with another channel block: measured again, then replaced
         return cls(settings, entries, models, block)
 
@@ -393,16 +395,18 @@ def _checked_entry(entry: Any, path: Path) -> dict[str, Any]:
 
 
 def _blocked(g: ConvGeometry) -> bool:
-    """Whether ONNX Runtime can run ``g`` as a blocked (NCHWc) convolution at all: plain convs
-    only (its grouped ones need block-multiple groups; transposed ones are never blocked)."""
+    """Whether the table treats ``g`` as a blocked convolution: plain convs only (ONNX Runtime's
+    grouped ones need block-multiple groups and its transposed ones are never blocked; the
+    same rule for PyTorch, which was measured on plain convs only)."""
     return not g.transposed and g.groups == 1
 
 
-def _unaligned_in(g: ConvGeometry, block: int) -> int | None:
+def _unaligned_in(g: ConvGeometry, block: int, engine: str = "onnxruntime") -> int | None:
     """The input count at which a table also times ``g``'s unblocked fallback (one below all of
-    its inputs, at all of its outputs), or None where no kept count falls back: no block, a conv
-    that is never blocked, or under two blocks of inputs (fewer than a block run blocked too)."""
-    if block <= 1 or not _blocked(g) or g.in_channels % block or g.in_channels <= block:
+    its inputs, at all of its outputs), or None where no kept count falls back: PyTorch (whose
+    unaligned counts are padded, never fall back), no block, a conv that is never blocked, or
+    under two blocks of inputs (fewer than a block run blocked too)."""
+    if engine != "onnxruntime" or block <= 1 or not _blocked(g) or g.in_channels % block or g.in_channels <= block:
         return None
     return g.in_channels - 1
 
@@ -439,7 +443,7 @@ def build_table(model: nn.Module, input_size: Sequence[int], in_channels: int, s
             missing.setdefault((g.key, _in_axis(g), g.out_channels), g)
     signature = model_signature(model, geometries, size)
     todo = [(g, _grid_for(g, settings.grid, table.block)) for g in missing.values()]
-    total = (sum(len(i) * len(o) + (_unaligned_in(g, table.block) is not None) for g, (i, o) in todo)
+    total = (sum(len(i) * len(o) + (_unaligned_in(g, table.block, settings.engine) is not None) for g, (i, o) in todo)
              + (signature not in table.models))
     done = 0
 
@@ -464,7 +468,7 @@ def build_table(model: nn.Module, input_size: Sequence[int], in_channels: int, s
                 table.measured += 1
             ms.append(row)
         entry: dict[str, Any] = {"in": counts_in, "out": counts_out, "ms": ms}
-        unaligned = _unaligned_in(g, table.block)
+        unaligned = _unaligned_in(g, table.block, settings.engine)
         if unaligned is not None:  # the fallback an unaligned input count runs, timed once per geometry
             report(f"timing layer geometry {n}/{len(todo)} ({g.key}) at {unaligned} -> {g.out_channels} channels")
             entry["unaligned"] = {"in": unaligned, "ms": time_conv(g, unaligned, g.out_channels, settings, folder)}
@@ -530,9 +534,10 @@ class LatencyCostModel(CostModel):
             in_full.append(0.0 if (g.depthwise or grouped) else float(g.in_channels))
             out_full.append(float(g.out_channels))
             volume.append(float(g.out_volume))
-            # blocked rows: outputs read at the next block multiple, an unaligned input count pays
-            # the fallback's measured ratio (only where the full input count is aligned or under a
-            # block: with an unaligned full count the grid's last point is itself the fallback)
+            # blocked rows: counts read at the next block multiple, for ORT an unaligned input count
+            # paying the fallback's measured ratio instead (only where the full input count is
+            # aligned or under a block: with an unaligned full count the grid's last point is
+            # itself unaligned)
             blocked.append(block > 1 and _blocked(g) and (g.in_channels % block == 0 or g.in_channels < block))
             ratio = 1.0
             if entry.get("unaligned") and blocked[-1]:
@@ -574,12 +579,13 @@ class LatencyCostModel(CostModel):
         return self._fixed + self._composition @ keep, extended[self._out_idx]
 
     def _convs(self, keep: torch.Tensor) -> torch.Tensor:
-        """Each conv's table ms at the keep ratios (before ``conv_scale``). For ONNX Runtime
-        (a channel block B > 1): a blocked conv with an aligned input count (or one under B)
-        is read at its output count rounded up to a multiple of B (its outputs are padded to
-        it); one with any other input count runs the unblocked fallback, its exact counts'
-        time times 1 + its geometry's measured fallback penalty. Rounding passes the gradient
-        straight through (the value of the rounded count, the slope of the exact one)."""
+        """Each conv's table ms at the keep ratios (before ``conv_scale``). With a channel block
+        B > 1, blocked convs are read at block-rounded counts. PyTorch reads both counts
+        rounded up to a multiple of B. ONNX Runtime reads a conv with an aligned input count (or
+        one under B) at its output count rounded up. It reads one with any other input count
+        (the unblocked fallback) at its exact counts, times 1 + its geometry's measured fallback
+        penalty. Rounding passes the gradient straight through: the value of the rounded count,
+        the slope of the exact one."""
         in_frac, out_frac = self._fractions(keep)
         x_in = torch.where(self._mac_scaled, torch.ones_like(in_frac), in_frac * self._in_full)
         x_out = out_frac * self._out_full
@@ -588,8 +594,10 @@ class LatencyCostModel(CostModel):
             b = float(self.block)
             near = torch.round(x_in.detach() / b) * b
             fallback = self._blocked & (x_in.detach() > b + 1e-6) & ((x_in.detach() - near).abs() > 1e-6)
-            rounded = torch.minimum(torch.ceil(x_out.detach() / b - 1e-7) * b, self._out_full)
-            x_out = torch.where(self._blocked & ~fallback, x_out + (rounded - x_out.detach()).clamp_min(0.0), x_out)
+            if self.settings.engine != "onnxruntime":  # padded, never a fallback
+                fallback = torch.zeros_like(self._blocked)
+                x_in = torch.where(self._blocked, _round_up(x_in, b, self._in_full), x_in)
+            x_out = torch.where(self._blocked & ~fallback, _round_up(x_out, b, self._out_full), x_out)
         conv = _bilinear(self._gin, self._gout, self._ms, x_in, x_out)
         conv = torch.where(self._mac_scaled, conv * in_frac * out_frac, conv)
         return torch.where(fallback, conv * (1.0 + self._penalty), conv)
@@ -619,6 +627,13 @@ class LatencyCostModel(CostModel):
         its fewest channels): no latency target below it can be met."""
         kept = {g.name: limits.kept(g, 0.0) for g in self.graph.groups}
         return self.budget_of(kept)
+
+
+def _round_up(x: torch.Tensor, block: float, full: torch.Tensor) -> torch.Tensor:
+    """``x`` rounded up to a multiple of ``block`` (at most ``full``), the gradient passed
+    straight through."""
+    rounded = torch.minimum(torch.ceil(x.detach() / block - 1e-7) * block, full)
+    return x + (rounded - x.detach()).clamp_min(0.0)
 
 
 def _padded(entry: Mapping[str, Any], width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
