@@ -200,131 +200,139 @@ if not scores:
     st.info("Run the scoring network to see which layers and scales matter for this dataset's defects "
             "(a few minutes on a CPU). Uniform and global allocations below work without it.")
 
-st.markdown("#### Live pruning-ratio tuning")
-c1, c2 = st.columns(2)
-# in percent as it reads; the allocators take the fraction
-target = c1.slider("Fewer MACs", 5, 95, 80, 5, format="%d%%", key="importance_target") / 100
-labels = allocator_labels()
-allocator = c2.radio("Allocator", list(labels), horizontal=True, key="importance_allocator")
-allocator_name = labels[allocator]
+@st.fragment
+def live_tuning() -> None:
+    """Everything a slider, allocator or override answers (the scoring network's charts above
+    included, drawn into their container): a fragment, so a slider move reruns this alone, not
+    the page's frame, job lookups and scoring section (the 300 ms a move may take)."""
+    st.markdown("#### Live pruning-ratio tuning")
+    c1, c2 = st.columns(2)
+    # in percent as it reads; the allocators take the fraction
+    target = c1.slider("Fewer MACs", 5, 95, 80, 5, format="%d%%", key="importance_target") / 100
+    labels = allocator_labels()
+    allocator = c2.radio("Allocator", list(labels), horizontal=True, key="importance_allocator")
+    allocator_name = labels[allocator]
 
-if scores:
-    with score_charts, error_box("Drawing the scoring network's importance"):
-        draw_scores(scores, target)
-
-
-# Each stored result an allocator may need (core.allocation.context.NEEDS): how this page gets
-# it, as `live_allocation`'s keywords, or None after saying (once) how to get it.
-def stored_l1_scores() -> dict | None:
-    return {"l1_scores": l1_scores(checkpoint, weights_mtime(checkpoint))}
-
-
-def stored_logits() -> dict | None:
-    if scores and scores.logits is not None:
-        return {"logits": scores.logits}
-    st.info(f"The {allocator_name} allocation answers from a scoring job's results: run the scoring network "
-            "above (a background job), then choose it here.")
-    return None
+    if scores:
+        with score_charts, error_box("Drawing the scoring network's importance"):
+            draw_scores(scores, target)
 
 
-def stored_drops() -> dict | None:
-    sensitivity_job, curves = None, None
-    with error_box("Reading the sensitivity job"):
-        sensitivity_job = followed_job(SENSITIVITY)
-        measured = job_status(sensitivity_job, SENSITIVITY)
-        curves = measured.sensitivity_curves if measured else None
-    if curves:
-        return {"drops": curves["drops"], **({"levels": curves["levels"]} if curves.get("levels") else {})}
-    if sensitivity_job is None or sensitivity_job.finished:
-        st.info("No sensitivity curves for this model yet. Sensitivity analysis prunes each layer alone at "
-                "30, 50, 70 and 90% and measures the loss on calibration images: too slow to redo for every "
-                "slider position, so it is measured once in the background (a few minutes on a CPU); "
-                "afterwards every target answers at once.")
-        if st.button("Measure the sensitivity curves (background job)", key="importance_sensitivity_run"):
-            with error_box("Starting the sensitivity measurement"):
-                start_job(SENSITIVITY)
-    return None
+    # Each stored result an allocator may need (core.allocation.context.NEEDS): how this page gets
+    # it, as `live_allocation`'s keywords, or None after saying (once) how to get it.
+    def stored_l1_scores() -> dict | None:
+        return {"l1_scores": l1_scores(checkpoint, weights_mtime(checkpoint))}
 
 
-STORED = {"l1_scores": stored_l1_scores, "logits": stored_logits, "drops": stored_drops}
+    def stored_logits() -> dict | None:
+        if scores and scores.logits is not None:
+            return {"logits": scores.logits}
+        st.info(f"The {allocator_name} allocation answers from a scoring job's results: run the scoring network "
+                "above (a background job), then choose it here.")
+        return None
 
-# every need is asked for (one message for each that is missing); the allocation waits for all
-stored: dict | None = None
-with error_box("Reading what the allocator needs"):
-    found = [STORED[need]() for need in allocator_needs(allocator_name)]
-    if all(part is not None for part in found):
-        stored = {key: value for part in found for key, value in part.items()}
 
-kept = None
-if stored is not None:
-    with error_box("Allocating"):
-        start = time.perf_counter()
-        live = live_allocation(allocator_name, graph, cost, target, **stored)
-        kept = dict(live.kept)
-        with st.expander("Per-layer overrides"):
-            st.caption("Type a channel count to keep for any layer; the totals follow at once.")
-            table = groups.assign(kept=[kept[g] for g in groups["group"]])[["group", "scale", "channels", "kept"]]
-            edited = st.data_editor(table, disabled=["group", "scale", "channels"], hide_index=True,
-                                    key="importance_overrides")
-            for name, channels, value in zip(edited["group"], edited["channels"], edited["kept"]):
-                if not pd.isna(value):  # an emptied cell: the allocator's count stands
-                    kept[name] = int(min(max(int(value), 1), int(channels)))
-        predicted = cost.predict(kept)
-        engine_label = st.session_state.get("importance_latency_engine", "PyTorch")
-        engine = LATENCY_ENGINES.get(engine_label, "torch")
-        timed = latency_model(checkpoint, weights_mtime(checkpoint), engine, 1, latency_table_mtime(engine, 1))
-        latency = timed.predict(kept) if timed is not None else None
-        elapsed_ms = (time.perf_counter() - start) * 1000
-        m1, m2, m3, m4, m5 = st.columns(5)
-        # fewer is the point: a reduction is drawn green ("inverse"), not as a red loss
-        m1.metric("MACs", amount(predicted["macs"]), f"-{predicted['macs_reduction']:.1%}", delta_color="inverse")
-        if latency is not None:
-            m2.metric("Predicted latency", f"{latency['latency_ms']:.1f} ms", f"-{latency['latency_reduction']:.1%}",
-                      delta_color="inverse", help=f"{engine_label}, 1 thread, batch 1, from this machine's latency "
-                                                  "table (each layer timed over a grid of channel counts)")
-        else:
-            m2.metric("Predicted latency", "not measured", help="Measure this machine's latency table below")
-        m3.metric("Parameters", amount(predicted["params"]), f"-{predicted['params_reduction']:.1%}",
-                  delta_color="inverse")
-        m4.metric("Size (float32)", f"{predicted['params'] * 4 / 2**20:.1f} MiB")
-        m5.metric("Answered in", f"{elapsed_ms:.0f} ms")
-        l1, l2 = st.columns([1, 2])
-        l1.radio("Latency engine", list(LATENCY_ENGINES), horizontal=True, key="importance_latency_engine")
-        if timed is None and l2.button(f"Measure the latency table ({engine_label}, 1 thread)",
-                                       key="importance_latency_measure",
-                                       help="Times each layer of this model over a grid of channel counts on this "
-                                            "machine (seconds to a minute; cached for later runs and prune jobs)"):
-            bar = st.progress(0.0, text="Measuring the latency table...")
-            measure_latency_model(graph, engine, 1, lambda fraction, message: bar.progress(
-                min(max(fraction, 0.0), 1.0), text=message) and False)
-            st.rerun()
-        if not live.budget_met:
-            st.warning("The per-layer limits (at most 90% of a layer, at least 2 channels, the layer the classifier "
-                       "reads kept whole) cannot reach this target.")
-        share = groups.assign(keep=[kept[g] / c for g, c in zip(groups["group"], groups["channels"])])
-        st.plotly_chart(layer_bars(share, "keep", range_y=[0, 1], pattern_shape="role",
-                                   title=f"Share of channels kept per layer ({allocator})"), width="stretch")
-    if kept is not None and st.button("Prune with this allocation", key="importance_prune",
-                                      help="Launch a prune run whose first round cuts exactly these channel counts "
-                                           "and is kept whatever its drop (the Prune page's default settings "
-                                           "otherwise), and follow it there."):
-        with error_box("Launching a run with this allocation"):
-            launch_with(FixedAllocation(
-                kept=kept, channels={g: int(c) for g, c in zip(groups["group"], groups["channels"])},
-                allocator=allocator_name, target=float(target), checkpoint=checkpoint,
-                overrides={name: count for name, count in kept.items() if count != live.kept[name]}))
+    def stored_drops() -> dict | None:
+        sensitivity_job, curves = None, None
+        with error_box("Reading the sensitivity job"):
+            sensitivity_job = followed_job(SENSITIVITY)
+            measured = job_status(sensitivity_job, SENSITIVITY)
+            curves = measured.sensitivity_curves if measured else None
+        if curves:
+            return {"drops": curves["drops"], **({"levels": curves["levels"]} if curves.get("levels") else {})}
+        if sensitivity_job is None or sensitivity_job.finished:
+            st.info("No sensitivity curves for this model yet. Sensitivity analysis prunes each layer alone at "
+                    "30, 50, 70 and 90% and measures the loss on calibration images: too slow to redo for every "
+                    "slider position, so it is measured once in the background (a few minutes on a CPU); "
+                    "afterwards every target answers at once.")
+            if st.button("Measure the sensitivity curves (background job)", key="importance_sensitivity_run"):
+                with error_box("Starting the sensitivity measurement"):
+                    start_job(SENSITIVITY)
+        return None
 
-st.markdown("#### Live preview")
-st.caption("Prunes a copy at this setting (group L1 within each layer, no fine-tuning) and shows its masks "
-           "beside the unpruned model's. Fine-tuning on the Prune page recovers most of what is lost here.")
-if kept is None:
-    st.caption("Choose an allocator with an answer above to preview it.")
-elif st.button("Preview this setting", key="importance_preview"):
-    with error_box("Previewing"):
-        spec = loaded.spec
-        index = dataset_index(current_dataset())
-        val = SegmentationDataset(index, "val", tuple(spec.input_size), spec.in_channels, limit=3,
-                                  normalisation=spec.normalisation)
-        preview = preview_pruned(loaded.model, spec.input_size, spec.in_channels, kept, val)
-        image_grid(preview.pictures, preview.captions, columns=3)
-        st.caption(f"Pruned and predicted in {preview.seconds:.1f} s.")
+
+    STORED = {"l1_scores": stored_l1_scores, "logits": stored_logits, "drops": stored_drops}
+
+    # every need is asked for (one message for each that is missing); the allocation waits for all
+    stored: dict | None = None
+    with error_box("Reading what the allocator needs"):
+        found = [STORED[need]() for need in allocator_needs(allocator_name)]
+        if all(part is not None for part in found):
+            stored = {key: value for part in found for key, value in part.items()}
+
+    kept = None
+    if stored is not None:
+        with error_box("Allocating"):
+            start = time.perf_counter()
+            live = live_allocation(allocator_name, graph, cost, target, **stored)
+            kept = dict(live.kept)
+            with st.expander("Per-layer overrides"):
+                st.caption("Type a channel count to keep for any layer; the totals follow at once.")
+                table = groups.assign(kept=[kept[g] for g in groups["group"]])[["group", "scale", "channels", "kept"]]
+                edited = st.data_editor(table, disabled=["group", "scale", "channels"], hide_index=True,
+                                        key="importance_overrides")
+                for name, channels, value in zip(edited["group"], edited["channels"], edited["kept"]):
+                    if not pd.isna(value):  # an emptied cell: the allocator's count stands
+                        kept[name] = int(min(max(int(value), 1), int(channels)))
+            predicted = cost.predict(kept)
+            engine_label = st.session_state.get("importance_latency_engine", "PyTorch")
+            engine = LATENCY_ENGINES.get(engine_label, "torch")
+            timed = latency_model(checkpoint, weights_mtime(checkpoint), engine, 1, latency_table_mtime(engine, 1))
+            latency = timed.predict(kept) if timed is not None else None
+            elapsed_ms = (time.perf_counter() - start) * 1000
+            m1, m2, m3, m4, m5 = st.columns(5)
+            # fewer is the point: a reduction is drawn green ("inverse"), not as a red loss
+            m1.metric("MACs", amount(predicted["macs"]), f"-{predicted['macs_reduction']:.1%}", delta_color="inverse")
+            if latency is not None:
+                m2.metric("Predicted latency", f"{latency['latency_ms']:.1f} ms", f"-{latency['latency_reduction']:.1%}",
+                          delta_color="inverse", help=f"{engine_label}, 1 thread, batch 1, from this machine's latency "
+                                                      "table (each layer timed over a grid of channel counts)")
+            else:
+                m2.metric("Predicted latency", "not measured", help="Measure this machine's latency table below")
+            m3.metric("Parameters", amount(predicted["params"]), f"-{predicted['params_reduction']:.1%}",
+                      delta_color="inverse")
+            m4.metric("Size (float32)", f"{predicted['params'] * 4 / 2**20:.1f} MiB")
+            m5.metric("Answered in", f"{elapsed_ms:.0f} ms")
+            l1, l2 = st.columns([1, 2])
+            l1.radio("Latency engine", list(LATENCY_ENGINES), horizontal=True, key="importance_latency_engine")
+            if timed is None and l2.button(f"Measure the latency table ({engine_label}, 1 thread)",
+                                           key="importance_latency_measure",
+                                           help="Times each layer of this model over a grid of channel counts on this "
+                                                "machine (seconds to a minute; cached for later runs and prune jobs)"):
+                bar = st.progress(0.0, text="Measuring the latency table...")
+                measure_latency_model(graph, engine, 1, lambda fraction, message: bar.progress(
+                    min(max(fraction, 0.0), 1.0), text=message) and False)
+                st.rerun()
+            if not live.budget_met:
+                st.warning("The per-layer limits (at most 90% of a layer, at least 2 channels, the layer the classifier "
+                           "reads kept whole) cannot reach this target.")
+            share = groups.assign(keep=[kept[g] / c for g, c in zip(groups["group"], groups["channels"])])
+            st.plotly_chart(layer_bars(share, "keep", range_y=[0, 1], pattern_shape="role",
+                                       title=f"Share of channels kept per layer ({allocator})"), width="stretch")
+        if kept is not None and st.button("Prune with this allocation", key="importance_prune",
+                                          help="Launch a prune run whose first round cuts exactly these channel counts "
+                                               "and is kept whatever its drop (the Prune page's default settings "
+                                               "otherwise), and follow it there."):
+            with error_box("Launching a run with this allocation"):
+                launch_with(FixedAllocation(
+                    kept=kept, channels={g: int(c) for g, c in zip(groups["group"], groups["channels"])},
+                    allocator=allocator_name, target=float(target), checkpoint=checkpoint,
+                    overrides={name: count for name, count in kept.items() if count != live.kept[name]}))
+
+    st.markdown("#### Live preview")
+    st.caption("Prunes a copy at this setting (group L1 within each layer, no fine-tuning) and shows its masks "
+               "beside the unpruned model's. Fine-tuning on the Prune page recovers most of what is lost here.")
+    if kept is None:
+        st.caption("Choose an allocator with an answer above to preview it.")
+    elif st.button("Preview this setting", key="importance_preview"):
+        with error_box("Previewing"):
+            spec = loaded.spec
+            index = dataset_index(current_dataset())
+            val = SegmentationDataset(index, "val", tuple(spec.input_size), spec.in_channels, limit=3,
+                                      normalisation=spec.normalisation)
+            preview = preview_pruned(loaded.model, spec.input_size, spec.in_channels, kept, val)
+            image_grid(preview.pictures, preview.captions, columns=3)
+            st.caption(f"Pruned and predicted in {preview.seconds:.1f} s.")
+
+
+live_tuning()
