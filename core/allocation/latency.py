@@ -14,6 +14,14 @@ nothing cut is the measured latency (where the convolutions timed alone add up t
 whole model, they are scaled down to it instead). Times are made monotone in both counts (a
 noisy point never makes more channels look faster).
 
+Both engines' CPU convolutions work in channel blocks (`channel_block`: 8 with AVX2, 16 with
+AVX-512). A plain conv's grid points between the ends are block multiples, and a kept count is
+read at the next block multiple. ONNX Runtime is the exception for a conv whose input count is
+not a block multiple: that conv runs an unblocked fallback, timed once per geometry (at one
+input below full) and charged as a factor on its exact counts. Between two block multiples the
+prediction is steps. For ONNX Runtime only, a count at a block multiple can be cheaper than the
+count just below it, which is what the engine does (measured in `channel_block`).
+
 Tables are cached per machine under ``DEFECTPRUNE_WORKSPACE/latency_tables/``: one JSON file
 per CPU model, engine and thread count, its entries keyed by layer geometry (kernel, stride,
 padding, dilation, groups, input size) and the channel range measured; a later round of a
