@@ -28,14 +28,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_streamlit(port: int, env: Mapping[str, str], timeout: float = 90.0) -> tuple[subprocess.Popen, str]:
+def start_streamlit(port: int, env: Mapping[str, str], timeout: float = 90.0,
+                    module: str = "ui.serve") -> tuple[subprocess.Popen, str]:
     """The dashboard's server (`ui.serve`, as scripts/dashboard starts it) headless on
     ``port`` with ``env``, in its own process group
     (stop it with ``os.killpg(process.pid, 9)``), once ``/_stcore/health`` answers 200.
     Returns the process and the dashboard's URL; a server that exits or stays silent for
-    ``timeout`` seconds is killed and raises `DashboardStartError`."""
+    ``timeout`` seconds is killed and raises `DashboardStartError`. ``module``: another
+    entry point wrapping ui.serve (bench/traced_server.py)."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "ui.serve", "--server.port", str(port), "--server.headless", "true",
+        [sys.executable, "-m", module, "--server.port", str(port), "--server.headless", "true",
          "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false"],
         cwd=REPO, env=dict(env), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import sys
 
 from conftest import REPO
@@ -30,8 +31,20 @@ def test_the_server_is_streamlit_run_on_app_py_with_the_options_given(monkeypatc
 
     seen = {}
     monkeypatch.setattr(serve, "page_modules", lambda: ["json"])
+    monkeypatch.setattr(serve, "warm_first_page", lambda: seen.setdefault("warmed", True))
     monkeypatch.setattr(cli, "main", lambda: seen.setdefault("argv", list(sys.argv)) and 0)
     monkeypatch.setattr(sys, "argv", list(sys.argv))
     assert serve.main(["--server.port", "8600"]) == 0
     assert seen["argv"] == ["streamlit", "run", str(REPO / "app.py"), "--server.port", "8600"]
     assert "onnxruntime" in sys.modules  # imported inside core's functions: preloaded by name
+    assert seen["warmed"] and gc.get_freeze_count() > 0  # out of the collector Streamlit runs after every run
+    gc.unfreeze()
+
+
+def test_the_first_page_is_warmed_on_the_data_pages_own_cache(monkeypatch):
+    import ui.state
+
+    asked = []
+    monkeypatch.setattr(ui.state, "cached_index", lambda *args: asked.append(args))
+    serve.warm_first_page()
+    assert asked == [(ui.state.DEFAULT_FORMAT, None, 0, "")]  # the default dataset, keyed as the Data page keys it
