@@ -157,6 +157,25 @@ def test_interrupted_generation_leaves_no_partial_folder(tmp_path: Path, monkeyp
     assert len(index.samples) == COUNT
 
 
+def test_a_copy_another_process_finished_first_is_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two processes generating the same set at once: the one finishing second keeps the first's
+    folder (a reader of it would see its files vanish if it were swapped) and drops its own."""
+    real = synthetic._generate_into
+    folder = tmp_path / f"steel-{SIZE}px-n{COUNT}-s0"
+    theirs = {}
+
+    def racing(temp: Path, *args) -> None:
+        real(folder, *args)  # the other process, done while this one generates
+        theirs["inode"] = (folder / "images" / "0000.png").stat().st_ino
+        real(temp, *args)
+
+    monkeypatch.setattr(synthetic, "_generate_into", racing)
+    index = build(tmp_path, family="steel", num_images=COUNT, image_size=SIZE)
+    assert len(index.samples) == COUNT
+    assert (folder / "images" / "0000.png").stat().st_ino == theirs["inode"]
+    assert [p.name for p in tmp_path.iterdir()] == [folder.name]  # ours removed, no trash
+
+
 def test_registry_loads_synthetic_tile_with_deterministic_splits(tmp_path: Path) -> None:
     first = load_index("synthetic-tile", tmp_path, seed=0, num_images=COUNT, image_size=SIZE)
     second = load_index("synthetic-tile", tmp_path, seed=0, num_images=COUNT, image_size=SIZE)

@@ -642,6 +642,8 @@ def ensure_generated(
     temp = root / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         _generate_into(temp, family, count, size, seed)
+        if _is_complete(target, manifest):  # another process finished first: its copy stays, a
+            return target                   # reader of it must not see its files vanish
         if target.exists():  # stale (older generator or incomplete copy): swap it out
             trash = root / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
             try:
