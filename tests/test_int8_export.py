@@ -147,6 +147,29 @@ def test_bad_calibration_settings_are_named_parameter_errors(settings: dict, say
         ExportRequest(**values)
 
 
+def test_an_earlier_export_counts_as_the_same_file_only_with_the_same_calibration(tmp_path: Path) -> None:
+    """The Compare page offers an earlier export instead of exporting again only where it wrote
+    the file asked for: an INT8 file calibrated on another dataset or other images is not it."""
+    int8 = ExportRequest(checkpoint=str(tmp_path / "ck"), int8=True, format="synthetic-steel",
+                         root=str(tmp_path / "data"), option={"num_images": 24})
+    same = [ExportRequest(checkpoint=str(tmp_path / "x" / ".." / "ck"), int8=True, format="synthetic-steel",
+                          root=str(tmp_path / "data"), option={"num_images": 24}, no_profile=True, runs=3),
+            ExportRequest(checkpoint=str(tmp_path / "ck"), int8=True, format="synthetic-steel",
+                          root=str(tmp_path / "data"), option={"num_images": 24}, calibration_images=32,
+                          calibration_seed=0)]  # the defaults, given
+    other = [{"checkpoint": str(tmp_path / "other")}, {"int8": False, "format": None, "root": None, "option": {}},
+             {"format": "synthetic-tile"}, {"root": str(tmp_path / "data2")}, {"split_seed": 1},
+             {"option": {"num_images": 30}}, {"calibration_images": 8}, {"calibration_seed": 1}, {"size": "128"},
+             {"opset": 18}]
+    assert all(int8.writes_same_file(request) for request in same)
+    for change in other:
+        values = {"checkpoint": int8.checkpoint, "int8": True, "format": int8.format, "root": int8.root,
+                  "option": int8.option, **change}
+        assert not int8.writes_same_file(ExportRequest(**values)), change
+    fp32 = ExportRequest(checkpoint=str(tmp_path / "ck"))
+    assert fp32.writes_same_file(ExportRequest(checkpoint=str(tmp_path / "ck"), no_profile=True))
+
+
 def test_a_job_and_the_command_line_refuse_them_in_one_line(checkpoint: Path, tmp_path: Path,
                                                             capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(ParameterError, match="calibration_images.*is not a whole number|'many' is not a whole"):

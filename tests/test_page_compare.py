@@ -301,6 +301,11 @@ def test_the_export_choice_offers_the_int8_file_with_its_metadata(pair, inline_w
     assert json.loads(meta["quantization"])["calibration_split"] == "train"
     settled(at.radio(key="compare_onnx_precision").set_value("fp32").run())
     assert "model.int8.onnx" not in labels() and at.button(key="compare_export").proto.label == "Export ONNX"
+    other = two_models_page(before, after, {**TINY, "num_images": 30})  # another dataset: not its calibration
+    settled(other.selectbox(key="compare_after").set_value(after).run())
+    settled(other.radio(key="compare_onnx_precision").set_value("INT8").run())
+    assert "model.int8.onnx" not in [b.proto.label for b in other.get("download_button")]
+    assert other.button(key="compare_export").proto.label == "Export INT8 ONNX"
 
 
 def test_a_pruned_model_that_is_not_faster_on_an_engine_is_flagged(pair, monkeypatch):

@@ -90,6 +90,22 @@ class ExportRequest(Request):
     def int8_images(self) -> int:
         return self.calibration_images or quantize_defaults().DEFAULT_CALIBRATION_IMAGES
 
+    def writes_same_file(self, other: ExportRequest) -> bool:
+        """Whether ``other`` exports the file this request would: the same checkpoint, input size,
+        opset and precision and, for INT8, calibrated on the same images (dataset, split seed,
+        format options, number and seed of calibration images). Profiling settings do not count."""
+        from pathlib import Path
+
+        def key(request: ExportRequest) -> tuple:
+            file = (str(Path(request.checkpoint).expanduser().resolve()), request.size, request.opset, request.int8)
+            if not request.int8:
+                return file
+            root = None if request.root is None else str(Path(request.root).expanduser().resolve())
+            return file + (request.format, root, request.split_seed, sorted(request.option.items()),
+                           request.int8_images, request.int8_seed)
+
+        return key(self) == key(other)
+
     @property
     def int8_seed(self) -> int:
         return quantize_defaults().DEFAULT_CALIBRATION_SEED if self.calibration_seed is None else self.calibration_seed

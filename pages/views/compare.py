@@ -174,17 +174,16 @@ def draw_export(job: JobRecord) -> None:
         job_bar(job, what)
 
 
-def exported_onnx(checkpoint: str, mtime: float, int8: bool = False) -> Path | None:
-    """An earlier export of this version of the checkpoint (fp32, or INT8 with ``int8``) whose
-    file is still there: offered for download at once, without exporting again (also after a
-    refresh)."""
-    wanted = str(Path(checkpoint).resolve())
+def exported_onnx(wanted: ExportRequest, mtime: float) -> Path | None:
+    """An earlier export that wrote the file ``wanted`` asks for (this version of the checkpoint;
+    an INT8 one calibrated on the same dataset and images) and is still there: offered for
+    download at once, without exporting again (also after a refresh)."""
     for job in api.list_jobs(states=[SUCCEEDED], kind="export", limit=50):
         try:
             asked, onnx = job_request(job), Path(export_result(job).path)
         except DefectPruneError:  # an export whose record no longer reads: not one to offer
             continue
-        if asked.checkpoint == wanted and asked.int8 == int8 and onnx.is_file() and onnx.stat().st_mtime >= mtime:
+        if wanted.writes_same_file(asked) and onnx.is_file() and onnx.stat().st_mtime >= mtime:
             return onnx
     return None
 
@@ -334,11 +333,16 @@ with error_box("Exporting ONNX"):
                          help="INT8: static quantisation with ONNX Runtime (QDQ, per-channel weights), "
                               "calibrated on seeded training images of the chosen dataset")
     int8 = precision == "INT8"
-    exported_for = (after, versions[1], int8)  # the ONNX offered is always the chosen after model's
+    # exported by the worker (checked against PyTorch), like every other job; no profile: the
+    # cost table above already has it. INT8 calibrates on the chosen dataset.
+    dataset = {"format": request.format, "root": request.root, "split_seed": request.split_seed,
+               "option": dict(request.options)} if int8 else {}
+    wanted = ExportRequest(checkpoint=after, no_profile=True, int8=int8, **dataset)
+    exported_for = (repr(wanted), versions[1])  # the ONNX offered is always the chosen after model's
     export = st.session_state.get("compare_onnx")
     if export and export["model"] != exported_for:
         export = None
-    ready = None if export else exported_onnx(after, versions[1], int8)
+    ready = None if export else exported_onnx(wanted, versions[1])
     job = api.get_job(export["job"]) if export else None
     if ready is not None:
         with d2:
@@ -351,11 +355,7 @@ with error_box("Exporting ONNX"):
                 "Export INT8 ONNX" if int8 else "Export ONNX", key="compare_export",
                 help="exports the after model in the background; the download button takes this one's "
                      "place when the file is ready"):
-            # exported by the worker (checked against PyTorch), like every other job; no profile:
-            # the cost table above already has it. INT8 calibrates on the chosen dataset.
-            dataset = {"format": request.format, "root": request.root, "split_seed": request.split_seed,
-                       "option": dict(request.options)} if int8 else {}
-            job = api.submit("export", ExportRequest(checkpoint=after, no_profile=True, int8=int8, **dataset))
+            job = api.submit("export", wanted)
             api.ensure_worker()
             st.session_state["compare_onnx"] = {"model": exported_for, "job": job.id}
             st.rerun()  # the export's bar, then its download, in the button's place
