@@ -20,8 +20,9 @@ Goal (reported, not asserted): the pruned INT8 model at 256 px at least 10x fast
 unpruned fp32 PyTorch model, within 1 point of the pruned fp32 model's test defect mIoU.
 
 Timing: per (size, threads), PyTorch's two models are timed in turns (run i of each, then run
-i + 1; `core.profile.latency_in_turns`), then the four ONNX files in turns
-(`core.profile.onnx_latency_in_turns`); each block's 1-minute load average is reported, since
+i + 1, each timed run straight after an untimed one of the same model; `core.profile.latency_in_turns`),
+then the four ONNX files in turns (`core.profile.onnx_latency_in_turns`, sessions that do not
+spin between runs); each block's 1-minute load average is reported, since
 on a shared machine the cores are not all ours. `--quick` is a smoke run (64 px, a 40-image
 dataset, few runs) written to the work folder unless `--out` is given.
 """
@@ -257,7 +258,9 @@ def report(args: argparse.Namespace, models: list[Model], info: dict[str, Any], 
               f"activations, MinMax calibration on {args.calibration_images} seeded training images at the input "
               "size, after `quant_pre_process`.", ""]
     lines += ["## Results", "",
-              f"Batch 1, median (p10-p90) of {args.runs} timed runs after {args.warmup} warm-up runs. Test defect "
+              f"Batch 1, median (p10-p90) of {args.runs} timed runs after {args.warmup} warm-up runs, in turns "
+              "(each timed run straight after an untimed run of the same model: its weights in the caches, as "
+              "on a device that runs only it; ONNX Runtime sessions that do not spin between runs). Test defect "
               f"mIoU on {info['test_images']} test images at the input size (ONNX files scored with ONNX Runtime). "
               "Speed-up: against the unpruned fp32 PyTorch model at the same size and threads. Size: the checkpoint "
               "folder (PyTorch) or the ONNX file. Load: the 1-minute load average when the timing block started.", ""]

@@ -104,6 +104,35 @@ def test_models_timed_in_turns_get_one_result_per_engine_each() -> None:
         latency_in_turns([second], SIZE, 1, runs=0)
 
 
+def test_each_timed_turn_follows_a_warm_run_of_the_same_call() -> None:
+    """A timed run finds its own model in the caches (as on a device that runs only it), not the
+    one timed before it."""
+    from core.profile import time_in_turns
+
+    order: list[str] = []
+    calls = [lambda: order.append("a"), lambda: order.append("b")]
+    times = time_in_turns(calls, runs=2, warmup=1)
+    assert [len(t) for t in times] == [2, 2]
+    assert order == ["a", "b"] + ["a", "a", "b", "b"] * 2  # warm-up turn, then (warm, timed) per call
+    order.clear()
+    time_in_turns(calls, runs=1, warmup=0, warm=0)
+    assert order == ["a", "b"]
+    with pytest.raises(ProfileError, match="warm"):
+        time_in_turns(calls, warm=-1)
+
+
+def test_sessions_timed_in_turns_do_not_spin(tmp_path: Path) -> None:
+    """Idle threads of one ONNX Runtime session spinning while the next is timed took its cores
+    (2 threads, 2 cores: twice the latency): sessions timed in turns sleep between runs."""
+    from core.profile import onnx_session
+
+    path = export_onnx(build_model(tiny_spec()), tmp_path / "model.onnx", SIZE, 1)
+    entry = "session.intra_op.allow_spinning"
+    assert onnx_session(path, 2, spinning=False).get_session_options().get_session_config_entry(entry) == "0"
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # ONNX Runtime's default: spin
+        onnx_session(path, 2).get_session_options().get_session_config_entry(entry)
+
+
 def test_onnx_export_matches_pytorch_with_a_dynamic_batch(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = build_model(tiny_spec())
