@@ -163,6 +163,7 @@ def test_missing_folder_and_missing_files(pruned, tmp_path: Path) -> None:
     (json.dumps({"classes": ["bg", "x"], "in_channels": 4}), "in_channels"),
     (json.dumps({"classes": "bg"}), "classes"),
     (json.dumps({"classes": ["bg", "x"], "input_size": [64]}), "input_size"),
+    (json.dumps({"classes": ["bg", "x"], "dataset_options": ["num_images=24"]}), "'dataset_options' must be an object"),
 ])
 def test_bad_spec_is_refused(pruned, tmp_path: Path, content: str, message: str) -> None:
     broken = copy_checkpoint(pruned[0], tmp_path / "bad-spec")

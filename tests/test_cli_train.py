@@ -217,3 +217,24 @@ def test_limit_draws_from_the_whole_split(tmp_path):
     other = load_index("synthetic-metal", tmp_path, seed=1, num_images=60, image_size=64)
     assert set(SegmentationDataset(other, "train", limit=10).samples["image"]) != set(picked.samples["image"])
     assert len(SegmentationDataset(index, "train", limit=1000)) == len(full)
+
+
+def test_later_commands_run_a_checkpoint_on_the_format_options_it_was_trained_with(tmp_path, capsys):
+    """A model trained on a small synthetic set (--option) is evaluated on that set, not on the
+    family's default one, unless the command names other options."""
+    from core.models.checkpoint import read_spec
+
+    options = ["--option", "num_images=24", "--option", "image_size=32"]
+    out = tmp_path / "ck"
+    trained = in_process(capsys, "train", "--format", "synthetic-steel", "--root", str(tmp_path / "synth"), *options,
+                         "--size", "32", "--epochs", "1", "--batch-size", "4", "--no-early-stop", "--out", str(out))
+    assert trained.returncode == 0, trained.stderr
+    assert read_spec(out).dataset_options == {"num_images": 24, "image_size": 32}
+    evaluated = in_process(capsys, "evaluate", "--checkpoint", str(out), "--json")
+    assert evaluated.returncode == 0, evaluated.stderr
+    val = json.loads(evaluated.stdout)["images"]
+    assert [p.name for p in (tmp_path / "synth").iterdir()] == ["steel-32px-n24-s0"]  # no default set generated
+    other = in_process(capsys, "evaluate", "--checkpoint", str(out), "--option", "num_images=48",
+                       "--option", "image_size=32", "--json")
+    assert other.returncode == 0, other.stderr
+    assert json.loads(other.stdout)["images"] > val  # the options named win

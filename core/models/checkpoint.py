@@ -271,6 +271,8 @@ def read_spec(path: str | Path) -> ModelSpec:
             problems.append(f"'{key}' must be {'text' if kind is str else 'a whole number'}, not {data[key]!r}")
     if "metrics" in data and not isinstance(data["metrics"], dict):
         problems.append("'metrics' must be an object")
+    if "dataset_options" in data and not isinstance(data["dataset_options"], dict):
+        problems.append(f"'dataset_options' must be an object, not {data['dataset_options']!r}")
     problems += _normalisation_problems(data)
     if problems:
         raise CheckpointSpecError(f"{file}: " + "; ".join(problems))

@@ -41,6 +41,9 @@ class ModelSpec:
     input_size: tuple[int, int] = (128, 128)  # height, width
     dataset_format: str = ""
     dataset_root: str = ""
+    # the format options it was trained with (a synthetic family's num_images, image_size): the
+    # dataset later commands run it on, unless they name another (absent in older checkpoints)
+    dataset_options: dict[str, Any] = field(default_factory=dict)
     split_seed: int = 0
     metrics: dict[str, Any] = field(default_factory=dict)
     # the normalisation the model was trained with, one value per input channel, on pixels

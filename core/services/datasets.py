@@ -126,9 +126,9 @@ class CheckpointDataRequest(DataRequest):
 def index_for_checkpoint(checkpoint: str | Path, spec: ModelSpec, format_name: str | None, root: str | None,
                          split_seed: int | None, options: dict | None = None,
                          strict: bool = False) -> tuple[DatasetIndex, bool]:
-    """The dataset a command runs a checkpoint on: the one in its spec unless another is
-    given, refused when its classes differ from the model's. Also says whether it is the
-    checkpoint's own format (whose input size then applies)."""
+    """The dataset a command runs a checkpoint on: the one in its spec (format, root, format
+    options) unless another is given, refused when its classes differ from the model's. Also
+    says whether it is the checkpoint's own format (whose input size then applies)."""
     from core.data.registry import load_index
 
     format_name = format_name or spec.dataset_format
@@ -139,6 +139,8 @@ def index_for_checkpoint(checkpoint: str | Path, spec: ModelSpec, format_name: s
     same_format = format_name == spec.dataset_format
     if root is None and same_format:
         root = spec.dataset_root or None
+    if not options and same_format:
+        options = spec.dataset_options
     index = load_index(format_name, root, seed=spec.split_seed if split_seed is None else split_seed,
                        strict=strict, **(options or {}))
     if list(index.classes) != list(spec.classes):

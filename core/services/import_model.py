@@ -191,6 +191,7 @@ def _imported_model(request: ImportRequest, imported: ImportSource, classes: lis
     spec = ModelSpec(classes=classes, arch=imported.arch, encoder=imported.encoder, in_channels=in_channels,
                      input_size=size, dataset_format=index.format if index is not None else "",
                      dataset_root=str(index.root.resolve()) if index is not None and request.root is not None else "",
+                     dataset_options=dict(request.option) if index is not None else {},
                      split_seed=request.split_seed)
     with torch.random.fork_rng(devices=[]):  # the weights are replaced: keep the caller's RNG as it was
         model = build_model(spec)

@@ -210,7 +210,7 @@ def run_train(request: TrainRequest, progress: ProgressCallback | None = None) -
         classes=list(index.classes), arch=request.arch, encoder=request.encoder, in_channels=in_channels,
         input_size=size, dataset_format=index.format,
         dataset_root=str(index.root.resolve()) if request.root is not None else "",
-        split_seed=request.split_seed,
+        dataset_options=dict(request.option), split_seed=request.split_seed,
     )
     seed_everything(request.seed)  # the initial weights follow the seed too
     model = build_model(spec)
