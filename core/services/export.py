@@ -90,6 +90,10 @@ class ExportRequest(Request):
     def int8_images(self) -> int:
         return self.calibration_images or quantize_defaults().DEFAULT_CALIBRATION_IMAGES
 
+    @property
+    def int8_seed(self) -> int:
+        return quantize_defaults().DEFAULT_CALIBRATION_SEED if self.calibration_seed is None else self.calibration_seed
+
     def writes_same_file(self, other: ExportRequest) -> bool:
         """Whether ``other`` exports the file this request would: the same checkpoint, input size,
         opset and precision and, for INT8, calibrated on the same images (dataset, split seed,
@@ -105,10 +109,6 @@ class ExportRequest(Request):
                            request.int8_images, request.int8_seed)
 
         return key(self) == key(other)
-
-    @property
-    def int8_seed(self) -> int:
-        return quantize_defaults().DEFAULT_CALIBRATION_SEED if self.calibration_seed is None else self.calibration_seed
 
 
 @dataclass(frozen=True)
