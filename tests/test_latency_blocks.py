@@ -1,6 +1,7 @@
-"""ONNX Runtime's channel blocks in the latency table: grids at block multiples, outputs read at
-the next block multiple, an unaligned input count paying the unblocked fallback's measured
-penalty, and tables of the old layout (or another block) measured again instead of misread."""
+"""ONNX Runtime's channel blocks in the latency table: grids at block multiples, counts read at
+the next block multiple, an input count that is not a multiple of 4 paying the unblocked
+fallback's measured penalty (and not the scale that corrects blocked convs timed alone), and
+tables of the old layout (or another block) measured again instead of misread."""
 
 from __future__ import annotations
 
@@ -35,10 +36,10 @@ def ms_at(cin: float, cout: float) -> float:
     return 0.05 + 0.002 * cin + 0.003 * cout + 1e-4 * cin * cout
 
 
-def synthetic_cost(tmp_path, engine: str, block: int, fallback_ratio: float = 1.25):
+def synthetic_cost(tmp_path, engine: str, block: int, fallback_ratio: float = 1.25, model_share: float = 1.0):
     """A cost model whose table is bilinear times on the grids ``build_table`` would measure with
     ``block``, each geometry's fallback timed ``fallback_ratio`` times its aligned time; the whole
-    model is its convs (no remainder)."""
+    model takes ``model_share`` of its convs' time (1: it is its convs, no remainder)."""
     model = TwoConvs().eval()
     graph = PruningGraph.traced(model, (SIZE, SIZE), 1)
     geometries = lat.conv_geometries(model, (SIZE, SIZE), 1)
@@ -51,7 +52,7 @@ def synthetic_cost(tmp_path, engine: str, block: int, fallback_ratio: float = 1.
             entry["unaligned"] = {"in": unaligned, "ms": fallback_ratio * ms_at(unaligned, g.out_channels)}
         table.entries.setdefault(g.key, []).append(entry)
     full = sum(ms_at(g.in_channels, g.out_channels) for g in geometries)
-    return graph, LatencyCostModel(graph, table, geometries, full)
+    return graph, LatencyCostModel(graph, table, geometries, model_share * full)
 
 
 def test_grids_of_a_blocked_engine_sit_at_block_multiples():
@@ -66,17 +67,24 @@ def test_block_rounding_raises_an_unaligned_output_count_to_the_block_multiple(t
     graph, cost = synthetic_cost(tmp_path, "onnxruntime", block=8)
     name = graph.groups[0].name
     # 27 kept: the first conv (1 input, under a block: blocked) pads its 27 outputs to 32; the
-    # head reads 27 inputs, not a block multiple: the fallback, its exact time x 1.25
+    # head reads 27 inputs, not a multiple of 4: the fallback, its exact time x 1.25
     assert cost.budget_of({name: 27}) == pytest.approx(ms_at(1, 32) + 1.25 * ms_at(27, 4))
+    # 28 kept: a multiple of 4, blocked: the head's input padded to the block, as ONNX Runtime does
+    assert cost.budget_of({name: 28}) == pytest.approx(ms_at(1, 32) + ms_at(32, 4))
+    # a whole count composed in float arithmetic (28.0000032) is that count, not a fallback
+    assert float(cost.budget(torch.tensor([28 / 32 + 1e-7], dtype=torch.float64))) == pytest.approx(
+        cost.budget_of({name: 28}), rel=1e-5)
     # 24 kept: aligned all through, nothing rounded (the head's 4 outputs stay its full 4)
     assert cost.budget_of({name: 24}) == pytest.approx(ms_at(1, 24) + ms_at(24, 4))
     assert cost.latency0 == pytest.approx(ms_at(1, 32) + ms_at(32, 4))
     # without a block the same table is read at the exact counts
     _, plain = synthetic_cost(tmp_path, "onnxruntime", block=1)
     assert plain.budget_of({name: 27}) == pytest.approx(ms_at(1, 27) + ms_at(27, 4))
-    # monotone between block multiples, and the gradient stays finite and positive
-    times = [cost.budget_of({name: c}) for c in range(25, 32)]
-    assert all(b >= a for a, b in zip(times, times[1:]))
+    # monotone between multiples of 4 (a multiple of 4 can be cheaper than the count below it,
+    # as on the engine), and the gradient stays finite and positive
+    for counts in (range(25, 28), range(29, 32)):
+        times = [cost.budget_of({name: c}) for c in counts]
+        assert all(b >= a for a, b in zip(times, times[1:]))
     keep = torch.full((len(graph.groups),), 0.7, dtype=torch.float64, requires_grad=True)
     cost.budget(keep).backward()
     assert torch.isfinite(keep.grad).all() and (keep.grad > 0).all()
@@ -99,6 +107,18 @@ def test_a_fallback_faster_than_the_blocked_kernel_is_held_level(tmp_path):
     graph, cost = synthetic_cost(tmp_path, "onnxruntime", block=8, fallback_ratio=0.8)
     name = graph.groups[0].name
     assert cost.budget_of({name: 27}) == pytest.approx(ms_at(1, 32) + ms_at(27, 4))
+
+
+def test_the_scale_for_convs_timed_alone_spares_the_fallback(tmp_path):
+    """Where the convs timed alone add up to more than the model (a blocked ONNX Runtime conv timed
+    alone also reorders its input and output, which the model does only where its layout
+    changes), the convs are scaled down to the model; the fallback, which runs in the plain
+    layout alone and in the model alike, is not."""
+    graph, cost = synthetic_cost(tmp_path, "onnxruntime", block=8, model_share=0.8)
+    name = graph.groups[0].name
+    assert cost.conv_scale == pytest.approx(0.8) and cost.latency0 == pytest.approx(0.8 * (ms_at(1, 32) + ms_at(32, 4)))
+    assert cost.budget_of({name: 28}) == pytest.approx(0.8 * (ms_at(1, 32) + ms_at(32, 4)))
+    assert cost.budget_of({name: 27}) == pytest.approx(0.8 * ms_at(1, 32) + 1.25 * ms_at(27, 4))
 
 
 def fake_timings(monkeypatch):

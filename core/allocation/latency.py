@@ -17,10 +17,11 @@ noisy point never makes more channels look faster).
 Both engines' CPU convolutions work in channel blocks (`channel_block`: 8 with AVX2, 16 with
 AVX-512). A plain conv's grid points between the ends are block multiples, and a kept count is
 read at the next block multiple. ONNX Runtime is the exception for a conv whose input count is
-not a block multiple: that conv runs an unblocked fallback, timed once per geometry (at one
-input below full) and charged as a factor on its exact counts. Between two block multiples the
-prediction is steps. For ONNX Runtime only, a count at a block multiple can be cheaper than the
-count just below it, which is what the engine does (measured in `channel_block`).
+neither under one block nor a multiple of `ORT_INPUT_ALIGNMENT` (4): that conv runs an
+unblocked fallback, timed once per geometry (at one input below full) and charged as a factor on
+its exact counts. Between two block multiples the prediction is steps. For ONNX Runtime only, a
+count at a multiple of 4 can be cheaper than the count just below it, which is what the engine
+does (measured in `channel_block`).
 
 Tables are cached per machine under ``DEFECTPRUNE_WORKSPACE/latency_tables/``: one JSON file
 per CPU model, engine and thread count, its entries keyed by layer geometry (kernel, stride,
@@ -203,12 +204,19 @@ def grid_counts(full: int, points: int, block: int = 1) -> list[int]:
     return sorted({max(1, int(round(v))) for v in values})
 
 
+ORT_INPUT_ALIGNMENT = 4  # input counts ONNX Runtime's blocked convs take (`channel_block`)
+
+
 def channel_block(engine: str) -> int:
     """The channel block of the engine's blocked convolutions on this CPU: 16 channels with
     AVX-512, 8 with AVX2, none (1) without. Both engines' CPU convs work in such blocks.
-    ONNX Runtime (MLAS NCHWc) runs a plain conv blocked when its input count is a block multiple
-    (or under one block) and pads its outputs up to the next multiple. With any other input count
-    it falls back to the unblocked kernel, slower still. PyTorch (oneDNN) pads both counts, so
+    ONNX Runtime (MLAS NCHWc) runs a plain conv blocked when its input count is a multiple of
+    `ORT_INPUT_ALIGNMENT` (or under one block), padding inputs and outputs up to the next block
+    multiple. With any other input count it falls back to the unblocked kernel, slower still
+    (read off ONNX Runtime 1.32's optimised graphs on an AVX-512 Xeon: with 3x3 convs, inputs
+    20, 24, 28, 36, 44 and 76 ran blocked, 17, 18, 22, 26, 30, 34 and 77 did not, whatever the
+    output count; a pruned model's 24-, 40- and 88-channel inputs ran blocked, padded to 32, 48
+    and 96). PyTorch (oneDNN) pads both counts, so
     either one costs what the next multiple costs. Measured on an AVX2 EPYC (3x3 convs at
     16-64 px, 1 thread, shared machine). ORT: 63 -> 63 channels 2.31 ms against 64 -> 64 2.02 ms,
     55 -> 55 1.87 against 56 -> 56 1.57, 31 -> 31 2.49 against 32 -> 32 2.17, and 64 -> 63
@@ -565,6 +573,7 @@ class LatencyCostModel(CostModel):
         # per conv: how much slower ONNX Runtime's unblocked fallback is than the blocked kernel
         # at the same counts (one timing per geometry; measured 1.10-1.20 for 3x3 convs)
         self._penalty = torch.tensor(penalty, dtype=torch.float64)
+        self.conv_scale = 1.0  # at full size every conv runs blocked or has no block: all are scaled
         full_ms = float(self._convs(torch.ones(len(self.group_names), dtype=torch.float64)).sum())
         self.conv_ms0 = full_ms
         # everything but the convs: the measured whole model less the table's convs; where the
@@ -587,12 +596,18 @@ class LatencyCostModel(CostModel):
         return self._fixed + self._composition @ keep, extended[self._out_idx]
 
     def _convs(self, keep: torch.Tensor) -> torch.Tensor:
-        """Each conv's table ms at the keep ratios (before ``conv_scale``). With a channel block
+        """Each conv's predicted ms at the keep ratios. With a channel block
         B > 1, blocked convs are read at block-rounded counts. PyTorch reads both counts
-        rounded up to a multiple of B. ONNX Runtime reads a conv with an aligned input count (or
-        one under B) at its output count rounded up. It reads one with any other input count
-        (the unblocked fallback) at its exact counts, times 1 + its geometry's measured fallback
-        penalty. Rounding passes the gradient straight through: the value of the rounded count,
+        rounded up to a multiple of B. ONNX Runtime reads a conv whose input count is a multiple
+        of `ORT_INPUT_ALIGNMENT` the same way, and one whose input count is under B at that count
+        and its output count rounded up. It reads one with any other input count (the unblocked
+        fallback) at its exact counts, times 1 + its geometry's measured fallback penalty.
+        Every other conv is scaled by ``conv_scale``, the fallback is not: a blocked ONNX
+        Runtime conv timed alone also reorders its input into the blocked layout and its output
+        back, which a model does only where the layout changes, while the fallback runs in the
+        plain layout alone and in the model alike (on the AVX-512 Xeon the unpruned model's convs
+        timed alone added up to 20.2 ms against 16.3 ms for the model, and scaling the fallback
+        too underpredicted models with unaligned counts by 16-22%, 4-14% without). Rounding passes the gradient straight through: the value of the rounded count,
         the slope of the exact one."""
         in_frac, out_frac = self._fractions(keep)
         x_in = torch.where(self._mac_scaled, torch.ones_like(in_frac), in_frac * self._in_full)
@@ -600,23 +615,26 @@ class LatencyCostModel(CostModel):
         fallback = torch.zeros_like(self._blocked)
         if self.block > 1 and bool(self._blocked.any()):
             b = float(self.block)
-            near = torch.round(x_in.detach() / b) * b
-            fallback = self._blocked & (x_in.detach() > b + 1e-6) & ((x_in.detach() - near).abs() > 1e-6)
-            if self.settings.engine != "onnxruntime":  # padded, never a fallback
-                fallback = torch.zeros_like(self._blocked)
-                x_in = torch.where(self._blocked, _round_up(x_in, b, self._in_full), x_in)
+            count = x_in.detach()
+            padded = self._blocked
+            if self.settings.engine == "onnxruntime":  # inputs under a block are read as they are
+                a = float(ORT_INPUT_ALIGNMENT)
+                # kept counts are whole numbers, composed in float32: 528 reads as 528.0000157
+                fallback = self._blocked & (count > b + 1e-3) & ((count - torch.round(count / a) * a).abs() > 1e-3)
+                padded = self._blocked & ~fallback & (count > b + 1e-3)
+            x_in = torch.where(padded, _round_up(x_in, b, self._in_full), x_in)
             x_out = torch.where(self._blocked & ~fallback, _round_up(x_out, b, self._out_full), x_out)
         conv = _bilinear(self._gin, self._gout, self._ms, x_in, x_out)
         conv = torch.where(self._mac_scaled, conv * in_frac * out_frac, conv)
-        return torch.where(fallback, conv * (1.0 + self._penalty), conv)
+        return torch.where(fallback, conv * (1.0 + self._penalty), conv * self.conv_scale)
 
     def latency(self, keep: torch.Tensor) -> torch.Tensor:
         """Predicted ms for keep ratios (one per group, differentiable; monotone in each ratio
-        except, for ONNX Runtime, at exact channel-block multiples, which run faster than the
-        counts just below them, as they do on the engine)."""
+        except, for ONNX Runtime, at multiples of `ORT_INPUT_ALIGNMENT`, which run faster than
+        the counts just below them, as they do on the engine)."""
         _, out_frac = self._fractions(keep)
         share = (self._volume * out_frac).sum() / self._volume.sum().clamp_min(1.0)
-        return (self._convs(keep).sum() * self.conv_scale + self.rest_ms * share).clamp_min(1e-6)
+        return (self._convs(keep).sum() + self.rest_ms * share).clamp_min(1e-6)
 
     @property
     def budget0(self) -> float:
