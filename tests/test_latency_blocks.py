@@ -36,10 +36,12 @@ def ms_at(cin: float, cout: float) -> float:
     return 0.05 + 0.002 * cin + 0.003 * cout + 1e-4 * cin * cout
 
 
-def synthetic_cost(tmp_path, engine: str, block: int, fallback_ratio: float = 1.25, model_share: float = 1.0):
+def synthetic_cost(tmp_path, engine: str, block: int, fallback_ratio: float = 1.25, model_share: float = 1.0,
+                   in_model: float | None = None):
     """A cost model whose table is bilinear times on the grids ``build_table`` would measure with
     ``block``, each geometry's fallback timed ``fallback_ratio`` times its aligned time; the whole
-    model takes ``model_share`` of its convs' time (1: it is its convs, no remainder)."""
+    model takes ``model_share`` of its convs' time (1: it is its convs, no remainder). With
+    ``in_model``, each conv timed inside the model took that many times its time alone."""
     model = TwoConvs().eval()
     graph = PruningGraph.traced(model, (SIZE, SIZE), 1)
     geometries = lat.conv_geometries(model, (SIZE, SIZE), 1)
@@ -52,6 +54,10 @@ def synthetic_cost(tmp_path, engine: str, block: int, fallback_ratio: float = 1.
             entry["unaligned"] = {"in": unaligned, "ms": fallback_ratio * ms_at(unaligned, g.out_channels)}
         table.entries.setdefault(g.key, []).append(entry)
     full = sum(ms_at(g.in_channels, g.out_channels) for g in geometries)
+    if in_model is not None:
+        table.models[lat.model_signature(model, geometries, (SIZE, SIZE))] = {
+            "ms": model_share * full, "convs": {g.name: in_model * ms_at(g.in_channels, g.out_channels)
+                                                 for g in geometries}}
     return graph, LatencyCostModel(graph, table, geometries, model_share * full)
 
 
@@ -119,6 +125,31 @@ def test_the_scale_for_convs_timed_alone_spares_the_fallback(tmp_path):
     assert cost.conv_scale == pytest.approx(0.8) and cost.latency0 == pytest.approx(0.8 * (ms_at(1, 32) + ms_at(32, 4)))
     assert cost.budget_of({name: 28}) == pytest.approx(0.8 * (ms_at(1, 32) + ms_at(32, 4)))
     assert cost.budget_of({name: 27}) == pytest.approx(0.8 * ms_at(1, 32) + 1.25 * ms_at(27, 4))
+
+
+def test_convs_slower_inside_the_model_keep_that_ratio_in_proportion_to_the_weights_kept(tmp_path):
+    """PyTorch convs timed inside the model at twice their time alone: at full size the prediction
+    is the model (no remainder left), and a cut conv's extra time shrinks with its weights."""
+    graph, cost = synthetic_cost(tmp_path, "torch", block=1, model_share=2.0, in_model=2.0)
+    name = graph.groups[0].name
+    assert cost.rest_ms == pytest.approx(0.0) and cost.latency0 == pytest.approx(cost.model_ms)
+    # 16 of 32 kept: the first conv keeps half its weights (1 -> 16), the head half (16 -> 4)
+    assert cost.budget_of({name: 16}) == pytest.approx(1.5 * ms_at(1, 16) + 1.5 * ms_at(16, 4))
+    times = [cost.budget_of({name: c}) for c in range(1, 33)]
+    assert all(b >= a for a, b in zip(times, times[1:]))
+    _, alone = synthetic_cost(tmp_path, "torch", block=1, model_share=2.0)  # no in-model times: as before
+    assert alone.rest_ms == pytest.approx(alone.model_ms / 2) and alone._in_model is None
+
+
+def test_a_pytorch_table_times_each_conv_inside_the_model(tmp_path):
+    settings = LatencySettings(engine="torch", grid=2, repeats=1, warmup=0, folder=str(tmp_path))
+    model = TwoConvs().eval()
+    table, geometries, model_ms = build_table(model, (SIZE, SIZE), 1, settings)
+    convs = table.models[lat.model_signature(model, geometries, (SIZE, SIZE))]["convs"]
+    assert set(convs) == {"conv", "segmentation_head"} and all(v >= 0 for v in convs.values())
+    assert sum(convs.values()) <= 2 * model_ms
+    reloaded = LatencyTable.load(settings)  # kept in the file
+    assert reloaded.models == table.models
 
 
 def fake_timings(monkeypatch):

@@ -11,8 +11,13 @@ fractions (what the scoring network's pressure needs). Everything that is not a 
 measured latency less the table's convolutions at full size, scaled with the convolutions'
 output volume (those layers' work is one pass over the activations), so the prediction at
 nothing cut is the measured latency (where the convolutions timed alone add up to more than the
-whole model, they are scaled down to it instead). Times are made monotone in both counts (a
-noisy point never makes more channels look faster).
+whole model, they are scaled down to it instead). With PyTorch each conv is also timed inside
+the whole model (`time_convs_in_model`): the remainder is then the model less those times, and
+a conv's table time is corrected by its in-model / alone ratio in proportion to the weights it
+keeps (timed alone, the unpruned model's big low-resolution convs looked 30-75% cheaper than
+they are inside it, the remainder took the difference, and small pruned models were predicted
+19-22% too slow). Times are made monotone in both counts (a noisy point never makes more
+channels look faster).
 
 Both engines' CPU convolutions work in channel blocks (`channel_block`: 8 with AVX2, 16 with
 AVX-512). A plain conv's grid points between the ends are block multiples, and a kept count is
@@ -63,7 +68,9 @@ MAX_GRID = 8
 DEFAULT_REPEATS = 5  # timed runs per point (their median), after one warm-up run
 MAX_REPEATS = 50
 MAX_THREADS = 256
-TABLE_VERSION = 2  # 2: ONNX Runtime grids at channel-block multiples, the block and the unaligned timing stored
+TABLE_VERSION = 3  # 2: ONNX Runtime grids at channel-block multiples, the block and the unaligned timing stored;
+# 3: PyTorch models' convs timed inside the model too
+IN_MODEL_RATIO = (0.5, 4.0)  # the range an in-model / alone ratio is held to (see LatencyCostModel)
 FOLDER = "latency_tables"
 
 
@@ -345,6 +352,43 @@ def time_model(model: nn.Module, input_size: Sequence[int], in_channels: int, se
                                     warmup=max(settings.warmup, 1), threads=settings.threads).median_ms
 
 
+def time_convs_in_model(model: nn.Module, input_size: Sequence[int], in_channels: int,
+                        settings: LatencySettings) -> dict[str, float]:
+    """PyTorch: each conv's median ms inside batch-1 passes of the whole model (forward hooks
+    around every conv, less the hooks' own time, measured on an empty module in the same
+    passes). Inside the model a layer meets caches the other layers have filled, and PyTorch
+    picks its kernel from the input's size: on the AVX-512 Xeon the unpruned Unet-resnet18's
+    convs took 25.9 ms inside the model against 19.6 ms timed alone."""
+    import statistics
+
+    from core.train import TorchThreads
+
+    convs = [(name, m) for name, m in model.named_modules() if isinstance(m, CONV_TYPES)]
+    probe = nn.Identity()
+    times: dict[str, list[float]] = {name: [] for name, _ in convs}
+    times[""] = []
+    started: dict[str, float] = {}
+
+    def hooks(name: str, module: nn.Module) -> list:
+        return [module.register_forward_pre_hook(lambda _m, _a: started.__setitem__(name, time.perf_counter())),
+                module.register_forward_hook(
+                    lambda _m, _a, _o: times[name].append((time.perf_counter() - started[name]) * 1000.0))]
+
+    handles = [h for name, m in [*convs, ("", probe)] for h in hooks(name, m)]
+    x = example_input(tuple(input_size), in_channels)
+    warmup, runs = max(settings.warmup, 1), max(3 * settings.repeats, 5)
+    try:
+        with eval_mode(model), TorchThreads(settings.threads), torch.inference_mode():
+            for _ in range(warmup + runs):
+                model(x)
+                probe(x)
+    finally:
+        for h in handles:
+            h.remove()
+    overhead = statistics.median(times.pop("")[warmup:])
+    return {name: max(statistics.median(t[warmup:]) - overhead, 0.0) for name, t in times.items()}
+
+
 # ------------------------------------------------------------------ the table file
 class LatencyTable:
     """One machine's measurements for one engine and thread count: per layer geometry, entries
@@ -372,7 +416,9 @@ class LatencyTable:
             return cls(settings)  # another version's layout: measured again, then replaced
         try:
             entries = {str(k): [_checked_entry(e, path) for e in v] for k, v in (payload.get("entries") or {}).items()}
-            models = {str(k): {"ms": float(v["ms"])} for k, v in (payload.get("models") or {}).items()}
+            models = {str(k): {"ms": float(v["ms"]), **({"convs": {str(n): float(t) for n, t in v["convs"].items()}}
+                                                        if v.get("convs") is not None else {})}
+                      for k, v in (payload.get("models") or {}).items()}
             block = int(payload.get("block", 1))
             if block < 1:
                 raise ValueError(path)
@@ -494,6 +540,8 @@ def build_table(model: nn.Module, input_size: Sequence[int], in_channels: int, s
     if signature not in table.models:
         report("timing the whole model")
         table.models[signature] = {"ms": time_model(model, size, in_channels, settings)}
+        if settings.engine == "torch":  # ONNX Runtime's fused graph has no per-layer hook
+            table.models[signature]["convs"] = time_convs_in_model(model, size, in_channels, settings)
         done += 1
         table.measured += 1
     if table.measured:
@@ -536,7 +584,7 @@ class LatencyCostModel(CostModel):
         self.model_ms = float(model_ms)
         width = max(2, max(max(len(e["in"]), len(e["out"])) for e in (self._entry(table, by_name[n]) for n in convs)))
         gin, gout, ms, in_full, out_full, volume, mac_scaled = [], [], [], [], [], [], []
-        blocked, penalty = [], []
+        blocked, penalty, depthwise = [], [], []
         self.block = block = table.block
         for name in convs:
             g = by_name[name]
@@ -547,6 +595,7 @@ class LatencyCostModel(CostModel):
             ms.append(t)
             grouped = g.groups > 1 and not g.depthwise
             mac_scaled.append(grouped)
+            depthwise.append(g.depthwise)
             in_full.append(0.0 if (g.depthwise or grouped) else float(g.in_channels))
             out_full.append(float(g.out_channels))
             volume.append(float(g.out_volume))
@@ -573,8 +622,21 @@ class LatencyCostModel(CostModel):
         # per conv: how much slower ONNX Runtime's unblocked fallback is than the blocked kernel
         # at the same counts (one timing per geometry; measured 1.10-1.20 for 3x3 convs)
         self._penalty = torch.tensor(penalty, dtype=torch.float64)
+        self._depthwise = torch.tensor(depthwise)
         self.conv_scale = 1.0  # at full size every conv runs blocked or has no block: all are scaled
-        full_ms = float(self._convs(torch.ones(len(self.group_names), dtype=torch.float64)).sum())
+        # PyTorch: each conv's time inside the whole model against its time alone, at full size;
+        # a cut conv moves from that ratio towards 1 with the share of its weights it keeps
+        # (what makes a layer slower inside the model, weights the other layers pushed out of
+        # the caches, shrinks with them)
+        self._in_model = None
+        ones = torch.ones(len(self.group_names), dtype=torch.float64)
+        in_model = (table.models.get(model_signature(graph.model, geometries, _graph_input(graph)[0])) or {}).get("convs")
+        if in_model and all(n in in_model for n in convs):
+            alone = self._convs(ones).detach()
+            measured = torch.tensor([in_model[n] for n in convs], dtype=torch.float64)
+            ratio = torch.where(alone > 0, measured / alone.clamp_min(1e-9), torch.ones_like(alone))
+            self._in_model = ratio.clamp(*IN_MODEL_RATIO) - 1.0
+        full_ms = float(self._convs(ones).sum())
         self.conv_ms0 = full_ms
         # everything but the convs: the measured whole model less the table's convs; where the
         # convs alone add up to more than the model (timed alone they can be slower), they are
@@ -607,8 +669,10 @@ class LatencyCostModel(CostModel):
         back, which a model does only where the layout changes, while the fallback runs in the
         plain layout alone and in the model alike (on the AVX-512 Xeon the unpruned model's convs
         timed alone added up to 20.2 ms against 16.3 ms for the model, and scaling the fallback
-        too underpredicted models with unaligned counts by 16-22%, 4-14% without). Rounding passes the gradient straight through: the value of the rounded count,
-        the slope of the exact one."""
+        too underpredicted models with unaligned counts by 16-22%, 4-14% without). With PyTorch
+        convs timed inside the model (`time_convs_in_model`), each conv is also multiplied by
+        1 + (its in-model / alone ratio - 1) x the share of its weights kept. Rounding passes the
+        gradient straight through: the value of the rounded count, the slope of the exact one."""
         in_frac, out_frac = self._fractions(keep)
         x_in = torch.where(self._mac_scaled, torch.ones_like(in_frac), in_frac * self._in_full)
         x_out = out_frac * self._out_full
@@ -626,6 +690,9 @@ class LatencyCostModel(CostModel):
             x_out = torch.where(self._blocked & ~fallback, _round_up(x_out, b, self._out_full), x_out)
         conv = _bilinear(self._gin, self._gout, self._ms, x_in, x_out)
         conv = torch.where(self._mac_scaled, conv * in_frac * out_frac, conv)
+        if self._in_model is not None:
+            kept_weights = torch.where(self._depthwise, out_frac, in_frac * out_frac)
+            conv = conv * (1.0 + self._in_model * kept_weights)
         return torch.where(fallback, conv * (1.0 + self._penalty), conv * self.conv_scale)
 
     def latency(self, keep: torch.Tensor) -> torch.Tensor:
