@@ -137,6 +137,11 @@ def test_convs_slower_inside_the_model_keep_that_ratio_in_proportion_to_the_weig
     assert cost.budget_of({name: 16}) == pytest.approx(1.5 * ms_at(1, 16) + 1.5 * ms_at(16, 4))
     times = [cost.budget_of({name: c}) for c in range(1, 33)]
     assert all(b >= a for a, b in zip(times, times[1:]))
+    # faster inside the model (0.6 of its time alone): that factor at every count, still monotone
+    graph, faster = synthetic_cost(tmp_path, "torch", block=1, model_share=0.6, in_model=0.6)
+    assert faster.budget_of({name: 16}) == pytest.approx(0.6 * (ms_at(1, 16) + ms_at(16, 4)))
+    times = [faster.budget_of({name: c}) for c in range(1, 33)]
+    assert all(b >= a for a, b in zip(times, times[1:]))
     _, alone = synthetic_cost(tmp_path, "torch", block=1, model_share=2.0)  # no in-model times: as before
     assert alone.rest_ms == pytest.approx(alone.model_ms / 2) and alone._in_model is None
 

@@ -624,10 +624,8 @@ class LatencyCostModel(CostModel):
         self._penalty = torch.tensor(penalty, dtype=torch.float64)
         self._depthwise = torch.tensor(depthwise)
         self.conv_scale = 1.0  # at full size every conv runs blocked or has no block: all are scaled
-        # PyTorch: each conv's time inside the whole model against its time alone, at full size;
-        # a cut conv moves from that ratio towards 1 with the share of its weights it keeps
-        # (what makes a layer slower inside the model, weights the other layers pushed out of
-        # the caches, shrinks with them)
+        # PyTorch: each conv's time inside the whole model against its time alone, at full size
+        # (how a cut conv carries it: `_convs`)
         self._in_model = None
         ones = torch.ones(len(self.group_names), dtype=torch.float64)
         in_model = (table.models.get(model_signature(graph.model, geometries, _graph_input(graph)[0])) or {}).get("convs")
@@ -671,7 +669,8 @@ class LatencyCostModel(CostModel):
         timed alone added up to 20.2 ms against 16.3 ms for the model, and scaling the fallback
         too underpredicted models with unaligned counts by 16-22%, 4-14% without). With PyTorch
         convs timed inside the model (`time_convs_in_model`), each conv is also multiplied by
-        1 + (its in-model / alone ratio - 1) x the share of its weights kept. Rounding passes the
+        1 + (its in-model / alone ratio - 1) x the share of its weights kept where the ratio is
+        above 1, by the ratio itself where it is below. Rounding passes the
         gradient straight through: the value of the rounded count, the slope of the exact one."""
         in_frac, out_frac = self._fractions(keep)
         x_in = torch.where(self._mac_scaled, torch.ones_like(in_frac), in_frac * self._in_full)
@@ -691,8 +690,12 @@ class LatencyCostModel(CostModel):
         conv = _bilinear(self._gin, self._gout, self._ms, x_in, x_out)
         conv = torch.where(self._mac_scaled, conv * in_frac * out_frac, conv)
         if self._in_model is not None:
+            # slower inside the model: what makes it slower, weights the other layers pushed out
+            # of the caches, shrinks with the weights kept; faster inside: the same factor at any
+            # count (a factor that shrank with the counts could make more channels look cheaper)
             kept_weights = torch.where(self._depthwise, out_frac, in_frac * out_frac)
-            conv = conv * (1.0 + self._in_model * kept_weights)
+            share = torch.where(self._in_model > 0, kept_weights, torch.ones_like(kept_weights))
+            conv = conv * (1.0 + self._in_model * share)
         return torch.where(fallback, conv * (1.0 + self._penalty), conv * self.conv_scale)
 
     def latency(self, keep: torch.Tensor) -> torch.Tensor:
