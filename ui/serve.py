@@ -7,9 +7,9 @@ Streamlit runs every page in the server's own process, so the first page opened 
 ONNX Runtime and plotly (5 s of the 3 s a page may take, bench/results/ui_pages.md). Here those
 imports, and the first convolution's one-time set-up, happen before the server listens: the
 health endpoint answers once a page can open at warm speed. The objects they made are then
-frozen out of the garbage collector, which Streamlit runs after every script run. What is imported is read off the
-pages themselves (every module they import, at any depth of their code), so a page that starts
-using a new module has it preloaded without a list to keep.
+frozen out of the garbage collector, which Streamlit runs after every script run. What is
+imported is read off the pages themselves (every module they import, at any depth of their
+code), so a page that starts using a new module has it preloaded without a list to keep.
 """
 
 from __future__ import annotations

@@ -13,11 +13,11 @@ output volume (those layers' work is one pass over the activations), so the pred
 nothing cut is the measured latency (where the convolutions timed alone add up to more than the
 whole model, they are scaled down to it instead). With PyTorch each conv is also timed inside
 the whole model (`time_convs_in_model`): the remainder is then the model less those times, and
-a conv's table time is corrected by its in-model / alone ratio in proportion to the weights it
-keeps (timed alone, the unpruned model's big low-resolution convs looked 30-75% cheaper than
-they are inside it, the remainder took the difference, and small pruned models were predicted
-19-22% too slow). Times are made monotone in both counts (a noisy point never makes more
-channels look faster).
+a conv's table time is corrected by its in-model / alone ratio, a ratio above 1 in proportion
+to the weights the conv keeps (timed alone, the unpruned model's big low-resolution convs
+looked 30-75% cheaper than they are inside it, the remainder took the difference, and small
+pruned models were predicted 19-22% too slow). Times are made monotone in both counts (a noisy
+point never makes more channels look faster).
 
 Both engines' CPU convolutions work in channel blocks (`channel_block`: 8 with AVX2, 16 with
 AVX-512). A plain conv's grid points between the ends are block multiples, and a kept count is
@@ -656,9 +656,9 @@ class LatencyCostModel(CostModel):
         return self._fixed + self._composition @ keep, extended[self._out_idx]
 
     def _convs(self, keep: torch.Tensor) -> torch.Tensor:
-        """Each conv's predicted ms at the keep ratios. With a channel block
-        B > 1, blocked convs are read at block-rounded counts. PyTorch reads both counts
-        rounded up to a multiple of B. ONNX Runtime reads a conv whose input count is a multiple
+        """Each conv's predicted ms at the keep ratios. With a channel block B > 1, blocked
+        convs are read at block-rounded counts. PyTorch reads both counts rounded up to a
+        multiple of B. ONNX Runtime reads a conv whose input count is a multiple
         of `ORT_INPUT_ALIGNMENT` the same way, and one whose input count is under B at that count
         and its output count rounded up. It reads one with any other input count (the unblocked
         fallback) at its exact counts, times 1 + its geometry's measured fallback penalty.
@@ -670,8 +670,8 @@ class LatencyCostModel(CostModel):
         too underpredicted models with unaligned counts by 16-22%, 4-14% without). With PyTorch
         convs timed inside the model (`time_convs_in_model`), each conv is also multiplied by
         1 + (its in-model / alone ratio - 1) x the share of its weights kept where the ratio is
-        above 1, by the ratio itself where it is below. Rounding passes the
-        gradient straight through: the value of the rounded count, the slope of the exact one."""
+        above 1, by the ratio itself where it is below. Rounding passes the gradient straight
+        through: the value of the rounded count, the slope of the exact one."""
         in_frac, out_frac = self._fractions(keep)
         x_in = torch.where(self._mac_scaled, torch.ones_like(in_frac), in_frac * self._in_full)
         x_out = out_frac * self._out_full
